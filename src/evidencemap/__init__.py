@@ -1,3 +1,42 @@
-"""evidencemap: maps of evidence for convolutional networks."""
+"""evidencemap: maps of evidence for convolutional networks.
+
+``explain(model, inputs, method="gradcam", target=None, layer=None, **options)`` returns an
+:class:`Explanation`; the same methods are classes (``GradCAM(model)(inputs)``); ``methods()``
+lists their names. Everything is torch on the inputs' device.
+"""
+
+from evidencemap import targets
+from evidencemap.api import explain, get_method, methods
+from evidencemap.explanation import Explanation
+from evidencemap.methods.base import LayerMethod, Method
+from evidencemap.methods.cam import (
+    CAM,
+    EigenCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    XGradCAM,
+)
+from evidencemap.methods.scorecam import ScoreCAM
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CAM",
+    "EigenCAM",
+    "Explanation",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "HiResCAM",
+    "LayerCAM",
+    "LayerMethod",
+    "Method",
+    "ScoreCAM",
+    "XGradCAM",
+    "__version__",
+    "explain",
+    "get_method",
+    "methods",
+    "targets",
+]

@@ -63,7 +63,7 @@ def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
 
 
 def _round_repeats(repeats: int, depth: float) -> int:
-    return int(math.ceil(depth * repeats))
+    return math.ceil(depth * repeats)
 
 
 class SamePadConv2d(nn.Conv2d):
@@ -152,7 +152,9 @@ class EfficientNetLite(nn.Module):
             # The first and last stages are not repeated more in the Lite variants.
             repeats = r if i in (0, len(_STAGES) - 1) else _round_repeats(r, cfg.depth)
             for j in range(repeats):
-                blocks.append(MBConvBlock(k, s if j == 0 else 1, e, c_in if j == 0 else c_out, c_out))
+                blocks.append(
+                    MBConvBlock(k, s if j == 0 else 1, e, c_in if j == 0 else c_out, c_out)
+                )
         self._blocks = nn.ModuleList(blocks)
         c_last = _round_filters(_STAGES[-1][4], cfg.width)
         self._conv_head = SamePadConv2d(c_last, 1280, 1, bias=False)

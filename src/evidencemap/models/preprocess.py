@@ -78,7 +78,9 @@ class ImagePreprocessor:
         new_w, new_h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
         return CropBox(scale, (new_w - self.size) // 2, (new_h - self.size) // 2, self.size)
 
-    def __call__(self, image: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray]) -> Tensor:
+    def __call__(
+        self, image: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray]
+    ) -> Tensor:
         if isinstance(image, (list, tuple)):
             return torch.stack([self(im) for im in image])
         rgb = to_rgb_image(image)  # type: ignore[arg-type]

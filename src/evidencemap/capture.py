@@ -1,0 +1,194 @@
+"""Hooks for one call: layer outputs, model mode, and per-call nonlinearity interception.
+
+Everything here is a context manager that undoes itself in ``finally``, also when the call
+raises, so a model is left exactly as found.
+
+* :func:`record_outputs` records what modules return (forward hooks).
+* :func:`eval_mode` switches every module to eval and restores each ``training`` flag.
+* :class:`NonlinearityInterceptor` sees every elementwise nonlinearity *call* of a forward pass
+  (modules and functional calls alike, in execution order, a reused module once per call) and
+  may replace its output, e.g. by an identity whose backward filters the gradient. It is a
+  ``TorchFunctionMode`` active only inside its ``with`` block: nothing in torch is patched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "NONLINEARITIES",
+    "GradientGate",
+    "NonlinearityInterceptor",
+    "eval_mode",
+    "record_outputs",
+]
+
+
+@contextmanager
+def eval_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Put every module of ``model`` in eval mode; restore each module's flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        if enabled:
+            model.eval()
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+@contextmanager
+def record_outputs(modules: Sequence[nn.Module]) -> Iterator[dict[nn.Module, Tensor]]:
+    """Record the tensor each of ``modules`` returns (its last call) during the block.
+
+    Yields a dict module → output tensor, filled as the forward pass runs. Non-tensor outputs
+    are not recorded. Hooks are removed in ``finally``.
+    """
+    outputs: dict[nn.Module, Tensor] = {}
+
+    def hook(module: nn.Module, _args: Any, output: Any) -> None:
+        if isinstance(output, Tensor):
+            outputs[module] = output
+
+    handles = []
+    try:
+        for module in modules:
+            handles.append(module.register_forward_hook(hook))
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class GradientGate(torch.autograd.Function):
+    """Identity in the forward pass; the backward multiplies the gradient by a rule's factor.
+
+    ``forward(h, rule) = h``; ``backward(g) = rule(h, g)`` — e.g. the FGVis defence
+    ``g · 1[b_l ≤ h ≤ b_u]`` or guided backprop's ``max(g, 0)``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, rule: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        ctx.rule = rule
+        ctx.save_for_backward(h)
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (h,) = ctx.saved_tensors
+        return ctx.rule(h, grad), None
+
+
+# The elementwise nonlinearities the interceptor recognises, by the function torch dispatches:
+# the functional API, the torch namespace, Tensor methods and their in-place forms.
+_NAMED: dict[str, list[Any]] = {
+    "relu": [F.relu, torch.relu, Tensor.relu],
+    "relu_": [F.relu_, torch.relu_, Tensor.relu_],
+    "relu6": [F.relu6],
+    "hardtanh": [F.hardtanh],
+    "hardtanh_": [F.hardtanh_],
+    "leaky_relu": [F.leaky_relu],
+    "leaky_relu_": [F.leaky_relu_],
+    "elu": [F.elu],
+    "elu_": [F.elu_],
+    "selu": [F.selu, torch.selu],
+    "celu": [F.celu],
+    "gelu": [F.gelu],
+    "silu": [F.silu],
+    "mish": [F.mish],
+    "hardswish": [F.hardswish],
+    "hardsigmoid": [F.hardsigmoid],
+    "softplus": [F.softplus],
+    "tanh": [F.tanh, torch.tanh, Tensor.tanh],
+    "tanh_": [torch.tanh_, Tensor.tanh_],
+    "sigmoid": [F.sigmoid, torch.sigmoid, Tensor.sigmoid],
+    "sigmoid_": [torch.sigmoid_, Tensor.sigmoid_],
+}
+NONLINEARITIES: dict[Any, str] = {fn: name for name, fns in _NAMED.items() for fn in fns}
+
+# Position of the ``inplace`` argument of the functional forms that have one.
+_INPLACE_ARG = {
+    "relu": 1,
+    "relu6": 1,
+    "hardtanh": 3,
+    "leaky_relu": 2,
+    "elu": 2,
+    "celu": 2,
+    "selu": 1,
+    "silu": 1,
+    "mish": 1,
+    "hardswish": 1,
+    "hardsigmoid": 1,
+}
+
+# In-place forms are run out of place so the recorded output is a fresh tensor.
+_OUT_OF_PLACE: dict[str, Callable[..., Tensor]] = {
+    "relu_": torch.relu,
+    "hardtanh_": F.hardtanh,
+    "leaky_relu_": F.leaky_relu,
+    "elu_": F.elu,
+    "tanh_": torch.tanh,
+    "sigmoid_": torch.sigmoid,
+}
+
+Rule = Callable[[int, str, Tensor], Tensor]
+
+
+class NonlinearityInterceptor(TorchFunctionMode):
+    """Calls ``rule(index, name, output)`` after every nonlinearity call inside the block.
+
+    ``index`` counts the calls of one forward pass in execution order (call :meth:`reset` or
+    enter the block again before the next pass); ``name`` is the nonlinearity (``"relu"``,
+    ``"gelu"``, …); the rule returns the tensor the model continues with (the output itself to
+    only observe it). In-place forms (``ReLU(inplace=True)``, ``ReLU6``) are computed out of
+    place, so the forward values are identical and no user tensor is modified.
+
+    Limitations: TorchScript modules and compiled graphs do not dispatch through Python, so
+    their nonlinearities are not seen.
+    """
+
+    def __init__(self, rule: Rule) -> None:
+        super().__init__()
+        self.rule = rule
+        self.count = 0
+
+    def reset(self) -> None:
+        """Start counting calls from zero (a new forward pass)."""
+        self.count = 0
+
+    def __enter__(self) -> NonlinearityInterceptor:
+        self.reset()
+        return super().__enter__()
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        name = NONLINEARITIES.get(func)
+        if name is None:
+            return func(*args, **kwargs)
+        if name in _OUT_OF_PLACE:
+            func = _OUT_OF_PLACE[name]
+            name = name[:-1]
+        if "inplace" in kwargs:
+            kwargs["inplace"] = False
+        pos = _INPLACE_ARG.get(name)
+        if pos is not None and len(args) > pos:
+            args = (*args[:pos], False, *args[pos + 1 :])
+        output = func(*args, **kwargs)
+        if not isinstance(output, Tensor):
+            return output
+        index = self.count
+        self.count += 1
+        return self.rule(index, name, output)

@@ -1,0 +1,59 @@
+"""Argument validation shared by every entry point: clear errors that name the argument."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["check_inputs", "check_model", "check_positive_int"]
+
+
+def check_model(model: Any) -> nn.Module:
+    """Return ``model`` if it is an ``nn.Module``.
+
+    Raises:
+        TypeError: otherwise.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def check_inputs(inputs: Any, name: str = "inputs") -> Tensor:
+    """Validate a batch of images ``(N, C, H, W)`` or volumes ``(N, C, D, H, W)``.
+
+    Raises:
+        TypeError: when ``inputs`` is not a floating-point tensor.
+        ValueError: for another rank, an empty batch or axis, or NaN/inf values.
+    """
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(inputs).__name__}")
+    if not inputs.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (normalised model input), got {inputs.dtype}"
+        )
+    if inputs.ndim not in (4, 5):
+        raise ValueError(
+            f"{name} must be (N, C, H, W) images or (N, C, D, H, W) volumes, "
+            f"got a tensor of shape {tuple(inputs.shape)}"
+        )
+    if inputs.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(inputs.shape)}")
+    if not bool(torch.isfinite(inputs).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return inputs
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """Return ``value`` if it is an int ≥ 1.
+
+    Raises:
+        TypeError / ValueError: otherwise.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value

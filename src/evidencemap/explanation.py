@@ -1,0 +1,67 @@
+"""The result of every method: maps, their raw form, the targets and the model's scores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["Explanation"]
+
+
+@dataclass
+class Explanation:
+    """What a method found, on the inputs' device.
+
+    Attributes:
+        maps: ``(N, 1, *input_spatial)`` float maps at input resolution, each sample min-max
+            normalised to [0, 1]; a flat map is all zeros.
+        raw: the map before normalisation, at the layer's resolution ``(N, 1, *layer_spatial)``
+            (for several layers, a list of them; for pixel-space methods, input resolution).
+        targets: ``(N,)`` class indices when the target was a class, else ``None``.
+        scores: ``(N,)`` the target score of the model on the inputs.
+        method: the method's name.
+        layer: the dotted name of the explained layer (a list for several), ``None`` when the
+            method works in input space.
+        options: the options the method ran with.
+        output: the model's output on the inputs (detached), e.g. ``(N, classes)`` logits.
+        extras: method-specific results (FGVis masks and explanation images, IG completeness, …).
+    """
+
+    maps: Tensor
+    raw: Tensor | list[Tensor]
+    targets: Tensor | None
+    scores: Tensor
+    method: str
+    layer: str | list[str] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    output: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.maps.shape[0])
+
+    def to(self, device: Any) -> Explanation:
+        """A copy with every tensor moved to ``device``."""
+
+        def move(value: Any) -> Any:
+            if isinstance(value, Tensor):
+                return value.to(device)
+            if isinstance(value, list):
+                return [move(v) for v in value]
+            if isinstance(value, dict):
+                return {k: move(v) for k, v in value.items()}
+            return value
+
+        return Explanation(
+            maps=move(self.maps),
+            raw=move(self.raw),
+            targets=move(self.targets),
+            scores=move(self.scores),
+            method=self.method,
+            layer=self.layer,
+            options=dict(self.options),
+            output=move(self.output),
+            extras=move(self.extras),
+        )

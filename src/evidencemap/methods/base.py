@@ -1,0 +1,300 @@
+"""The pipeline every method shares, and the registry of method names.
+
+A method is a small class that supplies one thing:
+
+* :class:`LayerMethod` subclasses (the CAM family) implement :meth:`LayerMethod.layer_map`, the
+  map at the layer's resolution from its activations ``A`` (and gradients ``∂y/∂A`` when
+  ``needs_gradients``); most only supply channel weights through :meth:`channel_weights`.
+* :class:`Method` subclasses that work in input space implement :meth:`Method.explain_batch`.
+
+The pipeline owns everything else: validation, eval mode restored afterwards, hooks for one
+call, target resolution, ``torch.autograd.grad`` to the layer tensors only (no parameter
+``.grad`` is touched), ReLU, N-d upsampling, fusion of several layers and normalisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from evidencemap.capture import eval_mode, record_outputs
+from evidencemap.checks import check_inputs, check_model, check_positive_int
+from evidencemap.explanation import Explanation
+from evidencemap.layers import LayerSpec, find_spatial_layer, layer_names, resolve_layers
+from evidencemap.maps import normalize, upsample
+from evidencemap.targets import OutputKey, ResolvedTarget, Target, resolve, select_output
+
+__all__ = [
+    "METHODS",
+    "Context",
+    "LayerMethod",
+    "Method",
+    "gradients_of",
+    "register",
+    "weighted_sum",
+]
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available under ``cls.name`` (and its aliases)."""
+    for name in (cls.name, *cls.aliases):
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"method name {name!r} is registered twice")
+        METHODS[name] = cls
+    return cls
+
+
+def gradients_of(grads: Tensor | None) -> Tensor:
+    """``grads`` of a method that declared ``needs_gradients`` (never ``None`` there)."""
+    if grads is None:
+        raise RuntimeError("this method needs gradients but the pipeline computed none")
+    return grads
+
+
+def weighted_sum(acts: Tensor, weights: Tensor) -> Tensor:
+    """``Σ_k w_k A_k``: activations ``(N, K, *s)``, weights ``(N, K)`` → ``(N, 1, *s)``."""
+    w = weights.view(*weights.shape, *([1] * (acts.ndim - 2)))
+    return (w * acts).sum(dim=1, keepdim=True)
+
+
+@dataclass
+class Context:
+    """What a method may need beyond activations and gradients, for one batch.
+
+    Attributes:
+        model: the model (in eval mode while the method runs).
+        inputs: ``(N, C, *S)`` inputs, detached.
+        output: the model's output on ``inputs`` (the selected tensor), detached.
+        target: the resolved target (score function and class indices).
+        layer: the module whose activations are explained (layer methods only).
+        forward: ``forward(x)`` → the selected output tensor of the model on ``x``.
+    """
+
+    model: nn.Module
+    inputs: Tensor
+    output: Tensor
+    target: ResolvedTarget
+    layer: nn.Module | None
+    forward: Callable[[Tensor], Tensor]
+
+
+class Method:
+    """Base of every method: ``Method(model, **options)(inputs, target=None) -> Explanation``.
+
+    Args:
+        model: any ``nn.Module`` taking ``(N, C, *S)`` inputs.
+        output_key: which element of a tuple/list/mapping output to explain (default: the
+            first element / ``logits``).
+        eval_mode: run the model in eval mode (every module's flag restored afterwards).
+        batch_size: explain at most this many inputs at a time (``None``: all at once).
+    """
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    uses_layer: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        output_key: OutputKey = None,
+        eval_mode: bool = True,
+        batch_size: int | None = None,
+    ) -> None:
+        self.model = check_model(model)
+        self.output_key = output_key
+        self.eval_mode = bool(eval_mode)
+        self.batch_size = (
+            None if batch_size is None else check_positive_int(batch_size, "batch_size")
+        )
+
+    # -- options --------------------------------------------------------------------------
+    def options(self) -> dict[str, Any]:
+        """The options this method runs with (reported in :class:`Explanation`)."""
+        return {"output_key": self.output_key, "eval_mode": self.eval_mode}
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The model's selected output tensor on ``x``."""
+        return select_output(self.model(x), self.output_key)
+
+    # -- the call ---------------------------------------------------------------------------
+    def __call__(self, inputs: Tensor, target: Target = None) -> Explanation:
+        x = check_inputs(inputs)
+        if self.batch_size is None or x.shape[0] <= self.batch_size:
+            return self._run(x, target)
+        parts = []
+        for start in range(0, x.shape[0], self.batch_size):
+            part_target = target
+            if isinstance(target, (list, tuple, Tensor)):
+                part_target = target[start : start + self.batch_size]
+            parts.append(self._run(x[start : start + self.batch_size], part_target))
+        return _concat(parts)
+
+    def _run(self, x: Tensor, target: Target) -> Explanation:
+        with eval_mode(self.model, self.eval_mode), torch.inference_mode(False):
+            x = x.detach().clone()
+            return self.explain_batch(x, target)
+
+    def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
+        """Explain one batch (already validated, detached, model in eval mode)."""
+        raise NotImplementedError
+
+    def finish(
+        self,
+        raw: Tensor | list[Tensor],
+        maps: Tensor,
+        context: Context,
+        scores: Tensor,
+        layer: str | list[str] | None = None,
+        extras: dict[str, Any] | None = None,
+    ) -> Explanation:
+        """Package a result; ``maps`` at input resolution are normalised here."""
+        return Explanation(
+            maps=normalize(maps.detach()),
+            raw=[r.detach() for r in raw] if isinstance(raw, list) else raw.detach(),
+            targets=context.target.classes,
+            scores=scores.detach(),
+            method=self.name,
+            layer=layer,
+            options=self.options(),
+            output=context.output,
+            extras=extras or {},
+        )
+
+
+class LayerMethod(Method):
+    """A method that explains the activations ``A`` of one or more layers.
+
+    Args:
+        model: the model.
+        layer: a module, a dotted name, a list of them (maps fused by their mean), or ``None``
+            for the last module whose output has spatial axes (found in the same forward pass).
+        relu: apply ``ReLU`` to the layer map (keep only positive evidence).
+        output_key / eval_mode / batch_size: see :class:`Method`.
+    """
+
+    uses_layer: ClassVar[bool] = True
+    needs_gradients: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayerSpec = None,
+        *,
+        relu: bool = True,
+        output_key: OutputKey = None,
+        eval_mode: bool = True,
+        batch_size: int | None = None,
+    ) -> None:
+        super().__init__(model, output_key=output_key, eval_mode=eval_mode, batch_size=batch_size)
+        self.layers = resolve_layers(self.model, layer)
+        self.relu = bool(relu)
+        self._auto: dict[int, nn.Module] = {}
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "relu": self.relu}
+
+    # -- what a method supplies ---------------------------------------------------------------
+    def channel_weights(self, acts: Tensor, grads: Tensor | None, context: Context) -> Tensor:
+        """Channel weights ``(N, K)`` for ``Σ_k w_k A_k``."""
+        raise NotImplementedError
+
+    def layer_map(self, acts: Tensor, grads: Tensor | None, context: Context) -> Tensor:
+        """The map ``(N, 1, *s)`` of one layer; default ``Σ_k w_k A_k``."""
+        return weighted_sum(acts, self.channel_weights(acts, grads, context))
+
+    # -- the pipeline -------------------------------------------------------------------------
+    def _layers_for(self, x: Tensor) -> list[nn.Module]:
+        return self.layers or ([self._auto[x.ndim]] if x.ndim in self._auto else [])
+
+    def capture(self, x: Tensor) -> tuple[Tensor, list[nn.Module], list[Tensor]]:
+        """One forward pass recording the layers' outputs: ``(output, modules, activations)``."""
+        modules = self._layers_for(x)
+        if modules:
+            with record_outputs(modules) as recorded:
+                output = self.forward(x)
+            missing = [m for m in modules if m not in recorded]
+            if missing:
+                raise ValueError(
+                    f"layer {type(missing[0]).__name__} did not produce a tensor in the forward pass"
+                )
+            acts = [recorded[m] for m in modules]
+        else:
+            box: list[Tensor] = []
+            module, act = find_spatial_layer(
+                self.model, x.ndim, lambda: box.append(self.forward(x))
+            )
+            self._auto[x.ndim] = module
+            output, modules, acts = box[0], [module], [act]
+        for module, act in zip(modules, acts, strict=False):
+            if act.ndim != x.ndim:
+                raise ValueError(
+                    f"layer {type(module).__name__} has output shape {tuple(act.shape)} without the "
+                    f"spatial axes of the inputs {tuple(x.shape)}; choose a convolutional layer"
+                )
+        return output, modules, acts
+
+    def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
+        x = inputs.requires_grad_(self.needs_gradients)
+        with torch.set_grad_enabled(self.needs_gradients):
+            output, modules, acts = self.capture(x)
+            resolved = resolve(target, output)
+            scores = resolved.score(output)
+            grads: list[Tensor | None] = [None] * len(acts)
+            if self.needs_gradients:
+                got = torch.autograd.grad(scores.sum(), acts, allow_unused=True)
+                grads = [
+                    torch.zeros_like(a) if g is None else g for a, g in zip(acts, got, strict=False)
+                ]
+        context = Context(self.model, x.detach(), output.detach(), resolved, None, self.forward)
+        raws, ups = [], []
+        for module, act, grad in zip(modules, acts, grads, strict=False):
+            context.layer = module
+            raw = self.layer_map(act.detach(), None if grad is None else grad.detach(), context)
+            if self.relu:
+                raw = raw.clamp(min=0)
+            raws.append(raw)
+            ups.append(upsample(raw, x.shape[2:]))
+        maps = ups[0] if len(ups) == 1 else torch.stack([normalize(u) for u in ups]).mean(0)
+        names = layer_names(self.model)
+        layer: str | list[str] = [names[m] for m in modules]
+        if len(modules) == 1:
+            layer, raws_out = layer[0], raws[0]
+        else:
+            raws_out = raws
+        return self.finish(raws_out, maps, context, scores, layer=layer)
+
+
+def _concat(parts: list[Explanation]) -> Explanation:
+    """Join the explanations of consecutive chunks of a batch."""
+
+    def cat(values: list[Any]) -> Any:
+        first = values[0]
+        if first is None:
+            return None
+        if isinstance(first, Tensor):
+            return torch.cat(values) if first.ndim else first
+        if isinstance(first, list):
+            return [cat([v[i] for v in values]) for i in range(len(first))]
+        if isinstance(first, dict):
+            return {k: cat([v[k] for v in values]) for k in first}
+        return first
+
+    head = parts[0]
+    return Explanation(
+        maps=cat([p.maps for p in parts]),
+        raw=cat([p.raw for p in parts]),
+        targets=cat([p.targets for p in parts]),
+        scores=cat([p.scores for p in parts]),
+        method=head.method,
+        layer=head.layer,
+        options=head.options,
+        output=cat([p.output for p in parts]),
+        extras=cat([p.extras for p in parts]),
+    )

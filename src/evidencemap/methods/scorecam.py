@@ -1,0 +1,140 @@
+"""Score-CAM (Wang et al. 2020): channel weights from the model's score on masked inputs.
+
+For each channel ``k`` of the layer, ``H_k = minmax(Up(A_k))`` masks the input and the weight is
+the target's score on ``x ⊙ H_k``; ``L = ReLU(Σ_k w_k A_k)`` (upsampling is linear, so this
+equals the official ``Σ_k w_k Up(A_k)``). Weightings:
+
+* ``"softmax_prob"`` (default, the authors' code): ``w_k = softmax(f(x ⊙ H_k))_c``.
+* ``"channel_softmax"`` (pytorch-grad-cam): ``w = softmax_k(y_c(x ⊙ H_k))`` over channels.
+* ``"delta_softmax"`` (TorchCAM): ``w = softmax_k(y_c(x ⊙ H_k) − y_c(x))``.
+
+Constant channels get weight 0 and cost no forward pass. All masked forwards run batched under
+``torch.inference_mode`` in chunks of at most ``batch_size`` inputs (or fewer when
+``memory_budget`` bytes would be exceeded by one chunk of masked inputs). ``top_k`` keeps only
+the ``k`` channels of highest activation variance per sample (a faster approximation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from evidencemap.checks import check_positive_int
+from evidencemap.maps import FLAT_EPS, normalize, upsample
+from evidencemap.methods.base import Context, LayerMethod, register, weighted_sum
+
+__all__ = ["SCORECAM_WEIGHTINGS", "ScoreCAM", "chunk_size"]
+
+SCORECAM_WEIGHTINGS = ("softmax_prob", "channel_softmax", "delta_softmax")
+
+
+def chunk_size(per_item_bytes: int, batch_size: int, memory_budget: int | None) -> int:
+    """Items per chunk: at most ``batch_size``, and at most ``memory_budget // per_item_bytes``."""
+    if memory_budget is None:
+        return batch_size
+    return max(1, min(batch_size, memory_budget // max(1, per_item_bytes)))
+
+
+@register
+class ScoreCAM(LayerMethod):
+    """Score-CAM; see the module docstring for the formula and the weightings.
+
+    Args:
+        weighting: one of :data:`SCORECAM_WEIGHTINGS`.
+        batch_size: masked inputs per forward pass (default 32).
+        memory_budget: bytes one chunk of masked inputs may take (``None``: no limit).
+        top_k: use only the ``top_k`` channels of highest activation variance per sample.
+    """
+
+    name = "scorecam"
+    aliases = ("score-cam",)
+    needs_gradients = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: Any = None,
+        *,
+        weighting: str = "softmax_prob",
+        batch_size: int = 32,
+        memory_budget: int | None = None,
+        top_k: int | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(model, layer, **kw)
+        if weighting not in SCORECAM_WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {SCORECAM_WEIGHTINGS}, got {weighting!r}")
+        self.weighting = weighting
+        self.chunk = check_positive_int(batch_size, "batch_size")
+        self.memory_budget = (
+            None if memory_budget is None else check_positive_int(memory_budget, "memory_budget")
+        )
+        self.top_k = None if top_k is None else check_positive_int(top_k, "top_k")
+
+    def options(self) -> dict[str, Any]:
+        return {
+            **super().options(),
+            "weighting": self.weighting,
+            "batch_size": self.chunk,
+            "memory_budget": self.memory_budget,
+            "top_k": self.top_k,
+        }
+
+    def _score(self, output: Tensor, context: Context, n: int) -> Tensor:
+        """Target scores of a chunk output ``(g·N, …)`` → ``(g, N)``."""
+        groups = output.shape[0] // n
+        classes = context.target.classes
+        if classes is not None:
+            values = output.softmax(1) if self.weighting == "softmax_prob" else output
+            values = values.reshape(groups, n, *values.shape[1:])
+            idx = classes.view(1, n, *([1] * (values.ndim - 2))).expand(
+                groups, n, 1, *values.shape[3:]
+            )
+            picked = values.gather(2, idx).squeeze(2)
+            return picked.flatten(2).sum(2) if picked.ndim > 2 else picked
+        chunks = output.reshape(groups, n, *output.shape[1:])
+        return torch.stack([context.target.score(c) for c in chunks])
+
+    def channel_weights(self, acts: Tensor, grads: Tensor | None, context: Context) -> Tensor:
+        x = context.inputs
+        n, k = acts.shape[:2]
+        flat = acts.flatten(2)
+        valid = (flat.amax(2) - flat.amin(2)) > FLAT_EPS  # (N, K)
+        key = flat.var(2).where(valid, torch.full_like(valid, float("-inf"), dtype=flat.dtype))
+        slots = int(valid.sum(1).max())
+        if self.top_k is not None:
+            slots = min(slots, self.top_k)
+        weights = acts.new_zeros(n, k)
+        if slots == 0:
+            return weights
+        order = key.argsort(dim=1, descending=True)[:, :slots]  # (N, S) channel of each slot
+        slot_valid = valid.gather(1, order)
+        per_slot = x.shape[0] * x[0].numel() * x.element_size()
+        group = max(1, chunk_size(per_slot // max(1, n) * n, self.chunk, self.memory_budget) // n)
+        scores = []
+        with torch.inference_mode():
+            for start in range(0, slots, group):
+                idx = order[:, start : start + group]  # (N, g)
+                g = idx.shape[1]
+                chans = acts.gather(
+                    1, idx.view(n, g, *([1] * (acts.ndim - 2))).expand(n, g, *acts.shape[2:])
+                )
+                masks = normalize(
+                    upsample(chans.transpose(0, 1).reshape(g * n, 1, *acts.shape[2:]), x.shape[2:])
+                )
+                masked = x.unsqueeze(0) * masks.view(g, n, 1, *x.shape[2:])
+                out = context.forward(masked.reshape(g * n, *x.shape[1:]))
+                scores.append(self._score(out, context, n))
+            slot_scores = torch.cat(scores).transpose(0, 1).clone()  # (N, S)
+            if self.weighting == "delta_softmax":
+                slot_scores = slot_scores - self._score(context.output, context, n).view(n, 1)
+            if self.weighting != "softmax_prob":
+                slot_scores = slot_scores.masked_fill(~slot_valid, float("-inf")).softmax(1)
+                slot_scores = slot_scores.nan_to_num(0.0)
+            slot_scores = slot_scores.masked_fill(~slot_valid, 0.0)
+        return weights.scatter(1, order, slot_scores.to(weights.dtype))
+
+    def layer_map(self, acts: Tensor, grads: Tensor | None, context: Context) -> Tensor:
+        return weighted_sum(acts, self.channel_weights(acts, grads, context))
