@@ -3,7 +3,8 @@
 Everything here is a context manager that undoes itself in ``finally``, also when the call
 raises, so a model is left exactly as found.
 
-* :func:`record_outputs` records what modules return (forward hooks).
+* :func:`record_calls` / :func:`record_outputs` record what modules return (forward hooks,
+  calling thread only).
 * :func:`eval_mode` switches every module to eval and restores each ``training`` flag.
 * :class:`NonlinearityInterceptor` sees every elementwise nonlinearity *call* of a forward pass
   (modules and functional calls alike, in execution order, a reused module once per call) and
@@ -13,6 +14,7 @@ raises, so a model is left exactly as found.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -27,6 +29,7 @@ __all__ = [
     "GradientGate",
     "NonlinearityInterceptor",
     "eval_mode",
+    "record_calls",
     "record_outputs",
 ]
 
@@ -45,26 +48,43 @@ def eval_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def record_outputs(modules: Sequence[nn.Module]) -> Iterator[dict[nn.Module, Tensor]]:
-    """Record the tensor each of ``modules`` returns (its last call) during the block.
+def record_calls(modules: Sequence[nn.Module]) -> Iterator[list[tuple[nn.Module, Tensor]]]:
+    """Record ``(module, output)`` for every call of ``modules`` during the block, in order.
 
-    Yields a dict module → output tensor, filled as the forward pass runs. Non-tensor outputs
-    are not recorded. Hooks are removed in ``finally``.
+    Only calls made by the thread that entered the block are recorded, so concurrent
+    explanations on one shared model never see each other's activations. Non-tensor outputs
+    are skipped. Hooks are removed in ``finally``.
     """
-    outputs: dict[nn.Module, Tensor] = {}
+    calls: list[tuple[nn.Module, Tensor]] = []
+    owner = threading.get_ident()
 
     def hook(module: nn.Module, _args: Any, output: Any) -> None:
-        if isinstance(output, Tensor):
-            outputs[module] = output
+        if isinstance(output, Tensor) and threading.get_ident() == owner:
+            calls.append((module, output))
 
     handles = []
     try:
         for module in modules:
             handles.append(module.register_forward_hook(hook))
-        yield outputs
+        yield calls
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def record_outputs(modules: Sequence[nn.Module]) -> Iterator[dict[nn.Module, Tensor]]:
+    """Record the tensor each of ``modules`` returns (its last call) during the block.
+
+    Yields a dict module → output tensor, complete when the block's forward pass is done.
+    Like :func:`record_calls`, it sees only the calling thread's forward passes.
+    """
+    outputs: dict[nn.Module, Tensor] = {}
+    with record_calls(modules) as calls:
+        try:
+            yield outputs
+        finally:
+            outputs.update(calls)
 
 
 class GradientGate(torch.autograd.Function):

@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
+from evidencemap.capture import record_calls
+
 __all__ = ["LayerSpec", "find_spatial_layer", "layer_names", "resolve_layers"]
 
 LayerSpec = None | str | nn.Module | Sequence[str | nn.Module]
@@ -69,17 +71,8 @@ def find_spatial_layer(
         ValueError: when no module produces a spatial output (e.g. an MLP).
     """
     leaves = [m for m in model.modules() if next(m.children(), None) is None and m is not model]
-    calls: list[tuple[nn.Module, object]] = []
-
-    def note(module: nn.Module, _args: object, output: object) -> None:
-        calls.append((module, output))
-
-    handles = [m.register_forward_hook(note) for m in leaves]
-    try:
+    with record_calls(leaves) as calls:
         forward()
-    finally:
-        for h in handles:
-            h.remove()
     for module, out in reversed(calls):
         if isinstance(out, Tensor) and is_spatial(out, input_ndim):
             return module, out
