@@ -14,9 +14,11 @@ call, target resolution, ``torch.autograd.grad`` to the layer tensors only (no p
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
@@ -195,7 +197,6 @@ class LayerMethod(Method):
         super().__init__(model, output_key=output_key, eval_mode=eval_mode, batch_size=batch_size)
         self.layers = resolve_layers(self.model, layer)
         self.relu = bool(relu)
-        self._auto: dict[int, nn.Module] = {}
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "relu": self.relu}
@@ -211,12 +212,32 @@ class LayerMethod(Method):
 
     # -- the pipeline -------------------------------------------------------------------------
     def _layers_for(self, x: Tensor) -> list[nn.Module]:
-        return self.layers or ([self._auto[x.ndim]] if x.ndim in self._auto else [])
+        if self.layers:
+            return self.layers
+        cached = _AUTO_LAYERS.get(self.model, {}).get(x.ndim)
+        if cached is not None and any(m is cached for m in self.model.modules()):
+            return [cached]
+        return []
 
     def capture(self, x: Tensor) -> tuple[Tensor, list[nn.Module], list[Tensor]]:
-        """One forward pass recording the layers' outputs: ``(output, modules, activations)``."""
+        """One forward pass recording the layers' outputs: ``(output, modules, activations)``.
+
+        With one known layer and gradients needed, the part of the network before the layer
+        runs without an autograd graph: the layer's output becomes a leaf that requires grad,
+        so the backward pass and the graph's memory cover only what follows the layer.
+        """
         modules = self._layers_for(x)
-        if modules:
+        if not modules:
+            box: list[Tensor] = []
+            module, act = find_spatial_layer(
+                self.model, x.ndim, lambda: box.append(self.forward(x))
+            )
+            _AUTO_LAYERS.setdefault(self.model, {})[x.ndim] = module
+            output, modules, acts = box[0], [module], [act]
+        elif len(modules) == 1 and self.needs_gradients:
+            output, act = _forward_from_layer(self, x, modules[0])
+            acts = [act]
+        else:
             with record_outputs(modules) as recorded:
                 output = self.forward(x)
             missing = [m for m in modules if m not in recorded]
@@ -225,14 +246,7 @@ class LayerMethod(Method):
                     f"layer {type(missing[0]).__name__} did not produce a tensor in the forward pass"
                 )
             acts = [recorded[m] for m in modules]
-        else:
-            box: list[Tensor] = []
-            module, act = find_spatial_layer(
-                self.model, x.ndim, lambda: box.append(self.forward(x))
-            )
-            self._auto[x.ndim] = module
-            output, modules, acts = box[0], [module], [act]
-        for module, act in zip(modules, acts, strict=False):
+        for module, act in zip(modules, acts, strict=True):
             if act.ndim != x.ndim:
                 raise ValueError(
                     f"layer {type(module).__name__} has output shape {tuple(act.shape)} without the "
@@ -269,6 +283,44 @@ class LayerMethod(Method):
         else:
             raws_out = raws
         return self.finish(raws_out, maps, context, scores, layer=layer)
+
+
+# Automatically found layers, per model and input rank (weak keys: models are not kept alive).
+_AUTO_LAYERS: WeakKeyDictionary[nn.Module, dict[int, nn.Module]] = WeakKeyDictionary()
+
+
+def _forward_from_layer(method: Method, x: Tensor, layer: nn.Module) -> tuple[Tensor, Tensor]:
+    """Forward ``x`` with autograd recording only from ``layer``'s output on.
+
+    Returns ``(output, activation)`` where the activation is the layer's (last) output and
+    requires grad. The first call of the layer turns grad mode on and hands the model a copy of
+    a detached leaf (so in-place ops after the layer never touch the leaf).
+    """
+    owner = threading.get_ident()
+    recorded: list[Tensor] = []
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> Tensor | None:
+        if threading.get_ident() != owner or not isinstance(output, Tensor):
+            return None
+        if recorded:  # a module reused in one forward: keep its last call
+            recorded.append(output)
+            return None
+        torch.set_grad_enabled(True)
+        leaf = output.detach().requires_grad_(True)
+        recorded.append(leaf)
+        return leaf.clone()
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad():  # restores the caller's grad mode on exit
+            output = method.forward(x)
+    finally:
+        handle.remove()
+    if not recorded:
+        raise ValueError(
+            f"layer {type(layer).__name__} did not produce a tensor in the forward pass"
+        )
+    return output, recorded[-1]
 
 
 def _concat(parts: list[Explanation]) -> Explanation:

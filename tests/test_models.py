@@ -1,0 +1,90 @@
+"""The built-in pretrained model: strict weights, preprocessing pinned on real photos, labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from evidencemap import models
+
+
+def test_weights_load_strictly_and_model_is_in_eval_mode(lite0):
+    state = torch.load(models.weights_path("efficientnet-lite0"), map_location="cpu", weights_only=True)
+    assert set(state) == set(lite0.state_dict())
+    assert not lite0.training
+    assert all(torch.equal(state[k], v) for k, v in lite0.state_dict().items())
+
+
+def test_each_activation_is_its_own_module_and_fires_once(lite0):
+    acts = [m for m in lite0.modules() if isinstance(m, torch.nn.ReLU6)]
+    calls: list[torch.nn.Module] = []
+    handles = [m.register_forward_hook(lambda m, i, o: calls.append(m)) for m in acts]
+    try:
+        lite0(torch.zeros(1, 3, 64, 64))
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(calls) == len(acts) == len(set(calls))
+
+
+@pytest.mark.parametrize(
+    ("photo", "classes"),
+    [("chelsea", {281, 282, 283, 284, 285}), ("coffee", {967, 968, 504})],
+)
+def test_real_photos_are_classified_right(lite0, photo, classes):
+    image = getattr(data, photo)()
+    probs = lite0.predict(lite0.preprocess(image)[None])[0]
+    assert int(probs.argmax()) in classes
+    assert float(probs[sorted(classes)].sum()) > 0.5
+
+
+def test_preprocessing_accepts_pil_grey_and_rgba(lite0):
+    rgb = data.coffee()
+    from_array = lite0.preprocess(rgb)
+    from_pil = lite0.preprocess(Image.fromarray(rgb))
+    assert from_array.shape == (3, 224, 224)
+    assert torch.equal(from_array, from_pil)
+    grey = lite0.preprocess(np.asarray(Image.fromarray(rgb).convert("L")))
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    assert torch.equal(lite0.preprocess(rgba), from_array)
+    # (pixel − 127) / 128: a white image maps to 1.0 − 1/128 everywhere
+    white = lite0.preprocess(np.full((300, 400, 3), 255, np.uint8))
+    assert torch.allclose(white, torch.full_like(white, 128 / 128))
+    batch = lite0.preprocess([rgb, rgb])
+    assert batch.shape == (2, 3, 224, 224)
+
+
+def test_preprocessing_errors(lite0):
+    with pytest.raises(TypeError, match="PIL image or a uint8"):
+        lite0.preprocess("coffee.jpg")
+    with pytest.raises(ValueError, match="dtype uint8"):
+        lite0.preprocess(np.zeros((10, 10, 3), np.float32))
+    with pytest.raises(ValueError, match=r"\(H, W\) or \(H, W, 1\|3\|4\)"):
+        lite0.preprocess(np.zeros((10, 10, 5), np.uint8))
+
+
+def test_to_original_puts_the_crop_back(lite0):
+    pre = lite0.preprocess
+    maps = torch.ones(1, 1, 224, 224)
+    back = pre.to_original(maps, width=400, height=300)
+    assert back.shape == (1, 1, 300, 400)
+    box = pre.crop_box(400, 300)
+    # Shorter side 300 → 256 (scale 256/300), width 400 → 341; the 224 crop leaves (341−224)//2
+    # = 58 columns on the left and (256−224)//2 = 16 rows on top; outside the crop the map is 0.
+    assert (box.left, box.top, box.size) == (58, 16, 224)
+    assert float(back[0, 0, 150, 200]) == pytest.approx(1.0)
+    assert float(back[0, 0, 150, 2]) == 0.0 and float(back[0, 0, 150, 397]) == 0.0
+    assert float(back[0, 0, 2, 200]) == 0.0 and float(back[0, 0, 297, 200]) == 0.0
+
+
+def test_labels_and_names():
+    names = models.labels()
+    assert len(names) == 1000
+    assert names[282] == "tiger cat" and names[967] == "espresso"
+    assert "efficientnet-lite0" in models.available()
+    with pytest.raises(ValueError, match="model must be one of"):
+        models.load("resnet-9000")
