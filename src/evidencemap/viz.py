@@ -66,8 +66,9 @@ def _as_rgb(image: ImageLike) -> Image.Image:
         if pixels.ndim == 3 and pixels.shape[0] in (1, 3):
             pixels = pixels.permute(1, 2, 0)
         elif pixels.ndim != 2:
-            raise ValueError(f"image tensor must be (3, H, W), (1, H, W) or (H, W), got "
-                             f"{tuple(image.shape)}")
+            raise ValueError(
+                f"image tensor must be (3, H, W), (1, H, W) or (H, W), got {tuple(image.shape)}"
+            )
         if pixels.dtype != torch.uint8:
             pixels = (pixels.float().clamp(0, 1) * 255).round().to(torch.uint8)
         return to_rgb_image(pixels.numpy())
@@ -289,7 +290,8 @@ def peak_voxel(heatmap: MapLike) -> tuple[int, int, int]:
     """
     heat = _as_map(heatmap, 3)
     if float(heat.max()) == float(heat.min()):
-        return tuple(int(s) // 2 for s in heat.shape)  # type: ignore[return-value]
+        depth, height, width = heat.shape
+        return depth // 2, height // 2, width // 2
     index = np.unravel_index(int(heat.argmax()), tuple(heat.shape))
     return int(index[0]), int(index[1]), int(index[2])
 
