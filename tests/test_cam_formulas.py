@@ -10,7 +10,16 @@ import evidencemap as em
 from evidencemap.maps import normalize, upsample
 from tiny import ConvGapFc, seeded
 
-CAM_METHODS = ["cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam", "scorecam"]
+CAM_METHODS = [
+    "cam",
+    "gradcam",
+    "gradcam++",
+    "xgradcam",
+    "layercam",
+    "hirescam",
+    "eigencam",
+    "scorecam",
+]
 
 
 def _acts_and_grads(model: ConvGapFc, x: torch.Tensor, classes: torch.Tensor):
@@ -72,14 +81,24 @@ def test_gradient_methods_match_their_formulas(case):
     gradcam = (g.mean(sp, keepdim=True) * acts).sum(1, keepdim=True).clamp(min=0)
     sum_a = acts.sum(sp, keepdim=True)
     denom = 2 * g**2 + sum_a * g**3
-    alpha = torch.where(denom != 0, g**2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(g))
+    alpha = torch.where(
+        denom != 0,
+        g**2 / torch.where(denom != 0, denom, torch.ones_like(denom)),
+        torch.zeros_like(g),
+    )
     w_pp = (alpha * g.clamp(min=0)).sum(sp, keepdim=True)
     gradcampp = (w_pp * acts).sum(1, keepdim=True).clamp(min=0)
     w_x = (acts / (sum_a + 1e-7) * g).sum(sp, keepdim=True)
     xgrad = (w_x * acts).sum(1, keepdim=True).clamp(min=0)
     layercam = (g.clamp(min=0) * acts).sum(1, keepdim=True).clamp(min=0)
     hires = (g * acts).sum(1, keepdim=True).clamp(min=0)
-    expected = {"gradcam": gradcam, "gradcam++": gradcampp, "xgradcam": xgrad, "layercam": layercam, "hirescam": hires}
+    expected = {
+        "gradcam": gradcam,
+        "gradcam++": gradcampp,
+        "xgradcam": xgrad,
+        "layercam": layercam,
+        "hirescam": hires,
+    }
     for name, raw in expected.items():
         exp = em.explain(model, x, name, target=classes.tolist())
         assert exp.raw.shape == (x.shape[0], 1, *x.shape[2:])
@@ -140,7 +159,8 @@ def test_scorecam_chunking_topk_and_weightings(case):
     assert torch.allclose(one.raw, small.raw, atol=1e-6)
     assert torch.allclose(one.raw, budget.raw, atol=1e-6)
     top = em.explain(model, x, "scorecam", top_k=2)
-    assert top.maps.shape == one.maps.shape and torch.isfinite(top.maps).all()
+    assert top.maps.shape == one.maps.shape
+    assert torch.isfinite(top.maps).all()
     acts = model.features(x).detach()
     for weighting in ("channel_softmax", "delta_softmax"):
         exp = em.explain(model, x, "scorecam", weighting=weighting, target=0)
@@ -166,9 +186,11 @@ def test_every_method_in_2d_and_3d(case, method):
     model, x = case
     exp = em.explain(model, x, method)
     assert exp.maps.shape == (x.shape[0], 1, *x.shape[2:])
-    assert exp.maps.dtype == x.dtype and exp.maps.device == x.device
+    assert exp.maps.dtype == x.dtype
+    assert exp.maps.device == x.device
     assert torch.isfinite(exp.maps).all()
-    assert float(exp.maps.min()) >= 0 and float(exp.maps.max()) <= 1
+    assert float(exp.maps.min()) >= 0
+    assert float(exp.maps.max()) <= 1
     assert exp.layer == "features.3"
     assert exp.raw.shape[2:] == x.shape[2:]  # padding keeps the layer at input size here
     assert torch.equal(exp.targets, model(x).argmax(1))
@@ -178,8 +200,13 @@ def test_every_method_in_2d_and_3d(case, method):
 def test_upsampling_is_bilinear_or_trilinear_without_corner_alignment():
     raw2 = torch.rand(2, 1, 3, 4)
     raw3 = torch.rand(2, 1, 3, 4, 5)
-    assert torch.equal(upsample(raw2, (6, 8)), F.interpolate(raw2, (6, 8), mode="bilinear", align_corners=False))
-    assert torch.equal(upsample(raw3, (6, 8, 10)), F.interpolate(raw3, (6, 8, 10), mode="trilinear", align_corners=False))
+    assert torch.equal(
+        upsample(raw2, (6, 8)), F.interpolate(raw2, (6, 8), mode="bilinear", align_corners=False)
+    )
+    assert torch.equal(
+        upsample(raw3, (6, 8, 10)),
+        F.interpolate(raw3, (6, 8, 10), mode="trilinear", align_corners=False),
+    )
 
 
 def test_flat_maps_are_zeros_not_nan():

@@ -12,7 +12,9 @@ from evidencemap import models
 
 
 def test_weights_load_strictly_and_model_is_in_eval_mode(lite0):
-    state = torch.load(models.weights_path("efficientnet-lite0"), map_location="cpu", weights_only=True)
+    state = torch.load(
+        models.weights_path("efficientnet-lite0"), map_location="cpu", weights_only=True
+    )
     assert set(state) == set(lite0.state_dict())
     assert not lite0.training
     assert all(torch.equal(state[k], v) for k, v in lite0.state_dict().items())
@@ -48,7 +50,8 @@ def test_preprocessing_accepts_pil_grey_and_rgba(lite0):
     assert from_array.shape == (3, 224, 224)
     assert torch.equal(from_array, from_pil)
     grey = lite0.preprocess(np.asarray(Image.fromarray(rgb).convert("L")))
-    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    assert torch.equal(grey[0], grey[1])
+    assert torch.equal(grey[1], grey[2])
     rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
     assert torch.equal(lite0.preprocess(rgba), from_array)
     # (pixel − 127) / 128: a white image maps to 1.0 − 1/128 everywhere
@@ -77,14 +80,17 @@ def test_to_original_puts_the_crop_back(lite0):
     # = 58 columns on the left and (256−224)//2 = 16 rows on top; outside the crop the map is 0.
     assert (box.left, box.top, box.size) == (58, 16, 224)
     assert float(back[0, 0, 150, 200]) == pytest.approx(1.0)
-    assert float(back[0, 0, 150, 2]) == 0.0 and float(back[0, 0, 150, 397]) == 0.0
-    assert float(back[0, 0, 2, 200]) == 0.0 and float(back[0, 0, 297, 200]) == 0.0
+    assert float(back[0, 0, 150, 2]) == 0.0
+    assert float(back[0, 0, 150, 397]) == 0.0
+    assert float(back[0, 0, 2, 200]) == 0.0
+    assert float(back[0, 0, 297, 200]) == 0.0
 
 
 def test_labels_and_names():
     names = models.labels()
     assert len(names) == 1000
-    assert names[282] == "tiger cat" and names[967] == "espresso"
+    assert names[282] == "tiger cat"
+    assert names[967] == "espresso"
     assert "efficientnet-lite0" in models.available()
     with pytest.raises(ValueError, match="model must be one of"):
         models.load("resnet-9000")

@@ -13,7 +13,16 @@ import evidencemap as em
 from evidencemap import targets as T
 from tiny import MLP, ConvGapFc, TinySegmenter, TupleOut, assert_unchanged, seeded, snapshot
 
-ALL_LAYER_METHODS = ["cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam", "scorecam"]
+ALL_LAYER_METHODS = [
+    "cam",
+    "gradcam",
+    "gradcam++",
+    "xgradcam",
+    "layercam",
+    "hirescam",
+    "eigencam",
+    "scorecam",
+]
 
 
 @pytest.fixture
@@ -35,7 +44,8 @@ def test_model_left_exactly_as_found(model, x, method):
     exp = em.explain(model, x, method)
     assert torch.isfinite(exp.maps).all()
     assert_unchanged(model, before)
-    assert model.training and model.features[1].training
+    assert model.training
+    assert model.features[1].training
 
 
 def test_hooks_removed_when_the_call_raises(model, x):
@@ -48,8 +58,15 @@ def test_hooks_removed_when_the_call_raises(model, x):
 
 
 def test_inplace_relu_and_relu6_work():
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU6(inplace=True), nn.Conv2d(4, 4, 3), nn.ReLU(inplace=True),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.ReLU6(inplace=True),
+        nn.Conv2d(4, 4, 3),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
     seeded(net)
     x = torch.randn(2, 3, 10, 10)
     for layer in ("0", "2", "3"):  # the conv before an in-place activation, and the activation
@@ -115,7 +132,9 @@ def test_segmentation_and_embedding_targets():
     with pytest.raises(ValueError, match="reference must be"):
         em.explain(net, x, "gradcam", target=T.EmbeddingSimilarity(torch.randn(5)))
     with pytest.raises(ValueError, match="mask must have shape"):
-        em.explain(seg, x, "gradcam", target=T.SegmentationRegion(1, torch.ones(3, 3)), layer="body.1")
+        em.explain(
+            seg, x, "gradcam", target=T.SegmentationRegion(1, torch.ones(3, 3)), layer="body.1"
+        )
 
 
 @pytest.mark.parametrize("as_dict", [False, True])
@@ -133,9 +152,11 @@ def test_tuple_and_mapping_outputs(as_dict):
 def test_layer_forms_and_fusion(model, x):
     by_name = em.explain(model, x, "gradcam", layer="features.2")
     by_module = em.GradCAM(model, layer=model.features[2])(x)
-    assert torch.equal(by_name.maps, by_module.maps) and by_module.layer == "features.2"
+    assert torch.equal(by_name.maps, by_module.maps)
+    assert by_module.layer == "features.2"
     fused = em.explain(model, x, "gradcam", layer=["features.1", "features.3"])
-    assert fused.layer == ["features.1", "features.3"] and len(fused.raw) == 2
+    assert fused.layer == ["features.1", "features.3"]
+    assert len(fused.raw) == 2
     a = em.explain(model, x, "gradcam", layer="features.1").maps
     b = em.explain(model, x, "gradcam", layer="features.3").maps
     assert torch.allclose(fused.maps, em.maps.normalize((a + b) / 2), atol=1e-6)
@@ -184,10 +205,22 @@ def test_errors(model, x):
 
 
 def test_cam_refuses_models_that_are_not_gap_fc():
-    max_pooled = seeded(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(4, 2)))
+    max_pooled = seeded(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+        )
+    )
     with pytest.raises(ValueError, match="global average pooling"):
         em.explain(max_pooled, torch.randn(1, 3, 6, 6), "cam", layer="1")
-    two_heads = seeded(nn.Sequential(nn.Conv2d(3, 5, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 2), nn.Linear(2, 3)))
+    two_heads = seeded(
+        nn.Sequential(
+            nn.Conv2d(3, 5, 1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(5, 2),
+            nn.Linear(2, 3),
+        )
+    )
     with pytest.raises(ValueError, match="feeding the last nn.Linear"):
         em.explain(two_heads, torch.randn(1, 3, 4, 4), "cam", layer="0")
 

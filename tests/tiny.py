@@ -9,7 +9,14 @@ from torch import Tensor, nn
 class ConvGapFc(nn.Module):
     """conv → ReLU → (conv → ReLU) → global average pool → linear; 2-D or 3-D."""
 
-    def __init__(self, dims: int = 2, channels: int = 3, width: int = 6, classes: int = 4, inplace: bool = False) -> None:
+    def __init__(
+        self,
+        dims: int = 2,
+        channels: int = 3,
+        width: int = 6,
+        classes: int = 4,
+        inplace: bool = False,
+    ) -> None:
         super().__init__()
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
         pool = nn.AdaptiveAvgPool2d if dims == 2 else nn.AdaptiveAvgPool3d
@@ -56,7 +63,9 @@ class TinySegmenter(nn.Module):
 
     def __init__(self, classes: int = 3) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, classes, 1))
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, classes, 1)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body(x)
@@ -77,7 +86,9 @@ def snapshot(model: nn.Module) -> dict[str, object]:
         "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "training": {n: m.training for n, m in model.named_modules()},
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "grad": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "grad": {
+            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+        },
         "hooks": [
             (n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
             for n, m in model.named_modules()
