@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up evidencemap in ./.venv and explain a real photo with the built-in pretrained model.
+#
+#   bash setup.sh            # set up, then write evidencemap-out/chelsea.gradcam.png and friends
+#   bash setup.sh --no-run   # set up only
+#
+# torch==2.13.0 is installed first so that no dependency pulls another (CUDA) build; the
+# package itself accepts any torch >= 2.1.
+set -euo pipefail
+cd "$(dirname "$0")"
+run=1
+[ "${1:-}" = "--no-run" ] && run=0
+
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test,serve,volumes]"
+
+if [ "$run" = 1 ]; then
+  .venv/bin/evidencemap explain examples/chelsea.jpg --out evidencemap-out
+  echo "Open evidencemap-out/ to see the overlay."
+fi
