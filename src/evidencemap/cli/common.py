@@ -278,7 +278,10 @@ def build_method(name: str, loaded: LoadedModel, layer: str | None, options: dic
     from evidencemap.api import get_method
 
     cls = get_method(name)
-    check_method_supports(loaded, cls)
+    try:
+        check_method_supports(loaded, cls)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
     known = method_options(cls)
     unknown = sorted(set(options) - set(known))
     if unknown:

@@ -297,6 +297,7 @@ def explain_items(items: Sequence[Item], loaded: LoadedModel, settings: Settings
                 image = _per_sample(explanation.extras, key, row, count)
                 if image is not None and image.ndim == item.tensor.ndim:
                     extra = (label, image)
+                    target["shown_beside"] = key
                     break
             heat = explanation.maps[row]
             viz.save_png(

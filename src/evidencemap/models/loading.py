@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import pickle
 import re
 import sys
 import zipfile
@@ -292,7 +293,7 @@ def _load_file(path: Path, device: torch.device) -> tuple[nn.Module, str]:
             raise ValueError(f"{path} is not a loadable TorchScript model: {err}") from err
     try:
         obj = torch.load(path, map_location=device, weights_only=False)
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
         raise ValueError(f"{path} is neither a TorchScript nor a pickled model: {err}") from err
     except (AttributeError, ModuleNotFoundError) as err:
         raise ValueError(
