@@ -27,7 +27,7 @@ from evidencemap.cli.pipeline import crop_region, output_bases, prepare
 
 __all__ = ["DEFAULT_METHODS", "register", "run"]
 
-DEFAULT_METHODS = "gradcam,gradcam++,xgradcam,layercam,eigencam"
+DEFAULT_METHODS = "gradcam,gradcam++,layercam,eigencam"
 HELP = "compare several methods on one photo: one grid PNG and a JSON manifest"
 EXAMPLES = """examples:
   evidencemap compare examples/chelsea.jpg --out evidencemap-out
