@@ -294,12 +294,16 @@ def test_volumes_through_batch_with_a_pickled_model(capsys, volumes, tmp_path):
     folder, name = volumes
     model_file = tmp_path / "tiny3d.pt"
     torch.save(__import__(name).build(), model_file)
-    out = tmp_path / "out"
+    out = folder / "maps"  # inside the input folder: its pictures must not become inputs
     status, stdout, stderr = _run(
         capsys, "batch", folder, "--model", model_file, "--out", out, "--quiet"
     )
     assert status == 0, stderr
     assert "done 2" in stdout
+    assert "ignored 1 photos" in stdout
+    status, stdout, _ = _run(capsys, "batch", folder, "--model", model_file, "--out", out)
+    assert status == 0
+    assert "done 0, skipped 2" in stdout
     assert "ignored 1 photos" in stdout
     manifest = _manifest(out / "blob_gradcam.json")
     assert manifest["model_source"] == "pickle"

@@ -53,7 +53,12 @@ def run(args: argparse.Namespace) -> int:
     device = setup_runtime(args)
     loaded = model_from_args(args, device)
     settings = settings_from_args(args, loaded)
-    found = io.find_inputs(args.folder)
+    results_folder = args.out.resolve()
+    found = [  # results written inside the input folder are not inputs
+        p for p in io.find_inputs(args.folder) if not p.resolve().is_relative_to(results_folder)
+    ]
+    if not found:
+        print(f"evidencemap batch: no photos or volumes under {args.folder}", file=sys.stderr)
     wanted = [p for p in found if io.is_volume_path(p) == (loaded.kind == "volume")]
     ignored = len(found) - len(wanted)
     bases = output_bases(wanted, args.out, root=args.folder)
