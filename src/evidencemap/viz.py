@@ -135,6 +135,69 @@ def _shrink(image: Image.Image, max_side: int = _MAX_SIDE) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
+Region = tuple[float, float, float, float]
+"""``(left, top, right, bottom)`` in image pixels: the part of a photo a model saw."""
+
+_DIM_WEIGHT = 0.35  # outside a region, pixels keep this weight and the rest is washed to white
+
+
+def _check_region(region: Region | None, width: int, height: int) -> Region | None:
+    if region is None:
+        return None
+    if len(region) != 4:
+        raise ValueError(f"region must be (left, top, right, bottom), got {region}")
+    left, top, right, bottom = (float(v) for v in region)
+    if not (0 <= left < right <= width + 0.5 and 0 <= top < bottom <= height + 0.5):
+        raise ValueError(
+            f"region {region} must be a non-empty box inside the {width}×{height} image"
+        )
+    return left, top, right, bottom
+
+
+def _scale_region(region: Region | None, scale: float) -> Region | None:
+    return None if region is None else tuple(v * scale for v in region)  # type: ignore[return-value]
+
+
+def _outside(region: Region, height: int, width: int) -> np.ndarray:
+    """Boolean ``(H, W)``: pixels whose centres lie outside ``region``."""
+    left, top, right, bottom = region
+    cols = np.arange(width) + 0.5
+    rows = np.arange(height) + 0.5
+    inside = ((rows >= top) & (rows < bottom))[:, None] & ((cols >= left) & (cols < right))[None]
+    return ~inside
+
+
+def _dim_outside(blended: np.ndarray, rgb: np.ndarray, region: Region | None) -> np.ndarray:
+    """Outside ``region``: the plain photo washed towards white (no heat colours)."""
+    if region is None:
+        return blended
+    mask = _outside(region, *rgb.shape[:2])
+    washed = _DIM_WEIGHT * rgb.astype(np.float64) + (1 - _DIM_WEIGHT) * 255.0
+    out = blended.copy()
+    out[mask] = np.clip(np.rint(washed[mask]), 0, 255).astype(np.uint8)
+    return out
+
+
+def _outline(axes: Axes, region: Region | None) -> None:
+    if region is None:
+        return
+    from matplotlib.patches import Rectangle
+
+    left, top, right, bottom = region
+    # pixel centres sit at integer coordinates in imshow, so edges are at −0.5
+    axes.add_patch(
+        Rectangle(
+            (left - 0.5, top - 0.5),
+            right - left,
+            bottom - top,
+            fill=False,
+            edgecolor="black",
+            linestyle="--",
+            linewidth=0.8,
+        )
+    )
+
+
 # --------------------------------------------------------------------------- rendering
 
 
@@ -169,7 +232,11 @@ def _colorbar(figure: Figure, axes: Sequence[Axes] | Axes, cmap: Colormap) -> No
 
 
 def overlay(
-    image: ImageLike, heatmap: MapLike, cmap: str | Colormap = "jet", alpha: float = 0.5
+    image: ImageLike,
+    heatmap: MapLike,
+    cmap: str | Colormap = "jet",
+    alpha: float = 0.5,
+    region: Region | None = None,
 ) -> Image.Image:
     """Blend a coloured heat map over a photo: ``(1 − alpha)·image + alpha·cmap(heatmap)``.
 
@@ -181,18 +248,23 @@ def overlay(
             within 1e-3 outside are clipped).
         cmap: matplotlib colormap name or object.
         alpha: weight of the heat-map colours, in [0, 1].
+        region: optional ``(left, top, right, bottom)`` box in image pixels, the part of the
+            photo the model saw (e.g. its centre crop): heat colours are drawn only inside it;
+            outside, the photo is washed towards white, since nothing was measured there.
 
     Returns:
         RGB image of the image's size.
 
     Raises:
         ValueError: for a heat map of the wrong shape, with values outside [0, 1] or non-finite,
-            an unknown colormap, or ``alpha`` outside [0, 1].
+            an unknown colormap, ``alpha`` outside [0, 1] or a region outside the image.
     """
     rgb = _as_rgb(image)
+    box = _check_region(region, rgb.width, rgb.height)
     heat = _resize(_as_map(heatmap, 2), (rgb.height, rgb.width))
-    blended = _blend(np.asarray(rgb), heat, _colormap(cmap), _check_alpha(alpha))
-    return Image.fromarray(blended)
+    pixels = np.asarray(rgb)
+    blended = _blend(pixels, heat, _colormap(cmap), _check_alpha(alpha))
+    return Image.fromarray(_dim_outside(blended, pixels, box))
 
 
 def overlay_figure(
@@ -202,6 +274,7 @@ def overlay_figure(
     cmap: str | Colormap = "jet",
     alpha: float = 0.5,
     colorbar: bool = True,
+    region: Region | None = None,
 ) -> Image.Image:
     """The :func:`overlay` drawn as a figure, with a colour bar labelled "evidence".
 
@@ -212,6 +285,7 @@ def overlay_figure(
         cmap: matplotlib colormap name or object.
         alpha: weight of the heat-map colours, in [0, 1].
         colorbar: whether to draw the colour bar.
+        region: as for :func:`overlay`, in the pixels of ``image``; outlined with a dashed box.
 
     Returns:
         The rendered figure as an RGB image.
@@ -219,12 +293,16 @@ def overlay_figure(
     Raises:
         ValueError: as for :func:`overlay`.
     """
-    rgb = _shrink(_as_rgb(image))
+    original = _as_rgb(image)
+    box = _check_region(region, original.width, original.height)
+    rgb = _shrink(original)
+    box = _scale_region(box, rgb.width / original.width)
     colours = _colormap(cmap)
-    blended = overlay(rgb, heatmap, colours, alpha)
+    blended = overlay(rgb, heatmap, colours, alpha, region=box)
     figure = _figure(1, rgb.height / rgb.width, colorbar=colorbar, title=None)
     axes = figure.add_subplot()
     _show(axes, np.asarray(blended), title or "")
+    _outline(axes, box)
     if colorbar:
         _colorbar(figure, axes, colours)
     return _render(figure)
@@ -237,6 +315,7 @@ def grid(
     cmap: str | Colormap = "jet",
     alpha: float = 0.5,
     extra_images: Sequence[tuple[str, ImageLike]] | None = None,
+    region: Region | None = None,
 ) -> Image.Image:
     """Compare maps on one photo: the original, one overlay per map, then extra plain images.
 
@@ -253,6 +332,8 @@ def grid(
         cmap: matplotlib colormap name or object.
         alpha: weight of the heat-map colours, in [0, 1].
         extra_images: ``(title, image)`` pairs shown as they are.
+        region: as for :func:`overlay`, in the pixels of ``image``; outlined with a dashed box
+            on the original and on every overlay.
 
     Returns:
         The rendered figure as an RGB image.
@@ -260,15 +341,23 @@ def grid(
     Raises:
         ValueError: as for :func:`overlay`.
     """
-    rgb = _shrink(_as_rgb(image))
+    original = _as_rgb(image)
+    box = _check_region(region, original.width, original.height)
+    rgb = _shrink(original)
+    box = _scale_region(box, rgb.width / original.width)
     colours = _colormap(cmap)
     shown = [("original", np.asarray(rgb))]
-    shown += [(label, np.asarray(overlay(rgb, heat, colours, alpha))) for label, heat in panels]
+    shown += [
+        (label, np.asarray(overlay(rgb, heat, colours, alpha, region=box)))
+        for label, heat in panels
+    ]
     shown += [(label, np.asarray(_shrink(_as_rgb(extra)))) for label, extra in extra_images or []]
     figure = _figure(len(shown), rgb.height / rgb.width, colorbar=bool(panels), title=title)
     axes = figure.subplots(1, len(shown), squeeze=False)[0]
-    for ax, (label, pixels) in zip(axes, shown, strict=True):
+    for index, (ax, (label, pixels)) in enumerate(zip(axes, shown, strict=True)):
         _show(ax, pixels, label)
+        if index <= len(panels):
+            _outline(ax, box)
     if panels:
         _colorbar(figure, list(axes), colours)
     return _render(figure)

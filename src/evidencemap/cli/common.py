@@ -1,0 +1,351 @@
+"""What the commands share: argument groups, device set-up, model and method construction."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import platform
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evidencemap.models.loading import LoadedModel, check_method_supports, load_model
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_OUT",
+    "CLIError",
+    "add_model_arguments",
+    "add_runtime_arguments",
+    "build_method",
+    "method_options",
+    "method_type",
+    "model_from_args",
+    "parse_option",
+    "parse_options",
+    "positive_int",
+    "probabilities",
+    "setup_runtime",
+    "top_predictions",
+    "versions",
+]
+
+DEFAULT_MODEL = "efficientnet-lite0"
+DEFAULT_OUT = "evidencemap-out"
+
+
+class CLIError(Exception):
+    """A problem with what the user asked for; ``status`` is the exit status (2: usage)."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# --------------------------------------------------------------------------- argument types
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a float in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def method_type(text: str) -> str:
+    """argparse type: a registered method name (the canonical name is returned)."""
+    from evidencemap.api import get_method
+
+    try:
+        return get_method(text).name
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def float_list(count: int | None = None) -> Any:
+    """argparse type: comma-separated floats (exactly ``count`` when given)."""
+
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers like 1,2,3, got {text!r}") from None
+        if count is not None and len(values) != count:
+            raise argparse.ArgumentTypeError(f"expected {count} numbers, got {text!r}")
+        return values
+
+    return parse
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type: one or three positive ints, comma-separated (``224`` or ``64,128,128``)."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or D,H,W integers, got {text!r}") from None
+    if len(values) not in (1, 3) or not all(v >= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected 1 or 3 positive integers, got {text!r}")
+    return values
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``key=value`` → ``(key, value)``; values become bool, None, int, float or stay str.
+
+    ``true``/``false``/``none`` (any case), then int, then float; anything else is a string.
+
+    Raises:
+        argparse.ArgumentTypeError: without ``=`` or with an empty or invalid key.
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not re.fullmatch(r"[A-Za-z_]\w*", key):
+        raise argparse.ArgumentTypeError(f"options are key=value with a Python name, got {text!r}")
+    value: Any = raw.strip()
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        value = lowered == "true"
+    elif lowered == "none":
+        value = None
+    else:
+        for convert in (int, float):
+            try:
+                value = convert(value)
+                break
+            except ValueError:
+                continue
+    return key, value
+
+
+def parse_options(pairs: Sequence[tuple[str, Any]] | None) -> dict[str, Any]:
+    """The ``--option`` pairs as a dict (a later key wins)."""
+    return dict(pairs or [])
+
+
+# --------------------------------------------------------------------------- argument groups
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--threads``."""
+    group = parser.add_argument_group("runtime")
+    group.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda or cuda:N (default: cpu); an error when CUDA is not available",
+    )
+    group.add_argument(
+        "--threads", type=positive_int, default=None, help="CPU threads torch may use"
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and the preprocessing options of user models."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"built-in name, model file (TorchScript or pickled), package.module:factory, "
+        f"torchvision:NAME or timm:NAME (default: {DEFAULT_MODEL}; see 'evidencemap models')",
+    )
+    group.add_argument(
+        "--labels", type=Path, default=None, help="class names: a JSON list or one per line"
+    )
+    group.add_argument(
+        "--input-size",
+        type=int_list,
+        default=None,
+        help="user models: image crop side (default 224), or a volume size D,H,W to resize to",
+    )
+    group.add_argument(
+        "--resize",
+        type=positive_int,
+        default=None,
+        help="user image models: shorter side before the centre crop (default size·256/224)",
+    )
+    group.add_argument(
+        "--mean",
+        type=float_list(3),
+        default=None,
+        help="user image models: R,G,B mean of [0, 1] pixels (default ImageNet)",
+    )
+    group.add_argument(
+        "--std",
+        type=float_list(3),
+        default=None,
+        help="user image models: R,G,B std of [0, 1] pixels (default ImageNet)",
+    )
+    group.add_argument(
+        "--window",
+        type=float_list(2),
+        default=None,
+        help="volumes: intensity window LOW,HIGH mapped to [0, 1] (default: z-score per volume)",
+    )
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def setup_runtime(args: argparse.Namespace) -> torch.device:
+    """Apply ``--threads`` and check ``--device``.
+
+    Raises:
+        CLIError: for a malformed device or CUDA that is not available.
+    """
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    text = str(getattr(args, "device", "cpu")).strip().lower()
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise CLIError(f"--device must be cpu, cuda or cuda:N, got {text!r}")
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CLIError(
+                f"--device {text}: CUDA is not available here (torch {torch.__version__}, "
+                f"built for CUDA {torch.version.cuda or 'none'}); use --device cpu"
+            )
+        index = int(text.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise CLIError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(text)
+
+
+def model_from_args(args: argparse.Namespace, device: torch.device) -> LoadedModel:
+    """Load ``--model`` with the preprocessing options given.
+
+    Raises:
+        CLIError: when the model cannot be loaded (the message says why).
+    """
+    size = args.input_size
+    try:
+        return load_model(
+            args.model,
+            device,
+            input_size=None if size is None else (size[0] if len(size) == 1 else size),
+            resize=args.resize,
+            mean=args.mean,
+            std=args.std,
+            labels=args.labels,
+        )
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise CLIError(str(err)) from err
+
+
+def method_options(cls: type) -> dict[str, inspect.Parameter]:
+    """The keyword options a method class accepts (its ``__init__`` and its bases' ones)."""
+    found: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters
+        for name, param in params.items():
+            if name in ("self", "model", "layer") or param.kind in (
+                param.VAR_KEYWORD,
+                param.VAR_POSITIONAL,
+            ):
+                continue
+            found.setdefault(name, param)
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    return found
+
+
+def build_method(name: str, loaded: LoadedModel, layer: str | None, options: dict[str, Any]) -> Any:
+    """An instance of method ``name`` for ``loaded.module`` with ``options``.
+
+    ``layer`` may name several layers separated by commas (their maps are averaged).
+
+    Raises:
+        CLIError: for an option the method does not take, a layer for an input-space method, a
+            layer method on a TorchScript model, or options the method rejects.
+    """
+    from evidencemap.api import get_method
+
+    cls = get_method(name)
+    try:
+        check_method_supports(loaded, cls)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    known = method_options(cls)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        listed = ", ".join(sorted(known)) or "none"
+        raise CLIError(
+            f"method {cls.name!r} takes no option {', '.join(map(repr, unknown))}; "
+            f"its options: {listed}"
+        )
+    layers: str | list[str] | None = None
+    if layer:
+        parts = [p.strip() for p in layer.split(",") if p.strip()]
+        layers = parts[0] if len(parts) == 1 else parts
+    try:
+        if cls.uses_layer:
+            return cls(loaded.module, layers, **options)  # type: ignore[call-arg]
+        if layers is not None:
+            raise CLIError(f"method {cls.name!r} works in input space and takes no --layer")
+        return cls(loaded.module, **options)
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"method {cls.name!r}: {err}") from err
+
+
+# --------------------------------------------------------------------------- results
+
+
+def probabilities(output: torch.Tensor) -> torch.Tensor | None:
+    """Softmax over classes of an ``(N, K)`` output with ``K > 1``; ``None`` otherwise."""
+    if output.ndim == 2 and output.shape[1] > 1:
+        return torch.softmax(output.detach().float(), dim=1)
+    return None
+
+
+def top_predictions(
+    output: torch.Tensor, loaded: LoadedModel, k: int = 5
+) -> list[list[dict[str, Any]]]:
+    """Per sample, the ``k`` highest classes: ``{"class", "label", "probability", "logit"}``.
+
+    Outputs that are not ``(N, K)`` class scores give empty lists.
+    """
+    probs = probabilities(output)
+    if probs is None:
+        return [[] for _ in range(output.shape[0])]
+    values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+    logits = output.detach().float().gather(1, indices)
+    return [
+        [
+            {
+                "class": int(c),
+                "label": loaded.label(int(c)),
+                "probability": float(p),
+                "logit": float(z),
+            }
+            for c, p, z in zip(ci.tolist(), pi.tolist(), zi.tolist(), strict=True)
+        ]
+        for ci, pi, zi in zip(indices, values, logits, strict=True)
+    ]
+
+
+def versions() -> dict[str, str]:
+    """Versions of evidencemap, torch and Python (written into every manifest)."""
+    import evidencemap
+
+    return {
+        "evidencemap": evidencemap.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }

@@ -1,0 +1,467 @@
+"""Load the model a user has, from a name, a file or an import string, with its preprocessing.
+
+:func:`load_model` accepts these forms of ``spec``:
+
+* a built-in name (``efficientnet-lite0``; see :func:`evidencemap.models.builtin_names`);
+* a TorchScript file (``torch.jit.save``), recognised by its content. Scripted and traced
+  modules run their submodules' compiled code directly, so forward hooks on their layers never
+  fire: layer methods (the CAM family, Score-CAM) cannot explain them, input-space methods can
+  (:func:`check_method_supports` says so clearly);
+* a pickled full model (``torch.save(model, path)``), read with ``torch.load(weights_only=False)``.
+  Unpickling runs arbitrary code from the file: load only files you trust. The model's class must
+  be importable (the same module on ``sys.path``) when it is loaded;
+* an import string ``package.module:factory`` (the factory is called with no arguments) or
+  ``package.module:attribute`` naming a module object; the current directory is searched too;
+* ``torchvision:NAME`` / ``timm:NAME`` when those packages are installed, with weights already
+  in the local cache (nothing is ever downloaded).
+
+Images for user models are preprocessed like ImageNet models usually are: shorter side resized
+to ``resize`` (default ``round(input_size · 256 / 224)``), centre crop ``input_size`` (default
+224), ``(pixel / 255 − mean) / std`` with ImageNet mean/std unless given.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import re
+import sys
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from evidencemap.models.preprocess import ImagePreprocessor
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MODEL_FORMS",
+    "LoadedModel",
+    "check_method_supports",
+    "input_kind",
+    "load_model",
+    "read_labels",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+"""ImageNet channel means of pixels scaled to [0, 1]."""
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+"""ImageNet channel standard deviations of pixels scaled to [0, 1]."""
+
+MODEL_FORMS: tuple[str, ...] = (
+    "a built-in name (evidencemap models)",
+    "a TorchScript file (torch.jit.save)",
+    "a pickled full model file (torch.save(model, path); trusted files only)",
+    "an import string package.module:factory (called with no arguments) or package.module:model",
+    "torchvision:NAME or timm:NAME (locally cached weights only)",
+)
+"""The accepted forms of a model spec, as listed in error messages and ``evidencemap models``."""
+
+_IMPORT_STRING = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_VOLUME_LAYERS = frozenset(
+    {
+        "Conv3d",
+        "ConvTranspose3d",
+        "BatchNorm3d",
+        "InstanceNorm3d",
+        "MaxPool3d",
+        "AvgPool3d",
+        "AdaptiveAvgPool3d",
+        "AdaptiveMaxPool3d",
+    }
+)
+_IMAGE_LAYERS = frozenset({"Conv2d", "ConvTranspose2d", "BatchNorm2d", "MaxPool2d", "AvgPool2d"})
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to explain, with what is needed to feed it and to name its classes.
+
+    Attributes:
+        module: the model, in eval mode on the requested device.
+        preprocess: for image models, an :class:`ImagePreprocessor` (``__call__``, ``to_original``,
+            ``crop_box``, ``to_pixels``); ``None`` for volume models.
+        labels: class names index-aligned with the outputs, or ``None`` (classes are then called
+            ``"class N"``).
+        name: the spec it was loaded from.
+        kind: ``"image"`` (``(N, C, H, W)`` inputs) or ``"volume"`` (``(N, C, D, H, W)``).
+        source: the form it was loaded from: ``"builtin"``, ``"torchscript"``, ``"pickle"``,
+            ``"import"``, ``"torchvision"`` or ``"timm"``.
+        input_size: for volume models, the ``(D, H, W)`` every volume is resized to, or ``None``
+            to feed volumes at their own size.
+    """
+
+    module: nn.Module
+    preprocess: ImagePreprocessor | None
+    labels: list[str] | None
+    name: str
+    kind: str
+    source: str
+    input_size: tuple[int, int, int] | None = None
+
+    def label(self, index: int) -> str:
+        """The name of class ``index`` (``"class N"`` without labels or out of their range)."""
+        if self.labels is not None and 0 <= index < len(self.labels):
+            return self.labels[index]
+        return f"class {index}"
+
+    def class_index(self, text: str) -> int:
+        """The class that ``text`` names: a non-negative index, or an exact label.
+
+        A label matches exactly first, then case-insensitively when that is unambiguous.
+
+        Raises:
+            ValueError: for a label that matches no class (similar labels are suggested) or
+                several, or a negative index.
+        """
+        text = text.strip()
+        if re.fullmatch(r"[+-]?\d+", text):
+            index = int(text)
+            if index < 0:
+                raise ValueError(f"target class index must be >= 0, got {index}")
+            if self.labels is not None and index >= len(self.labels):
+                raise ValueError(
+                    f"target class {index} is out of range: the model has {len(self.labels)} labels"
+                )
+            return index
+        if self.labels is None:
+            raise ValueError(
+                f"target {text!r} is not a class index and the model has no labels "
+                "(give --labels FILE or a class index)"
+            )
+        if text in self.labels:
+            return self.labels.index(text)
+        folded = [i for i, name in enumerate(self.labels) if name.casefold() == text.casefold()]
+        if len(folded) == 1:
+            return folded[0]
+        import difflib
+
+        close = difflib.get_close_matches(text, self.labels, n=5, cutoff=0.6)
+        hint = f"; similar labels: {', '.join(repr(c) for c in close)}" if close else ""
+        raise ValueError(f"target {text!r} is neither a class index nor a label{hint}")
+
+
+def read_labels(path: str | os.PathLike[str]) -> list[str]:
+    """Class names from a JSON list of strings, or a text file with one name per line.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: for a JSON value that is not a list of strings, or an empty file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"labels file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"labels file {path} is not valid JSON: {err}") from err
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"labels file {path} must hold a JSON list of strings")
+    else:
+        names = [line.strip() for line in text.splitlines()]
+        while names and not names[-1]:
+            names.pop()
+    if not names:
+        raise ValueError(f"labels file {path} holds no labels")
+    return names
+
+
+def input_kind(module: nn.Module) -> str:
+    """``"volume"`` when ``module`` contains 3-D layers (Conv3d, pooling, norm), else ``"image"``.
+
+    Works for eager, pickled and TorchScript modules (whose submodules keep their class names).
+    """
+    names = {getattr(m, "original_name", type(m).__name__) for m in module.modules()}
+    names |= {type(m).__name__ for m in module.modules()}
+    if names & _VOLUME_LAYERS and not names & _IMAGE_LAYERS:
+        return "volume"
+    return "image"
+
+
+def check_method_supports(loaded: LoadedModel, method: type) -> None:
+    """Raise a clear error when ``method`` cannot explain ``loaded`` (layer methods need hooks).
+
+    Raises:
+        ValueError: for a layer method (``uses_layer``) on a TorchScript model.
+    """
+    if loaded.source == "torchscript" and getattr(method, "uses_layer", False):
+        from evidencemap.api import methods as method_names
+        from evidencemap.methods import METHODS
+
+        input_space = [n for n in method_names() if not METHODS[n].uses_layer]
+        suggestion = (
+            f"use an input-space method ({', '.join(input_space)})"
+            if input_space
+            else "no input-space method is installed"
+        )
+        raise ValueError(
+            f"method {getattr(method, 'name', method)!r} reads a layer through forward hooks, "
+            f"which TorchScript models ({loaded.name}) never run: {suggestion}, or save the "
+            "model as a pickled eager model (torch.save(model, path)) or give an import string "
+            "package.module:factory"
+        )
+
+
+def _looks_like_torchscript(path: Path) -> bool:
+    """TorchScript archives hold ``<name>/constants.pkl`` and compiled ``<name>/code/``."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any(name.endswith("/constants.pkl") or "/code/" in name for name in names)
+
+
+def _image_preprocess(
+    input_size: int | None,
+    resize: int | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> ImagePreprocessor:
+    size = 224 if input_size is None else int(input_size)
+    if size < 1:
+        raise ValueError(f"input_size must be >= 1, got {size}")
+    resize = round(size * 256 / 224) if resize is None else int(resize)
+    if resize < size:
+        raise ValueError(f"resize must be >= input_size ({size}), got {resize}")
+    mean = IMAGENET_MEAN if mean is None else tuple(float(m) for m in mean)
+    std = IMAGENET_STD if std is None else tuple(float(s) for s in std)
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values (R, G, B), got {mean} and {std}")
+    if not all(s > 0 for s in std):
+        raise ValueError(f"std must be positive, got {std}")
+    # ImagePreprocessor works on 0…255 pixels: (p/255 − m)/s = (p − 255 m)/(255 s).
+    return ImagePreprocessor(
+        size=size,
+        resize=resize,
+        mean=tuple(255.0 * m for m in mean),  # type: ignore[arg-type]
+        std=tuple(255.0 * s for s in std),  # type: ignore[arg-type]
+    )
+
+
+def _volume_size(input_size: int | Sequence[int] | None) -> tuple[int, int, int] | None:
+    if input_size is None:
+        return None
+    sizes = [int(input_size)] * 3 if isinstance(input_size, int) else [int(s) for s in input_size]
+    if len(sizes) == 1:
+        sizes = sizes * 3
+    if len(sizes) != 3 or not all(s >= 1 for s in sizes):
+        raise ValueError(f"volume input_size must be 1 or 3 positive ints (D, H, W), got {sizes}")
+    return sizes[0], sizes[1], sizes[2]
+
+
+def _import_object(spec: str) -> Any:
+    module_name, _, attribute = spec.partition(":")
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(f"cannot import module {module_name!r} of {spec!r}: {err}") from err
+        for part in attribute.split("."):
+            if not hasattr(obj, part):
+                raise ValueError(f"{module_name!r} has no attribute {attribute!r} (from {spec!r})")
+            obj = getattr(obj, part)
+        if isinstance(obj, nn.Module):
+            return obj
+        if not callable(obj):
+            raise ValueError(f"{spec!r} is neither an nn.Module nor a factory function")
+        model = obj()
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _load_file(path: Path, device: torch.device) -> tuple[nn.Module, str]:
+    if _looks_like_torchscript(path):
+        try:
+            return torch.jit.load(str(path), map_location=device), "torchscript"
+        except RuntimeError as err:
+            raise ValueError(f"{path} is not a loadable TorchScript model: {err}") from err
+    try:
+        obj = torch.load(path, map_location=device, weights_only=False)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path} is neither a TorchScript nor a pickled model: {err}") from err
+    except (AttributeError, ModuleNotFoundError) as err:
+        raise ValueError(
+            f"{path} is a pickled model whose class cannot be imported ({err}); put the module "
+            "that defines it on PYTHONPATH"
+        ) from err
+    if isinstance(obj, nn.Module):
+        return obj, "pickle"
+    if isinstance(obj, dict):
+        raise ValueError(
+            f"{path} holds a state dict (parameters only), not a model: write a factory that "
+            "builds the model and loads it, and pass package.module:factory"
+        )
+    raise ValueError(f"{path} holds a {type(obj).__name__}, not a torch.nn.Module")
+
+
+def _load_torchvision(name: str) -> tuple[nn.Module, ImagePreprocessor, list[str] | None]:
+    try:
+        import torchvision  # optional: pip install torchvision
+    except ImportError as err:
+        raise ValueError(
+            f"torchvision:{name} needs torchvision, which is not importable here ({err}); "
+            "pip install 'evidencemap[vision]' or use another model form"
+        ) from err
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"torchvision has no model {name!r}: {err}") from err
+    cached = Path(torch.hub.get_dir(), "checkpoints", Path(weights.url).name)
+    if not cached.is_file():
+        raise ValueError(
+            f"the weights of torchvision:{name} are not in the local cache ({cached}); "
+            "evidencemap never downloads: fetch them once with torchvision on a connected "
+            "machine (or copy the file there)"
+        )
+    model = torchvision.models.get_model(name, weights=None)
+    model.load_state_dict(torch.load(cached, map_location="cpu", weights_only=True))
+    transforms = weights.transforms()
+    preprocess = _image_preprocess(
+        transforms.crop_size[0], transforms.resize_size[0], transforms.mean, transforms.std
+    )
+    return model, preprocess, list(weights.meta.get("categories") or []) or None
+
+
+def _load_timm(name: str) -> tuple[nn.Module, ImagePreprocessor, list[str] | None]:
+    try:
+        import timm  # optional: pip install timm
+        from timm.data import resolve_data_config
+    except ImportError as err:
+        raise ValueError(
+            f"timm:{name} needs timm, which is not importable here ({err}); "
+            "pip install 'evidencemap[vision]' or use another model form"
+        ) from err
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # read from the local cache only, never download
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except Exception as err:  # timm/huggingface raise many types for a missing cache entry
+        raise ValueError(
+            f"cannot build timm:{name} from locally cached weights ({type(err).__name__}: {err}); "
+            "evidencemap never downloads: cache the weights once on a connected machine"
+        ) from err
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+    config = resolve_data_config({}, model=model)
+    size = int(config["input_size"][-1])
+    resize = round(size / float(config.get("crop_pct", 0.875)))
+    preprocess = _image_preprocess(size, resize, config["mean"], config["std"])
+    from evidencemap.models import labels as imagenet_labels
+
+    labels = imagenet_labels() if getattr(model, "num_classes", None) == 1000 else None
+    return model, preprocess, labels
+
+
+def load_model(
+    spec: str,
+    device: str | torch.device = "cpu",
+    *,
+    input_size: int | Sequence[int] | None = None,
+    resize: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    labels: str | os.PathLike[str] | Sequence[str] | None = None,
+    kind: str | None = None,
+) -> LoadedModel:
+    """Load a model from any accepted ``spec`` (see the module docstring), in eval mode.
+
+    Args:
+        spec: built-in name, model file, ``package.module:factory``, ``torchvision:NAME`` or
+            ``timm:NAME``.
+        device: where the model goes.
+        input_size: image models: side of the square crop (default 224); volume models: one
+            int or ``(D, H, W)`` every volume is resized to (default: their own size).
+        resize: image models: shorter side before cropping (default ``input_size · 256/224``).
+        mean / std: image models: channel mean/std on [0, 1] pixels (default ImageNet).
+        labels: a labels file (JSON list or one per line) or a list of names.
+        kind: ``"image"`` or ``"volume"``; ``None`` decides from the model's layers.
+
+    Returns:
+        A :class:`LoadedModel`.
+
+    Raises:
+        TypeError: when ``spec`` is not a string.
+        ValueError: for an unknown form (the message lists the accepted ones), a missing file,
+            an unloadable model, preprocessing options for a built-in model, or a missing
+            optional package / cached weights.
+        FileNotFoundError: for a labels file that does not exist.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"model must be a string spec, got {type(spec).__name__}")
+    if kind not in (None, "image", "volume"):
+        raise ValueError(f"kind must be 'image', 'volume' or None, got {kind!r}")
+    device = torch.device(device)
+    from evidencemap import models as builtin
+
+    preprocess: ImagePreprocessor | None = None
+    names: list[str] | None = None
+    path = Path(spec).expanduser()
+    if spec in builtin.builtin_names():
+        if any(v is not None for v in (input_size, resize, mean, std)):
+            raise ValueError(
+                f"{spec} brings its own preprocessing; input size, resize, mean and std apply "
+                "to user models only"
+            )
+        module: nn.Module = builtin.load(spec)
+        source = "builtin"
+        preprocess, names = module.preprocess, list(module.labels)
+    elif spec.startswith(("torchvision:", "timm:")):
+        source, _, name = spec.partition(":")
+        loader = _load_torchvision if source == "torchvision" else _load_timm
+        module, preprocess, names = loader(name)
+    elif path.is_file():
+        module, source = _load_file(path, device)
+    elif path.is_dir():
+        raise ValueError(f"model {spec!r} is a folder; give a model file")
+    elif _IMPORT_STRING.match(spec):
+        module, source = _import_object(spec), "import"
+    else:
+        if any(sep in spec for sep in "/\\") or path.suffix in (".pt", ".pth", ".pkl", ".ts"):
+            raise ValueError(f"model file not found: {spec}")
+        forms = "; ".join(MODEL_FORMS)
+        raise ValueError(
+            f"cannot load model {spec!r}: accepted forms are {forms}. "
+            f"Built-in names: {', '.join(builtin.builtin_names())}"
+        )
+    module = module.to(device).eval()
+    detected = kind or input_kind(module)
+    volume_size = None
+    if detected == "image" and preprocess is None:
+        preprocess = _image_preprocess(
+            None if input_size is None else _single(input_size), resize, mean, std
+        )
+    elif detected == "volume":
+        if resize is not None or mean is not None or std is not None:
+            raise ValueError("resize, mean and std apply to image models; this one takes volumes")
+        preprocess, volume_size = None, _volume_size(input_size)
+    if labels is not None:
+        names = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else list(labels)
+    return LoadedModel(module, preprocess, names, spec, detected, source, volume_size)
+
+
+def _single(size: int | Sequence[int]) -> int:
+    if isinstance(size, int):
+        return size
+    values = list(size)
+    if len(values) == 1 or len(set(values)) == 1:
+        return int(values[0])
+    raise ValueError(f"image input_size must be one int (square crop), got {values}")

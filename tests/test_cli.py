@@ -1,0 +1,506 @@
+"""The ``evidencemap`` command end to end: real photos, volumes, batches, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+import evidencemap
+from cli_helpers import (
+    Tiny2D,
+    blob_volume,
+    on_sys_path,
+    registered_input_method,
+    write_tiny3d_module,
+)
+from evidencemap import io
+from evidencemap.cli import COMMANDS, main
+from evidencemap.cli.common import parse_option
+from evidencemap.maps import normalize
+from evidencemap.models.loading import load_model
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+ESPRESSO, MISSILE = 967, 657
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """chelsea and coffee as JPEG (quality 90, like examples/), rocket as PNG in a subfolder."""
+    folder = tmp_path_factory.mktemp("photos")
+    Image.fromarray(skdata.chelsea()).save(folder / "a_chelsea.jpg", quality=90)
+    Image.fromarray(skdata.coffee()).save(folder / "b_coffee.jpg", quality=90)
+    (folder / "sub").mkdir()
+    Image.fromarray(skdata.rocket()).save(folder / "sub" / "rocket.png")
+    return folder
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    status = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return status, captured.out, captured.err
+
+
+def _manifest(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def test_explain_real_photos_writes_overlay_maps_and_manifest(capsys, photos, tmp_path):
+    out = tmp_path / "out"
+    status, stdout, stderr = _run(
+        capsys, "explain", photos / "a_chelsea.jpg", photos / "b_coffee.jpg", "--out", out
+    )
+    assert status == 0, stderr
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{photos / 'a_chelsea.jpg'}: ")
+    assert "espresso (0.9" in lines[1]
+    assert str(out / "b_coffee_gradcam.png") in lines[1]
+
+    cat = _manifest(out / "a_chelsea_gradcam.json")
+    coffee = _manifest(out / "b_coffee_gradcam.json")
+    assert cat["predictions"][0]["class"] in CAT_CLASSES
+    assert coffee["predictions"][0]["class"] == ESPRESSO
+    assert coffee["predictions"][0]["label"] == "espresso"
+    for manifest, photo in ((cat, "a_chelsea.jpg"), (coffee, "b_coffee.jpg")):
+        assert manifest["input"] == str(photos / photo)
+        assert manifest["method"] == "gradcam"
+        assert manifest["layer"] == "_head_act"
+        assert manifest["model"] == "efficientnet-lite0"
+        assert len(manifest["predictions"]) == 5
+        probs = [p["probability"] for p in manifest["predictions"]]
+        assert probs == sorted(probs, reverse=True)
+        assert 0 < sum(probs) <= 1
+        # the default target is the top class, explained with its probability
+        assert manifest["targets"][0]["class"] == manifest["predictions"][0]["class"]
+        assert manifest["targets"][0]["probability"] == pytest.approx(probs[0])
+        assert manifest["versions"] == {
+            "evidencemap": evidencemap.__version__,
+            "torch": torch.__version__,
+            "python": ".".join(map(str, sys.version_info[:3])),
+        }
+        assert manifest["seconds"] > 0
+        assert manifest["batch"]["inputs"] == 2  # both photos went through one call
+        for written in (*manifest["outputs"]["pictures"], manifest["outputs"]["maps"]):
+            assert Path(written).is_file()
+
+    picture = Image.open(out / "a_chelsea_gradcam.png")
+    assert picture.mode == "RGB"
+    assert picture.width > 300
+    with np.load(out / "a_chelsea_gradcam.npz") as saved:
+        assert saved["maps"].shape == (1, 1, 224, 224)
+        assert saved["raw"].shape == (1, 1, 7, 7)
+        assert saved["targets"].tolist() == [cat["predictions"][0]["class"]]
+        assert saved["maps"].min() >= 0
+        assert saved["maps"].max() == pytest.approx(1.0)
+
+
+def test_explain_target_by_label_agrees_with_the_library(capsys, photos, tmp_path):
+    status, _, stderr = _run(
+        capsys,
+        "explain",
+        photos / "a_chelsea.jpg",
+        "--target",
+        "Egyptian cat",
+        "--method",
+        "gradcam++",
+        "--out",
+        tmp_path,
+    )
+    assert status == 0, stderr
+    manifest = _manifest(tmp_path / "a_chelsea_gradcam++.json")
+    assert manifest["targets"][0]["class"] == 285
+    assert manifest["targets"][0]["label"] == "Egyptian cat"
+    assert "gradcam++ — Egyptian cat" in _title_of(manifest)
+    model = evidencemap.models.load()
+    x = model.preprocess(io.load_image(photos / "a_chelsea.jpg"))[None]
+    expected = evidencemap.explain(model, x, "gradcam++", target=285).maps
+    with np.load(tmp_path / "a_chelsea_gradcam++.npz") as saved:
+        torch.testing.assert_close(torch.from_numpy(saved["maps"]), expected)
+
+
+def _title_of(manifest: dict) -> str:
+    target = manifest["targets"][0]
+    return f"{manifest['method']} — {target['label']} {target['probability']:.2f}"
+
+
+def test_top_k_explains_each_class_in_one_call(capsys, photos, tmp_path):
+    status, stdout, stderr = _run(
+        capsys, "explain", photos / "a_chelsea.jpg", "--top-k", "3", "--out", tmp_path
+    )
+    assert status == 0, stderr
+    assert "(+2 more)" in stdout
+    manifest = _manifest(tmp_path / "a_chelsea_gradcam.json")
+    top3 = [p["class"] for p in manifest["predictions"][:3]]
+    assert [t["class"] for t in manifest["targets"]] == top3
+    assert manifest["batch"] == {"inputs": 1, "maps": 3, "seconds": manifest["batch"]["seconds"]}
+    for rank in (1, 2, 3):
+        assert (tmp_path / f"a_chelsea_gradcam_top{rank}.png").is_file()
+    with np.load(tmp_path / "a_chelsea_gradcam.npz") as saved:
+        assert saved["maps"].shape == (3, 1, 224, 224)
+        assert saved["targets"].tolist() == top3
+        # different classes, different evidence
+        assert not np.allclose(saved["maps"][0], saved["maps"][1])
+
+
+def test_explain_unreadable_inputs_are_reported_without_traceback(capsys, tmp_path):
+    text = tmp_path / "notes.jpg"
+    text.write_text("this is a text file, not a photo")
+    status, _, stderr = _run(capsys, "explain", tmp_path / "missing.jpg", text, "--out", tmp_path)
+    assert status == 1
+    assert f"{tmp_path / 'missing.jpg'}: no such file" in stderr
+    assert f"{text} is not a readable PNG, JPEG" in stderr
+    assert "2 of 2 input(s) failed" in stderr
+    assert not list(tmp_path.glob("*.png"))
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def test_compare_writes_one_grid_and_manifest(capsys, photos, tmp_path):
+    status, stdout, stderr = _run(
+        capsys,
+        "compare",
+        photos / "b_coffee.jpg",
+        "--methods",
+        "gradcam,layercam,grad-cam",
+        "--out",
+        tmp_path,
+    )
+    assert status == 0, stderr
+    assert "espresso" in stdout
+    manifest = _manifest(tmp_path / "b_coffee_compare.json")
+    assert [m["method"] for m in manifest["methods"]] == ["gradcam", "layercam"]  # alias deduped
+    assert manifest["target"]["class"] == ESPRESSO
+    grid = Image.open(tmp_path / "b_coffee_compare.png")
+    single = 320  # one panel: 3.2 in at 100 dpi; original + 2 overlays + colour bar
+    assert grid.width > 3 * single
+    with np.load(tmp_path / "b_coffee_compare.npz") as saved:
+        assert sorted(saved.files) == ["gradcam", "layercam"]
+        assert saved["gradcam"].shape == (1, 224, 224)
+
+
+# --------------------------------------------------------------------------- batch
+
+
+def test_batch_skips_bad_files_finishes_the_rest_and_resumes(capsys, photos, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a_chelsea.jpg", "b_coffee.jpg"):
+        (folder / name).write_bytes((photos / name).read_bytes())
+    (folder / "sub").mkdir()
+    (folder / "sub" / "rocket.png").write_bytes((photos / "sub" / "rocket.png").read_bytes())
+    (folder / "c_text.jpg").write_text("not an image at all")
+    (folder / "d_truncated.jpg").write_bytes((photos / "a_chelsea.jpg").read_bytes()[:2000])
+    out = tmp_path / "out"
+
+    status, stdout, stderr = _run(capsys, "batch", folder, "--out", out, "--batch-size", "2")
+    assert status == 1
+    assert f"{folder / 'c_text.jpg'} is not a readable" in stderr
+    assert f"{folder / 'd_truncated.jpg'} is truncated or corrupt" in stderr
+    assert "done 3, skipped 0" in stdout
+    assert "failed 2" in stdout
+    chelsea = _manifest(out / "a_chelsea_gradcam.json")
+    rocket = _manifest(out / "sub" / "rocket_gradcam.json")  # folders mirrored
+    assert chelsea["predictions"][0]["class"] in CAT_CLASSES
+    assert rocket["predictions"][0]["class"] == MISSILE
+    assert chelsea["batch"]["inputs"] == 2  # chelsea and coffee: one call of two photos
+    assert rocket["batch"]["inputs"] == 1
+
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert len(written) == 9  # png + npz + json for three photos
+    (folder / "c_text.jpg").unlink()
+    (folder / "d_truncated.jpg").unlink()
+    status, stdout, stderr = _run(capsys, "batch", folder, "--out", out, "--batch-size", "2")
+    assert status == 0, stderr
+    assert "done 0, skipped 3" in stdout
+    assert "failed 0" in stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == written
+
+
+def test_batch_on_a_missing_folder(capsys, tmp_path):
+    status, _, stderr = _run(capsys, "batch", tmp_path / "nowhere", "--out", tmp_path)
+    assert status == 2
+    assert "is not a folder" in stderr
+
+
+# --------------------------------------------------------------------------- volumes
+
+
+@pytest.fixture
+def volumes(tmp_path):
+    """A folder with a blob as .npy and as .nii.gz, plus a photo, and the Tiny3D module."""
+    folder = tmp_path / "vols"
+    folder.mkdir()
+    np.save(folder / "blob.npy", blob_volume())
+    nib.save(nib.Nifti1Image(blob_volume(centre=(3, 8, 4)), np.eye(4)), folder / "blob2.nii.gz")
+    Image.fromarray(skdata.coffee()[::8, ::8]).save(folder / "photo.png")
+    name = write_tiny3d_module(tmp_path, "cli_tiny3d")
+    with on_sys_path(tmp_path):
+        yield folder, name
+
+
+def _expected_volume_map(path: Path) -> torch.Tensor:
+    """Grad-CAM of Tiny3D for class 0 by hand: ReLU(z-scored volume), normalised."""
+    volume, _ = io.load_volume(path)
+    return normalize(io.normalise_volume(volume)[None].clamp(min=0))
+
+
+def test_volumes_through_explain_with_an_import_string(capsys, volumes, tmp_path):
+    folder, name = volumes
+    out = tmp_path / "out"
+    status, stdout, stderr = _run(
+        capsys,
+        "explain",
+        folder / "blob.npy",
+        folder / "blob2.nii.gz",
+        "--model",
+        f"{name}:build",
+        "--out",
+        out,
+    )
+    assert status == 0, stderr
+    assert "class 0 (" in stdout
+    for stem, source in (("blob", "blob.npy"), ("blob2", "blob2.nii.gz")):
+        manifest = _manifest(out / f"{stem}_gradcam.json")
+        assert manifest["kind"] == "volume"
+        assert manifest["model_source"] == "import"
+        assert manifest["layer"] == "act"
+        assert manifest["targets"][0]["class"] == 0
+        picture = Image.open(out / f"{stem}_gradcam.png")
+        assert picture.width > 3 * 320  # axial, coronal, sagittal panels
+        with np.load(out / f"{stem}_gradcam.npz") as saved:
+            maps = torch.from_numpy(saved["maps"])
+        torch.testing.assert_close(maps, _expected_volume_map(folder / source))
+
+
+def test_volumes_through_batch_with_a_pickled_model(capsys, volumes, tmp_path):
+    folder, name = volumes
+    model_file = tmp_path / "tiny3d.pt"
+    torch.save(__import__(name).build(), model_file)
+    out = folder / "maps"  # inside the input folder: its pictures must not become inputs
+    status, stdout, stderr = _run(
+        capsys, "batch", folder, "--model", model_file, "--out", out, "--quiet"
+    )
+    assert status == 0, stderr
+    assert "done 2" in stdout
+    assert "ignored 1 photos" in stdout
+    status, stdout, _ = _run(capsys, "batch", folder, "--model", model_file, "--out", out)
+    assert status == 0
+    assert "done 0, skipped 2" in stdout
+    assert "ignored 1 photos" in stdout
+    manifest = _manifest(out / "blob_gradcam.json")
+    assert manifest["model_source"] == "pickle"
+    assert manifest["spacing"] is None  # .npy carries no geometry
+    assert _manifest(out / "blob2_gradcam.json")["spacing"] == [1.0, 1.0, 1.0]
+    assert not (out / "photo_gradcam.json").exists()
+
+
+def test_volume_resized_to_the_model_input_size(capsys, volumes, tmp_path):
+    folder, name = volumes
+    status, _, stderr = _run(
+        capsys,
+        "explain",
+        folder / "blob.npy",
+        "--model",
+        f"{name}:build",
+        "--input-size",
+        "8,8,8",
+        "--out",
+        tmp_path,
+    )
+    assert status == 0, stderr
+    manifest = _manifest(tmp_path / "blob_gradcam.json")
+    assert manifest["model_input_shape"] == [1, 8, 8, 8]
+    assert manifest["original_shape"] == [12, 14, 16]
+
+
+def test_photo_for_a_volume_model_is_a_clear_failure(capsys, volumes, tmp_path):
+    folder, name = volumes
+    status, _, stderr = _run(
+        capsys, "explain", folder / "photo.png", "--model", f"{name}:build", "--out", tmp_path
+    )
+    assert status == 1
+    assert "is a photo but" in stderr
+    assert "takes volumes" in stderr
+
+
+# --------------------------------------------------------------------------- TorchScript
+
+
+@pytest.fixture
+def scripted(tmp_path) -> Path:
+    path = tmp_path / "tiny_scripted.pt"
+    torch.jit.save(torch.jit.script(Tiny2D().eval()), str(path))
+    return path
+
+
+def test_torchscript_with_a_layer_method_is_refused_clearly(capsys, photos, scripted, tmp_path):
+    status, _, stderr = _run(
+        capsys, "explain", photos / "b_coffee.jpg", "--model", scripted, "--out", tmp_path
+    )
+    assert status == 2
+    assert "TorchScript" in stderr
+    assert "forward hooks" in stderr
+
+
+@pytest.mark.parametrize(("game", "panel"), [("preserve", "explanation"), ("delete", "deleted")])
+def test_torchscript_with_an_input_space_method_and_explanation_image(
+    capsys, photos, scripted, tmp_path, game, panel
+):
+    with registered_input_method() as method:
+        status, _, stderr = _run(
+            capsys,
+            "explain",
+            photos / "b_coffee.jpg",
+            "--model",
+            scripted,
+            "--input-size",
+            "32",
+            "--method",
+            method.name,
+            "--game",
+            game,
+            "--out",
+            tmp_path,
+        )
+    assert status == 0, stderr
+    manifest = _manifest(tmp_path / f"b_coffee_{method.name}.json")
+    assert manifest["model_source"] == "torchscript"
+    assert manifest["options"]["game"] == game
+    assert manifest["layer"] is None
+    # the map is the method's formula on the preprocessed photo
+    loaded = load_model(str(scripted), input_size=32)
+    x = loaded.preprocess(io.load_image(photos / "b_coffee.jpg"))[None].requires_grad_(True)
+    output = loaded.module(x)
+    (grad,) = torch.autograd.grad(output[0, output.argmax()], x)
+    expected = normalize((x * grad).abs().sum(1, keepdim=True).detach())
+    with np.load(tmp_path / f"b_coffee_{method.name}.npz") as saved:
+        torch.testing.assert_close(torch.from_numpy(saved["maps"]), expected)
+    # the explanation image is shown beside the photo and the map: three panels
+    assert Image.open(tmp_path / f"b_coffee_{method.name}.png").width > 3 * 320
+    assert manifest["targets"][0]["shown_beside"] == panel
+
+
+# --------------------------------------------------------------------------- listings, help
+
+
+def test_methods_lists_every_method_one_line_each(capsys):
+    status, stdout, _ = _run(capsys, "methods")
+    assert status == 0
+    lines = stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == evidencemap.methods()
+    grad = next(line for line in lines if line.startswith("gradcam "))
+    assert "[layer]" in grad
+    assert "Selvaraju" in grad
+    assert "``" not in grad
+
+
+def test_models_lists_builtins_and_forms(capsys):
+    status, stdout, _ = _run(capsys, "models")
+    assert status == 0
+    for name in evidencemap.models.builtin_names():
+        assert any(line.startswith(name) for line in stdout.splitlines())
+    assert "efficientnet-lite0  installed" in stdout
+    assert "TorchScript" in stdout
+    assert "package.module:factory" in stdout
+    assert "torchvision:" in stdout
+    assert "timm:" in stdout
+
+
+@pytest.mark.parametrize("command", [c.__name__.rsplit(".", 1)[1] for c in COMMANDS])
+def test_help_of_every_command(capsys, command):
+    status, stdout, _ = _run(capsys, command, "--help")
+    assert status == 0
+    assert stdout.startswith(f"usage: evidencemap {command}")
+
+
+def test_python_dash_m_help():
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    done = subprocess.run(
+        [sys.executable, "-m", "evidencemap", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    for command in ("explain", "compare", "batch", "methods", "models"):
+        assert command in done.stdout
+
+
+# --------------------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["explain", "x.jpg", "--method", "nope"], "unknown method 'nope'"),
+        (["explain", "x.jpg", "--top-k", "0"], "expected a positive integer, got 0"),
+        (["explain", "x.jpg", "--opacity", "2"], "expected a number in [0, 1]"),
+        (["explain", "x.jpg", "--target", "1", "--top-k", "2"], "not allowed with argument"),
+        (["explain", "x.jpg", "--option", "novalue"], "options are key=value"),
+        (["compare", "x.jpg", "--methods", "gradcam,bogus"], "unknown method 'bogus'"),
+        (["explain"], "the following arguments are required"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_message(capsys, argv, message):
+    status, _, stderr = _run(capsys, *argv)
+    assert status == 2
+    assert message in stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--target", "tiger kat"], "similar labels: 'tiger cat'"),
+        (["--option", "colour=3"], "takes no option 'colour'; its options:"),
+        (["--game", "delete"], "takes no option 'game'"),
+        (["--layer", "_no_such_layer"], "layer '_no_such_layer' not found"),
+        (["--cmap", "rainbowz"], "unknown matplotlib colormap 'rainbowz'"),
+        (["--model", "nothing-like-this"], "accepted forms are"),
+    ],
+)
+def test_bad_values_exit_2_before_any_work(capsys, photos, tmp_path, argv, message):
+    status, stdout, stderr = _run(
+        capsys, "explain", photos / "a_chelsea.jpg", "--out", tmp_path, *argv
+    )
+    assert status == 2
+    assert message in stderr
+    assert stdout == ""
+    assert not list(tmp_path.iterdir())
+
+
+def test_cuda_that_is_not_there(capsys, monkeypatch, photos, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    status, _, stderr = _run(
+        capsys, "explain", photos / "a_chelsea.jpg", "--device", "cuda", "--out", tmp_path
+    )
+    assert status == 2
+    assert "CUDA is not available" in stderr
+
+
+def test_parse_option_values():
+    assert parse_option("relu=false") == ("relu", False)
+    assert parse_option("top-k=16") == ("top_k", 16)
+    assert parse_option("lr=0.1") == ("lr", 0.1)
+    assert parse_option("weighting=channel_softmax") == ("weighting", "channel_softmax")
+    assert parse_option("memory_budget=None") == ("memory_budget", None)
