@@ -39,7 +39,9 @@ def chunk_size(per_item_bytes: int, batch_size: int, memory_budget: int | None) 
 
 @register
 class ScoreCAM(LayerMethod):
-    """Score-CAM; see the module docstring for the formula and the weightings.
+    """Score-CAM: channel weights from the target's score on inputs masked by each channel.
+
+    See the module docstring for the formula and the weightings.
 
     Args:
         weighting: one of :data:`SCORECAM_WEIGHTINGS`.
