@@ -272,8 +272,14 @@ def test_file_field_sent_as_text(client):
     response = client.post(
         "/api/explain", files={"method": (None, "gradcam"), "file": (None, "not a file")}
     )
-    assert response.status_code in (400, 422)
-    assert_error(response, response.status_code)
+    assert_error(response, 422, "file")
+
+
+def test_multipart_without_boundary(client):
+    response = client.post(
+        "/api/explain", content=b"abc", headers={"content-type": "multipart/form-data"}
+    )
+    assert_error(response, 400, "boundary")
 
 
 def test_json_body_instead_of_multipart(client):
