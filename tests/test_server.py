@@ -423,6 +423,23 @@ def test_concurrent_methods_on_one_model_equal_sequential(lite0, photos):
     assert_unchanged(lite0, before)
 
 
+@pytest.mark.slow
+def test_concurrent_methods_stress(lite0, photos):
+    """As above with four threads, eight methods between them and many more rounds."""
+    cat, cup = photos[:1], photos[1:]
+    names = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam", "cam"]
+    jobs = [
+        (lambda m=m, x=x: em.explain(lite0, x, m).maps)
+        for m, x in zip(names, [cat, cup] * 4, strict=False)
+    ]
+    jobs.append(lambda: em.explain(lite0, cat, "scorecam", top_k=8).maps)
+    alone = [job() for job in jobs]
+    together = run_together(jobs, rounds=40)
+    for expected, got in zip(alone, together, strict=True):
+        for maps in got:
+            torch.testing.assert_close(maps, expected, rtol=0, atol=1e-6)
+
+
 def test_concurrent_requests_equal_sequential(client, lite0):
     cat, cup = photo_bytes("chelsea", "PNG"), photo_bytes("coffee", "PNG")
 
