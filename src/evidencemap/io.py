@@ -14,6 +14,7 @@ world millimetres. ``.npy`` arrays carry no geometry and are taken as ``(D, H, W
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -33,9 +34,12 @@ from evidencemap.models.preprocess import to_rgb_image
 __all__ = [
     "IMAGE_SUFFIXES",
     "VOLUME_SUFFIXES",
+    "ImageTooLargeError",
+    "UnsupportedImageError",
     "find_inputs",
     "is_volume_path",
     "load_image",
+    "load_image_bytes",
     "load_volume",
     "normalise_volume",
     "save_json",
@@ -89,19 +93,73 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         raise FileNotFoundError(f"image file not found: {path}")
     if path.is_dir():
         raise ValueError(f"{path} is a directory, not an image file")
+    return _decode_image(path, str(path), max_pixels=None)
+
+
+class UnsupportedImageError(ValueError):
+    """The data is not an image of a supported format (identified by content)."""
+
+
+class ImageTooLargeError(ValueError):
+    """The image has more pixels than allowed."""
+
+
+def load_image_bytes(
+    data: bytes, *, max_pixels: int | None = None, name: str = "image data"
+) -> Image.Image:
+    """Decode a photo held in memory (e.g. an upload) as an 8-bit RGB PIL image.
+
+    Exactly as :func:`load_image`: the format is identified from the bytes' content (PNG,
+    JPEG, TIFF, BMP or WebP magic numbers, via Pillow), never from a name or declared type; EXIF
+    orientation applied; converted to RGB. The pixel count is read from the header and checked
+    *before* the pixels are decoded, so a small file that claims a huge image costs nothing.
+
+    Args:
+        data: the encoded file's bytes.
+        max_pixels: the most pixels (``width × height``) accepted; ``None``: Pillow's own
+            decompression-bomb limit only.
+        name: how messages refer to the data.
+
+    Returns:
+        The image in mode ``"RGB"``.
+
+    Raises:
+        TypeError: when ``data`` is not bytes.
+        ValueError: for empty data, or truncated/corrupt image data.
+        UnsupportedImageError: when the data is not an image of a supported format.
+        ImageTooLargeError: when the image has more than ``max_pixels`` pixels.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    if max_pixels is not None and (isinstance(max_pixels, bool) or max_pixels < 1):
+        raise ValueError(f"max_pixels must be a positive int or None, got {max_pixels!r}")
+    if len(data) == 0:
+        raise ValueError(f"{name} is empty")
+    return _decode_image(io.BytesIO(bytes(data)), name, max_pixels=max_pixels)
+
+
+def _decode_image(source: Path | io.BytesIO, name: str, *, max_pixels: int | None) -> Image.Image:
+    """Open, check the size of, decode and convert one image; errors name ``name``."""
     try:
-        with Image.open(path, formats=_IMAGE_FORMATS) as opened:
+        with Image.open(source, formats=_IMAGE_FORMATS) as opened:
+            if max_pixels is not None and opened.width * opened.height > max_pixels:
+                raise ImageTooLargeError(
+                    f"{name} has {opened.width} × {opened.height} = "
+                    f"{opened.width * opened.height} pixels; the limit is {max_pixels}"
+                )
             opened.load()
             image = _upright(opened)
             image = to_rgb_image(_to_8bit(image))
     except UnidentifiedImageError as err:
-        raise ValueError(f"{path} is not a readable PNG, JPEG, TIFF, BMP or WebP image") from err
+        raise UnsupportedImageError(
+            f"{name} is not a readable PNG, JPEG, TIFF, BMP or WebP image"
+        ) from err
     except Image.DecompressionBombError as err:
-        raise ValueError(f"{path} is too large to load safely: {err}") from err
-    except PermissionError:
+        raise ImageTooLargeError(f"{name} is too large to load safely: {err}") from err
+    except (PermissionError, ImageTooLargeError):
         raise
     except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"{path} is truncated or corrupt: {err}") from err
+        raise ValueError(f"{name} is truncated or corrupt: {err}") from err
     return image
 
 

@@ -1,0 +1,140 @@
+"""``evidencemap serve``: the web service and its page under uvicorn.
+
+One process, one model shared by ``--workers`` explanation threads. Torch's intra-op threads
+are set to ``--torch-threads`` (default: CPU cores ÷ workers, at least 1) so concurrent
+explanations do not oversubscribe the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from typing import Any
+
+__all__ = ["register", "run"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``serve`` subcommand to an ``argparse`` subparsers object (sets ``func=run``)."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="start the web service and page",
+        description="Serve POST /api/explain and an interactive page at / (see docs/server.md).",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
+    parser.add_argument(
+        "--model", default="efficientnet-lite0", help="built-in model (default efficientnet-lite0)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=2,
+        help="threads computing explanations concurrently (default 2)",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=_positive_int,
+        default=None,
+        help="torch intra-op threads (default: CPU cores / workers, at least 1)",
+    )
+    parser.add_argument(
+        "--max-upload-mb", type=_positive_float, default=10.0, help="largest file in MiB (10)"
+    )
+    parser.add_argument(
+        "--max-megapixels", type=_positive_float, default=40.0, help="largest image in MP (40)"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn log level (default info)",
+    )
+    parser.set_defaults(func=run)
+
+
+def torch_threads_for(workers: int, requested: int | None = None) -> int:
+    """Intra-op threads per process: ``requested``, else ``max(1, cores // workers)``."""
+    if requested is not None:
+        return requested
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the app and serve it until interrupted; 0 on a clean stop, 2 on a setup error."""
+    try:
+        import uvicorn
+
+        from evidencemap.server import create_app
+    except ImportError as err:
+        print(
+            f"evidencemap serve needs the serve extra ({err.name} is missing): "
+            "pip install 'evidencemap[serve]'",
+            file=sys.stderr,
+        )
+        return 2
+    import torch
+
+    threads = torch_threads_for(args.workers, args.torch_threads)
+    torch.set_num_threads(threads)
+    try:
+        app = create_app(
+            args.model,
+            workers=args.workers,
+            max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+            max_pixels=int(args.max_megapixels * 1_000_000),
+        )
+    except (TypeError, ValueError) as err:
+        print(f"evidencemap serve: {err}", file=sys.stderr)
+        return 2
+    if not _is_loopback(args.host):
+        print(
+            f"warning: serving on {args.host}, reachable from other machines; the service has "
+            "no authentication",
+            file=sys.stderr,
+        )
+    print(
+        f"evidencemap: {args.model} on http://{args.host}:{args.port}/ "
+        f"({args.workers} workers, {threads} torch threads)",
+        file=sys.stderr,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,587 @@
+"""The web service: ``create_app()`` builds a FastAPI app that explains uploaded photos.
+
+Endpoints (every error is ``{"error": message}`` with a 4xx status, never a stack trace):
+
+* ``POST /api/explain`` — multipart upload ``file`` + form fields ``method`` (comma-separated
+  names), ``target`` (class index) or ``top_k``, ``options`` (JSON object) →
+  :class:`~evidencemap.server.schemas.ExplainResponse`.
+* ``GET /api/methods``, ``GET /api/models``, ``GET /api/labels``, ``GET /health``, ``GET /`` (the
+  page), and FastAPI's ``/openapi.json`` and ``/docs``.
+
+Concurrency: one model is loaded per app and shared. Explanations (decoding, forward, backward,
+PNG encoding) run in a pool of ``workers`` threads, so the event loop stays free: ``/health`` and
+a fast Grad-CAM answer while a Score-CAM runs. The library's hooks record only the calls of the
+thread that registered them, and grad/inference mode are thread-local, so concurrent requests
+never see each other's activations. The model must be in eval mode (it is, as loaded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import inspect
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from importlib import resources
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from torch import Tensor, nn
+
+import evidencemap
+from evidencemap import models as builtin_models
+from evidencemap import viz
+from evidencemap.api import get_method, methods
+from evidencemap.checks import check_positive_int
+from evidencemap.io import ImageTooLargeError, UnsupportedImageError, load_image_bytes
+from evidencemap.methods.base import METHODS, Method
+from evidencemap.server.schemas import (
+    ArrayData,
+    ErrorResponse,
+    ExplainResponse,
+    ExplanationResult,
+    Health,
+    ImageInfo,
+    MethodInfo,
+    ModelInfo,
+    Prediction,
+)
+from evidencemap.targets import select_output
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_UPLOAD_BYTES",
+    "MAX_TOP_K",
+    "ApiError",
+    "create_app",
+    "method_options",
+]
+
+logger = logging.getLogger("evidencemap.server")
+
+DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+"""Largest accepted image file (10 MiB)."""
+DEFAULT_MAX_PIXELS = 40_000_000
+"""Largest accepted image in pixels (40 MP), checked from the header before decoding."""
+MAX_TOP_K = 10
+"""Most classes one request may explain with ``top_k``."""
+TOP_PREDICTIONS = 5
+COLORMAP = "jet"
+OVERLAY_ALPHA = 0.5
+# Bytes a multipart body may carry beyond the file itself (boundaries, headers, form fields).
+_FORM_SLACK = 64 * 1024
+# Option values accepted in the page's JSON: scalars and (nested) lists of them.
+_SCALARS = (type(None), bool, int, float, str)
+
+
+class ApiError(Exception):
+    """A request the service refuses: answered as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# --------------------------------------------------------------------------- request parsing
+
+
+def _parse_methods(text: str) -> list[type[Method]]:
+    """Comma-separated method names → their classes (request order, duplicates dropped)."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise ApiError(400, "method must name at least one method, e.g. 'gradcam'")
+    classes: list[type[Method]] = []
+    for name in names:
+        try:
+            cls = get_method(name)
+        except ValueError as err:
+            raise ApiError(400, str(err)) from None
+        if cls not in classes:
+            classes.append(cls)
+    return classes
+
+
+def _parse_int(text: str | None, name: str, low: int, high: int) -> int | None:
+    """An optional form field holding an int in ``[low, high]``."""
+    if text is None or text.strip() == "":
+        return None
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ApiError(
+            400, f"{name} must be an integer from {low} to {high}, got {text!r}"
+        ) from None
+    if not low <= value <= high:
+        raise ApiError(400, f"{name} must be an integer from {low} to {high}, got {value}")
+    return value
+
+
+def _parse_options(text: str | None, classes: list[type[Method]]) -> dict[str, dict[str, Any]]:
+    """The ``options`` JSON → method name → keyword options.
+
+    Either one object of options applied to every method (``{"top_k": 64}``), or an object
+    keyed by method names whose values are objects (``{"scorecam": {"top_k": 64}}``).
+    """
+    if text is None or text.strip() == "":
+        return {cls.name: {} for cls in classes}
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ApiError(400, f"options must be a JSON object: {err}") from None
+    if not isinstance(parsed, dict):
+        raise ApiError(400, f"options must be a JSON object, got {type(parsed).__name__}")
+    requested = {name: cls for cls in classes for name in (cls.name, *cls.aliases)}
+    per_method = bool(parsed) and all(
+        key.lower() in requested and isinstance(value, dict) for key, value in parsed.items()
+    )
+    if per_method:
+        chosen = {requested[key.lower()].name: value for key, value in parsed.items()}
+        return {cls.name: dict(chosen.get(cls.name, {})) for cls in classes}
+    for key, value in parsed.items():
+        if not _plain(value):
+            raise ApiError(400, f"option {key!r} must be a number, string, boolean, null or list")
+    return {cls.name: dict(parsed) for cls in classes}
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return isinstance(value, _SCALARS)
+
+
+def method_options(cls: type[Method]) -> dict[str, Any]:
+    """The keyword options of method ``cls`` and their defaults (from its constructors).
+
+    Walks the class's ``__init__`` chain while each passes ``**kw`` on to its base.
+    """
+    found: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        for param in params:
+            if param.name in ("self", "model") or param.default is inspect.Parameter.empty:
+                continue
+            default = param.default
+            found.setdefault(
+                param.name, default if isinstance(default, _SCALARS) else repr(default)
+            )
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            break
+    return found
+
+
+def _build(cls: type[Method], model: nn.Module, options: dict[str, Any]) -> Method:
+    """Construct a method; a bad option name or value is a 422 naming the method."""
+    options = dict(options)
+    try:
+        if cls.uses_layer:
+            layer = options.pop("layer", None)
+            return cls(model, layer, **options)  # type: ignore[call-arg]
+        if options.get("layer") is not None:
+            raise ValueError("it works in input space and takes no layer")
+        options.pop("layer", None)
+        return cls(model, **options)
+    except TypeError as err:
+        known = ", ".join(method_options(cls))
+        raise ApiError(422, f"method {cls.name!r}: {err} (its options: {known})") from None
+    except ValueError as err:
+        raise ApiError(422, f"method {cls.name!r}: {err}") from None
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _array(values: Tensor) -> ArrayData:
+    array = np.ascontiguousarray(values.detach().cpu().numpy(), dtype="<f4")
+    return ArrayData(shape=list(array.shape), data=base64.b64encode(array.tobytes()).decode())
+
+
+def _png_url(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(viz.to_png_bytes(image)).decode()
+
+
+def _finite(value: float) -> float:
+    """JSON has no NaN/inf: report them as 0 (never produced by the methods' maps)."""
+    return value if math.isfinite(value) else 0.0
+
+
+@dataclass
+class _Service:
+    """The shared state of one app: the model, its labels and the limits."""
+
+    model: nn.Module
+    model_name: str
+    max_upload_bytes: int
+    max_pixels: int
+    display_size: int
+
+    def __post_init__(self) -> None:
+        self.labels: list[str] = list(self.model.labels)  # type: ignore[arg-type]
+        self.preprocess = self.model.preprocess
+
+    def label(self, index: int) -> str:
+        return self.labels[index] if 0 <= index < len(self.labels) else f"class {index}"
+
+    def _display(self, image: Image.Image) -> tuple[Image.Image, list[float]]:
+        """The model's centre crop of the photo at display resolution, and its box."""
+        size = self.preprocess.size
+        box = self.preprocess.crop_box(image.width, image.height)
+        new_w = max(size, round(image.width * box.scale))
+        new_h = max(size, round(image.height * box.scale))
+        sx, sy = new_w / image.width, new_h / image.height
+        crop = [box.left / sx, box.top / sy, (box.left + size) / sx, (box.top + size) / sy]
+        side = int(min(self.display_size, max(size, round(crop[2] - crop[0]))))
+        shown = image.resize((side, side), Image.Resampling.BICUBIC, box=tuple(crop))
+        return shown, crop
+
+    def explain(
+        self,
+        data: bytes,
+        classes: list[type[Method]],
+        target: int | None,
+        top_k: int | None,
+        options: dict[str, dict[str, Any]],
+    ) -> ExplainResponse:
+        """Everything ``POST /api/explain`` computes; runs in a worker thread."""
+        start = time.perf_counter()
+        try:
+            image = load_image_bytes(data, max_pixels=self.max_pixels, name="the uploaded file")
+        except UnsupportedImageError as err:
+            raise ApiError(415, str(err)) from None
+        except ImageTooLargeError as err:
+            raise ApiError(413, str(err)) from None
+        except ValueError as err:
+            raise ApiError(400, str(err)) from None
+        instances = [_build(cls, self.model, options[cls.name]) for cls in classes]
+
+        x = self.preprocess(image).unsqueeze(0)
+        with torch.inference_mode():
+            probs = select_output(self.model(x)).float().softmax(1)[0]
+        n_classes = int(probs.shape[0])
+        top = probs.topk(min(max(TOP_PREDICTIONS, top_k or 1), n_classes))
+        ranked = [int(i) for i in top.indices]
+        if target is not None and target >= n_classes:
+            raise ApiError(
+                400, f"target must be an integer from 0 to {n_classes - 1}, got {target}"
+            )
+        chosen = [target] if target is not None else ranked[: top_k or 1]
+
+        def prediction(index: int) -> Prediction:
+            return Prediction.model_validate(
+                {"class": index, "label": self.label(index), "probability": float(probs[index])}
+            )
+
+        shown, crop = self._display(image)
+        batch = x.expand(len(chosen), *x.shape[1:])
+        results: list[ExplanationResult] = []
+        for instance in instances:
+            began = time.perf_counter()
+            try:
+                explanation = instance(batch, chosen)
+            except ValueError as err:  # e.g. a layer option naming a non-spatial layer
+                raise ApiError(422, f"method {instance.name!r}: {err}") from None
+            seconds = time.perf_counter() - began
+            raws = explanation.raw if isinstance(explanation.raw, list) else [explanation.raw]
+            for i, index in enumerate(chosen):
+                heat = explanation.maps[i, 0].detach().cpu()
+                results.append(
+                    ExplanationResult(
+                        method=instance.name,
+                        target=index,
+                        label=self.label(index),
+                        score=_finite(float(explanation.scores[i])),
+                        layer=explanation.layer,
+                        options={
+                            k: v if isinstance(v, _SCALARS) else repr(v)
+                            for k, v in explanation.options.items()
+                        },
+                        seconds=seconds,
+                        overlay_png=_png_url(viz.overlay(shown, heat, COLORMAP, OVERLAY_ALPHA)),
+                        heatmap_png=_png_url(viz.overlay(shown, heat, COLORMAP, 1.0)),
+                        map=_array(heat),
+                        raw=[_array(r[i, 0]) for r in raws],
+                    )
+                )
+        return ExplainResponse(
+            model=self.model_name,
+            image=ImageInfo(
+                width=image.width,
+                height=image.height,
+                crop=crop,
+                input_size=int(x.shape[-1]),
+                display_size=shown.width,
+            ),
+            input_png=_png_url(shown),
+            predictions=[prediction(i) for i in ranked[:TOP_PREDICTIONS]],
+            targets=[prediction(i) for i in chosen],
+            methods=[instance.name for instance in instances],
+            colormap=COLORMAP,
+            seconds=time.perf_counter() - start,
+            explanations=results,
+        )
+
+
+# --------------------------------------------------------------------------- body size limit
+
+ASGIApp = Callable[..., Awaitable[None]]
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413.
+
+    A declared ``Content-Length`` over the limit is answered at once, unread; a body that
+    turns out longer (chunked uploads) stops being read at the limit.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the request body exceeds the upload limit of {self.limit - _FORM_SLACK} bytes"
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            response = JSONResponse({"error": message}, status_code=413)
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> MutableMapping[str, Any]:
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.limit:
+                    raise StarletteHTTPException(413, message)
+            return event
+
+        await self.app(scope, limited, send)
+
+
+# --------------------------------------------------------------------------- the app
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "Bad request: missing/empty file, bad method, target, top_k or options.",
+        413: "The file or the image is too large.",
+        415: "The file is not a PNG, JPEG, TIFF, BMP or WebP image.",
+        422: "A method option is unknown or has a bad value.",
+        503: "Too many requests waiting.",
+    }.items()
+}
+
+
+def create_app(
+    model_name: str = "efficientnet-lite0",
+    *,
+    model: nn.Module | None = None,
+    workers: int = 2,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pending: int = 32,
+    display_size: int = 448,
+) -> FastAPI:
+    """Build the web service for one model.
+
+    Args:
+        model_name: a built-in model (see ``evidencemap.models.builtin_names()``), loaded once.
+        model: an already loaded classifier to serve instead (needs ``model.preprocess`` and
+            ``model.labels`` like the built-in ones, and eval mode); ``model_name`` names it.
+        workers: threads that compute explanations concurrently.
+        max_upload_bytes: largest accepted file.
+        max_pixels: largest accepted image (width × height), checked before decoding.
+        max_pending: explanation requests computing or queued at once; more get 503.
+        display_size: largest side of the returned PNGs (the model's crop of the photo).
+
+    Returns:
+        The FastAPI application (serve it with uvicorn).
+
+    Raises:
+        TypeError / ValueError: for a bad argument or model, or a model whose weights are not
+            installed.
+    """
+    workers = check_positive_int(workers, "workers")
+    max_upload_bytes = check_positive_int(max_upload_bytes, "max_upload_bytes")
+    max_pixels = check_positive_int(max_pixels, "max_pixels")
+    max_pending = check_positive_int(max_pending, "max_pending")
+    display_size = check_positive_int(display_size, "display_size")
+    if model is None:
+        model = builtin_models.load(model_name)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for attribute in ("preprocess", "labels"):
+        if not hasattr(model, attribute):
+            raise ValueError(
+                f"model must have a {attribute!r} attribute like the built-in models "
+                "(evidencemap.models.load)"
+            )
+    if model.training:
+        raise ValueError("model must be in eval mode (call model.eval()) to be served")
+    service = _Service(model, model_name, max_upload_bytes, max_pixels, display_size)
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evidencemap-explain")
+    pending = 0
+    page = resources.files("evidencemap.server").joinpath("static/index.html").read_text("utf-8")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="evidencemap",
+        version=evidencemap.__version__,
+        summary="Maps of evidence: why a convolutional network decided what it decided.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.executor = executor
+    app.add_middleware(_BodyLimit, limit=max_upload_bytes + _FORM_SLACK)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error.get("loc", ())[1:]) or "request"
+            parts.append(f"{where}: {error.get('msg', 'invalid')}")
+        return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("internal error", exc_info=exc)
+        return JSONResponse(
+            {"error": f"internal server error ({type(exc).__name__}); see the server log"},
+            status_code=500,
+        )
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/health", response_model=Health, tags=["service"])
+    async def health() -> Health:
+        """Liveness: answers at once, also while explanations run."""
+        return Health(
+            status="ok",
+            model=model_name,
+            version=evidencemap.__version__,
+            workers=workers,
+            busy=pending,
+        )
+
+    @app.get("/api/methods", response_model=list[MethodInfo], tags=["explain"])
+    async def list_methods() -> list[MethodInfo]:
+        """Every method name (for ``method``), its aliases and its options with defaults."""
+        infos = []
+        for name in methods():
+            cls = METHODS[name]
+            doc = inspect.getdoc(cls) or ""
+            infos.append(
+                MethodInfo(
+                    name=cls.name,
+                    aliases=list(cls.aliases),
+                    uses_layer=cls.uses_layer,
+                    summary=doc.splitlines()[0] if doc else "",
+                    options=method_options(cls),
+                )
+            )
+        return infos
+
+    @app.get("/api/models", response_model=list[ModelInfo], tags=["explain"])
+    async def list_models() -> list[ModelInfo]:
+        """The built-in models, whether installed, and which one this server explains."""
+        installed = set(builtin_models.available())
+        names = list(dict.fromkeys([*builtin_models.builtin_names(), model_name]))
+        return [
+            ModelInfo(name=n, installed=n in installed or n == model_name, served=n == model_name)
+            for n in names
+        ]
+
+    @app.get("/api/labels", response_model=list[str], tags=["explain"])
+    async def list_labels() -> list[str]:
+        """The served model's class names, index-aligned with ``target``."""
+        return service.labels
+
+    @app.post("/api/explain", response_model=ExplainResponse, responses=_ERRORS, tags=["explain"])
+    async def explain(
+        file: Annotated[
+            UploadFile | None, File(description="The photo (PNG, JPEG, TIFF, BMP, WebP).")
+        ] = None,
+        method: Annotated[str, Form(description="Method name(s), comma-separated.")] = "gradcam",
+        target: Annotated[
+            str | None, Form(description="Class index to explain (default: top-1).")
+        ] = None,
+        top_k: Annotated[
+            str | None, Form(description=f"Explain the top-k classes (1–{MAX_TOP_K}).")
+        ] = None,
+        options: Annotated[
+            str | None,
+            Form(
+                description='Method options as a JSON object, e.g. {"top_k": 64}, or per '
+                'method, e.g. {"scorecam": {"top_k": 64}}.'
+            ),
+        ] = None,
+    ) -> ExplainResponse:
+        """Explain the model's decision on an uploaded photo with one or more methods."""
+        nonlocal pending
+        if file is None:
+            raise ApiError(400, "no image: send the photo as the multipart field 'file'")
+        classes = _parse_methods(method)
+        n_labels = len(service.labels)
+        chosen = _parse_int(target, "target", 0, n_labels - 1)
+        k = _parse_int(top_k, "top_k", 1, MAX_TOP_K)
+        if chosen is not None and k is not None:
+            raise ApiError(400, "give either target or top_k, not both")
+        parsed = _parse_options(options, classes)
+        data = await file.read(max_upload_bytes + 1)
+        if len(data) == 0:
+            raise ApiError(400, "the uploaded file is empty")
+        if len(data) > max_upload_bytes:
+            raise ApiError(413, f"the uploaded file exceeds the limit of {max_upload_bytes} bytes")
+        if pending >= max_pending:
+            raise ApiError(503, f"server busy: {pending} explanations in progress; retry later")
+        pending += 1
+        try:
+            job = partial(service.explain, data, classes, chosen, k, parsed)
+            return await asyncio.get_running_loop().run_in_executor(executor, job)
+        finally:
+            pending -= 1
+
+    return app

@@ -1,0 +1,139 @@
+"""Response models of the web service (pydantic), as its OpenAPI schema documents them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ArrayData",
+    "ErrorResponse",
+    "ExplainResponse",
+    "ExplanationResult",
+    "Health",
+    "ImageInfo",
+    "MethodInfo",
+    "ModelInfo",
+    "Prediction",
+]
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer: one human-readable message, never a stack trace."""
+
+    error: str = Field(description="What was wrong with the request.")
+
+
+class Prediction(BaseModel):
+    """One class of the model's output."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    class_: int = Field(alias="class", description="Class index of the model output.")
+    label: str = Field(description="Class name.")
+    probability: float = Field(description="Softmax probability of the class on the image.")
+
+
+class ArrayData(BaseModel):
+    """A float array: ``data`` is the base64 of its values as float32, little-endian, C order.
+
+    In JavaScript: ``new Float32Array(Uint8Array.from(atob(data), c => c.charCodeAt(0)).buffer)``;
+    in NumPy: ``np.frombuffer(base64.b64decode(data), "<f4").reshape(shape)``.
+    """
+
+    dtype: str = Field("float32", description="Always float32.")
+    byteorder: str = Field("little", description="Always little-endian.")
+    shape: list[int] = Field(description="Array shape, e.g. [224, 224].")
+    data: str = Field(description="base64 of the raw float32 little-endian bytes, C order.")
+
+
+class ImageInfo(BaseModel):
+    """The uploaded photo and the part of it the model saw."""
+
+    width: int = Field(description="Width of the uploaded photo in pixels (upright).")
+    height: int = Field(description="Height of the uploaded photo in pixels (upright).")
+    crop: list[float] = Field(
+        description="The model's centre crop in photo pixels: [left, top, right, bottom]."
+    )
+    input_size: int = Field(description="Side of the model's square input in pixels.")
+    display_size: int = Field(description="Side of the PNGs returned (the crop, resized).")
+
+
+class ExplanationResult(BaseModel):
+    """One method's map for one target class."""
+
+    method: str = Field(description="Method name.")
+    target: int = Field(description="The class explained.")
+    label: str = Field(description="Its name.")
+    score: float = Field(description="The model's target score (logit) on the image.")
+    layer: str | list[str] | None = Field(
+        description="Explained layer (dotted name); null for input-space methods."
+    )
+    options: dict[str, Any] = Field(description="The options the method ran with.")
+    seconds: float = Field(description="Seconds this method took for all targets together.")
+    overlay_png: str = Field(
+        description="data:image/png;base64 URL: the crop with the map blended over it "
+        "(jet colours, alpha 0.5), display_size × display_size."
+    )
+    heatmap_png: str = Field(
+        description="data:image/png;base64 URL: the map alone in jet colours, for blending "
+        "client-side with any opacity."
+    )
+    map: ArrayData = Field(
+        description="The normalised map in [0, 1] at the model's input resolution "
+        "[input_size, input_size] (0 = no evidence, 1 = the most)."
+    )
+    raw: list[ArrayData] = Field(
+        description="The map before normalisation at the layer's resolution (e.g. [7, 7]); "
+        "one entry per explained layer (input resolution for input-space methods)."
+    )
+
+
+class ExplainResponse(BaseModel):
+    """The answer of ``POST /api/explain``."""
+
+    model: str = Field(description="The model that was explained.")
+    image: ImageInfo
+    input_png: str = Field(
+        description="data:image/png;base64 URL of the model's crop at display_size (the photo "
+        "the overlays are drawn on)."
+    )
+    predictions: list[Prediction] = Field(description="The top-5 classes.")
+    targets: list[Prediction] = Field(description="The classes explained.")
+    methods: list[str] = Field(description="The methods run, in request order.")
+    colormap: str = Field(description="The matplotlib colormap of the PNGs (jet).")
+    seconds: float = Field(description="Seconds the whole request took on the server.")
+    explanations: list[ExplanationResult] = Field(
+        description="One entry per (method, target), methods in request order, then targets."
+    )
+
+
+class MethodInfo(BaseModel):
+    """A method the service can run."""
+
+    name: str
+    aliases: list[str]
+    uses_layer: bool = Field(description="Whether the method explains a layer's activations.")
+    summary: str = Field(description="First line of the method's documentation.")
+    options: dict[str, Any] = Field(
+        description="Keyword options the method accepts, with their defaults."
+    )
+
+
+class ModelInfo(BaseModel):
+    """A built-in model."""
+
+    name: str
+    installed: bool = Field(description="Whether its weights are installed.")
+    served: bool = Field(description="Whether this server explains it.")
+
+
+class Health(BaseModel):
+    """Liveness: the service answers and its model is loaded."""
+
+    status: str = Field(description='"ok".')
+    model: str
+    version: str
+    workers: int = Field(description="Explanation threads.")
+    busy: int = Field(description="Explanation requests being computed or waiting now.")

@@ -1,0 +1,596 @@
+"""The web service: answers on real photos, every error path, limits and concurrency."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+import evidencemap as em
+from server_helpers import decode_array, decode_png, photo_bytes
+from tiny import assert_unchanged, snapshot
+
+pytest.importorskip("fastapi")
+pytest.importorskip("multipart")  # python-multipart, needed for uploads
+
+with warnings.catch_warnings():  # starlette's notice that it prefers httpx2 to httpx
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+    from fastapi.testclient import TestClient
+
+from evidencemap.server import MAX_TOP_K, create_app
+
+CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+@pytest.fixture(scope="module")
+def app(lite0):
+    return create_app(model=lite0, workers=2)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return TestClient(app)
+
+
+@pytest.fixture(scope="module")
+def chelsea_png():
+    return photo_bytes("chelsea", "PNG")
+
+
+@pytest.fixture(scope="module")
+def chelsea_x(lite0):
+    return lite0.preprocess(data.chelsea()).unsqueeze(0)
+
+
+def post(client, content: bytes | None, name: str = "photo.png", kind: str = "image/png", **form):
+    files = None if content is None else {"file": (name, content, kind)}
+    return client.post("/api/explain", files=files, data=form)
+
+
+def assert_error(response, status: int, *words: str) -> None:
+    """A JSON ``{"error": message}`` with ``status`` whose message holds ``words``."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}
+    assert isinstance(body["error"], str)
+    assert body["error"]
+    assert "Traceback" not in response.text
+    for word in words:
+        assert word in body["error"], body["error"]
+
+
+# --------------------------------------------------------------------------- happy paths
+
+
+def test_chelsea_gradcam_matches_the_library(client, chelsea_png, lite0, chelsea_x):
+    response = post(client, chelsea_png)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    top = body["predictions"]
+    assert len(top) == 5
+    assert top[0]["class"] in CAT_CLASSES
+    assert top[0]["label"] == lite0.labels[top[0]["class"]]
+    probabilities = [p["probability"] for p in top]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert 0 < sum(probabilities) <= 1 + 1e-6
+    assert body["targets"] == [top[0]]  # top-1 by default
+    assert body["methods"] == ["gradcam"]
+    assert body["seconds"] > 0
+    assert body["model"] == "efficientnet-lite0"
+    assert body["image"]["width"] == 451
+    assert body["image"]["height"] == 300
+    (result,) = body["explanations"]
+    assert result["method"] == "gradcam"
+    assert result["target"] == top[0]["class"]
+    assert result["layer"] == "_head_act"
+
+    expected = em.explain(lite0, chelsea_x, "gradcam", target=result["target"])
+    values = decode_array(result["map"])
+    assert values.shape == (224, 224)
+    np.testing.assert_allclose(values, expected.maps[0, 0].numpy(), atol=1e-5)
+    (raw,) = result["raw"]
+    np.testing.assert_allclose(decode_array(raw), expected.raw[0, 0].numpy(), rtol=1e-5, atol=1e-6)
+    assert decode_array(raw).shape == (7, 7)
+    assert result["score"] == pytest.approx(float(expected.scores[0]), rel=1e-5)
+
+    side = body["image"]["display_size"]
+    photo = decode_png(body["input_png"])
+    overlay = decode_png(result["overlay_png"])
+    heat = decode_png(result["heatmap_png"])
+    assert photo.size == overlay.size == heat.size == (side, side)
+    # the overlay is the photo and the heat-map colours blended half and half
+    blend = (np.asarray(photo, float) + np.asarray(heat, float)) / 2
+    assert np.abs(np.asarray(overlay, float) - blend).max() <= 1.0
+
+
+def test_several_methods_and_top_k(client, chelsea_png):
+    response = post(client, chelsea_png, method="gradcam, hirescam,grad-cam", top_k="3")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["methods"] == ["gradcam", "hirescam"]  # duplicates (by alias too) dropped
+    assert body["targets"] == body["predictions"][:3]
+    pairs = [(r["method"], r["target"]) for r in body["explanations"]]
+    classes = [t["class"] for t in body["targets"]]
+    assert pairs == [(m, c) for m in ("gradcam", "hirescam") for c in classes]
+    maps = [decode_array(r["map"]) for r in body["explanations"]]
+    assert all(float(m.max()) == 1.0 and float(m.min()) >= 0.0 for m in maps)
+    assert not np.array_equal(maps[0], maps[1])  # tiger cat and Egyptian cat differ
+
+
+def test_explicit_target_matches_the_library(client, chelsea_png, lite0, chelsea_x):
+    response = post(client, chelsea_png, method="gradcam++", target="285")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [t["class"] for t in body["targets"]] == [285]
+    assert body["targets"][0]["label"] == "Egyptian cat"
+    expected = em.explain(lite0, chelsea_x, "gradcam++", target=285)
+    np.testing.assert_allclose(
+        decode_array(body["explanations"][0]["map"]), expected.maps[0, 0].numpy(), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"top_k": 4, "weighting": "channel_softmax"},
+        {"scorecam": {"top_k": 4, "weighting": "channel_softmax"}, "gradcam": {"relu": False}},
+    ],
+    ids=["for-all", "per-method"],
+)
+def test_options_flat_or_per_method(client, chelsea_png, options):
+    methods = "scorecam" if "scorecam" not in options else "scorecam,gradcam"
+    response = post(client, chelsea_png, method=methods, options=json.dumps(options))
+    assert response.status_code == 200, response.text
+    results = {r["method"]: r for r in response.json()["explanations"]}
+    assert results["scorecam"]["options"]["top_k"] == 4
+    assert results["scorecam"]["options"]["weighting"] == "channel_softmax"
+    if "gradcam" in results:
+        assert results["gradcam"]["options"]["relu"] is False
+
+
+def test_image_type_is_read_from_the_content_not_the_name(client):
+    jpeg = photo_bytes("coffee", "JPEG", quality=90)
+    response = post(client, jpeg, name="notes.txt", kind="text/plain")
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["label"] == "espresso"
+
+
+def test_greyscale_and_rgba_photos(client):
+    grey = io.BytesIO()
+    Image.fromarray(data.camera()).save(grey, format="PNG")
+    rgba = io.BytesIO()
+    Image.fromarray(data.chelsea()).convert("RGBA").save(rgba, format="PNG")
+    for content in (grey.getvalue(), rgba.getvalue()):
+        assert post(client, content).status_code == 200
+
+
+def test_model_left_as_found(client, chelsea_png, lite0):
+    before = snapshot(lite0)
+    for method in ("gradcam", "eigencam", "layercam"):
+        assert post(client, chelsea_png, method=method, top_k="2").status_code == 200
+    assert_unchanged(lite0, before)
+
+
+# --------------------------------------------------------------------------- other endpoints
+
+
+def test_methods_endpoint(client):
+    body = client.get("/api/methods").json()
+    assert [m["name"] for m in body] == em.methods()
+    scorecam = next(m for m in body if m["name"] == "scorecam")
+    assert scorecam["options"]["weighting"] == "softmax_prob"
+    assert scorecam["options"]["top_k"] is None
+    assert scorecam["uses_layer"] is True
+    assert "score-cam" in scorecam["aliases"]
+    assert scorecam["summary"].startswith("Score-CAM")
+
+
+def test_models_labels_health(client, lite0):
+    models = client.get("/api/models").json()
+    served = [m["name"] for m in models if m["served"]]
+    assert served == ["efficientnet-lite0"]
+    labels = client.get("/api/labels").json()
+    assert labels == lite0.labels
+    assert labels[282] == "tiger cat"
+    health = client.get("/health").json()
+    assert health["status"] == "ok"
+    assert health["model"] == "efficientnet-lite0"
+    assert health["version"] == em.__version__
+
+
+def test_openapi_documents_the_endpoints(client):
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
+    for path in ("/api/explain", "/api/methods", "/api/models", "/api/labels", "/health"):
+        assert path in paths
+    explain = paths["/api/explain"]["post"]
+    ok = explain["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok["$ref"].endswith("/ExplainResponse")
+    for status in ("400", "413", "415", "422"):
+        error = explain["responses"][status]["content"]["application/json"]["schema"]
+        assert error["$ref"].endswith("/ErrorResponse")
+    body_ref = explain["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    form = schema["components"]["schemas"][body_ref.rsplit("/", 1)[1]]["properties"]
+    assert {"file", "method", "target", "top_k", "options"} <= set(form)
+    prediction = schema["components"]["schemas"]["Prediction"]["properties"]
+    assert set(prediction) == {"class", "label", "probability"}
+
+
+def test_page_is_served(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert 'role="alert"' in response.text
+    assert "/api/explain" in response.text
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def truncated(fmt: str) -> bytes:
+    whole = photo_bytes("chelsea", fmt)
+    return whole[: len(whole) // 2]
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "status", "words"),
+    [
+        (b"", "photo.png", 400, ("empty",)),
+        (b"this is plain text, not a picture\n", "photo.png", 415, ("not a readable",)),
+        (b"<!doctype html><html><body>hi</body></html>", "page.jpg", 415, ("not a readable",)),
+        (b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n", "doc.webp", 415, ("not a readable",)),
+        (truncated("JPEG"), "photo.jpg", 400, ("truncated or corrupt",)),
+        (truncated("PNG"), "photo.png", 400, ("truncated or corrupt",)),
+    ],
+    ids=["empty", "text-named-png", "html", "pdf", "truncated-jpeg", "truncated-png"],
+)
+def test_bad_files(client, content, name, status, words):
+    assert_error(post(client, content, name=name), status, *words)
+
+
+def test_unsupported_image_format(client):
+    gif = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(gif, format="GIF")
+    assert_error(post(client, gif.getvalue(), name="cat.gif"), 415, "PNG, JPEG")
+
+
+def test_no_file(client):
+    assert_error(client.post("/api/explain", data={"method": "gradcam"}), 400, "'file'")
+
+
+def test_file_field_sent_as_text(client):
+    response = client.post(
+        "/api/explain", files={"method": (None, "gradcam"), "file": (None, "not a file")}
+    )
+    assert_error(response, 422, "file")
+
+
+def test_multipart_without_boundary(client):
+    response = client.post(
+        "/api/explain", content=b"abc", headers={"content-type": "multipart/form-data"}
+    )
+    assert_error(response, 400, "boundary")
+
+
+def test_json_body_instead_of_multipart(client):
+    assert_error(client.post("/api/explain", json={"file": "x"}), 400, "'file'")
+
+
+@pytest.mark.parametrize(
+    ("form", "status", "words"),
+    [
+        ({"method": "nosuchcam"}, 400, ("unknown method 'nosuchcam'", "gradcam")),
+        ({"method": "gradcam,nosuchcam"}, 400, ("nosuchcam",)),
+        ({"method": " , "}, 400, ("at least one method",)),
+        ({"target": "tiger cat"}, 400, ("target", "0 to 999")),
+        ({"target": "1000"}, 400, ("target", "1000")),
+        ({"target": "-1"}, 400, ("target",)),
+        ({"target": "2.5"}, 400, ("target",)),
+        ({"top_k": "0"}, 400, ("top_k", f"1 to {MAX_TOP_K}")),
+        ({"top_k": str(MAX_TOP_K + 1)}, 400, ("top_k",)),
+        ({"top_k": "many"}, 400, ("top_k",)),
+        ({"target": "3", "top_k": "2"}, 400, ("either target or top_k",)),
+        ({"options": "{top_k: 3"}, 400, ("options must be a JSON object",)),
+        ({"options": "[1, 2]"}, 400, ("JSON object", "list")),
+        ({"options": '{"layer": {"a": 1}}'}, 400, ("'layer'",)),
+        ({"options": '{"colour": "red"}'}, 422, ("gradcam", "colour", "relu")),
+        ({"method": "scorecam", "options": '{"top_k": 0}'}, 422, ("scorecam", "top_k")),
+        ({"method": "scorecam", "options": '{"weighting": "max"}'}, 422, ("weighting",)),
+        ({"options": '{"relu": "yes", "batch_size": "two"}'}, 422, ("batch_size",)),
+        ({"options": '{"layer": "no.such.layer"}'}, 422, ("no.such.layer", "not found")),
+        ({"options": '{"layer": "_fc"}'}, 422, ("spatial",)),
+    ],
+    ids=lambda v: json.dumps(v) if isinstance(v, dict) else None,
+)
+def test_bad_fields(client, chelsea_png, form, status, words):
+    assert_error(post(client, chelsea_png, **form), status, *words)
+
+
+def test_upload_limit(lite0):
+    png = photo_bytes("chelsea", "PNG")
+    small = TestClient(create_app(model=lite0, max_upload_bytes=len(png) - 1))
+    assert_error(post(small, png), 413, str(len(png) - 1))  # file checked exactly
+    assert post(small, png[: len(png) - 1]).status_code != 413
+    tiny = TestClient(create_app(model=lite0, max_upload_bytes=1000))
+    assert_error(post(tiny, png), 413, "upload limit")  # declared Content-Length, unread
+
+
+def test_upload_limit_without_content_length(lite0):
+    png = photo_bytes("chelsea", "PNG")
+    tiny = TestClient(create_app(model=lite0, max_upload_bytes=1000))
+    boundary = "evidencemapboundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + png
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+
+    def chunks():
+        for start in range(0, len(body), 16384):
+            yield body[start : start + 16384]
+
+    response = tiny.post(
+        "/api/explain",
+        content=chunks(),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert_error(response, 413, "upload limit")
+
+
+def test_pixel_limit(lite0, client):
+    small = TestClient(create_app(model=lite0, max_pixels=100_000))
+    assert_error(post(small, photo_bytes("chelsea", "PNG")), 413, "451 × 300", "100000")
+    # a 42-megapixel PNG of a few kB is refused by the default 40 MP limit before decoding
+    bomb = io.BytesIO()
+    Image.new("1", (7000, 6000)).save(bomb, format="PNG")
+    assert len(bomb.getvalue()) < 100_000
+    began = time.perf_counter()
+    assert_error(post(client, bomb.getvalue()), 413, "42000000 pixels", "40000000")
+    assert time.perf_counter() - began < 2.0  # header only: decoding 42 MP would take longer
+
+
+def test_unknown_path_and_wrong_verb(client):
+    assert_error(client.get("/api/nothing"), 404)
+    assert_error(client.get("/api/explain"), 405)
+
+
+def test_create_app_rejects_bad_arguments(lite0):
+    with pytest.raises(ValueError, match="workers"):
+        create_app(model=lite0, workers=0)
+    with pytest.raises(TypeError, match="max_pixels"):
+        create_app(model=lite0, max_pixels=1.5)
+    with pytest.raises(ValueError, match="preprocess"):
+        create_app(model=torch.nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match="model must be one of"):
+        create_app("resnet-9000")
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def run_together(jobs, rounds: int):
+    """Run the callables of ``jobs`` simultaneously (a barrier lines them up), ``rounds`` times."""
+    barrier = threading.Barrier(len(jobs))
+    results = [[] for _ in jobs]
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(rounds):
+                barrier.wait()
+                results[i].append(jobs[i]())
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results
+
+
+def test_concurrent_methods_on_one_model_equal_sequential(lite0, photos):
+    """Two threads explain different photos with different methods at the same time on the one
+    shared model; each gets exactly what it gets alone (hooks record the calling thread only)."""
+    cat, cup = photos[:1], photos[1:]
+    jobs = [
+        lambda: em.explain(lite0, cat, "gradcam").maps,
+        lambda: em.explain(lite0, cup, "layercam").maps,
+        lambda: em.explain(lite0, cat, "gradcam++", layer="_blocks.15").maps,
+    ]
+    alone = [job() for job in jobs]
+    before = snapshot(lite0)
+    together = run_together(jobs, rounds=12)
+    for expected, got in zip(alone, together, strict=True):
+        for maps in got:
+            torch.testing.assert_close(maps, expected, rtol=0, atol=1e-6)
+    assert_unchanged(lite0, before)
+
+
+@pytest.mark.slow
+def test_concurrent_methods_stress(lite0, photos):
+    """As above with four threads, eight methods between them and many more rounds."""
+    cat, cup = photos[:1], photos[1:]
+    names = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam", "cam"]
+    jobs = [
+        (lambda m=m, x=x: em.explain(lite0, x, m).maps)
+        for m, x in zip(names, [cat, cup] * 4, strict=False)
+    ]
+    jobs.append(lambda: em.explain(lite0, cat, "scorecam", top_k=8).maps)
+    alone = [job() for job in jobs]
+    together = run_together(jobs, rounds=40)
+    for expected, got in zip(alone, together, strict=True):
+        for maps in got:
+            torch.testing.assert_close(maps, expected, rtol=0, atol=1e-6)
+
+
+def test_concurrent_requests_equal_sequential(client, lite0):
+    cat, cup = photo_bytes("chelsea", "PNG"), photo_bytes("coffee", "PNG")
+
+    def job(content, method):
+        def call():
+            response = post(client, content, method=method)
+            assert response.status_code == 200, response.text
+            return decode_array(response.json()["explanations"][0]["map"])
+
+        return call
+
+    jobs = [job(cat, "gradcam"), job(cup, "hirescam"), job(cat, "xgradcam")]
+    alone = [j() for j in jobs]
+    together = run_together(jobs, rounds=4)
+    for expected, got in zip(alone, together, strict=True):
+        for values in got:
+            np.testing.assert_allclose(values, expected, rtol=0, atol=1e-6)
+
+
+def test_slow_method_does_not_block_fast_requests(client, chelsea_png):
+    """While a Score-CAM computes in one worker, /health and a Grad-CAM answer at once."""
+    slow: dict = {}
+
+    def score_cam():
+        began = time.perf_counter()
+        slow["response"] = post(
+            client, chelsea_png, method="scorecam", options=json.dumps({"top_k": 64})
+        )
+        slow["seconds"] = time.perf_counter() - began
+
+    thread = threading.Thread(target=score_cam)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while client.get("/health").json()["busy"] == 0:
+        assert time.monotonic() < deadline, "the Score-CAM request never started"
+        time.sleep(0.01)
+    began = time.perf_counter()
+    assert client.get("/health").status_code == 200
+    health_seconds = time.perf_counter() - began
+    fast = post(client, chelsea_png, method="gradcam")
+    fast_seconds = time.perf_counter() - began
+    still_running = thread.is_alive()
+    thread.join()
+    assert fast.status_code == 200
+    assert slow["response"].status_code == 200, slow["response"].text
+    assert still_running, "the Score-CAM finished before the Grad-CAM: nothing was shown"
+    assert health_seconds < 0.5
+    assert fast_seconds < slow["seconds"] / 2
+
+
+def test_busy_server_answers_503(lite0, chelsea_png):
+    busy = TestClient(create_app(model=lite0, workers=1, max_pending=1))
+    slow: dict = {}
+    thread = threading.Thread(
+        target=lambda: slow.update(
+            r=post(busy, chelsea_png, method="scorecam", options='{"top_k": 24}')
+        )
+    )
+    thread.start()
+    deadline = time.monotonic() + 20
+    while busy.get("/health").json()["busy"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert_error(post(busy, chelsea_png), 503, "busy")
+    thread.join()
+    assert slow["r"].status_code == 200
+    assert busy.get("/health").json()["busy"] == 0
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture
+def parser():
+    from evidencemap.cli import serve
+
+    top = argparse.ArgumentParser(prog="evidencemap")
+    serve.register(top.add_subparsers(dest="command", required=True))
+    return top
+
+
+def test_cli_defaults(parser):
+    from evidencemap.cli import serve
+
+    args = parser.parse_args(["serve"])
+    assert args.func is serve.run
+    assert (args.host, args.port, args.model, args.workers) == (
+        "127.0.0.1",
+        8000,
+        "efficientnet-lite0",
+        2,
+    )
+    assert args.torch_threads is None
+    assert args.max_upload_mb == 10.0
+    assert args.max_megapixels == 40.0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--workers", "0"], ["--port", "70000"], ["--port", "x"], ["--max-upload-mb", "-1"]],
+)
+def test_cli_rejects_bad_values(parser, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["serve", *argv])
+    assert exit_info.value.code == 2
+    assert "expected" in capsys.readouterr().err
+
+
+def test_cli_run_builds_the_app_and_serves_it(parser, monkeypatch):
+    import uvicorn
+
+    calls = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.update(app=app, **kw))
+    threads = torch.get_num_threads()
+    args = parser.parse_args(
+        [
+            "serve",
+            "--port",
+            "8123",
+            "--workers",
+            "3",
+            "--torch-threads",
+            "1",
+            "--max-upload-mb",
+            "2",
+        ]
+    )
+    try:
+        assert args.func(args) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert calls["host"] == "127.0.0.1"
+    assert calls["port"] == 8123
+    with TestClient(calls["app"]) as started:
+        assert started.get("/health").json()["workers"] == 3
+        assert_error(post(started, b"x" * (2 * 1024 * 1024 + 1)), 413)
+
+
+def test_cli_unknown_model_is_a_clear_error(parser, capsys):
+    args = parser.parse_args(["serve", "--model", "resnet-9000"])
+    threads = torch.get_num_threads()
+    try:
+        assert args.func(args) == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert "resnet-9000" in capsys.readouterr().err
+
+
+def test_cli_torch_threads_default():
+    from evidencemap.cli.serve import torch_threads_for
+
+    assert torch_threads_for(2, 5) == 5
+    assert torch_threads_for(10**6) == 1
