@@ -14,12 +14,12 @@ import argparse
 import sys
 from types import ModuleType
 
-from evidencemap.cli import batch, compare, explain, methods, models
+from evidencemap.cli import batch, compare, explain, methods, models, serve
 from evidencemap.cli.common import CLIError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS: tuple[ModuleType, ...] = (explain, compare, batch, methods, models)
+COMMANDS: tuple[ModuleType, ...] = (explain, compare, batch, methods, models, serve)
 """The command modules, in the order the help lists them."""
 
 
