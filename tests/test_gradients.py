@@ -240,19 +240,18 @@ def test_builtin_model_matches_captum(lite0, photos):
     assert torch.allclose(ours.raw, ref, atol=1e-5 * float(ref.abs().max()))
     # Captum's guided backprop only hooks nn.ReLU; give it the same network with its ReLU6
     # modules as an nn.ReLU subclass (same function) so both apply the rule at every unit.
+    # One photo (chelsea) keeps the default run short.
+    x, target = photos[:1], 282
     twin = captum_compatible(lite0)
-    ours = em.explain(lite0, photos, "guided_backprop", target=target)
-    ref = CaptumGuidedBackprop(twin).attribute(photos, target=target)
+    ours = em.explain(lite0, x, "guided_backprop", target=target)
+    ref = CaptumGuidedBackprop(twin).attribute(x, target=target)
     scale = float(ref.abs().max())
     assert torch.allclose(ours.raw, ref, atol=1e-5 * scale)
-    assert not torch.allclose(
-        ours.raw,
-        em.explain(lite0, photos, "saliency", target=target, abs=False).raw,
-        atol=1e-2 * scale,
-    )
-    ours = em.explain(lite0, photos, "guided_gradcam", target=target, layer="_head_act")
+    plain = CaptumSaliency(lite0).attribute(x, target=target, abs=False)
+    assert not torch.allclose(ours.raw, plain, atol=1e-2 * scale)  # the rule did change things
+    ours = em.explain(lite0, x, "guided_gradcam", target=target, layer="_head_act")
     ref = CaptumGuidedGradCam(twin, twin._head_act).attribute(
-        photos, target=target, interpolate_mode="bilinear"
+        x, target=target, interpolate_mode="bilinear"
     )
     assert torch.allclose(ours.raw, ref, atol=1e-5 * float(ref.abs().max()))
 
