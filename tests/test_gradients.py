@@ -202,6 +202,9 @@ def test_integrated_gradients_completeness_on_tiny_models(net, x):
     whole = em.explain(net, x, "ig", steps=20, internal_batch_size=60)
     small = em.explain(net, x, "ig", steps=20, internal_batch_size=7)
     assert torch.allclose(small.raw, whole.raw, atol=1e-6)
+    one_copy = x.numel() * x.element_size()
+    budget = em.explain(net, x, "ig", steps=20, internal_batch_size=60, memory_budget=2 * one_copy)
+    assert torch.allclose(budget.raw, whole.raw, atol=1e-6)
     # baseline = input: no attribution
     same = em.IntegratedGradients(net, baseline=x)(x)
     assert torch.equal(same.raw, torch.zeros_like(x))

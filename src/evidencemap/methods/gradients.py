@@ -384,8 +384,9 @@ class IntegratedGradients(InputMethod):
             scores = resolved.score(output)
             base_scores = resolved.score(self.forward(base))
         score = _slice_scores(resolved, n)
-        per_copy = x[0].numel() * x.element_size() * n
-        copies = max(1, chunk_size(per_copy, self.internal_batch_size, self.memory_budget) // n)
+        # whole copies of the batch per chunk: ≤ internal_batch_size inputs, ≤ memory_budget bytes
+        per_copy = x.numel() * x.element_size()
+        copies = chunk_size(per_copy, max(1, self.internal_batch_size // n), self.memory_budget)
         shape = (-1, *([1] * x.ndim))
         diff = x - base
         total = torch.zeros_like(x)
