@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from evidencemap.capture import GradientGate, NonlinearityInterceptor
+from evidencemap.capture import NONLINEARITIES, GradientGate, NonlinearityInterceptor
 from evidencemap.checks import check_positive_int
 from evidencemap.explanation import Explanation
 from evidencemap.filters import check_sigma, gaussian_filter
@@ -107,11 +107,10 @@ def guided(nonlinearities: Collection[str] = GUIDED_NONLINEARITIES) -> Iterator[
 
 
 def _check_nonlinearities(value: Any) -> frozenset[str]:
+    """Validate a collection of nonlinearity names (those the interceptor recognises)."""
     if isinstance(value, str) or not isinstance(value, Collection):
         raise TypeError(f"nonlinearities must be a collection of names, got {type(value).__name__}")
     names = frozenset(value)
-    from evidencemap.capture import NONLINEARITIES
-
     known = {n.rstrip("_") for n in NONLINEARITIES.values()}
     unknown = sorted(n for n in names if n not in known)
     if unknown:
