@@ -18,21 +18,35 @@ from evidencemap.methods.cam import (
     LayerCAM,
     XGradCAM,
 )
+from evidencemap.methods.cfcam import CFCAM
+from evidencemap.methods.gradients import (
+    GuidedBackprop,
+    GuidedGradCAM,
+    IntegratedGradients,
+    Saliency,
+    SmoothGrad,
+)
 from evidencemap.methods.scorecam import ScoreCAM
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CAM",
+    "CFCAM",
     "EigenCAM",
     "Explanation",
     "GradCAM",
     "GradCAMPlusPlus",
+    "GuidedBackprop",
+    "GuidedGradCAM",
     "HiResCAM",
+    "IntegratedGradients",
     "LayerCAM",
     "LayerMethod",
     "Method",
+    "Saliency",
     "ScoreCAM",
+    "SmoothGrad",
     "XGradCAM",
     "__version__",
     "explain",

@@ -1,6 +1,16 @@
 """Every method of the library, registered by name in :data:`METHODS`."""
 
-from evidencemap.methods import cam, scorecam
+from evidencemap.methods import cam, cfcam, gradients, scorecam
 from evidencemap.methods.base import METHODS, Context, LayerMethod, Method, register
 
-__all__ = ["METHODS", "Context", "LayerMethod", "Method", "cam", "register", "scorecam"]
+__all__ = [
+    "METHODS",
+    "Context",
+    "LayerMethod",
+    "Method",
+    "cam",
+    "cfcam",
+    "gradients",
+    "register",
+    "scorecam",
+]

@@ -1,0 +1,581 @@
+"""Gradient methods in input space: saliency, guided backprop, Guided Grad-CAM, Integrated
+Gradients, and SmoothGrad over any method of the library.
+
+Notation: ``x ∈ R^{N×C×S}`` the inputs (``S`` = 2-D or 3-D spatial axes), ``y = F(x)`` the target
+score of each sample (a logit by default). Every input-space method returns ``raw`` = per-channel
+attributions ``(N, C, *S)`` and ``maps`` = a channel reduction ``(N, 1, *S)`` of them, min-max
+normalised per sample:
+
+==================  ==========================================  ===============================
+method              ``raw``                                     ``maps`` (before normalising)
+==================  ==========================================  ===============================
+saliency            ``|∂y/∂x|`` (``abs=False``: ``∂y/∂x``)      ``max_c |∂y/∂x_c|``
+guided_backprop     guided gradient ``R`` (below)               ``max_c |R_c|``
+guided_gradcam      ``R ⊙ Up(Grad-CAM)``                        ``max_c |raw_c|``
+integrated_grad.    ``IG`` (below)                              ``ReLU(Σ_c IG_c)`` or ``|Σ_c IG_c|``
+==================  ==========================================  ===============================
+
+Guided backprop changes the backward rule per nonlinearity *call* through
+:class:`evidencemap.capture.NonlinearityInterceptor` and :class:`~evidencemap.capture.GradientGate`
+(nothing in torch or in the model is replaced): the gradient arriving at the output ``h`` of every
+rectifier-type nonlinearity (:data:`GUIDED_NONLINEARITIES`) becomes ``1[h > 0]·max(R, 0)``, and
+autograd then applies the nonlinearity's own derivative. For ReLU this is exactly Springenberg et
+al.'s ``R^l = 1[f^l > 0]·1[R^{l+1} > 0]·R^{l+1}``; for ReLU6 it also zeroes the saturated region
+(``x > 6``, derivative 0); for SiLU/GELU/Mish/… it keeps positive gradients where the output is
+positive, scaled by the local derivative. Gating and squashing functions (sigmoid, tanh,
+hardsigmoid) keep their ordinary gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from evidencemap.capture import NONLINEARITIES, GradientGate, NonlinearityInterceptor
+from evidencemap.checks import check_positive_int
+from evidencemap.explanation import Explanation
+from evidencemap.filters import check_sigma, gaussian_filter
+from evidencemap.layers import LayerSpec
+from evidencemap.maps import FLAT_EPS, normalize, upsample
+from evidencemap.methods.base import Context, LayerMethod, Method, register
+from evidencemap.methods.cam import GradCAM
+from evidencemap.methods.scorecam import chunk_size
+from evidencemap.targets import ResolvedTarget, Target, resolve
+
+__all__ = [
+    "GUIDED_NONLINEARITIES",
+    "IG_RULES",
+    "GuidedBackprop",
+    "GuidedGradCAM",
+    "InputMethod",
+    "IntegratedGradients",
+    "Saliency",
+    "SmoothGrad",
+    "guided",
+    "guided_rule",
+    "path_points",
+    "smoothgrad_noise",
+]
+
+GUIDED_NONLINEARITIES: frozenset[str] = frozenset(
+    {
+        "relu",
+        "relu6",
+        "hardtanh",
+        "leaky_relu",
+        "elu",
+        "selu",
+        "celu",
+        "gelu",
+        "silu",
+        "mish",
+        "hardswish",
+        "softplus",
+    }
+)
+
+IG_RULES = ("trapezoid", "midpoint")
+IG_SIGNS = ("positive", "absolute")
+
+
+def guided_rule(h: Tensor, grad: Tensor) -> Tensor:
+    """Guided backprop at a nonlinearity output ``h``: ``1[h > 0]·max(R, 0)``."""
+    return grad.clamp(min=0) * (h > 0).to(grad.dtype)
+
+
+@contextmanager
+def guided(nonlinearities: Collection[str] = GUIDED_NONLINEARITIES) -> Iterator[None]:
+    """Inside the block, forward passes use guided backprop's backward rule.
+
+    Every call of a nonlinearity named in ``nonlinearities`` has its output wrapped in a
+    :class:`GradientGate` with :func:`guided_rule`. Only forward passes inside the block are
+    affected; their graph keeps the rule after the block ends (run the backward outside it).
+    """
+    names = frozenset(nonlinearities)
+
+    def rule(_index: int, name: str, output: Tensor) -> Tensor:
+        if name in names and output.requires_grad:
+            return GradientGate.apply(output, guided_rule)
+        return output
+
+    with NonlinearityInterceptor(rule):
+        yield
+
+
+def _check_nonlinearities(value: Any) -> frozenset[str]:
+    """Validate a collection of nonlinearity names (those the interceptor recognises)."""
+    if isinstance(value, str) or not isinstance(value, Collection):
+        raise TypeError(f"nonlinearities must be a collection of names, got {type(value).__name__}")
+    names = frozenset(value)
+    known = {n.rstrip("_") for n in NONLINEARITIES.values()}
+    unknown = sorted(n for n in names if n not in known)
+    if unknown:
+        raise ValueError(f"unknown nonlinearities {unknown}; known: {sorted(known)}")
+    return names
+
+
+class InputMethod(Method):
+    """A method whose ``raw`` is per-channel attributions ``(N, C, *S)`` in input space."""
+
+    def reduce(self, raw: Tensor) -> Tensor:
+        """The map ``(N, 1, *S)`` of ``raw``; default ``max_c |raw_c|``."""
+        return raw.abs().amax(dim=1, keepdim=True)
+
+    def input_gradients(
+        self, x: Tensor, target: Target, nonlinearities: Collection[str] | None = None
+    ) -> tuple[Tensor, Tensor, ResolvedTarget, Tensor]:
+        """``∂y/∂x`` (guided when ``nonlinearities`` is given): ``(grads, output, target, y)``."""
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            if nonlinearities is None:
+                output = self.forward(x)
+            else:
+                with guided(nonlinearities):
+                    output = self.forward(x)
+            resolved = resolve(target, output)
+            scores = resolved.score(output)
+            (grads,) = torch.autograd.grad(scores.sum(), x)
+        return grads, output.detach(), resolved, scores.detach()
+
+    def context(self, x: Tensor, output: Tensor, resolved: ResolvedTarget) -> Context:
+        return Context(self.model, x.detach(), output, resolved, None, self.forward)
+
+
+@register
+class Saliency(InputMethod):
+    """Vanilla gradient (Simonyan et al. 2014): ``raw = |∂y/∂x|``, ``map = max_c |∂y/∂x_c|``.
+
+    Args:
+        abs: report ``|∂y/∂x|`` in ``raw`` (default, as Captum's ``Saliency``) or the signed
+            gradient.
+    """
+
+    name = "saliency"
+    aliases: ClassVar[tuple[str, ...]] = ("gradient", "vanilla_gradient")
+
+    def __init__(self, model: nn.Module, *, abs: bool = True, **kw: Any) -> None:
+        super().__init__(model, **kw)
+        self.abs = bool(abs)
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "abs": self.abs}
+
+    def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
+        grads, output, resolved, scores = self.input_gradients(inputs, target)
+        raw = grads.abs() if self.abs else grads
+        return self.finish(raw, self.reduce(raw), self.context(inputs, output, resolved), scores)
+
+
+@register
+class GuidedBackprop(InputMethod):
+    """Guided backpropagation (Springenberg et al. 2015); see the module docstring for the rule.
+
+    Args:
+        nonlinearities: names of the nonlinearities that get the guided rule (default
+            :data:`GUIDED_NONLINEARITIES`).
+    """
+
+    name = "guided_backprop"
+    aliases: ClassVar[tuple[str, ...]] = ("guided-backprop", "guidedbackprop")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        nonlinearities: Collection[str] = GUIDED_NONLINEARITIES,
+        **kw: Any,
+    ) -> None:
+        super().__init__(model, **kw)
+        self.nonlinearities = _check_nonlinearities(nonlinearities)
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "nonlinearities": sorted(self.nonlinearities)}
+
+    def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
+        grads, output, resolved, scores = self.input_gradients(inputs, target, self.nonlinearities)
+        return self.finish(
+            grads, self.reduce(grads), self.context(inputs, output, resolved), scores
+        )
+
+
+@register
+class GuidedGradCAM(InputMethod):
+    """Guided Grad-CAM (Selvaraju et al. 2017): ``raw = R ⊙ Up(L_GradCAM)`` per input channel.
+
+    ``R`` is guided backprop, ``L_GradCAM`` the un-normalised Grad-CAM map of ``layer`` (after
+    its ReLU), upsampled bilinearly/trilinearly to the input; with several layers their fused,
+    normalised Grad-CAM map is used. ``map = max_c |raw_c|``. Two passes: a plain one for
+    Grad-CAM and a guided one for ``R``.
+    """
+
+    name = "guided_gradcam"
+    aliases: ClassVar[tuple[str, ...]] = ("guided-gradcam", "guided-grad-cam")
+    uses_layer: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayerSpec = None,
+        *,
+        nonlinearities: Collection[str] = GUIDED_NONLINEARITIES,
+        **kw: Any,
+    ) -> None:
+        super().__init__(model, **kw)
+        self.nonlinearities = _check_nonlinearities(nonlinearities)
+        self.gradcam = GradCAM(model, layer, output_key=self.output_key, eval_mode=self.eval_mode)
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "nonlinearities": sorted(self.nonlinearities)}
+
+    def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
+        grads, output, resolved, scores = self.input_gradients(inputs, target, self.nonlinearities)
+        cam_target = resolved.classes if resolved.classes is not None else target
+        cam = self.gradcam.explain_batch(inputs.detach().clone(), cam_target)
+        cam_map = cam.maps if isinstance(cam.raw, list) else upsample(cam.raw, inputs.shape[2:])
+        raw = grads * cam_map
+        return self.finish(
+            raw, self.reduce(raw), self.context(inputs, output, resolved), scores, layer=cam.layer
+        )
+
+
+def path_points(steps: int, rule: str = "trapezoid") -> tuple[Tensor, Tensor]:
+    """Riemann points ``α`` and weights ``w`` (float64, ``(steps,)``) on [0, 1], ``Σ w = 1``.
+
+    ``"trapezoid"``: ``α_i = i/(m−1)``, ``w = 1/(m−1)`` halved at both ends (``m ≥ 2``; exact for
+    linear integrands). ``"midpoint"``: ``α_i = (i + ½)/m``, ``w = 1/m`` (``m ≥ 1``).
+
+    Raises:
+        ValueError: for an unknown rule or too few steps.
+    """
+    steps = check_positive_int(steps, "steps")
+    if rule not in IG_RULES:
+        raise ValueError(f"rule must be one of {IG_RULES}, got {rule!r}")
+    if rule == "midpoint":
+        alphas = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
+        return alphas, torch.full((steps,), 1.0 / steps, dtype=torch.float64)
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2 for the trapezoid rule, got {steps}")
+    alphas = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+    weights = torch.full((steps,), 1.0 / (steps - 1), dtype=torch.float64)
+    weights[0] /= 2
+    weights[-1] /= 2
+    return alphas, weights
+
+
+def _slice_scores(resolved: ResolvedTarget, n: int) -> Callable[[Tensor], Tensor]:
+    """Score of an output holding whole copies of an ``n``-sample batch, copy by copy."""
+
+    def score(output: Tensor) -> Tensor:
+        return torch.cat([resolved.score(part) for part in output.split(n)])
+
+    return score
+
+
+@register
+class IntegratedGradients(InputMethod):
+    """Integrated Gradients (Sundararajan et al. 2017).
+
+    ``IG_i = (x_i − x'_i) · Σ_s w_s ∂F(x' + α_s (x − x'))/∂x_i`` with the Riemann points of
+    :func:`path_points`. Completeness ``Σ_i IG_i ≈ F(x) − F(x')`` is checked and reported in
+    ``extras``: ``completeness_gap = Σ IG − (F(x) − F(x'))`` (absolute, per sample),
+    ``completeness_relative = |gap| / |F(x) − F(x')|`` and ``baseline_score = F(x')``.
+
+    Args:
+        baseline: ``None``/``"zeros"`` (zeros in the model's normalised input space), ``"blur"``
+            (the input blurred by a Gaussian of ``blur_sigma`` pixels, mirror padding), or a
+            tensor of shape ``(N, C, *S)``, ``(1, C, *S)`` or ``(C, *S)``.
+        steps: number of gradient evaluations ``m``.
+        rule: ``"trapezoid"`` (default) or ``"midpoint"``.
+        blur_sigma: standard deviation of the ``"blur"`` baseline, in pixels.
+        internal_batch_size: path points per forward/backward pass; a chunk holds whole copies
+            of the batch, so at least ``N`` points (use ``batch_size`` to bound ``N``).
+        memory_budget: bytes of path inputs one chunk may take (``None``: no limit).
+        sign: the map is ``ReLU(Σ_c IG_c)`` (``"positive"``, evidence for the target) or
+            ``|Σ_c IG_c|`` (``"absolute"``).
+
+    Raises:
+        ValueError / TypeError: for a bad baseline, steps, rule, sigma or sign.
+    """
+
+    name = "integrated_gradients"
+    aliases: ClassVar[tuple[str, ...]] = ("ig", "integrated-gradients")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        baseline: Tensor | str | None = None,
+        steps: int = 50,
+        rule: str = "trapezoid",
+        blur_sigma: float = 10.0,
+        internal_batch_size: int = 32,
+        memory_budget: int | None = None,
+        sign: str = "positive",
+        **kw: Any,
+    ) -> None:
+        super().__init__(model, **kw)
+        if baseline is not None and not isinstance(baseline, (str, Tensor)):
+            raise TypeError(
+                f"baseline must be None, 'zeros', 'blur' or a tensor, got {type(baseline).__name__}"
+            )
+        if isinstance(baseline, str) and baseline not in ("zeros", "blur"):
+            raise ValueError(f"baseline must be 'zeros', 'blur' or a tensor, got {baseline!r}")
+        if isinstance(baseline, Tensor) and (
+            not baseline.is_floating_point() or not bool(torch.isfinite(baseline).all())
+        ):
+            raise ValueError("baseline must be a finite floating-point tensor")
+        self.baseline = baseline
+        self.steps = check_positive_int(steps, "steps")
+        self.alphas, self.weights = path_points(self.steps, rule)
+        self.rule = rule
+        self.blur_sigma = check_sigma(blur_sigma, "blur_sigma")
+        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        if memory_budget is not None:
+            check_positive_int(memory_budget, "memory_budget")
+        self.memory_budget = memory_budget
+        if sign not in IG_SIGNS:
+            raise ValueError(f"sign must be one of {IG_SIGNS}, got {sign!r}")
+        self.sign = sign
+
+    def options(self) -> dict[str, Any]:
+        baseline = "tensor" if isinstance(self.baseline, Tensor) else (self.baseline or "zeros")
+        return {
+            **super().options(),
+            "baseline": baseline,
+            "steps": self.steps,
+            "rule": self.rule,
+            "blur_sigma": self.blur_sigma,
+            "sign": self.sign,
+        }
+
+    def reduce(self, raw: Tensor) -> Tensor:
+        total = raw.sum(dim=1, keepdim=True)
+        return total.clamp(min=0) if self.sign == "positive" else total.abs()
+
+    def baseline_for(self, x: Tensor) -> Tensor:
+        """The baseline ``x'`` ``(N, C, *S)`` for inputs ``x``."""
+        if self.baseline is None or self.baseline == "zeros":
+            return torch.zeros_like(x)
+        if isinstance(self.baseline, str):  # "blur"
+            return gaussian_filter(x, self.blur_sigma)
+        b = self.baseline.to(device=x.device, dtype=x.dtype)
+        if b.shape == x.shape[1:]:
+            b = b.unsqueeze(0)
+        if b.ndim != x.ndim or b.shape[1:] != x.shape[1:] or b.shape[0] not in (1, x.shape[0]):
+            raise ValueError(
+                f"baseline of shape {tuple(self.baseline.shape)} does not match inputs of shape "
+                f"{tuple(x.shape)}; expected {tuple(x.shape)}, {(1, *x.shape[1:])} or "
+                f"{tuple(x.shape[1:])}"
+            )
+        return b.expand_as(x)
+
+    def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
+        x = inputs.detach()
+        n = x.shape[0]
+        base = self.baseline_for(x)
+        with torch.no_grad():
+            output = self.forward(x)
+            resolved = resolve(target, output)
+            scores = resolved.score(output)
+            base_scores = resolved.score(self.forward(base))
+        score = _slice_scores(resolved, n)
+        # whole copies of the batch per chunk: ≤ internal_batch_size inputs, ≤ memory_budget bytes
+        per_copy = x.numel() * x.element_size()
+        copies = chunk_size(per_copy, max(1, self.internal_batch_size // n), self.memory_budget)
+        shape = (-1, *([1] * x.ndim))
+        diff = x - base
+        total = torch.zeros_like(x)
+        alphas = self.alphas.to(device=x.device, dtype=x.dtype)
+        weights = self.weights.to(device=x.device, dtype=x.dtype)
+        for start in range(0, self.steps, copies):
+            a = alphas[start : start + copies].view(shape)
+            path = (base + a * diff).reshape(-1, *x.shape[1:]).requires_grad_(True)
+            with torch.enable_grad():
+                (grads,) = torch.autograd.grad(score(self.forward(path)).sum(), path)
+            w = weights[start : start + copies].view(shape)
+            total += (w * grads.view(-1, *x.shape)).sum(0)
+        attributions = diff * total
+        delta = scores - base_scores
+        gap = attributions.flatten(1).sum(1) - delta
+        extras = {
+            "completeness_gap": gap,
+            "completeness_relative": gap.abs() / delta.abs().clamp(min=FLAT_EPS),
+            "baseline_score": base_scores,
+        }
+        context = self.context(x, output.detach(), resolved)
+        return self.finish(attributions, self.reduce(attributions), context, scores, extras=extras)
+
+
+def smoothgrad_noise(x: Tensor, samples: int, sigma: Tensor, seed: int | None) -> Tensor:
+    """``samples`` noise draws ``(samples, N, C, *S)``, ``ε ~ N(0, σ_n²)`` per sample ``n``.
+
+    Drawn on the CPU one batch-sized draw at a time (same noise on every device and for every
+    chunking), then moved to ``x``'s device.
+    """
+    gen = None if seed is None else torch.Generator().manual_seed(int(seed))
+    draws = torch.stack(
+        [torch.randn(x.shape, generator=gen, dtype=x.dtype) for _ in range(samples)]
+    )
+    return draws.to(x.device) * sigma.view(1, -1, *([1] * (x.ndim - 1)))
+
+
+@register
+class SmoothGrad(Method):
+    """SmoothGrad (Smilkov et al. 2017) over any method of the library.
+
+    ``M̂(x) = normalise((1/n) Σ_i M(x + ε_i))``, ``ε_i ~ N(0, σ²)``, ``σ = sigma·(max x − min x)``
+    per sample. ``M`` is the wrapped method's *un-normalised* output: its ``raw`` is averaged
+    over the noisy copies (per-channel attributions for input methods, the layer map for CAMs)
+    and the map is then made from the average as the method does it (channel reduction,
+    resp. upsampling) and normalised. The target is resolved once on the clean inputs (noisy
+    copies explain the same class). Noisy copies are stacked and the wrapped method runs once
+    per chunk of ``internal_batch_size`` inputs (whole copies of the batch).
+
+    Args:
+        model: the model.
+        layer: the layer of a wrapped layer method (``None``: its default).
+        method: a method name (built with ``**method_options``) or a :class:`Method` instance on
+            the same model.
+        wrap: the same as ``method``, for :func:`evidencemap.explain` (whose own ``method``
+            argument names SmoothGrad): ``explain(model, x, "smoothgrad", wrap="gradcam")``.
+        samples: number of noisy copies ``n``.
+        sigma: noise level as a fraction of each input's value range (0 → the wrapped method).
+        seed: seed of the noise (``None``: torch's global generator).
+        internal_batch_size: noisy inputs per call of the wrapped method.
+
+    Raises:
+        TypeError / ValueError: for a bad method, samples, sigma or a layer given to a method
+            that takes none.
+    """
+
+    name = "smoothgrad"
+    aliases: ClassVar[tuple[str, ...]] = ("smooth-grad",)
+    uses_layer: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayerSpec = None,
+        *,
+        method: str | Method = "saliency",
+        wrap: str | Method | None = None,
+        samples: int = 25,
+        sigma: float = 0.15,
+        seed: int | None = 0,
+        internal_batch_size: int = 32,
+        output_key: Any = None,
+        eval_mode: bool = True,
+        batch_size: int | None = None,
+        **method_options: Any,
+    ) -> None:
+        super().__init__(model, output_key=output_key, eval_mode=eval_mode, batch_size=batch_size)
+        if wrap is not None:
+            if method != "saliency":
+                raise ValueError("pass the wrapped method as method= or wrap=, not both")
+            method = wrap
+        if isinstance(method, Method):
+            if method.model is not self.model:
+                raise ValueError("method must be an instance built on the same model")
+            if layer is not None or method_options:
+                raise ValueError("pass layer and options to the method instance, not to SmoothGrad")
+            self.method = method
+        elif isinstance(method, str):
+            from evidencemap.api import get_method
+
+            cls = get_method(method)
+            common = {"output_key": output_key, "eval_mode": eval_mode, **method_options}
+            if cls.uses_layer:
+                self.method = cls(model, layer, **common)  # type: ignore[call-arg]
+            elif layer is not None:
+                raise ValueError(f"method {cls.name!r} works in input space and takes no layer")
+            else:
+                self.method = cls(model, **common)
+        else:
+            raise TypeError(
+                f"method must be a method name or a Method, got {type(method).__name__}"
+            )
+        if isinstance(self.method, SmoothGrad):
+            raise ValueError("SmoothGrad cannot wrap SmoothGrad")
+        self.output_key = self.method.output_key
+        self.samples = check_positive_int(samples, "samples")
+        self.sigma = check_sigma(sigma, "sigma", allow_zero=True)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        self.seed = seed
+        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+
+    def options(self) -> dict[str, Any]:
+        return {
+            **super().options(),
+            "method": self.method.name,
+            "method_options": self.method.options(),
+            "samples": self.samples,
+            "sigma": self.sigma,
+            "seed": self.seed,
+        }
+
+    def map_of(self, raw: Tensor | list[Tensor], x: Tensor) -> Tensor:
+        """The wrapped method's un-normalised map ``(N, 1, *S)`` made from (averaged) ``raw``."""
+        if isinstance(self.method, LayerMethod):
+            layers = raw if isinstance(raw, list) else [raw]
+            ups = [upsample(r, x.shape[2:]) for r in layers]
+            return ups[0] if len(ups) == 1 else torch.stack([normalize(u) for u in ups]).mean(0)
+        if isinstance(self.method, InputMethod) and isinstance(raw, Tensor):
+            return self.method.reduce(raw)
+        if isinstance(raw, Tensor) and raw.shape == (x.shape[0], 1, *x.shape[2:]):
+            return raw
+        raise TypeError(
+            f"SmoothGrad cannot make a map from the raw output of method {self.method.name!r}"
+        )
+
+    def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
+        x = inputs.detach()
+        n = x.shape[0]
+        with torch.no_grad():
+            output = self.forward(x)
+        resolved = resolve(target, output)
+        scores = resolved.score(output).detach()
+        class_target = target is None or not callable(target)
+        span = x.flatten(1).amax(1) - x.flatten(1).amin(1)
+        noise_sigma = self.sigma * span
+        noise = smoothgrad_noise(x, self.samples, noise_sigma, self.seed)
+        copies = max(1, self.internal_batch_size // n)
+        total: Any = None
+        layer = None
+        for start in range(0, self.samples, copies):
+            eps = noise[start : start + copies]
+            k = eps.shape[0]
+            noisy = (x.unsqueeze(0) + eps).reshape(-1, *x.shape[1:])
+            chunk_target: Target = (
+                resolved.classes.repeat(k)
+                if class_target and resolved.classes is not None
+                else _slice_scores(resolved, n)
+            )
+            exp = self.method(noisy, chunk_target)
+            layer = exp.layer
+            summed = _sum_copies(exp.raw, k, n)
+            total = summed if total is None else _add(total, summed)
+        mean = (
+            [t / self.samples for t in total] if isinstance(total, list) else total / self.samples
+        )
+        maps = self.map_of(mean, x)
+        context = Context(self.model, x, output.detach(), resolved, None, self.forward)
+        return self.finish(
+            mean, maps, context, scores, layer=layer, extras={"noise_sigma": noise_sigma}
+        )
+
+
+def _sum_copies(raw: Tensor | list[Tensor], k: int, n: int) -> Tensor | list[Tensor]:
+    if isinstance(raw, list):
+        return [r.view(k, n, *r.shape[1:]).sum(0) for r in raw]
+    return raw.view(k, n, *raw.shape[1:]).sum(0)
+
+
+def _add(a: Tensor | list[Tensor], b: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+    if isinstance(a, list) and isinstance(b, list):
+        return [x + y for x, y in zip(a, b, strict=True)]
+    return a + b  # type: ignore[operator]
