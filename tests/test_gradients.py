@@ -255,7 +255,7 @@ def test_builtin_model_matches_captum(lite0, photos):
     ours = em.explain(lite0, x, "guided_gradcam", target=target, layer="_head_act")
     ref = CaptumGuidedGradCam(twin, twin._head_act).attribute(
         x, target=target, interpolate_mode="bilinear"
-    )
+    ).detach()
     assert torch.allclose(ours.raw, ref, atol=1e-5 * float(ref.abs().max()))
 
 
