@@ -336,6 +336,37 @@ def test_real_photos(lite0_photos):
     assert torch.isfinite(released.maps).all()
 
 
+def test_softmax_temperature():
+    scores = torch.tensor([[0.010, 0.020, -0.010, 0.040, 0.000]], dtype=torch.float64)
+    labels = torch.tensor([[IMPORTANT, 0, 0, NOISE, IMPORTANT]])
+    valid = [0, 1, 2, 4]
+    s = scores[0, valid].numpy()
+    for temperature, scale in ((1.0, 1.0), (0.01, 0.01), ("auto", s.std())):
+        weights = softmax_weights(scores, labels, temperature)[0]
+        expected = np.exp(s / scale) / np.exp(s / scale).sum()
+        assert np.allclose(weights[valid].numpy(), expected)
+        assert weights[3] == 0
+    # equal scores: no spread to standardise by, uniform weights and no NaN
+    flat = softmax_weights(torch.zeros(1, 5), labels, "auto")[0]
+    assert torch.allclose(flat[valid], torch.full((4,), 0.25))
+
+
+def test_auto_temperature_makes_the_map_depend_on_the_class(lite0_photos):
+    model, photos = lite0_photos
+    with torch.no_grad():
+        ranked = model(photos).argsort(1, descending=True)
+    top, fifth = ranked[:, 0], ranked[:, 4]
+
+    def class_similarity(**options):
+        a = em.explain(model, photos, "cfcam", target=top, **options).raw.flatten(1)
+        b = em.explain(model, photos, "cfcam", target=fifth, **options).raw.flatten(1)
+        return torch.nn.functional.cosine_similarity(a, b).min()
+
+    # As released the softmax of tiny gradient means is nearly uniform: one map for every class.
+    assert class_similarity() > 0.999
+    assert class_similarity(temperature="auto") < 0.99
+
+
 @pytest.fixture(scope="module")
 def lite0_photos():
     from evidencemap import models
@@ -398,5 +429,9 @@ def test_cfcam_option_errors():
         em.CFCAM(model, sigma_range="x")
     with pytest.raises(ValueError, match=r"important_percentile must be in \[0, 100\]"):
         em.CFCAM(model, important_percentile=120)
+    with pytest.raises(ValueError, match="temperature must be a positive number or 'auto'"):
+        em.CFCAM(model, temperature=0)
+    with pytest.raises(TypeError, match="temperature must be a positive number or 'auto'"):
+        em.CFCAM(model, temperature="hot")
     with pytest.raises(ValueError, match="released_filter takes"):
         released_filter(torch.zeros(2, 5))

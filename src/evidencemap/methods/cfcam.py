@@ -13,8 +13,9 @@ The algorithm as its authors released it. With ``A ∈ R^{N×K×s}`` the layer's
 3. **Scores** (:func:`channel_scores`): an important channel keeps the Grad-CAM score
    ``s_k = mean(G_k)``; for every cluster ``C_j`` the averaged gradient ``ḡ_j = mean_{k∈C_j} G_k``
    is filtered and every member gets ``s_k = mean(F(ḡ_j))``.
-4. **Weights** (:func:`softmax_weights`): ``w_k = softmax_{k∈V}(s_k)`` over the valid channels
-   ``V = I ∪ clustered``, 0 elsewhere; ``L = ReLU(Σ_k w_k A_k)``, upsampled and normalised by the
+4. **Weights** (:func:`softmax_weights`): ``w_k = softmax_{k∈V}(s_k / T)`` over the valid
+   channels ``V = I ∪ clustered``, 0 elsewhere (``T = 1`` as released; ``temperature="auto"``
+   standardises the scores per image); ``L = ReLU(Σ_k w_k A_k)``, upsampled and normalised by the
    shared pipeline.
 
 Filters: ``"gaussian"`` (default; what the paper names) is a normalised Gaussian of ``sigma``
@@ -228,10 +229,30 @@ def channel_scores(grads: Tensor, labels: Tensor, filt: Any) -> Tensor:
     return torch.where(clustered, picked, scores)
 
 
-def softmax_weights(scores: Tensor, labels: Tensor) -> Tensor:
-    """``w_k = softmax_{k∈V}(s_k)`` over the valid (non-noise) channels, 0 for noise channels."""
+def softmax_weights(scores: Tensor, labels: Tensor, temperature: float | str = 1.0) -> Tensor:
+    """``w_k = softmax_{k∈V}(s_k / T)`` over the valid (non-noise) channels, 0 for noise channels.
+
+    Args:
+        scores: ``(N, K)`` channel scores.
+        labels: ``(N, K)`` channel labels (:data:`NOISE` marks the dropped channels).
+        temperature: ``T``. ``1.0`` is the released method. ``"auto"`` sets ``T`` per image to
+            the standard deviation of the valid channels' scores, so that the softmax sees
+            standardised scores and the weights no longer collapse to uniform when the raw
+            gradient means are tiny (``T`` falls back to 1 where that deviation is 0).
+
+    Returns:
+        ``(N, K)`` weights; each row sums to 1 over its valid channels.
+    """
     valid = labels != NOISE
-    logits = scores.masked_fill(~valid, float("-inf"))
+    if temperature == "auto":
+        count = valid.sum(1, keepdim=True).clamp(min=1)
+        mean = scores.where(valid, 0).sum(1, keepdim=True) / count
+        var = (scores - mean).where(valid, 0).pow(2).sum(1, keepdim=True) / count
+        std = var.sqrt()
+        scale = torch.where(std > 0, std, torch.ones_like(std))
+    else:
+        scale = torch.as_tensor(float(temperature), dtype=scores.dtype, device=scores.device)
+    logits = (scores / scale).masked_fill(~valid, float("-inf"))
     weights = torch.softmax(logits, dim=1)
     return weights.where(valid, torch.zeros((), dtype=weights.dtype, device=weights.device))
 
@@ -248,10 +269,13 @@ class CFCAM(LayerMethod):
         sigma_spatial / sigma_range: the released kernel's σ_s and σ_r (``filter="released"``).
         important_percentile: percentile of channel norms above which channels are important.
         eps_percentile: percentile of the pairwise distances that sets DBSCAN's ``eps``.
+        temperature: softmax temperature ``T`` of the weights (:func:`softmax_weights`):
+            ``1.0`` as released, or ``"auto"`` (per-image standardised scores; class-sensitive).
         **kw: shared options (``relu``, ``gradient_noise``, ``noise_seed``, ``batch_size`` …).
 
     Raises:
-        ValueError: for an unknown filter, a bad sigma or a percentile outside [0, 100].
+        ValueError: for an unknown filter, a bad sigma, a percentile outside [0, 100] or a
+            temperature that is neither positive nor ``"auto"``.
     """
 
     name = "cfcam"
@@ -268,6 +292,7 @@ class CFCAM(LayerMethod):
         sigma_range: float = 0.1,
         important_percentile: float = 75.0,
         eps_percentile: float = 25.0,
+        temperature: float | str = 1.0,
         **kw: Any,
     ) -> None:
         super().__init__(model, layer, **kw)
@@ -286,6 +311,16 @@ class CFCAM(LayerMethod):
                 raise ValueError(f"{label} must be in [0, 100], got {value}")
         self.important_percentile = float(important_percentile)
         self.eps_percentile = float(eps_percentile)
+        if temperature != "auto":
+            if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+                raise TypeError(
+                    f"temperature must be a positive number or 'auto', got {temperature!r}"
+                )
+            if not math.isfinite(temperature) or temperature <= 0:
+                raise ValueError(
+                    f"temperature must be a positive number or 'auto', got {temperature!r}"
+                )
+        self.temperature: float | str = temperature if temperature == "auto" else float(temperature)
 
     def options(self) -> dict[str, Any]:
         return {
@@ -296,6 +331,7 @@ class CFCAM(LayerMethod):
             "sigma_range": self.sigma_range,
             "important_percentile": self.important_percentile,
             "eps_percentile": self.eps_percentile,
+            "temperature": self.temperature,
         }
 
     def filter_maps(self, maps: Tensor) -> Tensor:
@@ -314,4 +350,4 @@ class CFCAM(LayerMethod):
     def channel_weights(self, acts: Tensor, grads: Tensor | None, context: Context) -> Tensor:
         groups = self.groups(acts)
         scores = channel_scores(gradients_of(grads), groups.labels, self.filter_maps)
-        return softmax_weights(scores, groups.labels).to(acts.dtype)
+        return softmax_weights(scores, groups.labels, self.temperature).to(acts.dtype)
