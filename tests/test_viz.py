@@ -16,6 +16,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from evidencemap.viz import (
+    for_display,
     grid,
     montage,
     overlay,
@@ -279,3 +280,22 @@ def test_viz_never_touches_pyplot():
         [sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_for_display_saturates_pixel_level_maps_only():
+    maps = torch.zeros(2, 1, 20, 20)
+    maps[:, 0] = torch.linspace(0, 0.5, 400).view(20, 20)
+    maps[:, 0, 0, 0] = 1.0  # one spike carries the maximum
+    pixel = for_display(maps, torch.randn(2, 3, 20, 20), percentile=90)
+    q = maps[0].flatten().kthvalue(360).values  # the 90th percentile of 400 values
+    assert torch.allclose(pixel, (maps / q).clamp(max=1))
+    assert float(pixel[0, 0, 0, 0]) == 1.0
+    assert float((pixel == 1).float().mean()) >= 0.1
+    # maps upsampled from a layer, multi-layer raws and almost-empty maps are left as they are
+    assert torch.equal(for_display(maps, torch.randn(2, 1, 5, 5)), maps)
+    assert torch.equal(for_display(maps, [torch.randn(2, 1, 20, 20)]), maps)
+    sparse = torch.zeros(1, 1, 20, 20)
+    sparse[0, 0, 3, 4] = 1.0
+    assert torch.equal(for_display(sparse, sparse), sparse)
+    with pytest.raises(ValueError, match="percentile must be in"):
+        for_display(maps, maps, percentile=0)

@@ -31,6 +31,8 @@ from torch import Tensor
 from evidencemap.models.preprocess import to_rgb_image
 
 __all__ = [
+    "DISPLAY_PERCENTILE",
+    "for_display",
     "grid",
     "montage",
     "overlay",
@@ -50,9 +52,47 @@ _PANEL_INCHES = 3.2  # side of one figure panel
 _COLORBAR_INCHES = 0.9  # width the shared colour bar adds
 _MAX_SIDE = 1024  # figures shrink photos to at most this many pixels a side before blending
 _RANGE_SLACK = 1e-3  # heat values this far outside [0, 1] are clipped; further is an error
+DISPLAY_PERCENTILE = 99.5
+"""Pixel-level maps are shown saturated at this percentile of their values (see :func:`for_display`)."""
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+def for_display(
+    maps: Tensor, raw: Tensor | Sequence[Tensor] | None, percentile: float = DISPLAY_PERCENTILE
+) -> Tensor:
+    """The maps ``(N, 1, *S)`` as they are best coloured.
+
+    Maps computed at the resolution of the input (saliency, guided backprop, Integrated
+    Gradients, SmoothGrad, Guided Grad-CAM: ``raw`` has the maps' spatial shape) are heavy-tailed:
+    a few pixels carry the maximum and a linear colour scale shows almost nothing. Those are
+    saturated per sample, ``min(1, m / q)`` with ``q`` the ``percentile``-th percentile of the
+    sample's values (left as they are where ``q`` is 0, i.e. almost all of the map is 0). Maps
+    upsampled from a layer are returned unchanged. Only pictures use this; the saved maps and
+    every number stay the method's own.
+
+    Args:
+        maps: ``(N, 1, *S)`` maps in [0, 1].
+        raw: the explanation's ``raw`` (a tensor or one per layer) or ``None``.
+        percentile: in (0, 100].
+
+    Returns:
+        ``(N, 1, *S)`` maps in [0, 1].
+
+    Raises:
+        ValueError: for a percentile outside (0, 100].
+    """
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    if not isinstance(raw, Tensor) or raw.shape[2:] != maps.shape[2:] or percentile == 100:
+        return maps
+    flat = maps.flatten(1)
+    k = max(1, min(flat.shape[1], round(percentile / 100 * flat.shape[1])))
+    q = flat.kthvalue(k, dim=1, keepdim=True).values
+    ok = q > 0
+    shown = (flat / q.where(ok, q.new_ones(()))).clamp(max=1)
+    return shown.where(ok, flat).view_as(maps)
 
 
 def _as_rgb(image: ImageLike) -> Image.Image:

@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         timings[name] = time.perf_counter() - start
         maps[name] = explanation.maps[0]
         layers[name] = explanation.layer
-        on_photo = pre.to_original(explanation.maps[:1], width, height)[0].clamp(0, 1)
+        shown = viz.for_display(explanation.maps[:1], explanation.raw[:1])
+        on_photo = pre.to_original(shown, width, height)[0].clamp(0, 1)
         panels.append((name, on_photo))
     title = f"{label} {probability:.2f} (class {target})"
     picture = viz.grid(

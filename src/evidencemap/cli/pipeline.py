@@ -277,6 +277,7 @@ def explain_items(items: Sequence[Item], loaded: LoadedModel, settings: Settings
     predictions = top_predictions(firsts, loaded, _PREDICTIONS)
     probs = probabilities(output)
     count = len(explanation)
+    shown = viz.for_display(explanation.maps, explanation.raw)
     results = []
     for i, item in enumerate(items):
         rows = range(i * k, (i + 1) * k)
@@ -299,7 +300,7 @@ def explain_items(items: Sequence[Item], loaded: LoadedModel, settings: Settings
                     extra = (label, image)
                     target["shown_beside"] = key
                     break
-            heat = explanation.maps[row]
+            heat = shown[row]
             viz.save_png(
                 _picture(item, loaded, settings, heat, _title(settings.method_name, target), extra),
                 png,

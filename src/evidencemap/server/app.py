@@ -298,8 +298,9 @@ class _Service:
                 raise ApiError(422, f"method {instance.name!r}: {err}") from None
             seconds = time.perf_counter() - began
             raws = explanation.raw if isinstance(explanation.raw, list) else [explanation.raw]
+            coloured = viz.for_display(explanation.maps, explanation.raw).detach().cpu()
             for i, index in enumerate(chosen):
-                heat = explanation.maps[i, 0].detach().cpu()
+                heat = coloured[i, 0]
                 results.append(
                     ExplanationResult(
                         method=instance.name,
@@ -314,7 +315,7 @@ class _Service:
                         seconds=seconds,
                         overlay_png=_png_url(viz.overlay(shown, heat, COLORMAP, OVERLAY_ALPHA)),
                         heatmap_png=_png_url(viz.overlay(shown, heat, COLORMAP, 1.0)),
-                        map=_array(heat),
+                        map=_array(explanation.maps[i, 0].detach().cpu()),
                         raw=[_array(r[i, 0]) for r in raws],
                     )
                 )

@@ -74,7 +74,8 @@ class ExplanationResult(BaseModel):
     seconds: float = Field(description="Seconds this method took for all targets together.")
     overlay_png: str = Field(
         description="data:image/png;base64 URL: the crop with the map blended over it "
-        "(jet colours, alpha 0.5), display_size × display_size."
+        "(jet colours, alpha 0.5), display_size × display_size. Maps at input resolution "
+        "(input-gradient methods) are coloured saturated at their 99.5th percentile."
     )
     heatmap_png: str = Field(
         description="data:image/png;base64 URL: the map alone in jet colours, for blending "
