@@ -253,9 +253,11 @@ def test_builtin_model_matches_captum(lite0, photos):
     plain = CaptumSaliency(lite0).attribute(x, target=target, abs=False)
     assert not torch.allclose(ours.raw, plain, atol=1e-2 * scale)  # the rule did change things
     ours = em.explain(lite0, x, "guided_gradcam", target=target, layer="_head_act")
-    ref = CaptumGuidedGradCam(twin, twin._head_act).attribute(
-        x, target=target, interpolate_mode="bilinear"
-    ).detach()
+    ref = (
+        CaptumGuidedGradCam(twin, twin._head_act)
+        .attribute(x, target=target, interpolate_mode="bilinear")
+        .detach()
+    )
     assert torch.allclose(ours.raw, ref, atol=1e-5 * float(ref.abs().max()))
 
 
