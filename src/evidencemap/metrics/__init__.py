@@ -17,7 +17,7 @@ cost                  :class:`Cost`                       lower       yes
 ====================  =================================  ==========  ========
 
 Each class carries ``higher_is_better`` and ``directions`` (every value it reports → whether
-higher is better). See ``docs/evaluation.md`` for the definitions.
+higher is better). See ``docs/metrics.md`` for the definitions.
 """
 
 from evidencemap.metrics.causal import CurveResult, Deletion, Insertion, auc, gaussian_blur

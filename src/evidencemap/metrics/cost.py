@@ -124,8 +124,10 @@ class Cost(Metric):
 
     def __init__(self, device: torch.device | str = "cpu", *, warmup: int = 0) -> None:
         self.device = torch.device(device)
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int):
+            raise TypeError(f"warmup must be an int, got {type(warmup).__name__}")
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup}")
         self.warmup = warmup
 
     def __call__(self, call: Callable[[], Any], images: int = 1) -> tuple[Any, CostResult]:

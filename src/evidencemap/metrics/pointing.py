@@ -6,13 +6,16 @@ the depth axis ``D``) in input pixels. A box covers the pixels whose unit square
 overlaps ``[x0, x1]`` on every axis.
 
 * Pointing game: the point is the arg-max of the map (the first one in raster order); it is a
-  **hit** when it lies within ``τ`` pixels (Euclidean, default 15) of a ground-truth pixel.
-  Accuracy per class = hits / (hits + misses); the game's score is the mean over classes.
+  **hit** when it lies closer than ``τ`` pixels (Euclidean distance ``< τ``, default 15, as in
+  TorchRay's benchmark) to a ground-truth pixel. A flat map (all values equal, e.g. the zeros
+  of a normalised map without evidence) points nowhere and counts as a **miss**. Accuracy per
+  class = hits / (hits + misses); the game's score is the mean over classes.
 * Energy-based pointing game: ``Σ (s ⊙ g) / Σ s``, the share of the (non-negative) map's mass
   inside the ground truth ``g``; ``0`` for an all-zero map.
 
 Both are higher-is-better and work on 3-D volumes. They read only maps: the map of a sample
-must be the explanation of the class whose ground truth is given.
+must be the explanation of the class whose ground truth is given, at the resolution the
+ground truth is given in (the input's: boxes are read in the map's pixels).
 """
 
 from __future__ import annotations
@@ -154,8 +157,8 @@ class PointingGame(Metric):
     """Pointing game with tolerance ``τ`` pixels (default 15); higher is better.
 
     Args:
-        tolerance: the largest distance (in pixels) between the point and the ground truth
-            that counts as a hit.
+        tolerance: a point hits when its distance (in pixels) to the nearest ground-truth
+            pixel is below ``tolerance`` (> 0; ``1`` needs the point inside the ground truth).
     """
 
     name = "pointing_game"
@@ -163,7 +166,7 @@ class PointingGame(Metric):
     directions: ClassVar[dict[str, bool]] = {"pointing_game": True}
 
     def __init__(self, tolerance: float = 15.0) -> None:
-        self.tolerance = check_nonneg_float(tolerance, "tolerance")
+        self.tolerance = check_nonneg_float(tolerance, "tolerance", positive=True)
 
     def __call__(
         self, maps: Any, ground_truth: Any, classes: Sequence[int] | Tensor | None = None
@@ -191,7 +194,9 @@ class PointingGame(Metric):
             (g.flatten().view(1, -1) - points[:, a : a + 1].float()) ** 2
             for a, g in enumerate(grids)
         )
-        hits = (masks.flatten(1) & (dist2 <= self.tolerance**2)).any(1)
+        flat = m.flatten(1)
+        pointed = flat.amax(1) > flat.amin(1)  # a flat map points nowhere: a miss
+        hits = (masks.flatten(1) & (dist2 < self.tolerance**2)).any(1) & pointed
         if classes is None:
             rate = float(hits.float().mean())
             return PointingResult(hits, points, rate, {-1: rate})

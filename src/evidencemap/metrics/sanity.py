@@ -5,7 +5,9 @@ layer down, stage after stage, their parameters are replaced **in place** by Gau
 with the mean and standard deviation of each tensor's original values (buffers such as
 batch-norm statistics are kept), and the method's maps on the same inputs, for the classes
 the *original* model predicted, are compared with the original maps by Spearman rank
-correlation and SSIM. A method passes when the similarity drops: lower is better.
+correlation and SSIM (both maps min-max normalised per sample first, so SSIM's data range is
+1 whatever scale the explainer returns). A method passes when the similarity drops: lower is
+better.
 
 The model's parameters are restored bitwise afterwards, also when the explainer raises.
 Works on 3-D volumes.
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 
 from evidencemap.capture import eval_mode, record_calls
 from evidencemap.checks import check_inputs, check_model, check_positive_int
+from evidencemap.maps import normalize
 from evidencemap.metrics.common import (
     Explainer,
     Metric,
@@ -130,7 +133,7 @@ class ModelRandomisation(Metric):
                 done = end
                 maps = run_explainer(explainer, x, fixed)
                 rho.append(spearman(original, maps))
-                sim.append(ssim(original, maps) if x.ndim in (4, 5) else torch.zeros(x.shape[0]))
+                sim.append(ssim(normalize(original), normalize(maps)))
                 names.append(layers[end - 1])
         finally:
             with torch.no_grad():
@@ -140,9 +143,14 @@ class ModelRandomisation(Metric):
 
 
 def _randomise_(p: Tensor, gen: torch.Generator) -> None:
-    """Replace ``p`` in place by noise with its own mean and standard deviation."""
+    """Replace ``p`` in place by noise with its own mean and standard deviation.
+
+    A constant tensor (standard deviation 0) gets ``|mean|`` as its standard deviation.
+    """
     flat = p.detach().double()
     mean = float(flat.mean())
-    std = float(flat.std()) if p.numel() > 1 else abs(mean)
+    std = float(flat.std()) if p.numel() > 1 else 0.0
+    if std == 0:  # e.g. an untrained norm layer's ones: keep the scale, lose the value
+        std = abs(mean)
     noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
     p.copy_((mean + std * noise).to(p.device, p.dtype))

@@ -3,8 +3,10 @@
 ``SENS_max(Φ, x) = max_j ‖Φ(x + δ_j) − Φ(x)‖_F`` over ``samples`` perturbations ``δ_j`` drawn
 uniformly from the ``L∞`` ball of radius ``r`` (each input value moved by ``U(−r, r)``; Captum's
 default perturbation), default ``r = 0.02``, 10 samples. ``Φ`` is the explainer's map
-``(1, *S)`` for the class predicted on the *unperturbed* input. Lower is better; a constant
-explainer scores 0. All ``N · samples`` perturbed inputs go to the explainer in chunks of
+``(1, *S)`` as it returns it (the library's methods: normalised to [0, 1] per sample) for the
+class predicted on the *unperturbed* input. With ``relative=True`` each norm is divided by
+``‖Φ(x)‖_F`` (by 1 where that is 0), which is what ``captum.metrics.sensitivity_max``
+reports. Lower is better; a constant explainer scores 0. All ``N · samples`` perturbed inputs go to the explainer in chunks of
 ``batch_size``. Works on 3-D volumes.
 """
 
@@ -40,6 +42,8 @@ class MaxSensitivity(Metric):
         batch_size: perturbed inputs per explainer call (``None``: all at once).
         seed: seed of the perturbations.
         output_key: which model output to read.
+        relative: divide by ``‖Φ(x)‖_F`` (Captum's ``sensitivity_max``); default the absolute
+            ``max_j ‖Φ(x + δ_j) − Φ(x)‖_F`` of Yeh et al.
     """
 
     name = "max_sensitivity"
@@ -55,6 +59,7 @@ class MaxSensitivity(Metric):
         batch_size: int | None = None,
         seed: int = 0,
         output_key: OutputKey = None,
+        relative: bool = False,
     ) -> None:
         self.model = check_model(model)
         self.radius = check_nonneg_float(radius, "radius")
@@ -64,6 +69,9 @@ class MaxSensitivity(Metric):
         )
         self.seed = int(seed)
         self.output_key = output_key
+        if not isinstance(relative, bool):
+            raise TypeError(f"relative must be a bool, got {type(relative).__name__}")
+        self.relative = relative
 
     def __call__(self, inputs: Tensor, explainer: Explainer, target: Target = None) -> Tensor:
         """``(N,)`` max-sensitivity of ``explainer`` at ``inputs``.
@@ -89,4 +97,8 @@ class MaxSensitivity(Metric):
             part = tiled[s : s + chunk] if isinstance(tiled, Tensor) else tiled
             maps.append(run_explainer(explainer, noisy[s : s + chunk], part))
         diff = torch.cat(maps).view(self.samples, n, -1) - base.view(1, n, -1)
-        return diff.double().norm(dim=2).amax(0).float()
+        sensitivity = diff.double().norm(dim=2).amax(0)
+        if self.relative:
+            scale = base.double().flatten(1).norm(dim=1)
+            sensitivity = sensitivity / scale.where(scale > 0, torch.ones_like(scale))
+        return sensitivity.float()
