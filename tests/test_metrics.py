@@ -302,7 +302,7 @@ def test_pointing_errors():
     game = M.PointingGame()
     with pytest.raises(TypeError, match="maps must be"):
         game(np.zeros((1, 8, 8)), [[0, 0, 1, 1]])
-    with pytest.raises(ValueError, match="tolerance must be > 0"):
+    with pytest.raises(ValueError, match="tolerance must be a finite number > 0"):
         M.PointingGame(tolerance=0)
     with pytest.raises(TypeError, match="tolerance must be a number"):
         M.PointingGame(tolerance="15")
@@ -411,7 +411,7 @@ def test_imputation_errors():
         M.noisy_linear_impute(x, torch.zeros(1, 1, 8, 7, dtype=torch.bool))
     with pytest.raises(ValueError, match="\\(B, C, H, W\\)"):
         M.noisy_linear_impute(torch.zeros(1, 3, 8), torch.zeros(1, 1, 8, dtype=torch.bool))
-    with pytest.raises(ValueError, match="noise must be >= 0"):
+    with pytest.raises(ValueError, match="noise must be a finite number >= 0"):
         M.noisy_linear_impute(x, torch.zeros(1, 1, 8, 8, dtype=torch.bool), noise=-1.0)
 
 
@@ -454,7 +454,7 @@ def test_road_errors():
         M.ROAD(model, percentiles=50)
     with pytest.raises(TypeError, match="percentiles must be a non-empty sequence"):
         M.ROAD(model, percentiles=[])
-    with pytest.raises(ValueError, match="tol must be > 0"):
+    with pytest.raises(ValueError, match="tol must be a finite number > 0"):
         M.ROAD(model, tol=0.0)
     with pytest.raises(ValueError, match="batch_size"):
         M.ROAD(model, batch_size=0)
@@ -595,8 +595,10 @@ def test_max_sensitivity_on_volumes_and_errors():
     predicted = model(x).argmax(1)
     assert seen[0].tolist() == predicted.tolist()
     assert seen[1].tolist() == predicted.repeat(4).tolist()  # perturbed copies: the same classes
-    with pytest.raises(ValueError, match="radius must be >= 0"):
+    with pytest.raises(ValueError, match="radius must be a finite number >= 0"):
         M.MaxSensitivity(model, radius=-0.1)
+    with pytest.raises(ValueError, match="radius must be a finite number"):
+        M.MaxSensitivity(model, radius=float("inf"))
     with pytest.raises(ValueError, match="samples"):
         M.MaxSensitivity(model, samples=0)
     with pytest.raises(TypeError, match="relative must be a bool"):

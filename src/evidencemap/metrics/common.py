@@ -15,6 +15,7 @@ Conventions of :mod:`evidencemap.metrics`:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -260,7 +261,7 @@ def metric_context(model: nn.Module) -> Iterator[None]:
 
 
 def check_nonneg_float(value: Any, name: str, *, positive: bool = False) -> float:
-    """``value`` as a float ≥ 0 (> 0 with ``positive``).
+    """``value`` as a finite float ≥ 0 (> 0 with ``positive``).
 
     Raises:
         TypeError / ValueError: otherwise.
@@ -268,8 +269,10 @@ def check_nonneg_float(value: Any, name: str, *, positive: bool = False) -> floa
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
-    if not value == value or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(
+            f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}"
+        )
     return value
 
 
