@@ -6,15 +6,19 @@ What is measured, exactly:
   synchronised before and after), divided by the number of images;
 * memory on CUDA: ``torch.cuda.max_memory_allocated`` during the call minus the memory
   allocated when it started (tensors the caching allocator handed out, not what it reserved);
-* memory on CPU: the peak resident set size of the whole process (``/proc/self/statm``)
-  sampled every millisecond by a thread, minus the RSS when the call started. Allocations that
-  live under a millisecond can be missed, memory the allocator reuses is not counted twice,
-  and other threads of the process count too. Where ``/proc`` does not exist the memory is
-  reported as ``None``.
+* memory on CPU: the peak of the bytes the C allocator has handed out and not yet freed
+  (glibc's ``mallinfo2``: ``uordblks + hblkhd``, which covers torch's CPU tensors), sampled
+  every millisecond by a thread, minus the level when the call started. Unlike the resident
+  set size it counts memory that the allocator reuses from earlier calls. Allocations that
+  live under a millisecond can be missed, and other threads count too. Without glibc the
+  peak resident set size (``/proc/self/statm``) is sampled the same way instead (kind
+  ``"cpu_rss_sampled"``: memory reused from earlier calls is not seen); where neither exists
+  the memory is reported as ``None``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -41,11 +45,51 @@ def _rss() -> int | None:
         return None
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [  # the ctypes layout of glibc's struct mallinfo2
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _load_mallinfo2() -> Any:
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    fn.argtypes = []
+    return fn
+
+
+_MALLINFO2 = _load_mallinfo2()
+
+
+def _allocated() -> int | None:
+    """Bytes handed out by the C allocator and not freed (``None`` without glibc 2.33+)."""
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return int(info.uordblks + info.hblkhd)
+
+
 class PeakMemory:
     """Context manager measuring the peak memory above the level at entry (module docstring).
 
     After the block, ``peak_bytes`` holds the measurement (``None`` if unavailable) and
-    ``kind`` says what was measured: ``"cuda_allocated"``, ``"cpu_rss_sampled"`` or ``"none"``.
+    ``kind`` says what was measured: ``"cuda_allocated"``, ``"cpu_malloc_sampled"``,
+    ``"cpu_rss_sampled"`` or ``"none"``.
     """
 
     def __init__(self, device: torch.device | str = "cpu", interval: float = 1e-3) -> None:
@@ -57,6 +101,7 @@ class PeakMemory:
         self._thread: threading.Thread | None = None
         self._start = 0
         self._max = 0
+        self._read: Callable[[], int | None] = _rss
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -65,11 +110,12 @@ class PeakMemory:
             self._start = torch.cuda.memory_allocated(self.device)
             self.kind = "cuda_allocated"
             return self
-        start = _rss()
+        self._read = _allocated if _MALLINFO2 is not None else _rss
+        start = self._read()
         if start is None:
             return self
         self._start = self._max = start
-        self.kind = "cpu_rss_sampled"
+        self.kind = "cpu_malloc_sampled" if _MALLINFO2 is not None else "cpu_rss_sampled"
         self._stop.clear()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -77,7 +123,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            value = _rss()
+            value = self._read()
             if value is not None and value > self._max:
                 self._max = value
             self._stop.wait(self.interval)
@@ -89,7 +135,7 @@ class PeakMemory:
         elif self._thread is not None:
             self._stop.set()
             self._thread.join()
-            value = _rss()
+            value = self._read()
             if value is not None:
                 self._max = max(self._max, value)
             self.peak_bytes = max(0, self._max - self._start)
