@@ -1,0 +1,153 @@
+"""Cost of a method: seconds per image and peak memory of one call.
+
+What is measured, exactly:
+
+* time: wall-clock seconds of the call (``time.perf_counter``; on CUDA the device is
+  synchronised before and after), divided by the number of images;
+* memory on CUDA: ``torch.cuda.max_memory_allocated`` during the call minus the memory
+  allocated when it started (tensors the caching allocator handed out, not what it reserved);
+* memory on CPU: the peak resident set size of the whole process (``/proc/self/statm``)
+  sampled every millisecond by a thread, minus the RSS when the call started. Allocations that
+  live under a millisecond can be missed, memory the allocator reuses is not counted twice,
+  and other threads of the process count too. Where ``/proc`` does not exist the memory is
+  reported as ``None``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from evidencemap.checks import check_positive_int
+from evidencemap.metrics.common import Metric
+
+__all__ = ["Cost", "CostResult", "PeakMemory"]
+
+_STATM = "/proc/self/statm"
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss() -> int | None:
+    try:
+        with open(_STATM) as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """Context manager measuring the peak memory above the level at entry (module docstring).
+
+    After the block, ``peak_bytes`` holds the measurement (``None`` if unavailable) and
+    ``kind`` says what was measured: ``"cuda_allocated"``, ``"cpu_rss_sampled"`` or ``"none"``.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", interval: float = 1e-3) -> None:
+        self.device = torch.device(device)
+        self.interval = float(interval)
+        self.peak_bytes: int | None = None
+        self.kind = "none"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start = 0
+        self._max = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            self.kind = "cuda_allocated"
+            return self
+        start = _rss()
+        if start is None:
+            return self
+        self._start = self._max = start
+        self.kind = "cpu_rss_sampled"
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            value = _rss()
+            if value is not None and value > self._max:
+                self._max = value
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.kind == "cuda_allocated":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._start)
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            value = _rss()
+            if value is not None:
+                self._max = max(self._max, value)
+            self.peak_bytes = max(0, self._max - self._start)
+
+
+@dataclass
+class CostResult:
+    """Cost of one call.
+
+    Attributes:
+        seconds_per_image: wall-clock seconds divided by the number of images.
+        peak_bytes: peak memory above the start level, or ``None`` when not measurable.
+        memory_kind: what ``peak_bytes`` measures (see :class:`PeakMemory`).
+    """
+
+    seconds_per_image: float
+    peak_bytes: int | None
+    memory_kind: str
+
+
+class Cost(Metric):
+    """Time and peak memory of a call; lower is better for both.
+
+    Args:
+        device: where the call runs (``"cuda"`` measures CUDA memory, else process RSS).
+        warmup: calls made first and not measured (kernel selection, caches, lazy layers).
+    """
+
+    name = "cost"
+    higher_is_better = False
+    directions: ClassVar[dict[str, bool]] = {"seconds_per_image": False, "peak_memory_mb": False}
+
+    def __init__(self, device: torch.device | str = "cpu", *, warmup: int = 0) -> None:
+        self.device = torch.device(device)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+        self.warmup = warmup
+
+    def __call__(self, call: Callable[[], Any], images: int = 1) -> tuple[Any, CostResult]:
+        """Run ``call()`` and measure it; returns ``(its result, cost)``.
+
+        Raises:
+            TypeError: when ``call`` is not callable. ValueError: for ``images < 1``.
+        """
+        if not callable(call):
+            raise TypeError(
+                f"call must be a callable taking no arguments, got {type(call).__name__}"
+            )
+        images = check_positive_int(images, "images")
+        for _ in range(self.warmup):
+            call()
+        cuda = self.device.type == "cuda"
+        with PeakMemory(self.device) as memory:
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            start = time.perf_counter()
+            result = call()
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - start
+        return result, CostResult(seconds / images, memory.peak_bytes, memory.kind)
