@@ -171,6 +171,19 @@ def test_runner_numbers_agree_with_their_definitions(tiny_run):
             assert np.trapezoid(curve, xs) == pytest.approx(r["deletion_auc"], abs=1e-6)
 
 
+def test_table_bolds_every_method_that_ties_for_best():
+    records = [
+        {"image": "a", "method": "m1", "deletion_auc": 0.2},
+        {"image": "a", "method": "m2", "deletion_auc": 0.2 + 1e-9},  # prints as 0.200 too
+        {"image": "a", "method": "m3", "deletion_auc": 0.5},
+        {"image": "a", "method": "m4", "deletion_auc": math.nan},  # undefined: a dash
+    ]
+    results = EvaluationResults(records, [], {}, {}, ["m1", "m2", "m3", "m4"], ["deletion_auc"])
+    rows = results.to_markdown().splitlines()
+    assert rows[0] == "| method | Deletion AUC ↓ |"
+    assert rows[2:] == ["| m1 | **0.200** |", "| m2 | **0.200** |", "| m3 | 0.500 |", "| m4 | — |"]
+
+
 def test_runner_leaves_the_model_as_found(tiny_run):
     _, _, model, before = tiny_run
     assert_unchanged(model, before)

@@ -212,7 +212,10 @@ class EvaluationResults:
         return [sum(h) / len(h) for h in hits.values()]
 
     def to_markdown(self) -> str:
-        """The summary table (mean ± std; ↑ higher / ↓ lower is better; best mean in bold)."""
+        """The summary table (mean ± std; ↑ higher / ↓ lower is better; best mean in bold).
+
+        Every mean that, as printed, equals the best one is bold (methods that tie all are).
+        """
         summary = self.summary()
         head = ["method"] + [
             f"{COLUMNS[c][0]} {'↑' if COLUMNS[c][1] else '↓'}" for c in self.columns
@@ -231,7 +234,10 @@ class EvaluationResults:
                     cells.append("—")
                     continue
                 text = _fmt(mean) + ("" if not math.isfinite(std) else f" ± {_fmt(std)}")
-                cells.append(f"**{text}**" if mean == best.get(col) else text)
+                # bold every mean that reads as the best (equal methods tie, not the one
+                # that wins in the 7th digit)
+                winner = col in best and _fmt(mean) == _fmt(best[col])
+                cells.append(f"**{text}**" if winner else text)
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
