@@ -12,8 +12,10 @@ method, scores the maps with each metric of :mod:`evidencemap.metrics`, and retu
 
 Methods are looked up by name (:func:`evidencemap.get_method`), so every registered method
 works; ``method_options`` passes options per method name. ``quick=True`` runs a short
-protocol (fewer curve steps, ROAD levels, randomisation stages and sensitivity samples, and
-Score-CAM with ``top_k=64``); the settings used are part of the results.
+protocol (fewer curve steps, ROAD levels and a looser ROAD imputation tolerance, fewer
+randomisation stages and sensitivity samples) and
+gives slow methods the fast options of :data:`QUICK_METHOD_OPTIONS` (e.g. Score-CAM
+``top_k=64``); the settings used are part of the results and of ``summary.md``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from tqdm.auto import tqdm
 from evidencemap.api import get_method
 from evidencemap.api import methods as registered_methods
 from evidencemap.checks import check_model
+from evidencemap.methods import METHODS
 from evidencemap.metrics import (
     ADCC,
     ROAD,
@@ -49,8 +52,18 @@ from evidencemap.metrics import (
     PointingGame,
 )
 from evidencemap.metrics.common import Explainer
+from evidencemap.models.preprocess import CropBox
 
-__all__ = ["COLUMNS", "METRIC_NAMES", "EvaluationResults", "evaluate", "make_explainer"]
+__all__ = [
+    "COLUMNS",
+    "METRIC_NAMES",
+    "QUICK_METHOD_OPTIONS",
+    "EvaluationResults",
+    "accepted_options",
+    "evaluate",
+    "make_explainer",
+    "to_input_boxes",
+]
 
 METRIC_NAMES: tuple[str, ...] = (
     "deletion",
@@ -101,7 +114,15 @@ _METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
     "cost": ("seconds_per_image", "peak_memory_mb"),
 }
 
-_QUICK_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"scorecam": {"top_k": 64}}
+QUICK_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "scorecam": {"top_k": 64},
+    "fgvis": {"max_iterations": 100},
+    "integrated_gradients": {"steps": 16},
+    "smoothgrad": {"samples": 8},
+}
+"""Constructor options quick mode gives a method (canonical name → options), the one place they
+live. An option the method's constructor does not take is left out, so the table may name
+methods that are not registered; ``method_options`` given to :func:`evaluate` win."""
 
 
 def _settings(quick: bool, seed: int, batch_size: int) -> dict[str, Any]:
@@ -110,7 +131,10 @@ def _settings(quick: bool, seed: int, batch_size: int) -> dict[str, Any]:
         "seed": seed,
         "batch_size": batch_size,
         "curve_steps": 16 if quick else 224,
-        "road_percentiles": [10, 30, 50, 70, 90] if quick else list(range(10, 100, 10)),
+        "road_percentiles": [20, 50, 80] if quick else list(range(10, 100, 10)),
+        # ROAD's conjugate-gradient tolerance: 1e-3 moves the probabilities by < 1e-3 on the
+        # built-in model and photos (against 1e-5) at about a third of the iterations
+        "road_tol": 1e-3 if quick else 1e-5,
         "sanity_stages": 3 if quick else 10,
         "sensitivity_samples": 3 if quick else 10,
         "sensitivity_radius": 0.02,
@@ -188,7 +212,10 @@ class EvaluationResults:
         return [sum(h) / len(h) for h in hits.values()]
 
     def to_markdown(self) -> str:
-        """The summary table (mean ± std; ↑ higher / ↓ lower is better; best mean in bold)."""
+        """The summary table (mean ± std; ↑ higher / ↓ lower is better; best mean in bold).
+
+        Every mean that, as printed, equals the best one is bold (methods that tie all are).
+        """
         summary = self.summary()
         head = ["method"] + [
             f"{COLUMNS[c][0]} {'↑' if COLUMNS[c][1] else '↓'}" for c in self.columns
@@ -197,7 +224,7 @@ class EvaluationResults:
         best: dict[str, float] = {}
         for col in self.columns:
             means = [summary[m][col][0] for m in self.methods if math.isfinite(summary[m][col][0])]
-            if means:
+            if means and max(means) > min(means):  # no winner when all are equal
                 best[col] = max(means) if COLUMNS[col][1] else min(means)
         for method in self.methods:
             cells = [method]
@@ -207,9 +234,10 @@ class EvaluationResults:
                     cells.append("—")
                     continue
                 text = _fmt(mean) + ("" if not math.isfinite(std) else f" ± {_fmt(std)}")
-                cells.append(
-                    f"**{text}**" if mean == best.get(col) and len(self.methods) > 1 else text
-                )
+                # bold every mean that reads as the best (equal methods tie, not the one
+                # that wins in the 7th digit)
+                winner = col in best and _fmt(mean) == _fmt(best[col])
+                cells.append(f"**{text}**" if winner else text)
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
@@ -221,7 +249,9 @@ class EvaluationResults:
         files = []
         md = out / "summary.md"
         images = sorted({r["image"] for r in self.records})
-        settings = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        shown = dict(self.settings)
+        shown["method_options"] = {m: o for m, o in shown.get("method_options", {}).items() if o}
+        settings = ", ".join(f"{k}={v}" for k, v in shown.items())
         md.write_text(
             "# Evaluation\n\n"
             f"{len(images)} images ({', '.join(images)}); mean ± sample std over images; "
@@ -237,7 +267,7 @@ class EvaluationResults:
             for method in self.methods:
                 for col in self.columns:
                     mean, std, n = summary[method][col]
-                    writer.writerow([method, col, COLUMNS[col][1], mean, std, n])
+                    writer.writerow([method, col, COLUMNS[col][1], _cell(mean), _cell(std), n])
         files.append(path)
         path = out / "per_image.csv"
         with path.open("w", newline="", encoding="utf-8") as f:
@@ -283,10 +313,13 @@ class EvaluationResults:
                     curves = self.curves[method].get(key)
                     if not curves:
                         continue
-                    mean = torch.tensor(curves).mean(0)
-                    x = self.curves[method][f"{key}_fractions"]
-                    area = float(torch.trapezoid(mean, torch.tensor(x)))
-                    ax.plot(x, mean.tolist(), label=f"{method} ({area:.3f})")
+                    grid, mean = _mean_curve(curves, self.curves[method][f"{key}_fractions"])
+                    area = statistics.fmean(
+                        r[f"{key}_auc"]
+                        for r in self.records
+                        if r["method"] == method and r.get(f"{key}_auc") is not None
+                    )
+                    ax.plot(grid.tolist(), mean.tolist(), label=f"{method} ({area:.3f})")
                 ax.set_title(
                     f"{key.capitalize()} (mean over images; AUC in legend, {better} is better)",
                     fontsize=9,
@@ -329,12 +362,40 @@ class EvaluationResults:
         return files
 
 
+def _mean_curve(curves: list[list[float]], fractions: list[list[float]]) -> tuple[Tensor, Tensor]:
+    """Mean of per-image curves, each linearly interpolated onto one grid of fractions.
+
+    Images of different sizes give curves with different fractions; one grid of 101 points
+    (or the images' common fractions, when they share them) puts them on a common x axis.
+    """
+    if all(f == fractions[0] for f in fractions):
+        return torch.tensor(fractions[0]), torch.tensor(curves).mean(0)
+    grid = torch.linspace(0, 1, 101, dtype=torch.float64)
+    rows = []
+    for curve, xs in zip(curves, fractions, strict=True):
+        x, y = torch.tensor(xs, dtype=torch.float64), torch.tensor(curve, dtype=torch.float64)
+        i = torch.searchsorted(x, grid, right=True).clamp(1, len(x) - 1)
+        w = ((grid - x[i - 1]) / (x[i] - x[i - 1])).clamp(0, 1)
+        rows.append(y[i - 1] + w * (y[i] - y[i - 1]))
+    return grid, torch.stack(rows).mean(0)
+
+
 def _fmt(value: float) -> str:
     return (
         f"{value:.3g}"
         if abs(value) >= 1000 or (value != 0 and abs(value) < 1e-3)
         else f"{value:.3f}"
     )
+
+
+def _cell(value: float) -> float | str:
+    """A CSV cell: the number, or empty where it is undefined (no value, or std of one)."""
+    return value if math.isfinite(value) else ""
+
+
+def _finite(value: float) -> float | None:
+    """``value``, or ``None`` where a metric gave NaN / ±inf (never written as a number)."""
+    return value if math.isfinite(value) else None
 
 
 def _json_default(obj: Any) -> Any:
@@ -368,30 +429,150 @@ def _check_images(images: Any) -> list[tuple[str, Tensor]]:
 def _check_names(values: Any, known: Sequence[str], what: str) -> list[str]:
     if isinstance(values, str) or not isinstance(values, Sequence) or not values:
         raise TypeError(f"{what} must be a non-empty list of names")
-    out = []
-    for v in values:
-        if not isinstance(v, str):
-            raise TypeError(f"{what} must be names (strings), got {v!r}")
-        if v not in known:
-            raise ValueError(f"unknown {what[:-1]} {v!r}; known: {', '.join(known)}")
-        out.append(v)
-    return list(dict.fromkeys(out))
+    bad = [v for v in values if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{what} must be names (strings), got {bad[0]!r}")
+    unknown = [v for v in values if v not in known]
+    if unknown:
+        raise ValueError(
+            f"unknown {what} {', '.join(map(repr, unknown))}; known: {', '.join(known)}"
+        )
+    return list(dict.fromkeys(values))
 
 
 def _boxes_by_class(entries: Any, name: str) -> dict[int, list[list[float]]]:
+    """``[[x0, y0, x1, y1, class], …]`` (or 3-D ``[x0, y0, z0, x1, y1, z1, class]``) by class."""
     if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
         raise TypeError(f"boxes[{name!r}] must be a list of [x0, y0, x1, y1, class]")
     out: dict[int, list[list[float]]] = {}
     for entry in entries:
-        if not isinstance(entry, (list, tuple)) or len(entry) != 5:
+        if not isinstance(entry, (list, tuple)) or len(entry) not in (5, 7):
+            raise ValueError(
+                f"boxes[{name!r}] entries must be [x0, y0, x1, y1, class] "
+                f"(3-D: [x0, y0, z0, x1, y1, z1, class]), got {entry!r}"
+            )
+        *box, cls = entry
+        if isinstance(cls, bool) or not isinstance(cls, int) or cls < 0:
+            raise ValueError(f"boxes[{name!r}]: the class must be an int index >= 0, got {cls!r}")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in box):
+            raise ValueError(f"boxes[{name!r}]: box coordinates must be numbers, got {entry!r}")
+        out.setdefault(cls, []).append([float(v) for v in box])
+    return out
+
+
+def to_input_boxes(
+    entries: Sequence[Sequence[Any]], crop: CropBox, name: str = "image"
+) -> list[list[Any]]:
+    """Boxes in original-photo pixels → model-input pixels through the resize and centre crop.
+
+    With ``crop = model.preprocess.crop_box(width, height)`` (``scale``, ``left``, ``top``,
+    ``size``): ``x' = clip(x · scale − left, 0, size)``, ``y' = clip(y · scale − top, 0, size)``.
+    The class (the last element) is kept.
+
+    Args:
+        entries: ``[[x0, y0, x1, y1, class], …]`` in the photo's pixels (x right, y down).
+        crop: the preprocessing's crop of that photo.
+        name: the photo's name, for error messages.
+
+    Returns:
+        ``[[x0', y0', x1', y1', class], …]`` in the ``size × size`` model input.
+
+    Raises:
+        ValueError: for a malformed entry, or a box that lies wholly outside the crop (it would
+            leave the pointing game nothing to point at).
+    """
+    out: list[list[Any]] = []
+    for entry in entries:
+        if (
+            not isinstance(entry, (list, tuple))
+            or len(entry) != 5
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in entry[:4])
+        ):
             raise ValueError(
                 f"boxes[{name!r}] entries must be [x0, y0, x1, y1, class], got {entry!r}"
             )
-        *box, cls = entry
-        if isinstance(cls, bool) or not isinstance(cls, int):
-            raise ValueError(f"boxes[{name!r}]: the class must be an int index, got {cls!r}")
-        out.setdefault(cls, []).append([float(v) for v in box])
+        x0, y0, x1, y1 = (float(v) for v in entry[:4])
+        if x1 < x0 or y1 < y0:
+            raise ValueError(f"boxes[{name!r}]: box {entry!r} has x1 < x0 or y1 < y0")
+        box = [
+            min(max(v * crop.scale - shift, 0.0), float(crop.size))
+            for v, shift in ((x0, crop.left), (y0, crop.top), (x1, crop.left), (y1, crop.top))
+        ]
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise ValueError(
+                f"boxes[{name!r}]: box {entry!r} lies outside the model's centre crop "
+                f"(original pixels x {crop.left / crop.scale:.0f}…"
+                f"{(crop.left + crop.size) / crop.scale:.0f}, y {crop.top / crop.scale:.0f}…"
+                f"{(crop.top + crop.size) / crop.scale:.0f})"
+            )
+        out.append([*box, entry[4]])
     return out
+
+
+def accepted_options(cls: type) -> set[str] | None:
+    """The keyword options the constructor of method class ``cls`` takes (its bases' included).
+
+    ``None`` when a constructor takes ``**options`` that reach no base (anything goes).
+    """
+    found: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        found |= {
+            p.name
+            for p in params
+            if p.name not in ("self", "model") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        }
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return found
+    return None
+
+
+def _method_names(methods: Any) -> list[str]:
+    """Canonical names of ``methods`` (aliases accepted; default: every registered method)."""
+    if methods is None:
+        return registered_methods()
+    if isinstance(methods, str) or not isinstance(methods, Sequence) or not methods:
+        raise TypeError("methods must be a non-empty list of method names")
+    bad = [m for m in methods if not isinstance(m, str)]
+    if bad:
+        raise TypeError(f"methods must be names (strings), got {bad[0]!r}")
+    unknown = [m for m in methods if m.lower() not in METHODS]
+    if unknown:
+        raise ValueError(
+            f"unknown method(s) {', '.join(map(repr, unknown))}; known: "
+            f"{', '.join(registered_methods())}"
+        )
+    return list(dict.fromkeys(get_method(m).name for m in methods))
+
+
+def _method_options(
+    methods: Sequence[str], given: Mapping[str, Mapping[str, Any]] | None, quick: bool
+) -> dict[str, dict[str, Any]]:
+    """Constructor options per method: quick mode's (those the method takes), then ``given``."""
+    options: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        accepted = accepted_options(get_method(m))
+        quick_opts = QUICK_METHOD_OPTIONS.get(m, {}) if quick else {}
+        options[m] = {k: v for k, v in quick_opts.items() if accepted is None or k in accepted}
+    if given is None:
+        return options
+    if not isinstance(given, Mapping):
+        raise TypeError("method_options must be a mapping method name → options")
+    for name, extra in given.items():
+        canonical = (
+            get_method(name).name if isinstance(name, str) and name.lower() in METHODS else name
+        )
+        if canonical not in options:
+            raise ValueError(
+                f"method_options names {name!r}, which is not among the methods {list(methods)}"
+            )
+        if not isinstance(extra, Mapping):
+            raise TypeError(f"method_options[{name!r}] must be a mapping option → value")
+        options[canonical].update(extra)
+    return options
 
 
 def evaluate(
@@ -437,14 +618,10 @@ def evaluate(
     """
     model = check_model(model)
     images = _check_images(images)
-    methods = _check_names(
-        list(methods) if methods is not None else registered_methods(),
-        registered_methods(),
-        "methods",
-    )
+    methods = _method_names(methods)
     if metrics is None:
-        metrics = [m for m in METRIC_NAMES if boxes is not None or "pointing" not in m]
-    metrics = _check_names(list(metrics), METRIC_NAMES, "metrics")
+        metrics = [m for m in METRIC_NAMES if boxes or "pointing" not in m]
+    metrics = _check_names(metrics, METRIC_NAMES, "metrics")
     pointing_wanted = {"pointing_game", "energy_pointing_game"} & set(metrics)
     if pointing_wanted and not boxes:
         raise ValueError(f"metrics {sorted(pointing_wanted)} need boxes")
@@ -457,27 +634,15 @@ def evaluate(
         if unknown:
             raise ValueError(f"boxes name images that are not evaluated: {sorted(unknown)}")
         boxes_by = {n: _boxes_by_class(v, n) for n, v in boxes.items()}
-    if device is None:
-        first = next(iter(model.parameters()), None)
-        device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
+    model_device = next((p.device for p in model.parameters()), None)
+    device = torch.device(device) if device is not None else model_device or torch.device("cpu")
+    if model_device is not None and model_device != device:
+        raise ValueError(
+            f"device {device} differs from the model's device {model_device}; move the model "
+            "there first (model.to(device))"
+        )
     settings = _settings(bool(quick), int(seed), int(batch_size))
-    options = {m: dict(_QUICK_METHOD_OPTIONS.get(m, {})) if quick else {} for m in methods}
-    for m, extra in (method_options or {}).items():
-        if m not in options:
-            raise ValueError(
-                f"method_options names {m!r}, which is not among the methods {methods}"
-            )
-        options[m].update(extra)
-    for m in methods:
-        accepted = inspect.signature(get_method(m).__init__).parameters
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
-        for key in list(options[m]):
-            quick_default = key in _QUICK_METHOD_OPTIONS.get(m, {}) and key not in (
-                method_options or {}
-            ).get(m, {})
-            if quick_default and key not in accepted and not takes_any:
-                del options[m][key]
+    options = _method_options(methods, method_options, bool(quick))
     settings["method_options"] = options
 
     columns = [c for m in metrics for c in _METRIC_COLUMNS[m]]
@@ -501,9 +666,9 @@ def evaluate(
                     {"image": name, "method": method, **p} for p in extra.pop("pointing", [])
                 )
                 for key, value in extra.items():
-                    if key.endswith(("fractions", "percentiles")):
+                    if key.endswith("percentiles"):  # the same levels for every image
                         curves[method][key] = value
-                    else:
+                    else:  # per image (fractions too: they depend on the image's size)
                         curves[method].setdefault(key, []).append(value)
                 bar.update(1)
     finally:
@@ -523,7 +688,9 @@ def _make_metrics(model: nn.Module, metrics: Sequence[str], s: Mapping[str, Any]
         "adcc": lambda: ADCC(model, batch_size=bs),
         "pointing_game": lambda: PointingGame(s["pointing_tolerance"]),
         "energy_pointing_game": lambda: EnergyPointingGame(),
-        "road": lambda: ROAD(model, percentiles=s["road_percentiles"], batch_size=bs, seed=seed),
+        "road": lambda: ROAD(
+            model, percentiles=s["road_percentiles"], batch_size=bs, seed=seed, tol=s["road_tol"]
+        ),
         "sanity": lambda: ModelRandomisation(model, stages=s["sanity_stages"], seed=seed),
         "max_sensitivity": lambda: MaxSensitivity(
             model, radius=s["sensitivity_radius"], samples=s["sensitivity_samples"], seed=seed
@@ -613,4 +780,8 @@ def _evaluate_one(
             record["pointing_game"] = sum(hits) / len(hits)
         if energies:
             record["energy_pointing_game"] = sum(energies) / len(energies)
+    record = {k: _finite(v) if isinstance(v, float) else v for k, v in record.items()}
+    for key, value in extra.items():
+        if key != "pointing":
+            extra[key] = [_finite(v) for v in value]
     return record, extra

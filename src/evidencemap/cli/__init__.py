@@ -14,12 +14,12 @@ import argparse
 import sys
 from types import ModuleType
 
-from evidencemap.cli import batch, compare, explain, methods, models, serve
+from evidencemap.cli import batch, compare, evaluate, explain, methods, models, serve
 from evidencemap.cli.common import CLIError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS: tuple[ModuleType, ...] = (explain, compare, batch, methods, models, serve)
+COMMANDS: tuple[ModuleType, ...] = (explain, compare, batch, evaluate, methods, models, serve)
 """The command modules, in the order the help lists them."""
 
 

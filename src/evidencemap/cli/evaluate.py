@@ -1,0 +1,288 @@
+"""``evidencemap evaluate IMAGE... --methods ...``: every method × metric on a set of photos."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from evidencemap.cli.common import (
+    CLIError,
+    add_model_arguments,
+    add_runtime_arguments,
+    method_options,
+    model_from_args,
+    positive_int,
+    setup_runtime,
+)
+
+__all__ = ["DEFAULT_EVALUATION_OUT", "load_boxes", "parse_method_option", "register", "run"]
+
+DEFAULT_EVALUATION_OUT = "evidencemap-evaluation"
+
+HELP = "score methods with faithfulness, localisation, robustness and cost metrics"
+EXAMPLES = """examples:
+  evidencemap evaluate photos/*.jpg --quick
+  evidencemap evaluate cat.png cup.png --methods gradcam,scorecam --boxes boxes.json
+  evidencemap evaluate cat.png --metrics deletion,insertion --option scorecam:top_k=32
+
+Writes summary.md / summary.csv (mean ± std per method and metric, ↑ higher / ↓ lower is
+better), per_image.csv / per_image.json and the curves deletion_insertion.png and road.png.
+Boxes file (JSON): {"cat.png": [[x0, y0, x1, y1, class], ...], ...} in the photo's pixels,
+class an index or an exact label; it adds the pointing games. See docs/evaluation.md.
+"""
+
+
+def _name_list(text: str) -> list[str]:
+    """argparse type: comma-separated names (no empty ones)."""
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, got {text!r}")
+    return names
+
+
+def parse_method_option(text: str) -> tuple[str, str, Any]:
+    """``METHOD:KEY=VALUE`` → ``(method, key, value)`` (values as in ``--option``).
+
+    Raises:
+        argparse.ArgumentTypeError: without ``:`` or ``=``, or with an invalid key.
+    """
+    from evidencemap.cli.common import parse_option
+
+    method, sep, rest = text.partition(":")
+    if not sep or not method.strip():
+        raise argparse.ArgumentTypeError(
+            f"options are METHOD:KEY=VALUE, e.g. scorecam:top_k=32, got {text!r}"
+        )
+    key, value = parse_option(rest)
+    return method.strip(), key, value
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``evaluate`` command."""
+    parser = subparsers.add_parser(
+        "evaluate",
+        help=HELP,
+        description=HELP + ".",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "images",
+        nargs="+",
+        type=Path,
+        metavar="IMAGE",
+        help="photos (PNG, JPEG, TIFF, BMP, WebP); their file names must differ",
+    )
+    parser.add_argument(
+        "--methods",
+        type=_name_list,
+        default=None,
+        help="comma-separated method names (default: every registered method)",
+    )
+    parser.add_argument(
+        "--metrics",
+        type=_name_list,
+        default=None,
+        help="comma-separated metric names (default: all; the pointing games need --boxes)",
+    )
+    parser.add_argument(
+        "--boxes", type=Path, default=None, help="JSON file of ground-truth boxes per image"
+    )
+    parser.add_argument(
+        "--option",
+        type=parse_method_option,
+        action="append",
+        default=None,
+        metavar="METHOD:KEY=VALUE",
+        help="method option (repeatable), e.g. scorecam:top_k=32 or gradcam:layer=_blocks.15",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path(DEFAULT_EVALUATION_OUT), help="output folder"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="short protocol: fewer curve steps, ROAD levels, randomisation stages and "
+        "sensitivity samples; fast options for slow methods (e.g. Score-CAM top_k=64)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (0)")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=32,
+        help="perturbed inputs per forward pass in the metrics (default: 32)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_model_arguments(parser)
+    add_runtime_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def load_boxes(
+    path: Path, images: dict[str, tuple[Path, tuple[int, int]]], loaded: Any
+) -> dict[str, list[list[Any]]]:
+    """Read a boxes file and convert its boxes to model-input pixels.
+
+    Args:
+        path: JSON ``{file name: [[x0, y0, x1, y1, class], …]}`` in original photo pixels;
+            ``class`` an index or an exact label; a key may also be the path as given.
+        images: image name → (path, (width, height) of the photo).
+        loaded: the loaded model (its preprocessing gives the crop, its labels the classes).
+
+    Returns:
+        image name → boxes ``[x0, y0, x1, y1, class index]`` in model-input pixels (only the
+        images that have boxes).
+
+    Raises:
+        CLIError: for an unreadable or malformed file, unknown labels, boxes outside the crop,
+            or a file that names none of the images.
+    """
+    from evidencemap.evaluation import to_input_boxes
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CLIError(f"--boxes: file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CLIError(f"--boxes: {path} is not a readable JSON file ({err})") from None
+    if not isinstance(data, dict):
+        raise CLIError(
+            f"--boxes: {path} must hold a JSON object {{image file name: [[x0, y0, x1, y1, "
+            f"class], ...]}}, got {type(data).__name__}"
+        )
+    by_key = {}
+    for name, (image_path, _) in images.items():
+        for key in (name, str(image_path)):
+            by_key[key] = name
+    out: dict[str, list[list[Any]]] = {}
+    for key, entries in data.items():
+        name = by_key.get(key)
+        if name is None:
+            continue
+        if not isinstance(entries, list):
+            raise CLIError(f"--boxes: {key!r} must map to a list of [x0, y0, x1, y1, class]")
+        width, height = images[name][1]
+        converted = []
+        for entry in entries:
+            if not isinstance(entry, list) or len(entry) != 5:
+                raise CLIError(
+                    f"--boxes: {key!r}: entries must be [x0, y0, x1, y1, class], got {entry!r}"
+                )
+            cls = entry[4]
+            if isinstance(cls, str):
+                try:
+                    cls = loaded.class_index(cls)
+                except ValueError as err:
+                    raise CLIError(f"--boxes: {key!r}: {err}") from None
+            converted.append([*entry[:4], cls])
+        try:
+            crop = loaded.preprocess.crop_box(width, height)
+            out[name] = to_input_boxes(converted, crop, name)
+        except ValueError as err:
+            raise CLIError(f"--boxes: {err}") from None
+    if not out:
+        raise CLIError(f"--boxes: {path} names none of the images ({', '.join(images)})")
+    ignored = len([k for k in data if k not in by_key])
+    if ignored:
+        print(
+            f"evidencemap evaluate: {ignored} entr{'y' if ignored == 1 else 'ies'} of {path} "
+            "name no image given here (ignored)",
+            file=sys.stderr,
+        )
+    return out
+
+
+def _method_options(args: argparse.Namespace, methods: list[str], loaded: Any) -> dict[str, Any]:
+    """``--option`` as method → options, checked against what each method takes."""
+    from evidencemap.api import get_method
+    from evidencemap.models.loading import check_method_supports
+
+    for name in methods:
+        try:
+            check_method_supports(loaded, get_method(name))
+        except ValueError as err:
+            raise CLIError(str(err)) from err
+    options: dict[str, dict[str, Any]] = {}
+    for method, key, value in args.option or []:
+        try:
+            cls = get_method(method)
+        except ValueError as err:
+            raise CLIError(f"--option: {err}") from None
+        if cls.name not in methods:
+            raise CLIError(f"--option: {method!r} is not among the methods evaluated")
+        known = set(method_options(cls)) | ({"layer"} if cls.uses_layer else set())
+        if key not in known:
+            raise CLIError(
+                f"--option: method {cls.name!r} takes no option {key!r}; its options: "
+                f"{', '.join(sorted(known)) or 'none'}"
+            )
+        options.setdefault(cls.name, {})[key] = value
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate; exit status 0 when the tables were written."""
+    from evidencemap import io
+    from evidencemap.api import get_method
+    from evidencemap.api import methods as registered
+    from evidencemap.evaluation import METRIC_NAMES, evaluate
+
+    paths = list(args.images)
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise CLIError(f"image file(s) not found: {', '.join(missing)}", status=1)
+    names = [p.name for p in paths]
+    if len(set(names)) != len(names):
+        raise CLIError("the images' file names must differ (they name the rows of the tables)")
+    try:
+        methods = [get_method(m).name for m in args.methods] if args.methods else registered()
+    except ValueError as err:
+        raise CLIError(f"--methods: {err}") from None
+    metrics = args.metrics
+    if metrics is not None:
+        unknown = [m for m in metrics if m not in METRIC_NAMES]
+        if unknown:
+            raise CLIError(
+                f"--metrics: unknown metric(s) {', '.join(map(repr, unknown))}; known: "
+                f"{', '.join(METRIC_NAMES)}"
+            )
+        pointing = sorted({"pointing_game", "energy_pointing_game"} & set(metrics))
+        if pointing and args.boxes is None:
+            raise CLIError(f"--metrics {', '.join(pointing)} need --boxes FILE")
+    device = setup_runtime(args)
+    loaded = model_from_args(args, device)
+    if loaded.kind != "image" or loaded.preprocess is None:
+        raise CLIError(
+            f"evaluate takes photos and an image model; {loaded.name} takes {loaded.kind}s "
+            "(evaluate volumes with evidencemap.evaluation.evaluate in Python)"
+        )
+    options = _method_options(args, methods, loaded)
+    images, sizes = [], {}
+    for path in paths:
+        try:
+            photo = io.load_image(path)
+        except (OSError, ValueError) as err:
+            raise CLIError(str(err) if str(path) in str(err) else f"{path}: {err}", 1) from None
+        sizes[path.name] = (path, photo.size)
+        images.append((path.name, loaded.preprocess(photo).to(device)))
+    boxes = None if args.boxes is None else load_boxes(args.boxes, sizes, loaded)
+    results = evaluate(
+        loaded.module,
+        images,
+        methods,
+        metrics,
+        boxes,
+        quick=args.quick,
+        progress=not args.quiet,
+        out_dir=args.out,
+        method_options=options,
+        device=device,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    print(results.to_markdown(), end="")
+    print(f"evidencemap evaluate: wrote {', '.join(str(f) for f in results.files)}")
+    return 0
