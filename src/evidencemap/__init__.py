@@ -18,6 +18,7 @@ from evidencemap.methods.cam import (
     LayerCAM,
     XGradCAM,
 )
+from evidencemap.methods.fgvis import FGVis
 from evidencemap.methods.scorecam import ScoreCAM
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "CAM",
     "EigenCAM",
     "Explanation",
+    "FGVis",
     "GradCAM",
     "GradCAMPlusPlus",
     "HiResCAM",

@@ -1,6 +1,6 @@
 """Every method of the library, registered by name in :data:`METHODS`."""
 
-from evidencemap.methods import cam, scorecam
+from evidencemap.methods import cam, fgvis, scorecam
 from evidencemap.methods.base import METHODS, Context, LayerMethod, Method, register
 
-__all__ = ["METHODS", "Context", "LayerMethod", "Method", "cam", "register", "scorecam"]
+__all__ = ["METHODS", "Context", "LayerMethod", "Method", "cam", "fgvis", "register", "scorecam"]
