@@ -140,10 +140,9 @@ def test_every_nonlinearity_call_of_the_real_model_gets_bounds(lite0):
     _, bounds = record_bounds(lite0, x)
     assert len(bounds) == len(calls) == len(acts)
     for bound, (_, h) in zip(bounds, calls, strict=True):
-        # nn.ReLU6 dispatches to F.hardtanh(h, 0, 6): bounds [min(0, h(x)), max(0, h(x))]
-        # = [0, h(x)] since the output is never negative.
-        assert bound is not None and bound.name == "hardtanh"
-        assert bound.lower is not None and not bool(bound.lower.any())
+        # nn.ReLU6 dispatches to F.hardtanh(h, 0, 6), named "relu6"; its output is never
+        # negative, so the lower bound min(0, h(x)) = 0 always holds and is not stored.
+        assert bound is not None and bound.name == "relu6" and bound.lower is None
         assert torch.equal(bound.upper, h)
 
 
