@@ -25,7 +25,7 @@ from skimage import data
 import evidencemap as em
 from evidencemap import models
 
-STEPS = 5
+STEPS = 20
 REPEATS = 3
 
 
