@@ -19,6 +19,7 @@ from evidencemap.methods.cam import (
     XGradCAM,
 )
 from evidencemap.methods.cfcam import CFCAM
+from evidencemap.methods.fgvis import FGVis
 from evidencemap.methods.gradients import (
     GuidedBackprop,
     GuidedGradCAM,
@@ -35,6 +36,7 @@ __all__ = [
     "CFCAM",
     "EigenCAM",
     "Explanation",
+    "FGVis",
     "GradCAM",
     "GradCAMPlusPlus",
     "GuidedBackprop",

@@ -209,6 +209,15 @@ class NonlinearityInterceptor(TorchFunctionMode):
         output = func(*args, **kwargs)
         if not isinstance(output, Tensor):
             return output
+        if name == "hardtanh" and _bounds_of_hardtanh(args, kwargs) == (0.0, 6.0):
+            name = "relu6"  # nn.ReLU6 dispatches to F.hardtanh(x, 0, 6)
         index = self.count
         self.count += 1
         return self.rule(index, name, output)
+
+
+def _bounds_of_hardtanh(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[float, float]:
+    """``(min_val, max_val)`` of an ``F.hardtanh`` call (its defaults are ``(-1, 1)``)."""
+    low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+    high = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+    return float(low), float(high)

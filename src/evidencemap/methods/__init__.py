@@ -1,6 +1,6 @@
 """Every method of the library, registered by name in :data:`METHODS`."""
 
-from evidencemap.methods import cam, cfcam, gradients, scorecam
+from evidencemap.methods import cam, cfcam, fgvis, gradients, scorecam
 from evidencemap.methods.base import METHODS, Context, LayerMethod, Method, register
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "Method",
     "cam",
     "cfcam",
+    "fgvis",
     "gradients",
     "register",
     "scorecam",

@@ -1,0 +1,108 @@
+"""Cost of FGVis per iteration and per image, against plain forward+backward passes.
+
+Per-iteration cost: one FGVis step (forward of ``e = m·x``, gradient of φ to the mask, the
+defence's gates when on, the mask update) against one plain forward + backward to the input of
+the same batch (``torch.autograd.grad(score.sum(), x)``), at 224×224, batch 1 and 8, with and
+without the defence; min over repeats, measured interleaved in one run (fixed λ, no early stop,
+so every run does exactly ``STEPS`` steps).
+
+Per image: a default run (``lam="auto"``, early stopping) on chelsea, its iterations to
+convergence and seconds, next to the time of the same number of plain forward+backward passes.
+
+Run: ``python benchmarks/fgvis_speed.py > benchmarks/results/fgvis_speed.md``
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+from skimage import data
+
+import evidencemap as em
+from evidencemap import models
+
+STEPS = 20
+REPEATS = 3
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = models.load("efficientnet-lite0")
+    photo = model.preprocess(data.chelsea())
+    print("# FGVis speed (EfficientNet-Lite0, 224×224)\n")
+    print(
+        f"torch {torch.__version__}, {platform.machine()}, 2 threads, load average at start "
+        f"{tuple(round(v, 2) for v in os.getloadavg())}. Min over {REPEATS} interleaved repeats; "
+        f"an FGVis run of {STEPS} steps (fixed λ, no early stop) divided by {STEPS}.\n"
+    )
+    print(
+        "| batch | plain fwd+bwd (s) | step, defence off (s) | ratio | step, defence on (s) | ratio |"
+    )
+    print("|---|---|---|---|---|---|")
+    for batch in (1, 8):
+        x = photo[None].repeat(batch, 1, 1, 1)
+
+        def plain(x: torch.Tensor = x) -> None:
+            inp = x.clone().requires_grad_(True)
+            torch.autograd.grad(model(inp)[:, 0].sum(), inp)
+
+        def run(defense: bool, x: torch.Tensor = x) -> None:
+            em.explain(
+                model,
+                x,
+                "fgvis",
+                lam=1.0,
+                defense=defense,
+                max_iterations=STEPS,
+                patience=STEPS,
+            )
+
+        plain()
+        times: dict[str, list[float]] = {"plain": [], "off": [], "on": []}
+        for _ in range(REPEATS):
+            times["plain"].append(timed(plain))
+            times["off"].append(timed(lambda: run(False)) / STEPS)
+            times["on"].append(timed(lambda: run(True)) / STEPS)
+        base, off, on = (min(times[k]) for k in ("plain", "off", "on"))
+        print(
+            f"| {batch} | {base:.3f} | {off:.3f} | {off / base:.2f}× | {on:.3f} | {on / base:.2f}× |"
+        )
+    print(
+        "\nAn FGVis step includes one extra inference-free forward per run (the clean pass that "
+        "records the bounds) and the final scoring pass, spread over the steps.\n"
+    )
+
+    print("## Iterations to convergence and seconds per image (defaults, chelsea)\n")
+    print("| game | iterations | FGVis (s) | same number of plain fwd+bwd (s) | ratio |")
+    print("|---|---|---|---|---|")
+    x = photo[None]
+    base = min(timed(lambda: _plain(model, x)) for _ in range(REPEATS))
+    for game in ("preserve", "delete"):
+        start = time.perf_counter()
+        exp = em.explain(model, x, "fgvis", game=game)
+        seconds = time.perf_counter() - start
+        iterations = int(exp.extras["iterations"][0])
+        print(
+            f"| {game} | {iterations} | {seconds:.1f} | {iterations * base:.1f} "
+            f"| {seconds / (iterations * base):.2f}× |"
+        )
+
+
+def _plain(model: torch.nn.Module, x: torch.Tensor) -> None:
+    inp = x.clone().requires_grad_(True)
+    torch.autograd.grad(model(inp)[:, 0].sum(), inp)
+
+
+if __name__ == "__main__":
+    main()
