@@ -361,6 +361,42 @@ def test_torchscript_with_a_layer_method_is_refused_clearly(capsys, photos, scri
 
 
 @pytest.mark.parametrize(("game", "panel"), [("preserve", "explanation"), ("delete", "deleted")])
+def test_fgvis_on_the_built_in_model_reports_the_score_on_the_explanation(
+    capsys, photos, tmp_path, game, panel
+):
+    status, _, stderr = _run(
+        capsys,
+        "explain",
+        photos / "b_coffee.jpg",
+        "--method",
+        "fgvis",
+        "--game",
+        game,
+        "--option",
+        "max_iterations=6",
+        "--option",
+        "lam=0.5",
+        "--out",
+        tmp_path,
+    )
+    assert status == 0, stderr
+    manifest = _manifest(tmp_path / "b_coffee_fgvis.json")
+    assert manifest["options"]["game"] == game
+    target = manifest["targets"][0]
+    assert target["shown_beside"] == panel
+    assert 0 <= target["explanation_score"] <= 1
+    assert target["explanation_top1"]["label"]
+    # the score is the model's own on the saved explanation, recomputed here
+    loaded = load_model("efficientnet-lite0")
+    x = loaded.preprocess(io.load_image(photos / "b_coffee.jpg"))[None]
+    exp = evidencemap.explain(
+        loaded.module, x, "fgvis", game=game, max_iterations=6, lam=0.5, target=target["class"]
+    )
+    assert target["explanation_score"] == pytest.approx(float(exp.extras["score"][0]), abs=1e-5)
+    assert Image.open(tmp_path / "b_coffee_fgvis.png").width > 3 * 320
+
+
+@pytest.mark.parametrize(("game", "panel"), [("preserve", "explanation"), ("delete", "deleted")])
 def test_torchscript_with_an_input_space_method_and_explanation_image(
     capsys, photos, scripted, tmp_path, game, panel
 ):

@@ -224,6 +224,36 @@ def test_deterministic_under_a_seed():
     assert not torch.equal(a.extras["mask"], c.extras["mask"])
 
 
+def test_noise_criterion_is_judged_on_the_noise_free_explanation():
+    # Noise large enough to wreck the noisy scores: the kept iterate must still satisfy the
+    # criterion on the e that is returned (scored without noise by the unmodified model).
+    model = seeded(ConvGapFc())
+    x = small_inputs(2)
+    exp = em.explain(model, x, "fgvis", noise=2.0, seed=1, **FAST)
+    kept = exp.extras["satisfied"]
+    assert bool(kept.all())
+    assert bool((exp.extras["score"] >= 0.99 * exp.extras["image_score"] - 1e-6).all())
+    assert float(exp.extras["mask_mean"].max()) < 1.0
+
+
+def test_deletion_never_met_returns_its_lowest_scoring_iterate():
+    model = seeded(ConvGapFc())
+    x = small_inputs(2)
+    seen: list[Tensor] = []
+    exp = em.explain(
+        model,
+        x,
+        "fgvis",
+        game="delete",
+        delete_to=1e-9,
+        progress=lambda it, info: seen.append(info["score"].clone()),
+        **FAST,
+    )
+    assert not bool(exp.extras["satisfied"].any())
+    lowest = torch.stack(seen).min(0).values
+    assert torch.allclose(exp.extras["score"], lowest, atol=1e-5)
+
+
 def test_batch_equals_separate_runs_per_sample_lambda():
     model = seeded(ConvGapFc())
     x = small_inputs(3)

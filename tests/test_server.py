@@ -113,6 +113,26 @@ def test_chelsea_gradcam_matches_the_library(client, chelsea_png, lite0, chelsea
     assert np.abs(np.asarray(overlay, float) - blend).max() <= 1.0
 
 
+@pytest.mark.parametrize(("game", "kind"), [("preserve", "explanation"), ("delete", "deleted")])
+def test_fgvis_returns_its_explanation_image_and_the_score_on_it(
+    client, chelsea_png, chelsea_x, lite0, game, kind
+):
+    options = {"game": game, "max_iterations": 5, "lam": 0.5}
+    response = post(
+        client, chelsea_png, method="fgvis,gradcam", options=json.dumps({"fgvis": options})
+    )
+    assert response.status_code == 200, response.text
+    results = {r["method"]: r for r in response.json()["explanations"]}
+    fg, cam = results["fgvis"], results["gradcam"]
+    assert fg["explanation_kind"] == kind
+    picture = decode_png(fg["explanation_png"])
+    assert picture.size == decode_png(fg["overlay_png"]).size
+    exp = em.explain(lite0, chelsea_x, "fgvis", target=fg["target"], **options)
+    assert fg["explanation_score"] == pytest.approx(float(exp.extras["score"][0]), abs=1e-5)
+    assert fg["explanation_top1"] == int(exp.extras["top1"][0])
+    assert cam["explanation_png"] is None and cam["explanation_score"] is None
+
+
 def test_several_methods_and_top_k(client, chelsea_png):
     response = post(client, chelsea_png, method="gradcam, hirescam,grad-cam", top_k="3")
     assert response.status_code == 200, response.text

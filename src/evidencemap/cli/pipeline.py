@@ -294,11 +294,27 @@ def explain_items(items: Sequence[Item], loaded: LoadedModel, settings: Settings
             suffix = f"_top{rank}" if settings.top_k is not None else ""
             png = item.base.with_name(f"{item.base.name}_{settings.method_name}{suffix}.png")
             extra = None
-            for key, label in (("deleted", "deleted evidence"), ("explanation", "explanation")):
+            panels = [("explanation", "explanation"), ("deleted", "deleted evidence")]
+            if explanation.options.get("game") == "delete":
+                panels.reverse()
+            for key, label in panels:
                 image = _per_sample(explanation.extras, key, row, count)
                 if image is not None and image.ndim == item.tensor.ndim:
                     extra = (label, image)
                     target["shown_beside"] = key
+                    on_image = _per_sample(explanation.extras, "score", row, count)
+                    top1 = _per_sample(explanation.extras, "top1", row, count)
+                    if on_image is not None:
+                        # the explanation is a model input: the model's score on it is reported
+                        # (deletion game: on the image with the evidence removed)
+                        target["explanation_score"] = float(on_image)
+                        text = "p" if key == "explanation" else "p without it"
+                        extra = (f"{label}, {text} {float(on_image):.2f}", image)
+                    if top1 is not None:
+                        target["explanation_top1"] = {
+                            "class": int(top1),
+                            "label": loaded.label(int(top1)),
+                        }
                     break
             heat = shown[row]
             viz.save_png(

@@ -255,7 +255,9 @@ class FGVis(Method):
             loss with a fixed λ); the run stops when every sample has.
         converge_tol: see ``patience``.
         lam_rate: λ's multiplicative step with ``lam="auto"``.
-        noise: standard deviation of Gaussian noise added to ``e`` at every step (0: none).
+        noise: standard deviation of Gaussian noise added to ``e`` in the gradient's forward
+            pass at every step (0: none); the criterion is then checked on the noise-free ``e``
+            (one more forward pass per step).
         seed: seed of that noise (the run is deterministic without noise anyway).
         progress: ``True`` for a tqdm bar, or ``progress(iteration, info)`` called after each step
             with ``info`` = ``{"loss", "score", "lambda", "mask_mean", "active"}`` ``(N,)`` tensors.
@@ -467,6 +469,13 @@ class FGVis(Method):
                         logits = self.forward(e)
                     phi, p = self._phi(logits, ca)
                     (grad,) = torch.autograd.grad(phi.sum(), m)
+                if generator is not None:
+                    # The criterion and the kept iterate are judged on the explanation that is
+                    # returned, without noise (the unmodified model; the forward pass is the
+                    # same with or without the defence's gates).
+                    with torch.no_grad():
+                        clean = m.detach() * xa + (1 - m.detach()) * ra
+                        p = self._phi(self.forward(clean), ca)[1]
                 state.step(it, rows, grad.detach() * sign, p.detach(), phi.detach(), image_score)
                 if bar is not None:
                     bar(it, state.info())
@@ -518,6 +527,11 @@ class _State:
         self.best_lam = self.lam.clone()
         self.best_value = torch.full((n,), math.inf, device=device)
         self.found = torch.zeros(n, dtype=torch.bool, device=device)
+        # Deletion with lam="auto": until the criterion is met, the iterate with the lowest
+        # score so far (returned with satisfied=False if the criterion is never met).
+        self.closest = self.mask.clone() if self.auto and not self.preserve else None
+        self.closest_score = torch.full((n,), math.inf, device=device)
+        self.closest_lam = self.lam.clone()
         self.last_improved = torch.zeros(n, dtype=torch.long, device=device)
         self.active = torch.ones(n, dtype=torch.bool, device=device)
         self.misses = torch.zeros(n, dtype=torch.long, device=device)
@@ -575,6 +589,13 @@ class _State:
             value = loss
             better = value < self.best_value[idx] - method.converge_tol * value.abs().clamp(min=1)
             keep = torch.ones_like(ok)
+        if self.closest is not None:
+            lower = p < self.closest_score[idx]
+            if bool(lower.any()):
+                lidx = idx[lower]
+                self.closest[lidx] = mask[lower]
+                self.closest_score[lidx] = p[lower]
+                self.closest_lam[lidx] = lam[lower]
         if bool(keep.any()):
             kidx = idx[keep]
             self.best[kidx] = mask[keep]
@@ -638,15 +659,17 @@ class _State:
 
     def result_mask(self) -> Tensor:
         if self.auto:
-            # A deletion run that never met its criterion returns its last iterate.
+            # A deletion run that never met its criterion returns its lowest-scoring iterate.
+            fallback = self.mask if self.closest is None else self.closest
             return torch.where(
-                self.found.view(-1, *([1] * (self.mask.ndim - 1))), self.best, self.mask
+                self.found.view(-1, *([1] * (self.mask.ndim - 1))), self.best, fallback
             )
         return self.mask
 
     def result_lambda(self) -> Tensor:
         if self.auto:
-            return torch.where(self.found, self.best_lam, self.lam)
+            fallback = self.lam if self.closest is None else self.closest_lam
+            return torch.where(self.found, self.best_lam, fallback)
         return self.lam.clone()
 
     def history(self) -> Tensor:

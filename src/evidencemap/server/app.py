@@ -46,6 +46,7 @@ from evidencemap import models as builtin_models
 from evidencemap import viz
 from evidencemap.api import get_method, methods
 from evidencemap.checks import check_positive_int
+from evidencemap.explanation import Explanation
 from evidencemap.io import ImageTooLargeError, UnsupportedImageError, load_image_bytes
 from evidencemap.methods.base import METHODS, Method
 from evidencemap.server.schemas import (
@@ -250,6 +251,27 @@ class _Service:
         shown = image.resize((side, side), Image.Resampling.BICUBIC, box=tuple(crop))
         return shown, crop
 
+    def _explanation_image(
+        self, explanation: Explanation, row: int, size: tuple[int, int]
+    ) -> dict[str, Any]:
+        """The explanation image of ``row`` (FGVis) and the model's score on it, if any."""
+        extras = explanation.extras
+        key = "deleted" if explanation.options.get("game") == "delete" else "explanation"
+        image, score, top1 = extras.get(key), extras.get("score"), extras.get("top1")
+        if not isinstance(image, Tensor) or image.ndim != 4:
+            return {}
+        pixels = self.preprocess.to_pixels(image[row].detach().cpu()).clamp(0, 255)
+        picture = Image.fromarray(pixels.round().to(torch.uint8).permute(1, 2, 0).numpy())
+        fields: dict[str, Any] = {
+            "explanation_png": _png_url(picture.resize(size, Image.Resampling.BICUBIC)),
+            "explanation_kind": key,
+        }
+        if isinstance(score, Tensor):
+            fields["explanation_score"] = _finite(float(score[row]))
+        if isinstance(top1, Tensor):
+            fields["explanation_top1"] = int(top1[row])
+        return fields
+
     def explain(
         self,
         data: bytes,
@@ -301,6 +323,7 @@ class _Service:
             coloured = viz.for_display(explanation.maps, explanation.raw).detach().cpu()
             for i, index in enumerate(chosen):
                 heat = coloured[i, 0]
+                image_fields = self._explanation_image(explanation, i, shown.size)
                 results.append(
                     ExplanationResult(
                         method=instance.name,
@@ -317,6 +340,7 @@ class _Service:
                         heatmap_png=_png_url(viz.overlay(shown, heat, COLORMAP, 1.0)),
                         map=_array(explanation.maps[i, 0].detach().cpu()),
                         raw=[_array(r[i, 0]) for r in raws],
+                        **image_fields,
                     )
                 )
         return ExplainResponse(

@@ -89,6 +89,23 @@ class ExplanationResult(BaseModel):
         description="The map before normalisation at the layer's resolution (e.g. [7, 7]); "
         "one entry per explained layer (input resolution for input-space methods)."
     )
+    explanation_png: str | None = Field(
+        default=None,
+        description="Methods whose explanation is an image (FGVis): data:image/png;base64 URL of "
+        "it at display_size: the explanation e (preservation game) or the deleted evidence "
+        "(deletion game); null for other methods.",
+    )
+    explanation_kind: str | None = Field(
+        default=None, description='"explanation" or "deleted"; null when there is no image.'
+    )
+    explanation_score: float | None = Field(
+        default=None,
+        description="The model's probability of the target on the explanation e, a valid model "
+        "input (deletion game: the photo with the evidence removed); null for other methods.",
+    )
+    explanation_top1: int | None = Field(
+        default=None, description="The model's top-1 class on e; null for other methods."
+    )
 
 
 class ExplainResponse(BaseModel):
