@@ -50,7 +50,11 @@ def main() -> None:
         k = 64
         scorecam = em.ScoreCAM(model, top_k=k, batch_size=32)
         t_sc = best(lambda x=x, sc=scorecam: sc(x), 2)
-        masked = torch.randn(k * batch, 3, 224, 224)
+        # the same kind of inputs: the batch times smooth [0, 1] masks (upsampled 7×7 noise)
+        masks = torch.nn.functional.interpolate(
+            torch.rand(k * batch, 1, 7, 7), size=(224, 224), mode="bilinear", align_corners=False
+        )
+        masked = x.repeat(k, 1, 1, 1) * masks
 
         def masked_forwards(masked: torch.Tensor = masked) -> None:
             with torch.inference_mode():

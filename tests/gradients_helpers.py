@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tiny import ConvGapFc
+
 torch.set_num_threads(2)
 
 
-class SmallNet(nn.Module):
-    """conv → ReLU → conv → ReLU → global average pool → linear; 2-D or 3-D."""
+class SmallNet(ConvGapFc):
+    """:class:`tiny.ConvGapFc` 8 channels wide (conv → ReLU → conv → ReLU → GAP → linear)."""
 
     def __init__(
         self,
@@ -23,20 +25,7 @@ class SmallNet(nn.Module):
         classes: int = 4,
         inplace: bool = False,
     ) -> None:
-        super().__init__()
-        conv = nn.Conv2d if dims == 2 else nn.Conv3d
-        pool = nn.AdaptiveAvgPool2d if dims == 2 else nn.AdaptiveAvgPool3d
-        self.features = nn.Sequential(
-            conv(channels, width, 3, padding=1),
-            nn.ReLU(inplace=inplace),
-            conv(width, width, 3, padding=1),
-            nn.ReLU(inplace=inplace),
-        )
-        self.pool = pool(1)
-        self.fc = nn.Linear(width, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.pool(self.features(x)).flatten(1))
+        super().__init__(dims, channels, width, classes, inplace)
 
 
 class ControlledLayer(nn.Module):
@@ -52,50 +41,6 @@ class ControlledLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         a = self.layer(x)
         return a.flatten(1) @ self.readout.flatten(1).T
-
-
-def seeded(module: nn.Module, seed: int = 0, scale: float = 0.5) -> nn.Module:
-    """Re-initialise ``module`` deterministically and put it in eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    return module.eval()
-
-
-def snapshot(model: nn.Module) -> dict[str, object]:
-    """Everything an explanation must leave unchanged."""
-    return {
-        "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "training": {n: m.training for n, m in model.named_modules()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "grad": {
-            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
-        },
-        "hooks": [
-            (
-                n,
-                len(m._forward_hooks),
-                len(m._forward_pre_hooks),
-                len(m._backward_hooks),
-                len(m._backward_pre_hooks),
-            )
-            for n, m in model.named_modules()
-        ],
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict[str, object]) -> None:
-    after = snapshot(model)
-    for key, value in before["params"].items():  # type: ignore[union-attr]
-        assert torch.equal(value, after["params"][key]), key  # type: ignore[index]
-    assert before["training"] == after["training"]
-    assert before["requires_grad"] == after["requires_grad"]
-    for name, grad in before["grad"].items():  # type: ignore[union-attr]
-        other = after["grad"][name]  # type: ignore[index]
-        assert (grad is None and other is None) or torch.equal(grad, other), name
-    assert all(h[1:] == (0, 0, 0, 0) for h in after["hooks"])  # type: ignore[union-attr]
-    assert not torch.overrides._get_current_function_mode_stack()  # no torch-function mode left
 
 
 class ReLU6AsReLU(nn.ReLU):

@@ -25,14 +25,8 @@ from evidencemap.methods.cfcam import (
     softmax_weights,
     split_channels,
 )
-from gradients_helpers import (
-    ControlledLayer,
-    SmallNet,
-    assert_unchanged,
-    load_photos,
-    seeded,
-    snapshot,
-)
+from gradients_helpers import ControlledLayer, SmallNet, load_photos
+from tiny import assert_unchanged, seeded, snapshot
 
 # --------------------------------------------------------------------------------------------
 # An independent reference of the released algorithm: NumPy, scikit-learn on the raw features

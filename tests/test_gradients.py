@@ -16,14 +16,8 @@ from torch import nn
 import evidencemap as em
 from evidencemap.filters import gaussian_filter
 from evidencemap.methods.gradients import path_points, smoothgrad_noise
-from gradients_helpers import (
-    SmallNet,
-    assert_unchanged,
-    captum_compatible,
-    load_photos,
-    seeded,
-    snapshot,
-)
+from gradients_helpers import SmallNet, captum_compatible, load_photos
+from tiny import assert_unchanged, seeded, snapshot
 
 INPUT_METHODS = ["saliency", "guided_backprop", "integrated_gradients", "smoothgrad"]
 ALL_METHODS = [*INPUT_METHODS, "guided_gradcam"]

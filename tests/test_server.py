@@ -130,7 +130,8 @@ def test_fgvis_returns_its_explanation_image_and_the_score_on_it(
     exp = em.explain(lite0, chelsea_x, "fgvis", target=fg["target"], **options)
     assert fg["explanation_score"] == pytest.approx(float(exp.extras["score"][0]), abs=1e-5)
     assert fg["explanation_top1"] == int(exp.extras["top1"][0])
-    assert cam["explanation_png"] is None and cam["explanation_score"] is None
+    assert cam["explanation_png"] is None
+    assert cam["explanation_score"] is None
 
 
 def test_several_methods_and_top_k(client, chelsea_png):

@@ -71,12 +71,12 @@ class TinySegmenter(nn.Module):
         return self.body(x)
 
 
-def seeded(module: nn.Module, seed: int = 0) -> nn.Module:
+def seeded(module: nn.Module, seed: int = 0, scale: float = 0.5) -> nn.Module:
     """Re-initialise ``module`` deterministically and put it in eval mode."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return module.eval()
 
 
@@ -90,7 +90,13 @@ def snapshot(model: nn.Module) -> dict[str, object]:
             n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
         },
         "hooks": [
-            (n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            (
+                n,
+                len(m._forward_hooks),
+                len(m._forward_pre_hooks),
+                len(m._backward_hooks),
+                len(m._backward_pre_hooks),
+            )
             for n, m in model.named_modules()
         ],
     }
@@ -98,12 +104,12 @@ def snapshot(model: nn.Module) -> dict[str, object]:
 
 def assert_unchanged(model: nn.Module, before: dict[str, object]) -> None:
     after = snapshot(model)
-    for key in before["params"]:  # type: ignore[union-attr]
-        assert torch.equal(before["params"][key], after["params"][key]), key  # type: ignore[index]
+    for key, value in before["params"].items():  # type: ignore[union-attr]
+        assert torch.equal(value, after["params"][key]), key  # type: ignore[index]
     assert before["training"] == after["training"]
     assert before["requires_grad"] == after["requires_grad"]
     for name, grad in before["grad"].items():  # type: ignore[union-attr]
         other = after["grad"][name]  # type: ignore[index]
         assert (grad is None and other is None) or torch.equal(grad, other), name
-    assert before["hooks"] == after["hooks"]
-    assert all(h[1:] == (0, 0, 0) for h in after["hooks"])  # type: ignore[union-attr]
+    assert all(h[1:] == (0, 0, 0, 0) for h in after["hooks"])  # type: ignore[union-attr]
+    assert not torch.overrides._get_current_function_mode_stack()  # no torch-function mode left

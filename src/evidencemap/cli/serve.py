@@ -13,21 +13,13 @@ import os
 import sys
 from typing import Any
 
+from evidencemap.cli.common import positive_int
+
 __all__ = ["register", "run"]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _port(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {value}")
     return value
@@ -57,13 +49,13 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=2,
         help="threads computing explanations concurrently (default 2)",
     )
     parser.add_argument(
         "--torch-threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="torch intra-op threads (default: CPU cores / workers, at least 1)",
     )
