@@ -183,6 +183,8 @@ def test_mask_stays_in_unit_interval_and_outputs_fit_together():
     assert torch.allclose(exp.extras["explanation"], m * x)  # r = 0
     assert torch.allclose(exp.extras["deleted"], (1 - m) * x)
     assert torch.allclose(exp.raw, m.mean(1, keepdim=True))
+    # the map is the mean mask itself, not min-max rescaled
+    assert torch.equal(exp.maps, exp.raw)
     assert exp.maps.shape == (3, 1, 8, 8)
     with torch.no_grad():
         probs = model(exp.extras["explanation"]).softmax(1)

@@ -297,5 +297,9 @@ def test_for_display_saturates_pixel_level_maps_only():
     sparse = torch.zeros(1, 1, 20, 20)
     sparse[0, 0, 3, 4] = 1.0
     assert torch.equal(for_display(sparse, sparse), sparse)
+    # maps that are their own raw values (FGVis' mask, absolute) are never stretched
+    flat = torch.full((1, 1, 20, 20), 0.18)
+    flat[0, 0, 5, 5] = 0.19
+    assert torch.equal(for_display(flat, flat.clone()), flat)
     with pytest.raises(ValueError, match="percentile must be in"):
         for_display(maps, maps, percentile=0)

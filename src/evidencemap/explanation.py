@@ -16,7 +16,9 @@ class Explanation:
 
     Attributes:
         maps: ``(N, 1, *input_spatial)`` float maps at input resolution, each sample min-max
-            normalised to [0, 1]; a flat map is all zeros.
+            normalised to [0, 1]; a flat map is all zeros. FGVis is the one exception: its map
+            is the channel mean of its mask, already in [0, 1] and not rescaled (a mask of 0.18
+            everywhere stays 0.18, so a flat mask never looks like localised evidence).
         raw: the map before normalisation, at the layer's resolution ``(N, 1, *layer_spatial)``
             (for several layers, a list of them; for pixel-space methods, input resolution).
         targets: ``(N,)`` class indices when the target was a class, else ``None``.

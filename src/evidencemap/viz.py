@@ -69,8 +69,10 @@ def for_display(
     a few pixels carry the maximum and a linear colour scale shows almost nothing. Those are
     saturated per sample, ``min(1, m / q)`` with ``q`` the ``percentile``-th percentile of the
     sample's values (left as they are where ``q`` is 0, i.e. almost all of the map is 0). Maps
-    upsampled from a layer are returned unchanged. Only pictures use this; the saved maps and
-    every number stay the method's own.
+    upsampled from a layer are returned unchanged, and so are maps equal to their ``raw``
+    (FGVis: the mask itself, whose values are absolute; stretching a nearly flat mask would
+    show structure that is not there). Only pictures use this; the saved maps and every number
+    stay the method's own.
 
     Args:
         maps: ``(N, 1, *S)`` maps in [0, 1].
@@ -86,6 +88,8 @@ def for_display(
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
     if not isinstance(raw, Tensor) or raw.shape[2:] != maps.shape[2:] or percentile == 100:
+        return maps
+    if raw.shape == maps.shape and torch.equal(raw.to(maps.device, maps.dtype), maps):
         return maps
     flat = maps.flatten(1)
     k = max(1, min(flat.shape[1], round(percentile / 100 * flat.shape[1])))

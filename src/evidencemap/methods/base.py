@@ -155,10 +155,13 @@ class Method:
         scores: Tensor,
         layer: str | list[str] | None = None,
         extras: dict[str, Any] | None = None,
+        normalise: bool = True,
     ) -> Explanation:
-        """Package a result; ``maps`` at input resolution are normalised here."""
+        """Package a result; ``maps`` at input resolution are min-max normalised here unless
+        ``normalise=False`` (maps that already are in [0, 1] with a meaning of their own, e.g.
+        FGVis' mask)."""
         return Explanation(
-            maps=normalize(maps.detach()),
+            maps=normalize(maps.detach()) if normalise else maps.detach(),
             raw=[r.detach() for r in raw] if isinstance(raw, list) else raw.detach(),
             targets=context.target.classes,
             scores=scores.detach(),

@@ -232,7 +232,10 @@ class FGVis(Method):
     """FGVis: the per-pixel, per-channel mask of the preservation or deletion game.
 
     See the module docstring for the formulas. Shapes: inputs ``(N, C, *S)``; ``maps`` and
-    ``raw`` ``(N, 1, *S)``; every mask and image in ``extras`` ``(N, C, *S)``.
+    ``raw`` ``(N, 1, *S)``: both the channel mean of the relevant mask (``m``, or ``1 − m`` for
+    the deletion game), **not** min-max normalised — the mask already is in [0, 1] and its values
+    mean something (the fraction of each pixel kept or removed); every mask and image in
+    ``extras`` ``(N, C, *S)``.
 
     Args:
         model: a classifier whose (selected) output is ``(N, classes)`` logits.
@@ -505,7 +508,7 @@ class FGVis(Method):
             "mask_mean": mask.flatten(1).mean(1),
         }
         context = Context(self.model, x, output.detach(), resolved, None, self.forward)
-        return self.finish(raw, raw, context, image_score, extras=extras)
+        return self.finish(raw, raw, context, image_score, extras=extras, normalise=False)
 
 
 class _State:
