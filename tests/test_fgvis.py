@@ -256,6 +256,20 @@ def test_deletion_never_met_returns_its_lowest_scoring_iterate():
     assert torch.allclose(exp.extras["score"], lowest, atol=1e-5)
 
 
+def test_explanation_image_per_game_and_none_for_other_methods():
+    model = seeded(ConvGapFc())
+    x = small_inputs(2)
+    for game, key in (("preserve", "explanation"), ("delete", "deleted")):
+        exp = em.explain(model, x, "fgvis", game=game, **FAST)
+        shown = exp.explanation_image(1)
+        assert shown is not None
+        assert shown.kind == key
+        assert torch.equal(shown.image, exp.extras[key][1])
+        assert shown.score == pytest.approx(float(exp.extras["score"][1]))
+        assert shown.top1 == int(exp.extras["top1"][1])
+    assert em.explain(model, x, "gradcam").explanation_image(0) is None
+
+
 def test_batch_equals_separate_runs_per_sample_lambda():
     model = seeded(ConvGapFc())
     x = small_inputs(3)

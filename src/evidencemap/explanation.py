@@ -7,7 +7,26 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["Explanation"]
+__all__ = ["Explanation", "ExplanationImage"]
+
+
+@dataclass
+class ExplanationImage:
+    """The image a method returns as its explanation (FGVis), for one sample.
+
+    Attributes:
+        kind: ``"explanation"`` (``e``, the preservation game) or ``"deleted"`` (the deleted
+            evidence, the deletion game).
+        image: ``(C, *S)`` in the model's input space.
+        score: the model's probability of the target on ``e`` (deletion game: on the input
+            with the evidence removed), ``None`` when the method did not report it.
+        top1: the model's top-1 class on ``e``, or ``None``.
+    """
+
+    kind: str
+    image: Tensor
+    score: float | None
+    top1: int | None
 
 
 @dataclass
@@ -43,6 +62,32 @@ class Explanation:
 
     def __len__(self) -> int:
         return int(self.maps.shape[0])
+
+    def explanation_image(self, index: int) -> ExplanationImage | None:
+        """Sample ``index``'s explanation image and the model's score on it; ``None`` for
+        methods that return no image (every method but FGVis).
+
+        The deletion game shows the deleted evidence (``extras["deleted"]``), otherwise the
+        explanation ``e`` (``extras["explanation"]``).
+        """
+        kind = "deleted" if self.options.get("game") == "delete" else "explanation"
+
+        def row(key: str) -> Tensor | None:
+            value = self.extras.get(key)
+            if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == len(self):
+                return value[index]
+            return None
+
+        image = row(kind)
+        if image is None or image.ndim < 2:
+            return None
+        score, top1 = row("score"), row("top1")
+        return ExplanationImage(
+            kind,
+            image,
+            None if score is None else float(score),
+            None if top1 is None else int(top1),
+        )
 
     def to(self, device: Any) -> Explanation:
         """A copy with every tensor moved to ``device``."""

@@ -188,13 +188,6 @@ def _title(method: str, target: dict[str, Any]) -> str:
     return f"{method} — {target['label']} (score {target['score']:.3g})"
 
 
-def _per_sample(extras: dict[str, Any], key: str, index: int, count: int) -> Tensor | None:
-    value = extras.get(key)
-    if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == count:
-        return value[index]
-    return None
-
-
 def _picture(
     item: Item,
     loaded: LoadedModel,
@@ -294,28 +287,22 @@ def explain_items(items: Sequence[Item], loaded: LoadedModel, settings: Settings
             suffix = f"_top{rank}" if settings.top_k is not None else ""
             png = item.base.with_name(f"{item.base.name}_{settings.method_name}{suffix}.png")
             extra = None
-            panels = [("explanation", "explanation"), ("deleted", "deleted evidence")]
-            if explanation.options.get("game") == "delete":
-                panels.reverse()
-            for key, label in panels:
-                image = _per_sample(explanation.extras, key, row, count)
-                if image is not None and image.ndim == item.tensor.ndim:
-                    extra = (label, image)
-                    target["shown_beside"] = key
-                    on_image = _per_sample(explanation.extras, "score", row, count)
-                    top1 = _per_sample(explanation.extras, "top1", row, count)
-                    if on_image is not None:
-                        # the explanation is a model input: the model's score on it is reported
-                        # (deletion game: on the image with the evidence removed)
-                        target["explanation_score"] = float(on_image)
-                        text = "p" if key == "explanation" else "p without it"
-                        extra = (f"{label}, {text} {float(on_image):.2f}", image)
-                    if top1 is not None:
-                        target["explanation_top1"] = {
-                            "class": int(top1),
-                            "label": loaded.label(int(top1)),
-                        }
-                    break
+            shown_image = explanation.explanation_image(row)
+            if shown_image is not None and shown_image.image.ndim == item.tensor.ndim:
+                label = "explanation" if shown_image.kind == "explanation" else "deleted evidence"
+                target["shown_beside"] = shown_image.kind
+                if shown_image.score is not None:
+                    # the explanation is a model input: the model's score on it is reported
+                    # (deletion game: on the image with the evidence removed)
+                    target["explanation_score"] = shown_image.score
+                    text = "p" if shown_image.kind == "explanation" else "p without it"
+                    label = f"{label}, {text} {shown_image.score:.2f}"
+                if shown_image.top1 is not None:
+                    target["explanation_top1"] = {
+                        "class": shown_image.top1,
+                        "label": loaded.label(shown_image.top1),
+                    }
+                extra = (label, shown_image.image)
             heat = shown[row]
             viz.save_png(
                 _picture(item, loaded, settings, heat, _title(settings.method_name, target), extra),

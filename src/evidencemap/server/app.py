@@ -255,22 +255,17 @@ class _Service:
         self, explanation: Explanation, row: int, size: tuple[int, int]
     ) -> dict[str, Any]:
         """The explanation image of ``row`` (FGVis) and the model's score on it, if any."""
-        extras = explanation.extras
-        key = "deleted" if explanation.options.get("game") == "delete" else "explanation"
-        image, score, top1 = extras.get(key), extras.get("score"), extras.get("top1")
-        if not isinstance(image, Tensor) or image.ndim != 4:
+        shown = explanation.explanation_image(row)
+        if shown is None or shown.image.ndim != 3:
             return {}
-        pixels = self.preprocess.to_pixels(image[row].detach().cpu()).clamp(0, 255)
+        pixels = self.preprocess.to_pixels(shown.image.detach().cpu()).clamp(0, 255)
         picture = Image.fromarray(pixels.round().to(torch.uint8).permute(1, 2, 0).numpy())
-        fields: dict[str, Any] = {
+        return {
             "explanation_png": _png_url(picture.resize(size, Image.Resampling.BICUBIC)),
-            "explanation_kind": key,
+            "explanation_kind": shown.kind,
+            "explanation_score": None if shown.score is None else _finite(shown.score),
+            "explanation_top1": shown.top1,
         }
-        if isinstance(score, Tensor):
-            fields["explanation_score"] = _finite(float(score[row]))
-        if isinstance(top1, Tensor):
-            fields["explanation_top1"] = int(top1[row])
-        return fields
 
     def explain(
         self,
