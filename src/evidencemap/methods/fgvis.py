@@ -105,11 +105,17 @@ class NonlinearityBounds:
         return NonlinearityBounds(self.name, lower, self.upper[rows])
 
     def rule(self, h: Tensor, grad: Tensor) -> Tensor:
-        """``grad · 1[lower ≤ h ≤ upper]`` (the FGVis backward rule, inclusive)."""
-        inside = h <= self.upper
+        """``grad · 1[lower ≤ h ≤ upper]`` (the FGVis backward rule, inclusive).
+
+        The indicator is written as a float tensor that then takes the product in place: one
+        fresh activation-sized tensor instead of a boolean one plus the product, which halves
+        the rule's time on a CPU (where fresh large tensors cost page faults) and avoids the
+        slow mixed bool × float product.
+        """
+        factor = torch.le(h, self.upper, out=torch.empty_like(grad))
         if self.lower is not None:
-            inside &= h >= self.lower
-        return grad * inside
+            factor.mul_(torch.ge(h, self.lower, out=torch.empty_like(grad)))
+        return factor.mul_(grad)
 
 
 def record_bounds(
@@ -152,7 +158,6 @@ class DefenceRule:
 
     def __init__(self, bounds: list[NonlinearityBounds | None]) -> None:
         self.bounds = bounds
-        self.gates: list[_Gate | None] = [None if b is None else _Gate(b) for b in bounds]
 
     def __call__(self, index: int, name: str, h: Tensor) -> Tensor:
         if index >= len(self.bounds):
@@ -169,36 +174,7 @@ class DefenceRule:
                 f"{bound.name}{tuple(bound.upper.shape)} in the clean forward pass; FGVis' "
                 "defence needs the same calls for x and e"
             )
-        return GradientGate.apply(h, self.gates[index])
-
-
-class _Gate:
-    """:meth:`NonlinearityBounds.rule` with buffers kept from one backward pass to the next.
-
-    The optimisation runs the same forward pass hundreds of times; writing the indicator and
-    the filtered gradient into buffers of the right shape (allocated once) instead of fresh
-    tensors saves the page faults of large allocations, about a third of the filter's cost.
-    The returned gradient is consumed by the nonlinearity's own backward within the same pass
-    (the gate's input has no other user), so reusing its buffer on the next pass is safe.
-    """
-
-    def __init__(self, bounds: NonlinearityBounds) -> None:
-        self.bounds = bounds
-        self.inside: Tensor | None = None
-        self.below: Tensor | None = None
-        self.out: Tensor | None = None
-
-    def __call__(self, h: Tensor, grad: Tensor) -> Tensor:
-        b = self.bounds
-        if self.inside is None or self.inside.shape != h.shape or self.inside.device != h.device:
-            self.inside = torch.empty(h.shape, dtype=torch.bool, device=h.device)
-            self.below = None if b.lower is None else torch.empty_like(self.inside)
-        if self.out is None or self.out.shape != h.shape or self.out.dtype != grad.dtype:
-            self.out = torch.empty(h.shape, dtype=grad.dtype, device=grad.device)
-        inside = torch.le(h, b.upper, out=self.inside)
-        if b.lower is not None and self.below is not None:
-            inside &= torch.ge(h, b.lower, out=self.below)
-        return torch.mul(grad, inside, out=self.out)
+        return GradientGate.apply(h, bound.rule)
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
@@ -421,7 +397,9 @@ class FGVis(Method):
 
     # -- the run ----------------------------------------------------------------------------------
     def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
-        x = inputs
+        # One memory layout for the clean pass and every optimisation pass: convolution kernels
+        # for different layouts round differently, and at e = x the bounds hold with equality.
+        x = inputs.contiguous()
         ref = self.reference_for(x)
         with torch.no_grad():
             if self.defense:
