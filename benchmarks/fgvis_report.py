@@ -7,7 +7,11 @@ library's defaults (``lam="auto"``, defence on):
   iterations, seconds (of the whole batched run, divided by the batch size);
 * deletion: the probability on ``e``, the removed fraction ``mean(1 − m)``, λ, iterations;
 * the defence: the generation game (preservation-style, fixed λ = 0) towards the class the model
-  gives the *lowest* probability on chelsea, with and without the defence.
+  gives the *lowest* probability on chelsea, with and without the defence;
+* why the games behave as they do on this network: under uniform dimming ``e = α·x`` (a flat
+  mask α), the target's probability, the fraction of gated units whose activation leaves its
+  bounds, and the norm of the defended gradient ``∂φ/∂m`` relative to the undefended one; and
+  the preservation game without the defence.
 
 Writes a Markdown table to stdout and the figure ``benchmarks/results/fgvis_report.png``.
 Run: ``python benchmarks/fgvis_report.py > benchmarks/results/fgvis_report.md``
@@ -29,6 +33,8 @@ from skimage import data
 
 import evidencemap as em
 from evidencemap import models
+from evidencemap.capture import NonlinearityInterceptor
+from evidencemap.methods.fgvis import DefenceRule, record_bounds
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -157,14 +163,17 @@ def main() -> None:
         )
     print()
 
+    dimming(model, x, results["preserve"], cam)
+
     cols = (
         "image",
         "preserve: mean m",
+        "mean m, stretched",
         "preserve: e = m·x",
         "delete: mean (1−m)",
         "deleted x·(1−m)",
     )
-    fig, axes = plt.subplots(n + 1, 5, figsize=(15, 3 * (n + 1)))
+    fig, axes = plt.subplots(n + 1, 6, figsize=(18, 3 * (n + 1)))
     keep, drop = results["preserve"], results["delete"]
     for i, name in enumerate(PHOTOS):
         row = axes[i]
@@ -175,12 +184,15 @@ def main() -> None:
         )
         row[1].imshow(keep.raw[i, 0], cmap="inferno", vmin=0, vmax=1)
         row[1].set_title(f"mean mask {float(pk['mask_mean'][i]):.3f}")
-        row[2].imshow(pixels(model, pk["explanation"][i]))
-        row[2].set_title(f"p(e) = {float(pk['score'][i]):.3f}")
-        row[3].imshow(drop.raw[i, 0], cmap="inferno", vmin=0, vmax=1)
-        row[3].set_title(f"removed {1 - float(pd['mask_mean'][i]):.3f}")
-        row[4].imshow(pixels(model, pd["deleted"][i]))
-        row[4].set_title(f"p(x·m) = {float(pd['score'][i]):.3f}")
+        low, high = (float(v) for v in keep.raw[i, 0].quantile(torch.tensor([0.01, 0.99])))
+        row[2].imshow(keep.raw[i, 0], cmap="inferno", vmin=low, vmax=high)
+        row[2].set_title(f"{low:.3f} – {high:.3f}")
+        row[3].imshow(pixels(model, pk["explanation"][i]))
+        row[3].set_title(f"p(e) = {float(pk['score'][i]):.3f}")
+        row[4].imshow(drop.raw[i, 0], cmap="inferno", vmin=0, vmax=1)
+        row[4].set_title(f"removed {1 - float(pd['mask_mean'][i]):.3f}")
+        row[5].imshow(pixels(model, pd["deleted"][i]))
+        row[5].set_title(f"p(x·m) = {float(pd['score'][i]):.3f}")
     row = axes[n]
     row[0].imshow(pixels(model, x1[0]))
     row[0].set_title(f"generation: {labels[int(least)][:24]}")
@@ -201,6 +213,101 @@ def main() -> None:
     FIGURE.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(FIGURE, dpi=70)
     print(f"Figure: `{FIGURE.name}` (rows: photos, then the defence experiment).")
+
+
+def dimming(
+    model: torch.nn.Module, x: torch.Tensor, keep: em.Explanation, cam: torch.Tensor
+) -> None:
+    """The network's response to a flat mask ``m = α`` (uniform dimming), and what the
+    preservation mask ``keep`` adds to dimming: its probability against a flat mask with the
+    same channel means, and its correlation with Grad-CAM's map ``cam``."""
+    classes = keep.targets
+    alphas = (1.0, 0.999, 0.99, 0.9, 0.5, 0.2, 0.1, 0.05)
+    with torch.no_grad():
+        _, bounds = record_bounds(model, x)
+    gated = [b for b in bounds if b is not None]
+
+    def gradient(m: torch.Tensor, defense: bool) -> torch.Tensor:
+        m = m.detach().requires_grad_(True)
+        with torch.enable_grad():
+            if defense:
+                with NonlinearityInterceptor(DefenceRule(bounds)):
+                    logits = model(m * x)
+            else:
+                logits = model(m * x)
+            phi = -logits.log_softmax(1).gather(1, classes[:, None]).sum()
+            (g,) = torch.autograd.grad(phi, m)
+        return g.flatten(1).norm(dim=1)
+
+    print(
+        "## Why: the network under uniform dimming\n\n"
+        "A flat mask m = α gives e = α·x (the image at lower contrast towards the reference 0). "
+        "Per α: the target's p(e)/p(x) per photo; the fraction of gated units (all "
+        f"{len(gated)} nonlinearity calls, all photos) whose activation on e leaves its bounds "
+        "[min(0, h(x)), max(0, h(x))]; and ‖∂φ/∂m‖ with the defence over ‖∂φ/∂m‖ without it "
+        "(mean over photos).\n"
+    )
+    print(
+        "| α | "
+        + " | ".join(f"p(e)/p(x) {name}" for name in PHOTOS)
+        + " | units out of bounds | defended / undefended gradient |"
+    )
+    print("|---|" + "---|" * (len(PHOTOS) + 2))
+    with torch.no_grad():
+        p_x = model(x).softmax(1).gather(1, classes[:, None]).squeeze(1)
+    for alpha in alphas:
+        m = torch.full_like(x, alpha)
+        seen: list[torch.Tensor] = []
+
+        def observe(
+            _index: int, _name: str, h: torch.Tensor, seen: list[torch.Tensor] = seen
+        ) -> torch.Tensor:
+            seen.append(h)
+            return h
+
+        with torch.no_grad(), NonlinearityInterceptor(observe):
+            p_e = model(m * x).softmax(1).gather(1, classes[:, None]).squeeze(1)
+        out, total = 0, 0
+        for b, h in zip(bounds, seen, strict=True):
+            if b is None:
+                continue
+            bad = h > b.upper
+            if b.lower is not None:
+                bad |= h < b.lower
+            out += int(bad.sum())
+            total += bad.numel()
+        ratio = gradient(m, True) / gradient(m, False)
+        cells = " | ".join(f"{float(v):.3f}" for v in p_e / p_x)
+        print(f"| {alpha} | {cells} | {out / total:.3f} | {float(ratio.mean()):.2g} |")
+    print()
+    mask = keep.extras["mask"]
+    flat = mask.mean(dim=(2, 3), keepdim=True).expand_as(mask)
+    with torch.no_grad():
+        p_flat = model(flat * x).softmax(1).gather(1, classes[:, None]).squeeze(1)
+    corr = [
+        float(torch.corrcoef(torch.stack([keep.raw[i].flatten(), cam[i].flatten()]))[0, 1])
+        for i in range(len(PHOTOS))
+    ]
+    print(
+        "What the preservation mask adds to dimming: p(e)/p(x) of its e "
+        + " / ".join(f"{float(v):.3f}" for v in keep.extras["score"] / p_x)
+        + "; of a flat mask with the same per-channel means "
+        + " / ".join(f"{float(v):.3f}" for v in p_flat / p_x)
+        + "; Pearson correlation of the mean mask with Grad-CAM's map "
+        + " / ".join(f"{v:.2f}" for v in corr)
+        + f" ({', '.join(PHOTOS)}).\n"
+    )
+    start = time.perf_counter()
+    exp = em.explain(model, x, "fgvis", defense=False)
+    seconds = time.perf_counter() - start
+    e = exp.extras
+    print(
+        "The preservation game without the defence (defaults otherwise): mean mask "
+        + " / ".join(f"{float(v):.4f}" for v in e["mask_mean"])
+        + ", p(e)/p(x) "
+        + " / ".join(f"{float(v):.3f}" for v in e["score"] / e["image_score"])
+        + f" ({', '.join(PHOTOS)}; {seconds / len(PHOTOS):.1f} s / image).\n"
+    )
 
 
 if __name__ == "__main__":
