@@ -11,8 +11,10 @@ import evidencemap as em
 def test_gradcam_matches_captum_on_real_photos(lite0, photos):
     targets = [282, 967]
     ours = em.explain(lite0, photos, "gradcam", target=targets, layer="_head_act")
-    captum = LayerGradCam(lite0, lite0._head_act).attribute(
-        photos, target=targets, relu_attributions=True
+    captum = (
+        LayerGradCam(lite0, lite0._head_act)
+        .attribute(photos, target=targets, relu_attributions=True)
+        .detach()
     )
     assert captum.shape == ours.raw.shape == (2, 1, 7, 7)
     scale = captum.abs().amax()
