@@ -271,11 +271,9 @@ def dimming(
         for b, h in zip(bounds, seen, strict=True):
             if b is None:
                 continue
-            bad = h > b.upper
-            if b.lower is not None:
-                bad |= h < b.lower
-            out += int(bad.sum())
-            total += bad.numel()
+            inside = b.rule(h, torch.ones_like(h))  # the gate's own indicator
+            out += h.numel() - int(inside.sum())
+            total += h.numel()
         ratio = gradient(m, True) / gradient(m, False)
         cells = " | ".join(f"{float(v):.3f}" for v in p_e / p_x)
         print(f"| {alpha} | {cells} | {out / total:.3f} | {float(ratio.mean()):.2g} |")
