@@ -5,24 +5,28 @@ defence's gates when on, the mask update) against one plain forward + backward t
 the same batch (``torch.autograd.grad(score.sum(), x)``), at 224×224, batch 1 and 8, with and
 without the defence. Each step is timed inside the run, between consecutive calls of the run's
 progress callback, so the per-run costs (the clean pass that records the bounds, the final
-scoring pass) are not spread over the steps; they are in the per-image table. Per repeat the
-median over the ``STEPS`` steps (and over ``STEPS`` consecutive plain passes); min over
-interleaved repeats (fixed λ, no early stop, so every run does exactly ``STEPS`` steps).
+scoring pass) are not spread over the steps; they are in the per-image table. The design is
+paired: each callback also times one plain pass right after the step it closes (and the next
+step's clock starts after that pass), so every step is compared with a plain pass measured
+within a tenth of a second of it. Load on a shared machine that changes over seconds moves
+both members of a pair; the median of the per-pair ratios, with its quartiles and 5th–95th
+percentiles, is the estimate (fixed λ, no early stop, so every run does exactly ``STEPS``
+steps; ``REPEATS`` runs with and without the defence, alternating).
 
 Per image: a default run (``lam="auto"``, early stopping) on chelsea, its iterations to
 convergence and seconds, next to the time of the same number of plain forward+backward passes.
 
-Two estimates of each ratio: the ratio of the minima over the repeats, and the median over the
-repeats of the ratio within a repeat (plain passes and the run timed back to back), which is
-less sensitive to load that changes between repeats on a shared machine; the range of the
-per-repeat ratios is printed with it.
+Where the defence's time goes: one gradient pass of the step built up piece by piece, each piece
+timed round robin with the plain pass (every round runs each piece once): the mask product ``e = m·x`` with
+the gradient to ``m``; the interceptor observing every torch call of the forward pass (gating
+nothing); one identity gate per nonlinearity call whose backward returns the gradient unchanged;
+the defence's rule in that gate (the full defended pass).
 
 Run: ``python benchmarks/fgvis_speed.py > benchmarks/results/fgvis_speed.md``
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import platform
 import statistics
@@ -34,9 +38,12 @@ from skimage import data
 
 import evidencemap as em
 from evidencemap import models
+from evidencemap.capture import GradientGate, NonlinearityInterceptor
+from evidencemap.methods.fgvis import DefenceRule, record_bounds
 
 STEPS = 20
 REPEATS = 7
+ROUNDS = 60
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -53,70 +60,56 @@ def main() -> None:
     print("# FGVis speed (EfficientNet-Lite0, 224×224)\n")
     print(
         f"torch {torch.__version__}, {platform.machine()}, 2 threads, load average at start "
-        f"{tuple(round(v, 2) for v in os.getloadavg())}. Per step: median over the {STEPS} steps "
-        f"of a run (fixed λ, no early stop), each timed between the run's progress callbacks; "
-        f"plain: median of {STEPS} consecutive passes; min over {REPEATS} interleaved repeats; "
-        "per-repeat ratio: median (range) over the repeats of the step's time over the plain "
-        "passes of the same repeat.\n"
+        f"{tuple(round(v, 2) for v in os.getloadavg())}. Paired design: inside each run (fixed "
+        f"λ, no early stop, {STEPS} steps) every step is timed between the run's progress "
+        "callbacks, and each callback times one plain forward+backward pass to the input of "
+        "the same batch right after it, so each step has its own plain pass measured back to "
+        f"back; {REPEATS} runs with the defence and {REPEATS} without, alternating. Times are "
+        "medians over all steps (plain: over all plain passes); the ratio is the median of the "
+        "per-pair ratios with its quartiles and the 5th–95th percentiles.\n"
     )
     print(
-        "| batch | plain fwd+bwd (s) | step, defence off (s) | ratio | step, defence on (s) "
-        "| ratio | per-repeat ratio, off | per-repeat ratio, on |"
+        "| batch | plain fwd+bwd (s) | step, defence off (s) | ratio off | step, defence on (s) "
+        "| ratio on | ratio on, quartiles | ratio on, 5th–95th pct | pairs |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for batch in (1, 8):
         x = photo[None].repeat(batch, 1, 1, 1)
-
-        def plain(x: torch.Tensor = x) -> float:
-            return statistics.median(timed(lambda: _plain(model, x)) for _ in range(STEPS))
-
-        def run(defense: bool, x: torch.Tensor = x) -> float:
-            stamps: list[float] = []
-
-            def stamp(it: int, _info: dict[str, torch.Tensor]) -> None:
-                if it >= 0:
-                    stamps.append(time.perf_counter())
-
-            em.explain(
-                model,
-                x,
-                "fgvis",
-                lam=1.0,
-                defense=defense,
-                max_iterations=STEPS,
-                patience=STEPS,
-                progress=stamp,
-            )
-            # Step k runs between callbacks k-1 and k (the clean pass comes before step 0).
-            steps = [b - a for a, b in itertools.pairwise(stamps)]
-            if len(steps) != STEPS - 1:
-                raise RuntimeError("the run did not report every step")
-            return statistics.median(steps)
-
         _plain(model, x)
-        times: dict[str, list[float]] = {"plain": [], "off": [], "on": []}
+        pairs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
         for _ in range(REPEATS):
-            times["plain"].append(plain())
-            times["off"].append(run(False))
-            times["on"].append(run(True))
-        base, off, on = (min(times[k]) for k in ("plain", "off", "on"))
-        spreads = []
-        for key in ("off", "on"):
-            ratios = [t / p for t, p in zip(times[key], times["plain"], strict=True)]
-            spreads.append(
-                f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
-            )
+            for defense in (False, True):
+                pairs[defense].extend(_paired_run(model, x, defense))
+        plain = statistics.median(p for d in (False, True) for _, p in pairs[d])
+        step = {d: statistics.median(t for t, _ in pairs[d]) for d in (False, True)}
+        ratios = {d: sorted(t / p for t, p in pairs[d]) for d in (False, True)}
+        on = ratios[True]
         print(
-            f"| {batch} | {base:.3f} | {off:.3f} | {off / base:.2f}× | {on:.3f} | {on / base:.2f}× "
-            f"| {spreads[0]} | {spreads[1]} |"
+            f"| {batch} | {plain:.3f} | {step[False]:.3f} | {statistics.median(ratios[False]):.2f}× "
+            f"| {step[True]:.3f} | **{statistics.median(on):.2f}×** "
+            f"| {_quantile(on, 0.25):.2f}–{_quantile(on, 0.75):.2f}× "
+            f"| {_quantile(on, 0.05):.2f}–{_quantile(on, 0.95):.2f}× | {len(on)} |"
         )
+    print()
+
+    print("## Where the defence's time goes (one gradient pass, no mask update)\n")
+    print(
+        f"{ROUNDS} rounds, each running every piece once; median pass time, median and "
+        "quartiles of the per-round ratio to the plain pass.\n\n"
+        "| batch | piece added | pass (s) | ratio to plain | ratio, quartiles |\n"
+        "|---|---|---|---|---|"
+    )
+    for batch in (1, 8):
+        x = photo[None].repeat(batch, 1, 1, 1)
+        for label, seconds, ratio, spread in _decomposition(model, x):
+            print(f"| {batch} | {label} | {seconds:.3f} | {ratio:.2f}× | {spread} |")
     print()
 
     print("## Iterations to convergence and seconds per image (defaults, chelsea)\n")
     print("| game | iterations | FGVis (s) | same number of plain fwd+bwd (s) | ratio |")
     print("|---|---|---|---|---|")
     x = photo[None]
-    base = min(timed(lambda: _plain(model, x)) for _ in range(REPEATS))
+    base = statistics.median(timed(lambda: _plain(model, x)) for _ in range(STEPS))
     for game in ("preserve", "delete"):
         start = time.perf_counter()
         exp = em.explain(model, x, "fgvis", game=game)
@@ -126,6 +119,94 @@ def main() -> None:
             f"| {game} | {iterations} | {seconds:.1f} | {iterations * base:.1f} "
             f"| {seconds / (iterations * base):.2f}× |"
         )
+
+
+def _paired_run(
+    model: torch.nn.Module, x: torch.Tensor, defense: bool
+) -> list[tuple[float, float]]:
+    """``(step seconds, plain pass seconds)`` for every step of one run but the first."""
+    pairs: list[tuple[float, float]] = []
+    started: list[float] = []
+
+    def stamp(it: int, _info: dict[str, torch.Tensor]) -> None:
+        if it < 0:
+            return
+        now = time.perf_counter()
+        step = now - started[-1] if started else None
+        plain = timed(lambda: _plain(model, x))
+        if step is not None:
+            pairs.append((step, plain))
+        started.append(time.perf_counter())
+
+    em.explain(
+        model,
+        x,
+        "fgvis",
+        lam=1.0,
+        defense=defense,
+        max_iterations=STEPS,
+        patience=STEPS,
+        progress=stamp,
+    )
+    if len(pairs) != STEPS - 1:
+        raise RuntimeError("the run did not report every step")
+    return pairs
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted ``values`` (linear interpolation)."""
+    pos = q * (len(values) - 1)
+    low = int(pos)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (pos - low)
+
+
+def _decomposition(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, float, float, str]]:
+    """``(piece, min seconds, ratio of minima, per-repeat ratio)`` for each cumulative piece."""
+    with torch.no_grad():
+        output, bounds = record_bounds(model, x)
+    classes = output.argmax(1, keepdim=True)
+    start = torch.full_like(x, 0.9)
+
+    def gated(rule: object) -> None:
+        mask = start.clone().requires_grad_(True)
+        e = mask * x
+        if rule is None:
+            logits = model(e)
+        else:
+            with NonlinearityInterceptor(rule):  # type: ignore[arg-type]
+                logits = model(e)
+        phi = -logits.log_softmax(1).gather(1, classes).sum()
+        torch.autograd.grad(phi, mask)
+
+    def observe(_index: int, _name: str, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+    def identity_gate(_index: int, _name: str, h: torch.Tensor) -> torch.Tensor:
+        return GradientGate.apply(h, lambda _h, grad: grad)
+
+    pieces: dict[str, Callable[[], object]] = {
+        "plain fwd+bwd to the input": lambda: _plain(model, x),
+        "+ e = m·x, gradient to m": lambda: gated(None),
+        "+ interceptor (observes, gates nothing)": lambda: gated(observe),
+        "+ an identity gate per call": lambda: gated(identity_gate),
+        "+ the defence's rule (full pass)": lambda: gated(DefenceRule(bounds)),
+    }
+    times: dict[str, list[float]] = {label: [] for label in pieces}
+    for fn in pieces.values():
+        fn()
+    # Round robin: every round runs each piece once, so each ratio compares passes timed
+    # within a fraction of a second of each other.
+    for _ in range(ROUNDS):
+        for label, fn in pieces.items():
+            times[label].append(timed(fn))
+    plain = times["plain fwd+bwd to the input"]
+    rows = []
+    for label, values in times.items():
+        ratios = sorted(t / p for t, p in zip(values, plain, strict=True))
+        quartiles = f"{_quantile(ratios, 0.25):.2f}–{_quantile(ratios, 0.75):.2f}×"
+        rows.append((label, statistics.median(values), statistics.median(ratios), quartiles))
+    return rows
 
 
 def _plain(model: torch.nn.Module, x: torch.Tensor) -> None:
