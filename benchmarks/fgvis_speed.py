@@ -16,9 +16,9 @@ steps; ``REPEATS`` runs with and without the defence, alternating).
 Per image: a default run (``lam="auto"``, early stopping) on chelsea, its iterations to
 convergence and seconds, next to the time of the same number of plain forward+backward passes.
 
-Where the defence's time goes: one gradient pass of the step built up piece by piece, each piece
-timed round robin with the plain pass (every round runs each piece once): the mask product ``e = m·x`` with
-the gradient to ``m``; the interceptor observing every torch call of the forward pass (gating
+Where the defence's time goes: one gradient pass of the step built up piece by piece, each
+piece timed round robin with the plain pass (every round runs each piece once): the mask
+product ``e = m·x`` with the gradient to ``m``; the interceptor observing every torch call of the forward pass (gating
 nothing); one identity gate per nonlinearity call whose backward returns the gradient unchanged;
 the defence's rule in that gate (the full defended pass).
 
@@ -82,13 +82,14 @@ def main() -> None:
                 pairs[defense].extend(_paired_run(model, x, defense))
         plain = statistics.median(p for d in (False, True) for _, p in pairs[d])
         step = {d: statistics.median(t for t, _ in pairs[d]) for d in (False, True)}
-        ratios = {d: sorted(t / p for t, p in pairs[d]) for d in (False, True)}
-        on = ratios[True]
+        ratios = {d: [t / p for t, p in pairs[d]] for d in (False, True)}
+        quartiles = statistics.quantiles(ratios[True], n=4, method="inclusive")
+        tails = statistics.quantiles(ratios[True], n=20, method="inclusive")
         print(
             f"| {batch} | {plain:.3f} | {step[False]:.3f} | {statistics.median(ratios[False]):.2f}× "
-            f"| {step[True]:.3f} | **{statistics.median(on):.2f}×** "
-            f"| {_quantile(on, 0.25):.2f}–{_quantile(on, 0.75):.2f}× "
-            f"| {_quantile(on, 0.05):.2f}–{_quantile(on, 0.95):.2f}× | {len(on)} |"
+            f"| {step[True]:.3f} | **{quartiles[1]:.2f}×** "
+            f"| {quartiles[0]:.2f}–{quartiles[2]:.2f}× "
+            f"| {tails[0]:.2f}–{tails[-1]:.2f}× | {len(ratios[True])} |"
         )
     print()
 
@@ -153,16 +154,8 @@ def _paired_run(
     return pairs
 
 
-def _quantile(values: list[float], q: float) -> float:
-    """The ``q`` quantile of sorted ``values`` (linear interpolation)."""
-    pos = q * (len(values) - 1)
-    low = int(pos)
-    high = min(low + 1, len(values) - 1)
-    return values[low] + (values[high] - values[low]) * (pos - low)
-
-
 def _decomposition(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, float, float, str]]:
-    """``(piece, min seconds, ratio of minima, per-repeat ratio)`` for each cumulative piece."""
+    """``(piece, median seconds, median per-round ratio, its quartiles)`` for each piece."""
     with torch.no_grad():
         output, bounds = record_bounds(model, x)
     classes = output.argmax(1, keepdim=True)
@@ -203,9 +196,9 @@ def _decomposition(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, f
     plain = times["plain fwd+bwd to the input"]
     rows = []
     for label, values in times.items():
-        ratios = sorted(t / p for t, p in zip(values, plain, strict=True))
-        quartiles = f"{_quantile(ratios, 0.25):.2f}–{_quantile(ratios, 0.75):.2f}×"
-        rows.append((label, statistics.median(values), statistics.median(ratios), quartiles))
+        ratios = [t / p for t, p in zip(values, plain, strict=True)]
+        low, mid, high = statistics.quantiles(ratios, n=4, method="inclusive")
+        rows.append((label, statistics.median(values), mid, f"{low:.2f}–{high:.2f}×"))
     return rows
 
 
