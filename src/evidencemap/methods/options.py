@@ -1,0 +1,223 @@
+"""One description per method option: its type, default, range, meaning and cost.
+
+Every method class lists its own options in ``OPTIONS`` (a tuple of :class:`Option`); its
+bases list theirs, and :func:`options_of` merges them along the class's MRO. The same
+description serves four readers:
+
+* the constructors, which validate each value with :meth:`Option.check` (one message format:
+  the option's name, what was expected, what was given);
+* :func:`evidencemap.methods.build`, which rejects unknown option names with the list of the
+  known ones, and applies caps;
+* the command line's ``--option KEY=VALUE`` and ``evidencemap methods --options``;
+* the web service's ``GET /api/methods`` and its server-side caps: an option with
+  ``cost="work"`` multiplies the run's time (iterations, samples, steps, channels), one with
+  ``cost="chunk"`` sets how many inputs go through the model at once (memory), and ``cap`` is
+  the largest value a shared service accepts by default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["OPTION_KINDS", "Option", "OptionError", "options_of"]
+
+OPTION_KINDS = ("int", "float", "bool", "str", "any")
+"""``kind`` of an :class:`Option`: the JSON-level type of its value (``"any"``: checked by the
+method itself, e.g. a tensor baseline or a module)."""
+
+
+class OptionError(ValueError):
+    """An option name a method does not take, or a value outside a cap."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One keyword option of a method.
+
+    Attributes:
+        name: the keyword.
+        kind: one of :data:`OPTION_KINDS`.
+        default: the constructor's default.
+        doc: one line: what it does.
+        choices: the allowed values (strings) when the option is an enumeration.
+        low / high: the allowed range of a number (``None``: unbounded), ``low_open`` /
+            ``high_open`` for open ends.
+        nullable: ``None`` is accepted too.
+        other: description of the other Python values accepted (a tensor, a module …), which
+            the method validates itself; empty when none.
+        cost: ``"work"`` (time grows with the value), ``"chunk"`` (memory grows with the value)
+            or ``""``.
+        cap: the largest value a shared service accepts by default (``None``: no cap).
+    """
+
+    name: str
+    kind: str
+    default: Any
+    doc: str
+    choices: tuple[Any, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    nullable: bool = False
+    other: str = ""
+    cost: str = ""
+    cap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in OPTION_KINDS:
+            raise ValueError(f"Option kind must be one of {OPTION_KINDS}, got {self.kind!r}")
+        if self.cost not in ("", "work", "chunk"):
+            raise ValueError(f"Option cost must be '', 'work' or 'chunk', got {self.cost!r}")
+
+    # -- validation ---------------------------------------------------------------------------
+    def expected(self) -> str:
+        """What the option accepts, in words (used in every error message)."""
+        if self.choices:
+            text = "one of " + ", ".join(repr(c) for c in self.choices)
+        elif self.kind == "int":
+            text = "an int" + self._range()
+        elif self.kind == "float":
+            text = "a number" + self._range()
+        elif self.kind == "bool":
+            text = "true or false"
+        elif self.kind == "str":
+            text = "a string"
+        else:
+            text = self.other or "a value"
+        if self.other and self.kind != "any":
+            text += f", or {self.other}"
+        if self.nullable:
+            text += ", or None"
+        return text
+
+    def _range(self) -> str:
+        if self.low is None and self.high is None:
+            return ""
+        if self.high is None:
+            return f" {'>' if self.low_open else '>='} {_num(self.low)}"
+        if self.low is None:
+            return f" {'<' if self.high_open else '<='} {_num(self.high)}"
+        left = "(" if self.low_open else "["
+        right = ")" if self.high_open else "]"
+        return f" in {left}{_num(self.low)}, {_num(self.high)}{right}"
+
+    def check(self, value: Any, owner: str = "") -> Any:
+        """``value`` validated (ints accepted for floats, returned as ``float``).
+
+        Values of the ``other`` kinds (tensors, modules …) are returned unchanged for the method
+        to validate.
+
+        Raises:
+            TypeError: for a value of the wrong type.
+            ValueError: for a value outside the range or the choices.
+        """
+        where = f"{owner} option " if owner else ""
+        label = f"{where}{self.name}"
+        if value is None:
+            if self.nullable or self.default is None:
+                return None
+            raise TypeError(f"{label} must be {self.expected()}, got None")
+        if self.choices:
+            if isinstance(value, str) and value in self.choices:
+                return value
+            if not isinstance(value, str) and self.other:
+                return value
+            raise ValueError(f"{label} must be {self.expected()}, got {value!r}")
+        if self.kind == "bool":
+            if isinstance(value, bool):
+                return value
+            raise TypeError(f"{label} must be {self.expected()}, got {type(value).__name__}")
+        if self.kind in ("int", "float"):
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if self.kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
+                if self.other and not is_number and not isinstance(value, str):
+                    return value
+                raise TypeError(f"{label} must be {self.expected()}, got {value!r}")
+            if not is_number:
+                if self.other and not isinstance(value, str):
+                    return value
+                raise TypeError(f"{label} must be {self.expected()}, got {value!r}")
+            number = float(value)
+            if not math.isfinite(number) or not self._in_range(number):
+                raise ValueError(f"{label} must be {self.expected()}, got {value!r}")
+            return int(value) if self.kind == "int" else number
+        if self.kind == "str":
+            if isinstance(value, str):
+                return value
+            if self.other:
+                return value
+            raise TypeError(f"{label} must be {self.expected()}, got {type(value).__name__}")
+        return value
+
+    def _in_range(self, number: float) -> bool:
+        if self.low is not None and (number <= self.low if self.low_open else number < self.low):
+            return False
+        return not (
+            self.high is not None and (number >= self.high if self.high_open else number > self.high)
+        )
+
+    def check_cap(self, value: Any, cap: float | None, owner: str = "") -> None:
+        """Refuse a numeric ``value`` above ``cap`` (a service's limit).
+
+        Raises:
+            OptionError: when ``value > cap``.
+        """
+        if cap is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        if value > cap:
+            where = f"{owner} option " if owner else ""
+            raise OptionError(
+                f"{where}{self.name}={_num(value)} is over this service's cap of {_num(cap)}"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-safe description (for ``GET /api/methods`` and ``evidencemap methods``)."""
+        default = self.default
+        if not isinstance(default, (type(None), bool, int, float, str)):
+            default = repr(default)
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "default": default,
+            "doc": self.doc,
+            "expected": self.expected(),
+            "choices": list(self.choices),
+            "low": self.low,
+            "high": self.high,
+            "nullable": self.nullable,
+            "cost": self.cost,
+            "cap": self.cap,
+        }
+
+
+def options_of(cls: type) -> dict[str, Option]:
+    """Every option of method class ``cls``: its ``OPTIONS`` and its bases', subclass first.
+
+    A subclass's entry replaces a base's entry of the same name (e.g. a different default).
+    """
+    found: dict[str, Option] = {}
+    for klass in cls.__mro__:
+        for option in klass.__dict__.get("OPTIONS", ()):
+            found.setdefault(option.name, option)
+    return found
+
+
+def check_caps(
+    options: Mapping[str, Any], known: Mapping[str, Option], caps: Mapping[str, float], owner: str
+) -> None:
+    """Apply ``caps`` (option name → largest value; default: each option's own ``cap``)."""
+    for name, value in options.items():
+        option = known.get(name)
+        if option is None or not option.cost:
+            continue
+        option.check_cap(value, caps.get(name, option.cap), owner)
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"

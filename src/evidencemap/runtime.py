@@ -1,0 +1,170 @@
+"""Limits of one run: a memory budget, a deadline, cancellation and progress, per thread.
+
+Every method's long loop (FGVis iterations, Score-CAM channel chunks, Integrated Gradients path
+chunks, SmoothGrad noise chunks, the metrics' perturbation batches) sizes its chunks with
+:func:`chunk_items` and calls :func:`checkpoint` once per chunk or step. Outside a
+:func:`limits` block both are free: no budget, no deadline, no progress.
+
+A caller that runs untrusted or expensive requests — the web service, a batch job — wraps the
+call::
+
+    with runtime.limits(memory_budget=512 * 2**20, deadline=time.monotonic() + 60,
+                        cancel=event, progress=report):
+        explanation = method(x)
+
+and then
+
+* a chunk of ``k`` items of ``b`` bytes each is never larger than the budget:
+  ``k = min(requested, ⌊budget / b⌋)``; an item that alone exceeds it raises
+  :class:`BudgetExceeded` (a ``ValueError``: the request is too large, a 4xx, never an OOM);
+* past the deadline, or once ``cancel`` is set, the next checkpoint raises :class:`Cancelled`;
+* ``progress(done, total, desc)`` is called at every checkpoint that reports a count.
+
+The limits are thread-local (concurrent requests on one model each have their own), and nested
+blocks combine to the tightest: the smaller budget, the earlier deadline, either cancel event.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+__all__ = [
+    "BudgetExceeded",
+    "Cancelled",
+    "Limits",
+    "Progress",
+    "checkpoint",
+    "chunk_items",
+    "current",
+    "limits",
+]
+
+Progress = Callable[[int, int, str], None]
+"""``progress(done, total, desc)``: ``done`` of ``total`` units of the step named ``desc``."""
+
+
+class Cancelled(RuntimeError):
+    """The run was cancelled (client gone, user interrupt) or passed its deadline."""
+
+
+class BudgetExceeded(ValueError):
+    """One item of a chunked computation needs more memory than the budget allows."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits in force on this thread.
+
+    Attributes:
+        memory_budget: bytes one chunk of a computation may take (``None``: unlimited).
+        deadline: ``time.monotonic()`` value after which a checkpoint raises (``None``: none).
+        cancel: events; once any is set, a checkpoint raises :class:`Cancelled`.
+        progress: callbacks told of progress, innermost last.
+    """
+
+    memory_budget: int | None = None
+    deadline: float | None = None
+    cancel: tuple[threading.Event, ...] = ()
+    progress: tuple[Progress, ...] = ()
+
+
+_NONE = Limits()
+_local = threading.local()
+
+
+def current() -> Limits:
+    """The limits in force on the calling thread (no limits outside a :func:`limits` block)."""
+    return getattr(_local, "limits", _NONE)
+
+
+@contextmanager
+def limits(
+    *,
+    memory_budget: int | None = None,
+    deadline: float | None = None,
+    timeout: float | None = None,
+    cancel: threading.Event | None = None,
+    progress: Progress | None = None,
+) -> Iterator[Limits]:
+    """Run the block under these limits (combined with the ones already in force).
+
+    Args:
+        memory_budget: bytes per chunk (an int ≥ 1), or ``None``.
+        deadline: an absolute ``time.monotonic()`` deadline, or ``None``.
+        timeout: seconds from now (the earlier of ``deadline`` and ``now + timeout`` wins).
+        cancel: an event that cancels the run when set.
+        progress: ``progress(done, total, desc)``.
+
+    Raises:
+        TypeError / ValueError: for a budget that is not a positive int, or a negative timeout.
+    """
+    if memory_budget is not None and (
+        isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1
+    ):
+        raise ValueError(f"memory_budget must be an int >= 1 (bytes), got {memory_budget!r}")
+    if timeout is not None:
+        if not timeout >= 0:
+            raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        end = time.monotonic() + float(timeout)
+        deadline = end if deadline is None else min(deadline, end)
+    outer = current()
+    budgets = [b for b in (outer.memory_budget, memory_budget) if b is not None]
+    deadlines = [d for d in (outer.deadline, deadline) if d is not None]
+    inner = Limits(
+        memory_budget=min(budgets) if budgets else None,
+        deadline=min(deadlines) if deadlines else None,
+        cancel=outer.cancel + ((cancel,) if cancel is not None else ()),
+        progress=outer.progress + ((progress,) if progress is not None else ()),
+    )
+    _local.limits = inner
+    try:
+        yield inner
+    finally:
+        _local.limits = outer
+
+
+def checkpoint(done: int | None = None, total: int | None = None, desc: str = "") -> None:
+    """Report progress and stop the run if it was cancelled or is past its deadline.
+
+    Raises:
+        Cancelled: when a cancel event is set or the deadline has passed.
+    """
+    now = current()
+    if now is _NONE:
+        return
+    if any(event.is_set() for event in now.cancel):
+        raise Cancelled("the run was cancelled")
+    if now.deadline is not None and time.monotonic() > now.deadline:
+        raise Cancelled("the run passed its time limit")
+    if done is not None and total is not None:
+        for report in now.progress:
+            report(done, total, desc)
+
+
+def chunk_items(per_item_bytes: int, requested: int, what: str = "items") -> int:
+    """How many items of ``per_item_bytes`` one chunk may hold: ``min(requested, budget // b)``.
+
+    Args:
+        per_item_bytes: memory one item of the chunk takes (inputs and what scales with them).
+        requested: the chunk size asked for (an option such as ``batch_size``).
+        what: what an item is, for the error message.
+
+    Raises:
+        BudgetExceeded: when a single item is larger than the memory budget.
+    """
+    budget = current().memory_budget
+    requested = max(1, int(requested))
+    if budget is None:
+        return requested
+    per_item = max(1, int(per_item_bytes))
+    fits = budget // per_item
+    if fits < 1:
+        raise BudgetExceeded(
+            f"one of the {what} needs {per_item / 2**20:.1f} MiB, more than the memory budget of "
+            f"{budget / 2**20:.1f} MiB; use smaller inputs or a larger budget"
+        )
+    return min(requested, fits)
