@@ -136,7 +136,7 @@ def test_eigencam_is_first_principal_component(case):
 
 def test_scorecam_matches_the_official_loop(case):
     model, x = case
-    exp = em.explain(model, x, "scorecam", target=2, batch_size=5)
+    exp = em.explain(model, x, "scorecam", target=2, internal_batch_size=5)
     acts = model.features(x).detach()
     for i in range(x.shape[0]):
         total = torch.zeros(acts.shape[2:])
@@ -153,8 +153,8 @@ def test_scorecam_matches_the_official_loop(case):
 
 def test_scorecam_chunking_topk_and_weightings(case):
     model, x = case
-    one = em.explain(model, x, "scorecam", batch_size=1000)
-    small = em.explain(model, x, "scorecam", batch_size=1)
+    one = em.explain(model, x, "scorecam", internal_batch_size=1000)
+    small = em.explain(model, x, "scorecam", internal_batch_size=1)
     budget = em.explain(model, x, "scorecam", memory_budget=x[0].numel() * 4 * 2)
     assert torch.allclose(one.raw, small.raw, atol=1e-6)
     assert torch.allclose(one.raw, budget.raw, atol=1e-6)

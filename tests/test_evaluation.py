@@ -220,7 +220,7 @@ def test_method_options_override_quick_mode_and_are_checked():
             progress=False,
             method_options={"gradcam": {"relu": False}},
         )
-    with pytest.raises(TypeError, match="top_kk"):
+    with pytest.raises(ValueError, match="takes no option 'top_kk'"):
         evaluate(
             model,
             images,

@@ -88,7 +88,7 @@ def test_gaussian_blur_matches_scipy_2d_and_3d():
             ]
         )
         assert np.allclose(ours.numpy(), ref, atol=1e-12)
-    with pytest.raises(ValueError, match="sigma > 0"):
+    with pytest.raises(ValueError, match="sigma must be > 0"):
         M.gaussian_blur(torch.ones(1, 1, 4, 4), sigma=0.0)
 
 

@@ -198,7 +198,9 @@ def test_errors(model, x):
         em.explain(model, x, layer=nn.Conv2d(1, 1, 1))
     with pytest.raises(ValueError, match="weighting must be"):
         em.explain(model, x, "scorecam", weighting="max")
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="internal_batch_size must be an int >= 1"):
+        em.explain(model, x, "scorecam", internal_batch_size=0)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         em.explain(model, x, "scorecam", batch_size=0)
     with pytest.raises(ValueError, match="CAM explains a class"):
         em.explain(model, x, "cam", target=lambda out: out[:, 0])

@@ -2,11 +2,18 @@
 
 ``explain(model, inputs, method="gradcam", target=None, layer=None, **options)`` returns an
 :class:`Explanation`; the same methods are classes (``GradCAM(model)(inputs)``); ``methods()``
-lists their names. Everything is torch on the inputs' device.
+lists their names, ``describe(name)`` a method and its options, ``build(name, model, layer,
+**options)`` makes an instance. Everything is torch on the inputs' device.
+
+The subpackages ``models``, ``metrics``, ``evaluation``, ``runtime``, ``viz`` and ``io`` are
+reachable as attributes (``evidencemap.models.load(...)``) and imported on first use.
 """
 
-from evidencemap import targets
-from evidencemap.api import explain, get_method, methods
+import importlib
+from typing import Any
+
+from evidencemap import runtime, targets
+from evidencemap.api import build, describe, explain, get_method, methods
 from evidencemap.explanation import Explanation
 from evidencemap.methods.base import LayerMethod, Method
 from evidencemap.methods.cam import (
@@ -51,8 +58,31 @@ __all__ = [
     "SmoothGrad",
     "XGradCAM",
     "__version__",
+    "build",
+    "describe",
+    "evaluation",
     "explain",
     "get_method",
+    "io",
     "methods",
+    "metrics",
+    "models",
+    "runtime",
     "targets",
+    "viz",
 ]
+
+_LAZY = ("models", "metrics", "evaluation", "viz", "io", "training", "distributed")
+
+
+def __getattr__(name: str) -> Any:
+    """Import the subpackages of :data:`_LAZY` on first access (keeps ``import`` fast)."""
+    if name in _LAZY:
+        module = importlib.import_module(f"evidencemap.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'evidencemap' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,4 +1,5 @@
-"""The one-call entry point: :func:`explain`, and :func:`methods` / :func:`get_method`."""
+"""The one-call entry point :func:`explain`; :func:`methods` / :func:`get_method` / :func:`build`
+come from :mod:`evidencemap.methods.registry`."""
 
 from __future__ import annotations
 
@@ -8,30 +9,15 @@ from torch import Tensor, nn
 
 from evidencemap.explanation import Explanation
 from evidencemap.layers import LayerSpec
-from evidencemap.methods import METHODS, Method
+from evidencemap.methods.registry import build, describe, get_method, method_names
 from evidencemap.targets import Target
 
-__all__ = ["explain", "get_method", "methods"]
+__all__ = ["build", "describe", "explain", "get_method", "methods"]
 
 
 def methods() -> list[str]:
     """The names of every method (aliases not included), in registration order."""
-    return list(dict.fromkeys(cls.name for cls in METHODS.values()))
-
-
-def get_method(name: str) -> type[Method]:
-    """The method class registered as ``name`` (case-insensitive).
-
-    Raises:
-        TypeError: when ``name`` is not a string.
-        ValueError: for an unknown name (the message lists the known ones).
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"method must be a string, got {type(name).__name__}")
-    cls = METHODS.get(name.lower())
-    if cls is None:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(methods())}")
-    return cls
+    return method_names()
 
 
 def explain(
@@ -52,16 +38,12 @@ def explain(
             model output to ``N`` scores (see :mod:`evidencemap.targets`).
         layer: for layer methods, a module, dotted name or list of them; ``None`` picks the last
             spatial layer automatically.
-        **options: the method's options (see its class).
+        **options: the method's options (``describe(method).options`` lists them).
 
     Returns:
         An :class:`Explanation` whose ``maps`` are ``(N, 1, *input_spatial)`` in [0, 1].
+
+    Raises:
+        OptionError: for an option the method does not take (a ``ValueError``).
     """
-    cls = get_method(method)
-    if cls.uses_layer:
-        instance = cls(model, layer, **options)  # type: ignore[call-arg]
-    else:
-        if layer is not None:
-            raise ValueError(f"method {cls.name!r} works in input space and takes no layer")
-        instance = cls(model, **options)
-    return instance(inputs, target)
+    return build(method, model, layer, **options)(inputs, target)

@@ -21,7 +21,6 @@ gives slow methods the fast options of :data:`QUICK_METHOD_OPTIONS` (e.g. Score-
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import math
 import statistics
@@ -35,10 +34,9 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from evidencemap.api import get_method
-from evidencemap.api import methods as registered_methods
 from evidencemap.checks import check_model
-from evidencemap.methods import METHODS
+from evidencemap.methods import METHODS, build, describe, get_method
+from evidencemap.methods import method_names as registered_methods
 from evidencemap.metrics import (
     ADCC,
     ROAD,
@@ -59,7 +57,6 @@ __all__ = [
     "METRIC_NAMES",
     "QUICK_METHOD_OPTIONS",
     "EvaluationResults",
-    "accepted_options",
     "evaluate",
     "make_explainer",
     "to_input_boxes",
@@ -149,14 +146,10 @@ def make_explainer(
     """The method ``method`` bound to ``model`` with ``options`` (``layer`` included).
 
     Raises:
-        ValueError: for an unknown method name. TypeError: for options it does not take.
+        ValueError: for an unknown method name or option (:func:`evidencemap.methods.build`).
     """
-    cls = get_method(method)
     opts = dict(options or {})
-    if cls.uses_layer:
-        layer = opts.pop("layer", None)
-        return cls(model, layer, **opts)  # type: ignore[call-arg]
-    return cls(model, **opts)
+    return build(method, model, opts.pop("layer", None), **opts)
 
 
 @dataclass
@@ -509,27 +502,6 @@ def to_input_boxes(
     return out
 
 
-def accepted_options(cls: type) -> set[str] | None:
-    """The keyword options the constructor of method class ``cls`` takes (its bases' included).
-
-    ``None`` when a constructor takes ``**options`` that reach no base (anything goes).
-    """
-    found: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        found |= {
-            p.name
-            for p in params
-            if p.name not in ("self", "model") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-        }
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            return found
-    return None
-
-
 def _method_names(methods: Any) -> list[str]:
     """Canonical names of ``methods`` (aliases accepted; default: every registered method)."""
     if methods is None:
@@ -554,9 +526,12 @@ def _method_options(
     """Constructor options per method: quick mode's (those the method takes), then ``given``."""
     options: dict[str, dict[str, Any]] = {}
     for m in methods:
-        accepted = accepted_options(get_method(m))
+        spec = describe(m)
+        accepted = set(spec.options)
+        if spec.forwards_to:  # SmoothGrad: the wrapped method's options too
+            accepted |= set(describe(spec.options[spec.forwards_to].default).options)
         quick_opts = QUICK_METHOD_OPTIONS.get(m, {}) if quick else {}
-        options[m] = {k: v for k, v in quick_opts.items() if accepted is None or k in accepted}
+        options[m] = {k: v for k, v in quick_opts.items() if k in accepted}
     if given is None:
         return options
     if not isinstance(given, Mapping):

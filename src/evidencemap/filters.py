@@ -4,6 +4,8 @@
   each spatial axis with mirror padding (``d c b | a b c d | c b a``, scipy's ``mode="mirror"``,
   torch's ``"reflect"``), kernel radius ``⌊truncate·σ + ½⌋`` as in scipy. Used by CF-CAM's
   cluster-gradient filter and by the blurred baseline of Integrated Gradients.
+  With ``padding="zero"`` and a fixed ``radius`` it is also the RISE blur of the deletion /
+  insertion substrate (kernel of 11 taps, σ = 5, zero padding).
 * :func:`mirror_indices` — the index map of that padding, valid for any radius (also larger
   than the axis).
 """
@@ -16,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["check_sigma", "gaussian_filter", "gaussian_kernel1d", "mirror_indices"]
+__all__ = [
+    "FILTER_PADDINGS",
+    "check_sigma",
+    "gaussian_filter",
+    "gaussian_kernel1d",
+    "mirror_indices",
+]
 
 
 def check_sigma(value: object, name: str, *, allow_zero: bool = False) -> float:
@@ -59,28 +67,46 @@ def mirror_indices(length: int, radius: int, device: torch.device | None = None)
     return torch.where(j > length - 1, period - j, j)
 
 
-def gaussian_filter(maps: Tensor, sigma: float, truncate: float = 4.0) -> Tensor:
+FILTER_PADDINGS = ("mirror", "zero")
+
+
+def gaussian_filter(
+    maps: Tensor,
+    sigma: float,
+    truncate: float = 4.0,
+    *,
+    radius: int | None = None,
+    padding: str = "mirror",
+) -> Tensor:
     """Gaussian smoothing of every ``(B, C, *s)`` map along all its spatial axes.
 
     ``out = maps ∗ G_σ`` with the separable normalised kernel of :func:`gaussian_kernel1d`,
-    radius ``⌊truncate·σ + ½⌋`` and mirror padding (so a constant map stays constant). Matches
-    ``scipy.ndimage.gaussian_filter(m, σ, mode="mirror", truncate=truncate)`` per map.
+    radius ``⌊truncate·σ + ½⌋`` (or ``radius``) and mirror padding (so a constant map stays
+    constant). Matches ``scipy.ndimage.gaussian_filter(m, σ, mode="mirror", truncate=truncate)``
+    per map. ``padding="zero"`` pads with zeros instead (``mode="constant"``; the RISE blur).
 
     Args:
         maps: ``(B, C, *s)`` floating tensor with 1 to 3 spatial axes.
         sigma: standard deviation in cells (> 0).
         truncate: kernel half-width in standard deviations.
+        radius: the kernel half-width in cells, instead of ``truncate``.
+        padding: ``"mirror"`` or ``"zero"``.
 
     Returns:
         A tensor of the same shape, dtype and device.
 
     Raises:
-        ValueError: for a tensor without spatial axes or a bad ``sigma``.
+        ValueError: for a tensor without spatial axes, a bad ``sigma``, radius or padding.
     """
     sigma = check_sigma(sigma, "sigma")
     if maps.ndim < 3:
         raise ValueError(f"maps must be (B, C, *spatial), got shape {tuple(maps.shape)}")
-    radius = int(truncate * sigma + 0.5)
+    if padding not in FILTER_PADDINGS:
+        raise ValueError(f"padding must be one of {FILTER_PADDINGS}, got {padding!r}")
+    if radius is None:
+        radius = int(truncate * sigma + 0.5)
+    elif isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
+        raise ValueError(f"radius must be an int >= 0, got {radius!r}")
     if radius == 0:
         return maps
     kernel = gaussian_kernel1d(sigma, radius, maps.dtype, maps.device).view(1, 1, -1)
@@ -88,7 +114,10 @@ def gaussian_filter(maps: Tensor, sigma: float, truncate: float = 4.0) -> Tensor
     for axis in range(2, maps.ndim):
         moved = out.movedim(axis, -1)
         length = moved.shape[-1]
-        padded = moved.index_select(-1, mirror_indices(length, radius, maps.device))
+        if padding == "mirror":
+            padded = moved.index_select(-1, mirror_indices(length, radius, maps.device))
+        else:
+            padded = F.pad(moved, (radius, radius))
         smoothed = F.conv1d(padded.reshape(-1, 1, length + 2 * radius), kernel)
         out = smoothed.reshape(moved.shape).movedim(-1, axis)
     return out

@@ -16,8 +16,8 @@ and then
 
 * a chunk of ``k`` items of ``b`` bytes each is never larger than the budget:
   ``k = min(requested, ⌊budget / b⌋)``; an item that alone exceeds it raises
-  :class:`BudgetExceeded` (a ``ValueError``: the request is too large, a 4xx, never an OOM);
-* past the deadline, or once ``cancel`` is set, the next checkpoint raises :class:`Cancelled`;
+  :class:`BudgetExceededError` (a ``ValueError``: the request is too large, a 4xx, never an OOM);
+* past the deadline, or once ``cancel`` is set, the next checkpoint raises :class:`RunCancelledError`;
 * ``progress(done, total, desc)`` is called at every checkpoint that reports a count.
 
 The limits are thread-local (concurrent requests on one model each have their own), and nested
@@ -33,8 +33,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 __all__ = [
-    "BudgetExceeded",
-    "Cancelled",
+    "BudgetExceededError",
+    "RunCancelledError",
     "Limits",
     "Progress",
     "checkpoint",
@@ -47,11 +47,11 @@ Progress = Callable[[int, int, str], None]
 """``progress(done, total, desc)``: ``done`` of ``total`` units of the step named ``desc``."""
 
 
-class Cancelled(RuntimeError):
+class RunCancelledError(RuntimeError):
     """The run was cancelled (client gone, user interrupt) or passed its deadline."""
 
 
-class BudgetExceeded(ValueError):
+class BudgetExceededError(ValueError):
     """One item of a chunked computation needs more memory than the budget allows."""
 
 
@@ -62,7 +62,7 @@ class Limits:
     Attributes:
         memory_budget: bytes one chunk of a computation may take (``None``: unlimited).
         deadline: ``time.monotonic()`` value after which a checkpoint raises (``None``: none).
-        cancel: events; once any is set, a checkpoint raises :class:`Cancelled`.
+        cancel: events; once any is set, a checkpoint raises :class:`RunCancelledError`.
         progress: callbacks told of progress, innermost last.
     """
 
@@ -131,40 +131,46 @@ def checkpoint(done: int | None = None, total: int | None = None, desc: str = ""
     """Report progress and stop the run if it was cancelled or is past its deadline.
 
     Raises:
-        Cancelled: when a cancel event is set or the deadline has passed.
+        RunCancelledError: when a cancel event is set or the deadline has passed.
     """
     now = current()
     if now is _NONE:
         return
     if any(event.is_set() for event in now.cancel):
-        raise Cancelled("the run was cancelled")
+        raise RunCancelledError("the run was cancelled")
     if now.deadline is not None and time.monotonic() > now.deadline:
-        raise Cancelled("the run passed its time limit")
+        raise RunCancelledError("the run passed its time limit")
     if done is not None and total is not None:
         for report in now.progress:
             report(done, total, desc)
 
 
-def chunk_items(per_item_bytes: int, requested: int, what: str = "items") -> int:
+def chunk_items(
+    per_item_bytes: int, requested: int, what: str = "items", budget: int | None = None
+) -> int:
     """How many items of ``per_item_bytes`` one chunk may hold: ``min(requested, budget // b)``.
 
     Args:
         per_item_bytes: memory one item of the chunk takes (inputs and what scales with them).
-        requested: the chunk size asked for (an option such as ``batch_size``).
+        requested: the chunk size asked for (an option such as ``internal_batch_size``).
         what: what an item is, for the error message.
+        budget: a method's own budget in bytes (its ``memory_budget`` option): chunks stay
+            within it, but hold at least one item.
 
     Raises:
-        BudgetExceeded: when a single item is larger than the memory budget.
+        BudgetExceededError: when a single item is larger than the thread's memory budget.
     """
-    budget = current().memory_budget
     requested = max(1, int(requested))
-    if budget is None:
-        return requested
     per_item = max(1, int(per_item_bytes))
-    fits = budget // per_item
+    if budget is not None:  # the method's own budget: a preference, at least one item
+        requested = max(1, min(requested, budget // per_item))
+    limit = current().memory_budget
+    if limit is None:
+        return requested
+    fits = limit // per_item
     if fits < 1:
-        raise BudgetExceeded(
+        raise BudgetExceededError(
             f"one of the {what} needs {per_item / 2**20:.1f} MiB, more than the memory budget of "
-            f"{budget / 2**20:.1f} MiB; use smaller inputs or a larger budget"
+            f"{limit / 2**20:.1f} MiB; use smaller inputs or a larger budget"
         )
     return min(requested, fits)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import platform
 import re
 from collections.abc import Sequence
@@ -21,7 +20,6 @@ __all__ = [
     "add_model_arguments",
     "add_runtime_arguments",
     "build_method",
-    "method_options",
     "method_type",
     "model_from_args",
     "parse_option",
@@ -72,7 +70,7 @@ def unit_float(text: str) -> float:
 
 def method_type(text: str) -> str:
     """argparse type: a registered method name (the canonical name is returned)."""
-    from evidencemap.api import get_method
+    from evidencemap.methods import get_method
 
     try:
         return get_method(text).name
@@ -246,62 +244,40 @@ def model_from_args(args: argparse.Namespace, device: torch.device) -> LoadedMod
         raise CLIError(str(err)) from err
 
 
-def method_options(cls: type) -> dict[str, inspect.Parameter]:
-    """The keyword options a method class accepts (its ``__init__`` and its bases' ones)."""
-    found: dict[str, inspect.Parameter] = {}
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters
-        for name, param in params.items():
-            if name in ("self", "model", "layer") or param.kind in (
-                param.VAR_KEYWORD,
-                param.VAR_POSITIONAL,
-            ):
-                continue
-            found.setdefault(name, param)
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            break
-    return found
-
-
-def build_method(name: str, loaded: LoadedModel, layer: str | None, options: dict[str, Any]) -> Any:
-    """An instance of method ``name`` for ``loaded.module`` with ``options``.
+def build_method(
+    name: str,
+    loaded: LoadedModel,
+    layer: str | None,
+    options: dict[str, Any],
+    caps: dict[str, float] | None = None,
+) -> Any:
+    """An instance of method ``name`` for ``loaded.module`` with ``options``
+    (:func:`evidencemap.methods.build`).
 
     ``layer`` may name several layers separated by commas (their maps are averaged).
 
     Raises:
-        CLIError: for an option the method does not take, a layer for an input-space method, a
-            layer method on a TorchScript model, or options the method rejects.
+        CLIError: for an option the method does not take or rejects, a layer for an
+            input-space method, or a method that hooks layers on a TorchScript model.
     """
-    from evidencemap.api import get_method
+    from evidencemap.methods import build, describe
 
-    cls = get_method(name)
-    try:
-        check_method_supports(loaded, cls)
-    except ValueError as err:
-        raise CLIError(str(err)) from err
-    known = method_options(cls)
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        listed = ", ".join(sorted(known)) or "none"
-        raise CLIError(
-            f"method {cls.name!r} takes no option {', '.join(map(repr, unknown))}; "
-            f"its options: {listed}"
-        )
+    spec = describe(name)
     layers: str | list[str] | None = None
     if layer:
         parts = [p.strip() for p in layer.split(",") if p.strip()]
         layers = parts[0] if len(parts) == 1 else parts
+    if layers is not None and not spec.uses_layer:
+        raise CLIError(f"method {spec.name!r} works in input space and takes no --layer")
     try:
-        if cls.uses_layer:
-            return cls(loaded.module, layers, **options)  # type: ignore[call-arg]
-        if layers is not None:
-            raise CLIError(f"method {cls.name!r} works in input space and takes no --layer")
-        return cls(loaded.module, **options)
+        method = build(spec.cls, loaded.module, layers, caps=caps, **options)
+        check_method_supports(loaded, method)
     except (TypeError, ValueError) as err:
-        raise CLIError(f"method {cls.name!r}: {err}") from err
+        text = str(err)
+        raise CLIError(
+            text if text.startswith("method ") else f"method {spec.name!r}: {text}"
+        ) from err
+    return method
 
 
 # --------------------------------------------------------------------------- results

@@ -12,7 +12,7 @@ from evidencemap.cli.common import (
     CLIError,
     add_model_arguments,
     add_runtime_arguments,
-    method_options,
+    build_method,
     model_from_args,
     positive_int,
     setup_runtime,
@@ -197,38 +197,29 @@ def load_boxes(
 
 def _method_options(args: argparse.Namespace, methods: list[str], loaded: Any) -> dict[str, Any]:
     """``--option`` as method → options, checked against what each method takes."""
-    from evidencemap.api import get_method
-    from evidencemap.models.loading import check_method_supports
+    from evidencemap.methods import describe
 
-    for name in methods:
-        try:
-            check_method_supports(loaded, get_method(name))
-        except ValueError as err:
-            raise CLIError(str(err)) from err
     options: dict[str, dict[str, Any]] = {}
     for method, key, value in args.option or []:
         try:
-            cls = get_method(method)
+            spec = describe(method)
         except ValueError as err:
             raise CLIError(f"--option: {err}") from None
-        if cls.name not in methods:
+        if spec.name not in methods:
             raise CLIError(f"--option: {method!r} is not among the methods evaluated")
-        known = set(method_options(cls)) | ({"layer"} if cls.uses_layer else set())
-        if key not in known:
-            raise CLIError(
-                f"--option: method {cls.name!r} takes no option {key!r}; its options: "
-                f"{', '.join(sorted(known)) or 'none'}"
-            )
-        options.setdefault(cls.name, {})[key] = value
+        options.setdefault(spec.name, {})[key] = value
+    for name in methods:  # every option and the model checked now, before any work
+        given = dict(options.get(name, {}))
+        build_method(name, loaded, given.pop("layer", None), given)
     return options
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate; exit status 0 when the tables were written."""
     from evidencemap import io
-    from evidencemap.api import get_method
-    from evidencemap.api import methods as registered
     from evidencemap.evaluation import METRIC_NAMES, evaluate
+    from evidencemap.methods import get_method
+    from evidencemap.methods import method_names as registered
 
     paths = list(args.images)
     missing = [str(p) for p in paths if not p.is_file()]

@@ -24,10 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from evidencemap.capture import eval_mode, record_outputs
-from evidencemap.checks import check_inputs, check_model, check_positive_int
+from evidencemap.checks import check_inputs, check_model
 from evidencemap.explanation import Explanation
 from evidencemap.layers import LayerSpec, find_spatial_layer, layer_names, resolve_layers
 from evidencemap.maps import normalize, upsample
+from evidencemap.methods.options import Option, options_of
 from evidencemap.targets import OutputKey, ResolvedTarget, Target, resolve, select_output
 
 __all__ = [
@@ -100,6 +101,26 @@ class Method:
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
     uses_layer: ClassVar[bool] = False
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option(
+            "output_key",
+            "any",
+            None,
+            "which element of a tuple/list/dict model output to explain",
+            other="an int index or a string key",
+            nullable=True,
+        ),
+        Option("eval_mode", "bool", True, "run the model in eval mode (flags restored after)"),
+        Option(
+            "batch_size",
+            "int",
+            None,
+            "explain at most this many inputs per pass",
+            low=1,
+            nullable=True,
+            cost="chunk",
+        ),
+    )
 
     def __init__(
         self,
@@ -111,10 +132,23 @@ class Method:
     ) -> None:
         self.model = check_model(model)
         self.output_key = output_key
-        self.eval_mode = bool(eval_mode)
-        self.batch_size = (
-            None if batch_size is None else check_positive_int(batch_size, "batch_size")
-        )
+        self.eval_mode = self.option("eval_mode", eval_mode)
+        self.batch_size = self.option("batch_size", batch_size)
+
+    @classmethod
+    def option(cls, name: str, value: Any) -> Any:
+        """``value`` of option ``name`` validated by its :class:`Option` description.
+
+        Raises:
+            TypeError / ValueError: naming the option, for a value it does not accept.
+        """
+        return options_of(cls)[name].check(value)
+
+    @property
+    def hooks_layers(self) -> bool:
+        """Whether this instance reads a layer through forward hooks (not possible on
+        TorchScript models, whose submodules run compiled code)."""
+        return self.uses_layer
 
     # -- options --------------------------------------------------------------------------
     def options(self) -> dict[str, Any]:
@@ -195,6 +229,17 @@ class LayerMethod(Method):
 
     uses_layer: ClassVar[bool] = True
     needs_gradients: ClassVar[bool] = True
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option("relu", "bool", True, "keep only positive evidence (ReLU of the layer map)"),
+        Option(
+            "gradient_noise",
+            "float",
+            0.0,
+            "σ of Gaussian noise added to the layer gradients (robustness studies)",
+            low=0.0,
+        ),
+        Option("noise_seed", "int", None, "seed of that noise", nullable=True),
+    )
 
     def __init__(
         self,
@@ -212,7 +257,7 @@ class LayerMethod(Method):
         self.gradient_noise = _check_noise(gradient_noise, self.needs_gradients)
         self.noise_seed = noise_seed
         self.layers = resolve_layers(self.model, layer)
-        self.relu = bool(relu)
+        self.relu = self.option("relu", relu)
 
     def options(self) -> dict[str, Any]:
         options = {**super().options(), "relu": self.relu}

@@ -8,12 +8,13 @@ map is ``ReLU``-ed (unless ``relu=False``), upsampled and normalised by the shar
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from evidencemap.methods.base import Context, LayerMethod, gradients_of, register
+from evidencemap.methods.options import Option
 
 __all__ = ["CAM", "EigenCAM", "GradCAM", "GradCAMPlusPlus", "HiResCAM", "LayerCAM", "XGradCAM"]
 
@@ -33,12 +34,15 @@ class GradCAM(LayerMethod):
 
     name = "gradcam"
     aliases = ("grad-cam",)
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option("counterfactual", "bool", False, "negate the gradient: evidence against the target"),
+    )
 
     def __init__(
         self, model: nn.Module, layer: Any = None, *, counterfactual: bool = False, **kw: Any
     ) -> None:
         super().__init__(model, layer, **kw)
-        self.counterfactual = bool(counterfactual)
+        self.counterfactual = self.option("counterfactual", counterfactual)
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "counterfactual": self.counterfactual}
@@ -117,6 +121,16 @@ class CAM(LayerMethod):
 
     name = "cam"
     needs_gradients = False
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option(
+            "fc",
+            "str",
+            None,
+            "the final linear layer (default: the model's last nn.Linear)",
+            other="an nn.Linear",
+            nullable=True,
+        ),
+    )
 
     def __init__(
         self, model: nn.Module, layer: Any = None, *, fc: nn.Linear | str | None = None, **kw: Any

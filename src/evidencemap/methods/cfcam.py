@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from evidencemap.filters import check_sigma, gaussian_filter
 from evidencemap.methods.base import Context, LayerMethod, gradients_of, register
+from evidencemap.methods.options import Option
 
 __all__ = [
     "CFCAM",
@@ -280,6 +281,37 @@ class CFCAM(LayerMethod):
 
     name = "cfcam"
     aliases: ClassVar[tuple[str, ...]] = ("cf-cam",)
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option("filter", "str", "gaussian", "cluster-gradient filter", choices=CFCAM_FILTERS),
+        Option("sigma", "float", 1.0, "Gaussian σ in feature cells", low=0.0, low_open=True),
+        Option("sigma_spatial", "float", 5.0, "released kernel's σ_s", low=0.0, low_open=True),
+        Option("sigma_range", "float", 0.1, "released kernel's σ_r", low=0.0, low_open=True),
+        Option(
+            "important_percentile",
+            "float",
+            75.0,
+            "percentile of channel norms above which channels are important",
+            low=0.0,
+            high=100.0,
+        ),
+        Option(
+            "eps_percentile",
+            "float",
+            25.0,
+            "percentile of pairwise distances that sets DBSCAN's eps",
+            low=0.0,
+            high=100.0,
+        ),
+        Option(
+            "temperature",
+            "float",
+            1.0,
+            "softmax temperature of the weights",
+            low=0.0,
+            low_open=True,
+            other="'auto'",
+        ),
+    )
 
     def __init__(
         self,

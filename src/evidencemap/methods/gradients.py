@@ -30,25 +30,29 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from evidencemap import runtime
 from evidencemap.capture import NONLINEARITIES, GradientGate, NonlinearityInterceptor
 from evidencemap.checks import check_positive_int
 from evidencemap.explanation import Explanation
-from evidencemap.filters import check_sigma, gaussian_filter
 from evidencemap.layers import LayerSpec
 from evidencemap.maps import FLAT_EPS, normalize, upsample
 from evidencemap.methods.base import Context, LayerMethod, Method, register
 from evidencemap.methods.cam import GradCAM
-from evidencemap.methods.scorecam import chunk_size
+from evidencemap.methods.options import Option
+from evidencemap.methods.scorecam import MEMORY_BUDGET
+from evidencemap.references import REFERENCES, check_reference, reference_image
 from evidencemap.targets import ResolvedTarget, Target, resolve
 
 __all__ = [
     "GUIDED_NONLINEARITIES",
     "IG_RULES",
+    "Attribution",
     "GuidedBackprop",
     "GuidedGradCAM",
     "InputMethod",
@@ -118,17 +122,64 @@ def _check_nonlinearities(value: Any) -> frozenset[str]:
     return names
 
 
+NONLINEARITIES_OPTION = Option(
+    "nonlinearities",
+    "any",
+    GUIDED_NONLINEARITIES,
+    "nonlinearities that get the guided rule",
+    other="a list of nonlinearity names",
+)
+
+
+@dataclass
+class Attribution:
+    """What an input-space method computed for one batch, before the shared packaging.
+
+    Attributes:
+        raw: ``(N, C, *S)`` per-channel attributions.
+        output: the model's output on the inputs (detached).
+        target: the resolved target.
+        scores: ``(N,)`` the target's scores on the inputs.
+        extras: method-specific results.
+        layer: the layer a hybrid method (Guided Grad-CAM) read, or ``None``.
+    """
+
+    raw: Tensor
+    output: Tensor
+    target: ResolvedTarget
+    scores: Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+    layer: str | list[str] | None = None
+
+
 class InputMethod(Method):
-    """A method whose ``raw`` is per-channel attributions ``(N, C, *S)`` in input space."""
+    """A method whose ``raw`` is per-channel attributions ``(N, C, *S)`` in input space.
+
+    The template: a subclass implements :meth:`attribute` (the attributions and the target it
+    resolved on the way) and may override :meth:`reduce` (the channel reduction of the map);
+    :meth:`explain_batch` packages the result the same way for all of them.
+    """
+
+    def attribute(self, x: Tensor, target: Target) -> Attribution:
+        """The attributions of ``x`` ``(N, C, *S)`` for ``target``."""
+        raise NotImplementedError
 
     def reduce(self, raw: Tensor) -> Tensor:
         """The map ``(N, 1, *S)`` of ``raw``; default ``max_c |raw_c|``."""
         return raw.abs().amax(dim=1, keepdim=True)
 
+    def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
+        x = inputs.detach()
+        got = self.attribute(x, target)
+        context = Context(self.model, x, got.output, got.target, None, self.forward)
+        return self.finish(
+            got.raw, self.reduce(got.raw), context, got.scores, layer=got.layer, extras=got.extras
+        )
+
     def input_gradients(
         self, x: Tensor, target: Target, nonlinearities: Collection[str] | None = None
-    ) -> tuple[Tensor, Tensor, ResolvedTarget, Tensor]:
-        """``∂y/∂x`` (guided when ``nonlinearities`` is given): ``(grads, output, target, y)``."""
+    ) -> Attribution:
+        """``∂y/∂x`` (guided when ``nonlinearities`` is given), with the target it resolved."""
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             if nonlinearities is None:
@@ -139,10 +190,7 @@ class InputMethod(Method):
             resolved = resolve(target, output)
             scores = resolved.score(output)
             (grads,) = torch.autograd.grad(scores.sum(), x)
-        return grads, output.detach(), resolved, scores.detach()
-
-    def context(self, x: Tensor, output: Tensor, resolved: ResolvedTarget) -> Context:
-        return Context(self.model, x.detach(), output, resolved, None, self.forward)
+        return Attribution(grads, output.detach(), resolved, scores.detach())
 
 
 @register
@@ -156,18 +204,22 @@ class Saliency(InputMethod):
 
     name = "saliency"
     aliases: ClassVar[tuple[str, ...]] = ("gradient", "vanilla_gradient")
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option("abs", "bool", True, "report |∂y/∂x| in raw (False: the signed gradient)"),
+    )
 
     def __init__(self, model: nn.Module, *, abs: bool = True, **kw: Any) -> None:
         super().__init__(model, **kw)
-        self.abs = bool(abs)
+        self.abs = self.option("abs", abs)
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "abs": self.abs}
 
-    def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
-        grads, output, resolved, scores = self.input_gradients(inputs, target)
-        raw = grads.abs() if self.abs else grads
-        return self.finish(raw, self.reduce(raw), self.context(inputs, output, resolved), scores)
+    def attribute(self, x: Tensor, target: Target) -> Attribution:
+        got = self.input_gradients(x, target)
+        if self.abs:
+            got.raw = got.raw.abs()
+        return got
 
 
 @register
@@ -181,6 +233,7 @@ class GuidedBackprop(InputMethod):
 
     name = "guided_backprop"
     aliases: ClassVar[tuple[str, ...]] = ("guided-backprop", "guidedbackprop")
+    OPTIONS: ClassVar[tuple[Option, ...]] = (NONLINEARITIES_OPTION,)
 
     def __init__(
         self,
@@ -195,11 +248,8 @@ class GuidedBackprop(InputMethod):
     def options(self) -> dict[str, Any]:
         return {**super().options(), "nonlinearities": sorted(self.nonlinearities)}
 
-    def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
-        grads, output, resolved, scores = self.input_gradients(inputs, target, self.nonlinearities)
-        return self.finish(
-            grads, self.reduce(grads), self.context(inputs, output, resolved), scores
-        )
+    def attribute(self, x: Tensor, target: Target) -> Attribution:
+        return self.input_gradients(x, target, self.nonlinearities)
 
 
 @register
@@ -215,6 +265,7 @@ class GuidedGradCAM(InputMethod):
     name = "guided_gradcam"
     aliases: ClassVar[tuple[str, ...]] = ("guided-gradcam", "guided-grad-cam")
     uses_layer: ClassVar[bool] = True
+    OPTIONS: ClassVar[tuple[Option, ...]] = (NONLINEARITIES_OPTION,)
 
     def __init__(
         self,
@@ -231,15 +282,14 @@ class GuidedGradCAM(InputMethod):
     def options(self) -> dict[str, Any]:
         return {**super().options(), "nonlinearities": sorted(self.nonlinearities)}
 
-    def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
-        grads, output, resolved, scores = self.input_gradients(inputs, target, self.nonlinearities)
-        cam_target = resolved.classes if resolved.classes is not None else target
-        cam = self.gradcam.explain_batch(inputs.detach().clone(), cam_target)
-        cam_map = cam.maps if isinstance(cam.raw, list) else upsample(cam.raw, inputs.shape[2:])
-        raw = grads * cam_map
-        return self.finish(
-            raw, self.reduce(raw), self.context(inputs, output, resolved), scores, layer=cam.layer
-        )
+    def attribute(self, x: Tensor, target: Target) -> Attribution:
+        got = self.input_gradients(x, target, self.nonlinearities)
+        cam_target = got.target.classes if got.target.classes is not None else target
+        cam = self.gradcam.explain_batch(x.detach().clone(), cam_target)
+        cam_map = cam.maps if isinstance(cam.raw, list) else upsample(cam.raw, x.shape[2:])
+        got.raw = got.raw * cam_map
+        got.layer = cam.layer
+        return got
 
 
 def path_points(steps: int, rule: str = "trapezoid") -> tuple[Tensor, Tensor]:
@@ -285,7 +335,7 @@ class IntegratedGradients(InputMethod):
     ``completeness_relative = |gap| / |F(x) − F(x')|`` and ``baseline_score = F(x')``.
 
     Args:
-        baseline: ``None``/``"zeros"`` (zeros in the model's normalised input space), ``"blur"``
+        baseline: ``"zero"`` (0 in the model's normalised input space; also ``None``), ``"blur"``
             (the input blurred by a Gaussian of ``blur_sigma`` pixels, mirror padding), or a
             tensor of shape ``(N, C, *S)``, ``(1, C, *S)`` or ``(C, *S)``.
         steps: number of gradient evaluations ``m``.
@@ -303,12 +353,41 @@ class IntegratedGradients(InputMethod):
 
     name = "integrated_gradients"
     aliases: ClassVar[tuple[str, ...]] = ("ig", "integrated-gradients")
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option(
+            "baseline",
+            "str",
+            "zero",
+            "the path's start x' (evidencemap.references)",
+            choices=REFERENCES,
+            other="a number or a tensor (N | 1, C, *S) / (C, *S)",
+            nullable=True,
+        ),
+        Option(
+            "steps", "int", 50, "gradient evaluations along the path", low=1, cost="work", cap=512
+        ),
+        Option("rule", "str", "trapezoid", "Riemann rule", choices=IG_RULES),
+        Option(
+            "blur_sigma", "float", 10.0, "σ in pixels of the blur baseline", low=0.0, low_open=True
+        ),
+        Option(
+            "internal_batch_size",
+            "int",
+            32,
+            "path points per forward/backward pass",
+            low=1,
+            cost="chunk",
+            cap=256,
+        ),
+        MEMORY_BUDGET,
+        Option("sign", "str", "positive", "map of ReLU(ΣIG) or |ΣIG|", choices=IG_SIGNS),
+    )
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        baseline: Tensor | str | None = None,
+        baseline: Tensor | str | float | None = "zero",
         steps: int = 50,
         rule: str = "trapezoid",
         blur_sigma: float = 10.0,
@@ -318,31 +397,18 @@ class IntegratedGradients(InputMethod):
         **kw: Any,
     ) -> None:
         super().__init__(model, **kw)
-        if baseline is not None and not isinstance(baseline, (str, Tensor)):
-            raise TypeError(
-                f"baseline must be None, 'zeros', 'blur' or a tensor, got {type(baseline).__name__}"
-            )
-        if isinstance(baseline, str) and baseline not in ("zeros", "blur"):
-            raise ValueError(f"baseline must be 'zeros', 'blur' or a tensor, got {baseline!r}")
-        if isinstance(baseline, Tensor) and (
-            not baseline.is_floating_point() or not bool(torch.isfinite(baseline).all())
-        ):
-            raise ValueError("baseline must be a finite floating-point tensor")
-        self.baseline = baseline
-        self.steps = check_positive_int(steps, "steps")
+        baseline = self.option("baseline", baseline)
+        self.baseline = "zero" if baseline is None else check_reference(baseline, "baseline")
+        self.steps = self.option("steps", steps)
+        self.rule = self.option("rule", rule)
         self.alphas, self.weights = path_points(self.steps, rule)
-        self.rule = rule
-        self.blur_sigma = check_sigma(blur_sigma, "blur_sigma")
-        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
-        if memory_budget is not None:
-            check_positive_int(memory_budget, "memory_budget")
-        self.memory_budget = memory_budget
-        if sign not in IG_SIGNS:
-            raise ValueError(f"sign must be one of {IG_SIGNS}, got {sign!r}")
-        self.sign = sign
+        self.blur_sigma = self.option("blur_sigma", blur_sigma)
+        self.internal_batch_size = self.option("internal_batch_size", internal_batch_size)
+        self.memory_budget = self.option("memory_budget", memory_budget)
+        self.sign = self.option("sign", sign)
 
     def options(self) -> dict[str, Any]:
-        baseline = "tensor" if isinstance(self.baseline, Tensor) else (self.baseline or "zeros")
+        baseline = "tensor" if isinstance(self.baseline, Tensor) else self.baseline
         return {
             **super().options(),
             "baseline": baseline,
@@ -357,24 +423,10 @@ class IntegratedGradients(InputMethod):
         return total.clamp(min=0) if self.sign == "positive" else total.abs()
 
     def baseline_for(self, x: Tensor) -> Tensor:
-        """The baseline ``x'`` ``(N, C, *S)`` for inputs ``x``."""
-        if self.baseline is None or self.baseline == "zeros":
-            return torch.zeros_like(x)
-        if isinstance(self.baseline, str):  # "blur"
-            return gaussian_filter(x, self.blur_sigma)
-        b = self.baseline.to(device=x.device, dtype=x.dtype)
-        if b.shape == x.shape[1:]:
-            b = b.unsqueeze(0)
-        if b.ndim != x.ndim or b.shape[1:] != x.shape[1:] or b.shape[0] not in (1, x.shape[0]):
-            raise ValueError(
-                f"baseline of shape {tuple(self.baseline.shape)} does not match inputs of shape "
-                f"{tuple(x.shape)}; expected {tuple(x.shape)}, {(1, *x.shape[1:])} or "
-                f"{tuple(x.shape[1:])}"
-            )
-        return b.expand_as(x)
+        """The baseline ``x'`` ``(N, C, *S)`` for inputs ``x`` (:mod:`evidencemap.references`)."""
+        return reference_image(x, self.baseline, blur_sigma=self.blur_sigma, name="baseline")
 
-    def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
-        x = inputs.detach()
+    def attribute(self, x: Tensor, target: Target) -> Attribution:
         n = x.shape[0]
         base = self.baseline_for(x)
         with torch.no_grad():
@@ -383,15 +435,19 @@ class IntegratedGradients(InputMethod):
             scores = resolved.score(output)
             base_scores = resolved.score(self.forward(base))
         score = _slice_scores(resolved, n)
-        # whole copies of the batch per chunk: ≤ internal_batch_size inputs, ≤ memory_budget bytes
-        per_copy = x.numel() * x.element_size()
-        copies = chunk_size(per_copy, max(1, self.internal_batch_size // n), self.memory_budget)
+        # whole copies of the batch per chunk: ≤ internal_batch_size inputs, ≤ the memory budget
+        # (the path inputs and their gradients)
+        per_copy = 2 * x.numel() * x.element_size()
+        copies = runtime.chunk_items(
+            per_copy, max(1, self.internal_batch_size // n), "path batches", self.memory_budget
+        )
         shape = (-1, *([1] * x.ndim))
         diff = x - base
         total = torch.zeros_like(x)
         alphas = self.alphas.to(device=x.device, dtype=x.dtype)
         weights = self.weights.to(device=x.device, dtype=x.dtype)
         for start in range(0, self.steps, copies):
+            runtime.checkpoint(start, self.steps, "integrated_gradients")
             a = alphas[start : start + copies].view(shape)
             path = (base + a * diff).reshape(-1, *x.shape[1:]).requires_grad_(True)
             with torch.enable_grad():
@@ -406,21 +462,25 @@ class IntegratedGradients(InputMethod):
             "completeness_relative": gap.abs() / delta.abs().clamp(min=FLAT_EPS),
             "baseline_score": base_scores,
         }
-        context = self.context(x, output.detach(), resolved)
-        return self.finish(attributions, self.reduce(attributions), context, scores, extras=extras)
+        return Attribution(attributions, output.detach(), resolved, scores, extras)
 
 
-def smoothgrad_noise(x: Tensor, samples: int, sigma: Tensor, seed: int | None) -> Tensor:
-    """``samples`` noise draws ``(samples, N, C, *S)``, ``ε ~ N(0, σ_n²)`` per sample ``n``.
+def smoothgrad_noise(
+    x: Tensor, samples: int, sigma: Tensor, seed: int | None, chunk: int | None = None
+) -> Iterator[Tensor]:
+    """Noise draws ``ε ~ N(0, σ_n²)`` per sample ``n``, ``chunk`` draws ``(k, N, C, *S)`` at a time.
 
-    Drawn on the CPU one batch-sized draw at a time (same noise on every device and for every
-    chunking), then moved to ``x``'s device.
+    Drawn on the CPU one batch-sized draw after the other from one generator (so the noise is
+    the same on every device and for every chunking), then moved to ``x``'s device. Only one
+    chunk exists at a time.
     """
     gen = None if seed is None else torch.Generator().manual_seed(int(seed))
-    draws = torch.stack(
-        [torch.randn(x.shape, generator=gen, dtype=x.dtype) for _ in range(samples)]
-    )
-    return draws.to(x.device) * sigma.view(1, -1, *([1] * (x.ndim - 1)))
+    chunk = samples if chunk is None else max(1, chunk)
+    scale = sigma.view(1, -1, *([1] * (x.ndim - 1)))
+    for start in range(0, samples, chunk):
+        k = min(chunk, samples - start)
+        draws = torch.stack([torch.randn(x.shape, generator=gen, dtype=x.dtype) for _ in range(k)])
+        yield draws.to(x.device) * scale
 
 
 @register
@@ -433,7 +493,8 @@ class SmoothGrad(Method):
     and the map is then made from the average as the method does it (channel reduction,
     resp. upsampling) and normalised. The target is resolved once on the clean inputs (noisy
     copies explain the same class). Noisy copies are stacked and the wrapped method runs once
-    per chunk of ``internal_batch_size`` inputs (whole copies of the batch).
+    per chunk of ``internal_batch_size`` inputs (whole copies of the batch, fewer when the run's
+    memory budget asks for it); the noise is drawn chunk by chunk.
 
     Args:
         model: the model.
@@ -455,6 +516,29 @@ class SmoothGrad(Method):
     name = "smoothgrad"
     aliases: ClassVar[tuple[str, ...]] = ("smooth-grad",)
     uses_layer: ClassVar[bool] = True
+    forwards_options_to: ClassVar[str] = "method"
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option(
+            "method",
+            "str",
+            "saliency",
+            "the method averaged over noisy copies (its options are accepted too)",
+            other="a Method instance",
+        ),
+        Option("wrap", "str", None, "the same as method", other="a Method instance", nullable=True),
+        Option("samples", "int", 25, "noisy copies", low=1, cost="work", cap=200),
+        Option("sigma", "float", 0.15, "noise σ as a fraction of the input's range", low=0.0),
+        Option("seed", "int", 0, "seed of the noise", nullable=True),
+        Option(
+            "internal_batch_size",
+            "int",
+            32,
+            "noisy inputs per call of the wrapped method",
+            low=1,
+            cost="chunk",
+            cap=256,
+        ),
+    )
 
     def __init__(
         self,
@@ -484,16 +568,10 @@ class SmoothGrad(Method):
                 raise ValueError("pass layer and options to the method instance, not to SmoothGrad")
             self.method = method
         elif isinstance(method, str):
-            from evidencemap.api import get_method
+            from evidencemap.methods.registry import build
 
-            cls = get_method(method)
             common = {"output_key": output_key, "eval_mode": eval_mode, **method_options}
-            if cls.uses_layer:
-                self.method = cls(model, layer, **common)  # type: ignore[call-arg]
-            elif layer is not None:
-                raise ValueError(f"method {cls.name!r} works in input space and takes no layer")
-            else:
-                self.method = cls(model, **common)
+            self.method = build(method, model, layer, **common)
         else:
             raise TypeError(
                 f"method must be a method name or a Method, got {type(method).__name__}"
@@ -501,12 +579,15 @@ class SmoothGrad(Method):
         if isinstance(self.method, SmoothGrad):
             raise ValueError("SmoothGrad cannot wrap SmoothGrad")
         self.output_key = self.method.output_key
-        self.samples = check_positive_int(samples, "samples")
-        self.sigma = check_sigma(sigma, "sigma", allow_zero=True)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        self.seed = seed
-        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        self.samples = self.option("samples", samples)
+        self.sigma = self.option("sigma", sigma)
+        self.seed = self.option("seed", seed)
+        self.internal_batch_size = self.option("internal_batch_size", internal_batch_size)
+
+    @property
+    def hooks_layers(self) -> bool:
+        """Whether the wrapped method reads a layer through hooks."""
+        return self.method.hooks_layers
 
     def options(self) -> dict[str, Any]:
         return {
@@ -542,13 +623,17 @@ class SmoothGrad(Method):
         class_target = target is None or not callable(target)
         span = x.flatten(1).amax(1) - x.flatten(1).amin(1)
         noise_sigma = self.sigma * span
-        noise = smoothgrad_noise(x, self.samples, noise_sigma, self.seed)
-        copies = max(1, self.internal_batch_size // n)
+        # a chunk: the noise and the noisy inputs of k whole copies of the batch
+        copies = runtime.chunk_items(
+            2 * x.numel() * x.element_size(), max(1, self.internal_batch_size // n), "noisy batches"
+        )
         total: Any = None
         layer = None
-        for start in range(0, self.samples, copies):
-            eps = noise[start : start + copies]
+        done = 0
+        for eps in smoothgrad_noise(x, self.samples, noise_sigma, self.seed, copies):
+            runtime.checkpoint(done, self.samples, "smoothgrad")
             k = eps.shape[0]
+            done += k
             noisy = (x.unsqueeze(0) + eps).reshape(-1, *x.shape[1:])
             chunk_target: Target = (
                 resolved.classes.repeat(k)

@@ -17,6 +17,7 @@ description serves four readers:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -108,56 +109,48 @@ class Option:
     def check(self, value: Any, owner: str = "") -> Any:
         """``value`` validated (ints accepted for floats, returned as ``float``).
 
-        Values of the ``other`` kinds (tensors, modules …) are returned unchanged for the method
-        to validate.
+        A value that is not of the option's ``kind`` is returned unchanged when the option
+        accepts ``other`` values (a tensor, a module, ``'auto'`` …), for the method to validate.
 
         Raises:
             TypeError: for a value of the wrong type.
             ValueError: for a value outside the range or the choices.
         """
-        where = f"{owner} option " if owner else ""
-        label = f"{where}{self.name}"
+        label = f"{owner} option {self.name}" if owner else self.name
         if value is None:
             if self.nullable or self.default is None:
                 return None
             raise TypeError(f"{label} must be {self.expected()}, got None")
-        if self.choices:
-            if isinstance(value, str) and value in self.choices:
-                return value
-            if not isinstance(value, str) and self.other:
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        matches = {
+            "int": is_int,
+            "float": is_int or isinstance(value, float),
+            "bool": isinstance(value, bool),
+            "str": isinstance(value, str),
+            "any": True,
+        }[self.kind]
+        if self.choices and isinstance(value, str):
+            if value in self.choices:
                 return value
             raise ValueError(f"{label} must be {self.expected()}, got {value!r}")
-        if self.kind == "bool":
-            if isinstance(value, bool):
+        if not matches or self.choices:
+            if self.other:
                 return value
-            raise TypeError(f"{label} must be {self.expected()}, got {type(value).__name__}")
+            shown = repr(value) if isinstance(value, (str, int, float)) else type(value).__name__
+            raise TypeError(f"{label} must be {self.expected()}, got {shown}")
         if self.kind in ("int", "float"):
-            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if self.kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
-                if self.other and not is_number and not isinstance(value, str):
-                    return value
-                raise TypeError(f"{label} must be {self.expected()}, got {value!r}")
-            if not is_number:
-                if self.other and not isinstance(value, str):
-                    return value
-                raise TypeError(f"{label} must be {self.expected()}, got {value!r}")
             number = float(value)
             if not math.isfinite(number) or not self._in_range(number):
                 raise ValueError(f"{label} must be {self.expected()}, got {value!r}")
             return int(value) if self.kind == "int" else number
-        if self.kind == "str":
-            if isinstance(value, str):
-                return value
-            if self.other:
-                return value
-            raise TypeError(f"{label} must be {self.expected()}, got {type(value).__name__}")
         return value
 
     def _in_range(self, number: float) -> bool:
         if self.low is not None and (number <= self.low if self.low_open else number < self.low):
             return False
         return not (
-            self.high is not None and (number >= self.high if self.high_open else number > self.high)
+            self.high is not None
+            and (number >= self.high if self.high_open else number > self.high)
         )
 
     def check_cap(self, value: Any, cap: float | None, owner: str = "") -> None:
@@ -198,11 +191,40 @@ def options_of(cls: type) -> dict[str, Option]:
     """Every option of method class ``cls``: its ``OPTIONS`` and its bases', subclass first.
 
     A subclass's entry replaces a base's entry of the same name (e.g. a different default).
+    A keyword parameter of a constructor in the chain that no ``OPTIONS`` describes (a method
+    written outside the library that lists none) is described from the signature alone, as
+    kind ``"any"`` with its default, so that it still can be passed.
     """
     found: dict[str, Option] = {}
     for klass in cls.__mro__:
         for option in klass.__dict__.get("OPTIONS", ()):
             found.setdefault(option.name, option)
+    for name, default in _signature_options(cls).items():
+        if name not in found:
+            found[name] = Option(name, "any", default, "(not described)", other="a value")
+    return found
+
+
+def _signature_options(cls: type) -> dict[str, Any]:
+    """Keyword parameters (with defaults) of the ``__init__`` chain of ``cls``, while each
+    passes ``**kw`` on to its base."""
+    found: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        params = inspect.signature(init).parameters.values()
+        for param in params:
+            if param.name in ("self", "model", "layer") or param.kind in (
+                param.VAR_KEYWORD,
+                param.VAR_POSITIONAL,
+            ):
+                continue
+            found.setdefault(
+                param.name, None if param.default is inspect.Parameter.empty else param.default
+            )
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
     return found
 
 

@@ -9,32 +9,37 @@ equals the official ``Σ_k w_k Up(A_k)``). Weightings:
 * ``"delta_softmax"`` (TorchCAM): ``w = softmax_k(y_c(x ⊙ H_k) − y_c(x))``.
 
 Constant channels get weight 0 and cost no forward pass. All masked forwards run batched under
-``torch.inference_mode`` in chunks of at most ``batch_size`` inputs (or fewer when
-``memory_budget`` bytes would be exceeded by one chunk of masked inputs). ``top_k`` keeps only
+``torch.inference_mode`` in chunks of at most ``internal_batch_size`` inputs (or fewer when one
+chunk of masked inputs would exceed ``memory_budget`` bytes or the run's budget, see
+:mod:`evidencemap.runtime`). ``top_k`` keeps only
 the ``k`` channels of highest activation variance per sample (a faster approximation).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from evidencemap.checks import check_positive_int
+from evidencemap import runtime
 from evidencemap.maps import FLAT_EPS, normalize, upsample
 from evidencemap.methods.base import Context, LayerMethod, register, weighted_sum
+from evidencemap.methods.options import Option
 
-__all__ = ["SCORECAM_WEIGHTINGS", "ScoreCAM", "chunk_size"]
+__all__ = ["SCORECAM_WEIGHTINGS", "ScoreCAM"]
 
 SCORECAM_WEIGHTINGS = ("softmax_prob", "channel_softmax", "delta_softmax")
 
-
-def chunk_size(per_item_bytes: int, batch_size: int, memory_budget: int | None) -> int:
-    """Items per chunk: at most ``batch_size``, and at most ``memory_budget // per_item_bytes``."""
-    if memory_budget is None:
-        return batch_size
-    return max(1, min(batch_size, memory_budget // max(1, per_item_bytes)))
+MEMORY_BUDGET = Option(
+    "memory_budget",
+    "int",
+    None,
+    "bytes one chunk of perturbed inputs may take (None: no limit of its own)",
+    low=1,
+    nullable=True,
+)
+"""The ``memory_budget`` option of the chunked methods (Score-CAM, Integrated Gradients)."""
 
 
 @register
@@ -45,7 +50,7 @@ class ScoreCAM(LayerMethod):
 
     Args:
         weighting: one of :data:`SCORECAM_WEIGHTINGS`.
-        batch_size: masked inputs per forward pass (default 32).
+        internal_batch_size: masked inputs per forward pass (default 32).
         memory_budget: bytes one chunk of masked inputs may take (``None``: no limit).
         top_k: use only the ``top_k`` channels of highest activation variance per sample.
     """
@@ -53,6 +58,29 @@ class ScoreCAM(LayerMethod):
     name = "scorecam"
     aliases = ("score-cam",)
     needs_gradients = False
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option("weighting", "str", "softmax_prob", "channel weights", choices=SCORECAM_WEIGHTINGS),
+        Option(
+            "internal_batch_size",
+            "int",
+            32,
+            "masked inputs per forward pass",
+            low=1,
+            cost="chunk",
+            cap=256,
+        ),
+        MEMORY_BUDGET,
+        Option(
+            "top_k",
+            "int",
+            None,
+            "use only the k channels of highest activation variance (one forward each)",
+            low=1,
+            nullable=True,
+            cost="work",
+            cap=4096,
+        ),
+    )
 
     def __init__(
         self,
@@ -60,26 +88,22 @@ class ScoreCAM(LayerMethod):
         layer: Any = None,
         *,
         weighting: str = "softmax_prob",
-        batch_size: int = 32,
+        internal_batch_size: int = 32,
         memory_budget: int | None = None,
         top_k: int | None = None,
         **kw: Any,
     ) -> None:
         super().__init__(model, layer, **kw)
-        if weighting not in SCORECAM_WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {SCORECAM_WEIGHTINGS}, got {weighting!r}")
-        self.weighting = weighting
-        self.chunk = check_positive_int(batch_size, "batch_size")
-        self.memory_budget = (
-            None if memory_budget is None else check_positive_int(memory_budget, "memory_budget")
-        )
-        self.top_k = None if top_k is None else check_positive_int(top_k, "top_k")
+        self.weighting = self.option("weighting", weighting)
+        self.internal_batch_size = self.option("internal_batch_size", internal_batch_size)
+        self.memory_budget = self.option("memory_budget", memory_budget)
+        self.top_k = self.option("top_k", top_k)
 
     def options(self) -> dict[str, Any]:
         return {
             **super().options(),
             "weighting": self.weighting,
-            "batch_size": self.chunk,
+            "internal_batch_size": self.internal_batch_size,
             "memory_budget": self.memory_budget,
             "top_k": self.top_k,
         }
@@ -113,11 +137,14 @@ class ScoreCAM(LayerMethod):
             return weights
         order = key.argsort(dim=1, descending=True)[:, :slots]  # (N, S) channel of each slot
         slot_valid = valid.gather(1, order)
-        per_slot = x.shape[0] * x[0].numel() * x.element_size()
-        group = max(1, chunk_size(per_slot // max(1, n) * n, self.chunk, self.memory_budget) // n)
+        # one slot = N masked inputs (one per sample); a chunk holds whole slots
+        per_slot = 2 * x.numel() * x.element_size()  # the masks and the masked inputs
+        requested = max(1, self.internal_batch_size // n)
+        group = runtime.chunk_items(per_slot, requested, "masked input batches", self.memory_budget)
         scores = []
         with torch.inference_mode():
             for start in range(0, slots, group):
+                runtime.checkpoint(start, slots, "scorecam")
                 idx = order[:, start : start + group]  # (N, g)
                 g = idx.shape[1]
                 chans = acts.gather(

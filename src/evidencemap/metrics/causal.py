@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from evidencemap.checks import check_model, check_positive_int
+from evidencemap.filters import gaussian_filter
 from evidencemap.metrics.common import (
     Metric,
     make_scorer,
@@ -33,43 +33,33 @@ from evidencemap.metrics.common import (
     prepare,
     rank_positions,
 )
+from evidencemap.references import check_reference, reference_image
 from evidencemap.targets import OutputKey, Target
 
 __all__ = ["CurveResult", "Deletion", "Insertion", "auc", "gaussian_blur"]
 
 # Steps of the RISE protocol for a 224 × 224 image (one row's worth of pixels per step).
 _DEFAULT_STEPS = 224
-_SUBSTRATES = ("zero", "blur", "mean")
 
 
 def gaussian_blur(x: Tensor, size: int = 11, sigma: float = 5.0) -> Tensor:
-    """Blur ``(N, C, *S)`` per channel with a separable Gaussian (1-, 2- or 3-D).
+    """The RISE blur of ``(N, C, *S)``: a separable Gaussian of ``size`` taps, zero padding.
 
-    Kernel ``k_t ∝ exp(−t² / 2σ²)``, ``t = −(size−1)/2 … (size−1)/2``, summed to 1 per axis;
-    zero padding keeps the size (as in the RISE code).
+    Kernel ``k_t ∝ exp(−t² / 2σ²)``, ``t = −(size−1)/2 … (size−1)/2``, summed to 1 per axis
+    (as in the RISE code); :func:`evidencemap.filters.gaussian_filter` with
+    ``radius = (size − 1) / 2`` and ``padding="zero"``.
 
     Raises:
-        ValueError: for ``size < 1`` or ``sigma <= 0``, or inputs without 1 to 3 spatial axes.
+        ValueError: for an even or non-positive ``size``, ``sigma <= 0``, or inputs without 1 to
+            3 spatial axes.
     """
-    if size < 1 or sigma <= 0:
-        raise ValueError(f"size must be >= 1 and sigma > 0, got size={size}, sigma={sigma}")
-    dims = x.ndim - 2
-    if dims not in (1, 2, 3):
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
+        raise ValueError(f"size must be an odd int >= 1, got {size!r}")
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    if x.ndim - 2 not in (1, 2, 3):
         raise ValueError(f"x must be (N, C, *S) with 1 to 3 spatial axes, got {tuple(x.shape)}")
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
-    t = torch.arange(size, device=x.device, dtype=x.dtype) - (size - 1) / 2
-    kernel = torch.exp(-(t**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    channels = x.shape[1]
-    out = x
-    for axis in range(dims):
-        shape = [1] * dims
-        shape[axis] = size
-        padding = [0] * dims
-        padding[axis] = size // 2
-        weight = kernel.view(1, 1, *shape).expand(channels, 1, *shape)
-        out = conv(out, weight, padding=tuple(padding), groups=channels)
-    return out
+    return gaussian_filter(x, sigma, radius=(size - 1) // 2, padding="zero")
 
 
 def auc(curves: Tensor, fractions: Tensor | None = None) -> Tensor:
@@ -126,37 +116,17 @@ class _CausalCurve(Metric):
         self.model = check_model(model)
         self.step = None if step is None else check_positive_int(step, "step")
         substrate = self.default_substrate if substrate is None else substrate
-        if isinstance(substrate, str) and substrate not in _SUBSTRATES:
-            raise ValueError(
-                f"substrate must be one of {_SUBSTRATES}, a number or a tensor, got {substrate!r}"
-            )
-        if not isinstance(substrate, (str, int, float, Tensor)) or isinstance(substrate, bool):
-            raise TypeError(
-                f"substrate must be one of {_SUBSTRATES}, a number or a tensor, got {type(substrate).__name__}"
-            )
-        self.substrate = substrate
+        self.substrate = check_reference(substrate, "substrate")
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.output_key = output_key
         self.seed = int(seed)
 
     def substrate_of(self, x: Tensor) -> Tensor:
-        """The substrate image ``(N, C, *S)`` for inputs ``x``."""
-        sub = self.substrate
-        if isinstance(sub, Tensor):
-            try:
-                return torch.broadcast_to(sub.to(x.device, x.dtype), x.shape)
-            except RuntimeError:
-                raise ValueError(
-                    f"substrate tensor of shape {tuple(sub.shape)} does not broadcast to the "
-                    f"inputs {tuple(x.shape)}"
-                ) from None
-        if sub == "zero":
-            return torch.zeros_like(x)
-        if sub == "blur":
+        """The substrate image ``(N, C, *S)`` for inputs ``x`` (:mod:`evidencemap.references`;
+        ``"blur"`` is the RISE blur, :func:`gaussian_blur`)."""
+        if isinstance(self.substrate, str) and self.substrate == "blur":
             return gaussian_blur(x)
-        if sub == "mean":
-            return x.flatten(2).mean(2).view(*x.shape[:2], *([1] * (x.ndim - 2))).expand_as(x)
-        return torch.full_like(x, float(sub))
+        return reference_image(x, self.substrate, name="substrate")
 
     def _ends(self, x: Tensor, substrate: Tensor) -> tuple[Tensor, Tensor]:
         """(image where the positions are *not yet* changed, image they change into)."""

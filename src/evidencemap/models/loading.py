@@ -187,28 +187,35 @@ def input_kind(module: nn.Module) -> str:
     return "image"
 
 
-def check_method_supports(loaded: LoadedModel, method: type) -> None:
-    """Raise a clear error when ``method`` cannot explain ``loaded`` (layer methods need hooks).
+def check_method_supports(loaded: LoadedModel, method: Any) -> None:
+    """Raise a clear error when ``method`` (an instance or a class) cannot explain ``loaded``.
+
+    Methods that read a layer through forward hooks (``hooks_layers``; for a class, its
+    ``uses_layer``) cannot explain TorchScript models, whose submodules run compiled code.
+    SmoothGrad over an input-space method can.
 
     Raises:
-        ValueError: for a layer method (``uses_layer``) on a TorchScript model.
+        ValueError: for such a method on a TorchScript model.
     """
-    if loaded.source == "torchscript" and getattr(method, "uses_layer", False):
-        from evidencemap.api import methods as method_names
-        from evidencemap.methods import METHODS
+    if loaded.source != "torchscript":
+        return
+    hooks = method.uses_layer if isinstance(method, type) else method.hooks_layers
+    if not hooks:
+        return
+    from evidencemap.methods import describe, method_names
 
-        input_space = [n for n in method_names() if not METHODS[n].uses_layer]
-        suggestion = (
-            f"use an input-space method ({', '.join(input_space)})"
-            if input_space
-            else "no input-space method is installed"
-        )
-        raise ValueError(
-            f"method {getattr(method, 'name', method)!r} reads a layer through forward hooks, "
-            f"which TorchScript models ({loaded.name}) never run: {suggestion}, or save the "
-            "model as a pickled eager model (torch.save(model, path)) or give an import string "
-            "package.module:factory"
-        )
+    input_space = [n for n in method_names() if not describe(n).uses_layer]
+    suggestion = (
+        f"use an input-space method ({', '.join(input_space)})"
+        if input_space
+        else "no input-space method is installed"
+    )
+    raise ValueError(
+        f"method {getattr(method, 'name', method)!r} reads a layer through forward hooks, "
+        f"which TorchScript models ({loaded.name}) never run: {suggestion}, or save the "
+        "model as a pickled eager model (torch.save(model, path)) or give an import string "
+        "package.module:factory"
+    )
 
 
 def _looks_like_torchscript(path: Path) -> bool:

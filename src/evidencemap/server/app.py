@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import inspect
 import json
 import logging
 import math
@@ -27,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
 from typing import Annotated, Any
@@ -44,11 +43,11 @@ from torch import Tensor, nn
 import evidencemap
 from evidencemap import models as builtin_models
 from evidencemap import viz
-from evidencemap.api import get_method, methods
 from evidencemap.checks import check_positive_int
 from evidencemap.explanation import Explanation
 from evidencemap.io import ImageTooLargeError, UnsupportedImageError, load_image_bytes
-from evidencemap.methods.base import METHODS, Method
+from evidencemap.methods import build, describe, get_method, method_names
+from evidencemap.methods.base import Method
 from evidencemap.server.schemas import (
     ArrayData,
     ErrorResponse,
@@ -165,44 +164,24 @@ def _plain(value: Any) -> bool:
 
 
 def method_options(cls: type[Method]) -> dict[str, Any]:
-    """The keyword options of method ``cls`` and their defaults (from its constructors).
-
-    Walks the class's ``__init__`` chain while each passes ``**kw`` on to its base.
-    """
-    found: dict[str, Any] = {}
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        for param in params:
-            if param.name in ("self", "model") or param.default is inspect.Parameter.empty:
-                continue
-            default = param.default
-            found.setdefault(
-                param.name, default if isinstance(default, _SCALARS) else repr(default)
-            )
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-            break
-    return found
+    """The keyword options of method ``cls`` and their defaults (from its description)."""
+    return {name: option.describe()["default"] for name, option in describe(cls).options.items()}
 
 
-def _build(cls: type[Method], model: nn.Module, options: dict[str, Any]) -> Method:
-    """Construct a method; a bad option name or value is a 422 naming the method."""
+def _build(
+    cls: type[Method], model: nn.Module, options: dict[str, Any], caps: dict[str, float] | None
+) -> Method:
+    """Construct a method (:func:`evidencemap.methods.build`); a bad option name or value, or
+    a value over the service's caps, is a 422 naming the method."""
     options = dict(options)
+    layer = options.pop("layer", None)
     try:
-        if cls.uses_layer:
-            layer = options.pop("layer", None)
-            return cls(model, layer, **options)  # type: ignore[call-arg]
-        if options.get("layer") is not None:
-            raise ValueError("it works in input space and takes no layer")
-        options.pop("layer", None)
-        return cls(model, **options)
-    except TypeError as err:
-        known = ", ".join(method_options(cls))
-        raise ApiError(422, f"method {cls.name!r}: {err} (its options: {known})") from None
-    except ValueError as err:
-        raise ApiError(422, f"method {cls.name!r}: {err}") from None
+        return build(cls, model, layer, caps=caps, **options)
+    except (TypeError, ValueError) as err:
+        text = str(err)
+        raise ApiError(
+            422, text if text.startswith("method ") else f"method {cls.name!r}: {text}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- results
@@ -231,6 +210,7 @@ class _Service:
     max_upload_bytes: int
     max_pixels: int
     display_size: int
+    caps: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.labels: list[str] = list(self.model.labels)  # type: ignore[arg-type]
@@ -285,7 +265,7 @@ class _Service:
             raise ApiError(413, str(err)) from None
         except ValueError as err:
             raise ApiError(400, str(err)) from None
-        instances = [_build(cls, self.model, options[cls.name]) for cls in classes]
+        instances = [_build(cls, self.model, options[cls.name], self.caps) for cls in classes]
 
         x = self.preprocess(image).unsqueeze(0)
         with torch.inference_mode():
@@ -530,16 +510,16 @@ def create_app(
     async def list_methods() -> list[MethodInfo]:
         """Every method name (for ``method``), its aliases and its options with defaults."""
         infos = []
-        for name in methods():
-            cls = METHODS[name]
-            doc = inspect.getdoc(cls) or ""
+        for name in method_names():
+            spec = describe(name)
             infos.append(
                 MethodInfo(
-                    name=cls.name,
-                    aliases=list(cls.aliases),
-                    uses_layer=cls.uses_layer,
-                    summary=doc.splitlines()[0] if doc else "",
-                    options=method_options(cls),
+                    name=spec.name,
+                    aliases=list(spec.aliases),
+                    uses_layer=spec.uses_layer,
+                    summary=spec.summary,
+                    options={n: o.describe()["default"] for n, o in spec.options.items()},
+                    option_specs=[o.describe() for o in spec.options.values()],
                 )
             )
         return infos

@@ -137,6 +137,12 @@ class MethodInfo(BaseModel):
     options: dict[str, Any] = Field(
         description="Keyword options the method accepts, with their defaults."
     )
+    option_specs: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Each option described: name, kind, default, doc, expected, choices, "
+        "low/high, nullable, cost ('work': time grows with it, 'chunk': memory) and cap "
+        "(the largest value this service accepts; null: no cap).",
+    )
 
 
 class ModelInfo(BaseModel):

@@ -1,0 +1,170 @@
+"""The methods by name: look one up, describe it, build it — the one factory every entry point uses.
+
+``build(name, model, layer=None, **options)`` is what :func:`evidencemap.explain`, the command
+line, the web service, the evaluation and SmoothGrad's wrapped method all call:
+
+* the name is resolved case-insensitively (aliases too);
+* every option name is checked against the method's description (:func:`describe`), and an
+  unknown one is an :class:`~evidencemap.methods.options.OptionError` listing the known ones;
+* with ``caps``, every costly option is refused above its cap (:meth:`Option.check_cap`);
+* ``layer`` is passed to methods that take one and refused by the others.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from evidencemap.layers import LayerSpec
+from evidencemap.methods.base import METHODS, Method
+from evidencemap.methods.options import Option, OptionError, check_caps, options_of
+
+__all__ = ["MethodSpec", "build", "describe", "get_method", "method_names"]
+
+
+def method_names() -> list[str]:
+    """The canonical name of every method (aliases not included), in registration order."""
+    return list(dict.fromkeys(cls.name for cls in METHODS.values()))
+
+
+def get_method(name: str | type[Method]) -> type[Method]:
+    """The method class registered as ``name`` (case-insensitive; a class is returned as is).
+
+    Raises:
+        TypeError: when ``name`` is neither a string nor a method class.
+        ValueError: for an unknown name (the message lists the known ones).
+    """
+    if isinstance(name, type) and issubclass(name, Method):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a string, got {type(name).__name__}")
+    cls = METHODS.get(name.strip().lower())
+    if cls is None:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(method_names())}")
+    return cls
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method is and takes.
+
+    Attributes:
+        name: canonical name. aliases: other accepted names.
+        cls: the class.
+        uses_layer: whether it takes a ``layer``.
+        summary: the first line of its documentation.
+        options: option name → :class:`Option`, in the order the constructor lists them.
+        forwards_to: the option naming a wrapped method whose options it also takes
+            (SmoothGrad's ``method``), or ``""``.
+    """
+
+    name: str
+    aliases: tuple[str, ...]
+    cls: type[Method]
+    uses_layer: bool
+    summary: str
+    options: dict[str, Option]
+    forwards_to: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-safe description (``GET /api/methods``)."""
+        return {
+            "name": self.name,
+            "aliases": list(self.aliases),
+            "uses_layer": self.uses_layer,
+            "summary": self.summary,
+            "options": {name: option.describe() for name, option in self.options.items()},
+            "forwards_to": self.forwards_to,
+        }
+
+
+def describe(method: str | type[Method]) -> MethodSpec:
+    """The :class:`MethodSpec` of a method name or class."""
+    cls = get_method(method)
+    doc = inspect.getdoc(cls) or ""
+    summary = doc.strip().splitlines()[0].replace("``", "").rstrip(":") if doc else ""
+    return MethodSpec(
+        name=cls.name,
+        aliases=tuple(cls.aliases),
+        cls=cls,
+        uses_layer=cls.uses_layer,
+        summary=summary,
+        options=options_of(cls),
+        forwards_to=getattr(cls, "forwards_options_to", ""),
+    )
+
+
+def check_options(
+    spec: MethodSpec, options: Mapping[str, Any], caps: Mapping[str, float] | None = None
+) -> None:
+    """Refuse unknown option names and (with ``caps``) values over the caps.
+
+    A method that forwards options (SmoothGrad) has the remaining ones checked against the
+    wrapped method's description.
+
+    Raises:
+        OptionError: for an unknown name or a value over its cap.
+        TypeError / ValueError: from :meth:`Option.check`, for a value of the wrong kind.
+    """
+    known = spec.options
+    unknown = [name for name in options if name not in known]
+    if spec.forwards_to and unknown:
+        inner_name = options.get(spec.forwards_to) or known[spec.forwards_to].default
+        if isinstance(inner_name, str) and "wrap" in known and options.get("wrap"):
+            inner_name = options["wrap"]
+        if isinstance(inner_name, str):
+            inner = describe(inner_name)
+            check_options(inner, {n: options[n] for n in unknown}, caps)
+            unknown = []
+    if unknown:
+        listed = ", ".join(known) or "none"
+        raise OptionError(
+            f"method {spec.name!r} takes no option {', '.join(map(repr, unknown))}; "
+            f"its options: {listed}"
+        )
+    problems: list[Exception] = []
+    for name, value in options.items():
+        if name in known:
+            try:
+                known[name].check(value, f"method {spec.name!r}")
+            except (TypeError, ValueError) as err:
+                problems.append(err)
+    if problems:  # every bad value named at once, with the first one's type
+        raise type(problems[0])("; ".join(str(p) for p in problems))
+    if caps is not None:
+        check_caps(options, known, caps, f"method {spec.name!r}")
+
+
+def build(
+    method: str | type[Method],
+    model: nn.Module,
+    layer: LayerSpec = None,
+    *,
+    caps: Mapping[str, float] | None = None,
+    **options: Any,
+) -> Method:
+    """An instance of ``method`` on ``model`` with ``options``.
+
+    Args:
+        method: a name from :func:`method_names` (aliases accepted) or a method class.
+        model: the model.
+        layer: for methods that take one: a module, a dotted name or a list of them.
+        caps: option name → the largest value accepted (``{}``: each option's default cap;
+            ``None``: no caps).
+        **options: the method's options (see :func:`describe`).
+
+    Raises:
+        OptionError: for an unknown option or one over its cap (a ``ValueError``).
+        TypeError / ValueError: for a bad value or a layer given to an input-space method.
+    """
+    spec = describe(method)
+    check_options(spec, options, caps)
+    if spec.uses_layer:
+        return spec.cls(model, layer, **options)  # type: ignore[call-arg]
+    if layer is not None:
+        raise ValueError(f"method {spec.name!r} works in input space and takes no layer")
+    return spec.cls(model, **options)
