@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 __all__ = [
     "BudgetExceededError",
-    "RunCancelledError",
     "Limits",
     "Progress",
+    "RunCancelledError",
     "checkpoint",
     "chunk_items",
     "current",

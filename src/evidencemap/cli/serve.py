@@ -66,12 +66,53 @@ def register(subparsers: Any) -> None:
         "--max-megapixels", type=_positive_float, default=40.0, help="largest image in MP (40)"
     )
     parser.add_argument(
+        "--cap",
+        type=_cap,
+        action="append",
+        default=None,
+        metavar="[METHOD.]OPTION=VALUE",
+        help="largest accepted value of a costly option, e.g. max_iterations=200 or "
+        "scorecam.top_k=256 (repeatable; see GET /api/methods for the defaults)",
+    )
+    parser.add_argument(
+        "--memory-budget-mb",
+        type=_positive_float,
+        default=512.0,
+        help="MiB one chunk of a method's computation may take per request (512)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=_positive_float,
+        default=120.0,
+        help="seconds one request may compute before it is stopped (120)",
+    )
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="another origin whose pages may POST, e.g. https://example.org (repeatable; "
+        "default: same origin only)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
         help="uvicorn log level (default info)",
     )
     parser.set_defaults(func=run)
+
+
+def _cap(text: str) -> tuple[str, float]:
+    """``[METHOD.]OPTION=VALUE`` → ``(key, value)``."""
+    key, sep, raw = text.partition("=")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not sep or not key.strip() or not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected [METHOD.]OPTION=NUMBER, got {text!r}")
+    return key.strip(), value
 
 
 def torch_threads_for(workers: int, requested: int | None = None) -> int:
@@ -104,6 +145,10 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
             max_pixels=int(args.max_megapixels * 1_000_000),
+            caps=dict(args.cap or []),
+            memory_budget=int(args.memory_budget_mb * 2**20),
+            time_limit=args.time_limit,
+            allowed_origins=tuple(args.allow_origin or ()),
         )
     except (TypeError, ValueError) as err:
         print(f"evidencemap serve: {err}", file=sys.stderr)
@@ -119,7 +164,15 @@ def run(args: argparse.Namespace) -> int:
         f"({args.workers} workers, {threads} torch threads)",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # On SIGTERM / Ctrl-C: open requests get a few seconds, then the app's shutdown cancels
+    # the explanations still running (they stop at their next checkpoint).
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=3,
+    )
     return 0
 
 

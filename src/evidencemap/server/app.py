@@ -22,8 +22,9 @@ import base64
 import json
 import logging
 import math
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 
 import evidencemap
 from evidencemap import models as builtin_models
-from evidencemap import viz
+from evidencemap import runtime, viz
 from evidencemap.checks import check_positive_int
 from evidencemap.explanation import Explanation
 from evidencemap.io import ImageTooLargeError, UnsupportedImageError, load_image_bytes
@@ -78,6 +79,19 @@ DEFAULT_MAX_PIXELS = 40_000_000
 """Largest accepted image in pixels (40 MP), checked from the header before decoding."""
 MAX_TOP_K = 10
 """Most classes one request may explain with ``top_k``."""
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
+"""Bytes one chunk of a method's computation may take per request (512 MiB)."""
+DEFAULT_TIME_LIMIT = 120.0
+"""Seconds one request may compute before it is stopped with a 422."""
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+    "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+}
+"""Headers of every answer (the interactive API docs at /docs keep their own scripts)."""
 TOP_PREDICTIONS = 5
 COLORMAP = "jet"
 OVERLAY_ALPHA = 0.5
@@ -211,6 +225,19 @@ class _Service:
     max_pixels: int
     display_size: int
     caps: dict[str, float] = field(default_factory=dict)
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET
+    time_limit: float | None = DEFAULT_TIME_LIMIT
+    shutdown: threading.Event = field(default_factory=threading.Event)
+
+    def caps_for(self, cls: type[Method]) -> dict[str, float]:
+        """The caps of ``cls``'s options: ``METHOD.OPTION`` entries, then ``OPTION`` entries,
+        then each option's own default cap."""
+        out: dict[str, float] = {}
+        for name, option in describe(cls).options.items():
+            cap = self.caps.get(f"{cls.name}.{name}", self.caps.get(name, option.cap))
+            if option.cost and cap is not None:
+                out[name] = cap
+        return out
 
     def __post_init__(self) -> None:
         self.labels: list[str] = list(self.model.labels)  # type: ignore[arg-type]
@@ -254,8 +281,46 @@ class _Service:
         target: int | None,
         top_k: int | None,
         options: dict[str, dict[str, Any]],
+        cancel: threading.Event | None = None,
     ) -> ExplainResponse:
-        """Everything ``POST /api/explain`` computes; runs in a worker thread."""
+        """Everything ``POST /api/explain`` computes; runs in a worker thread.
+
+        The methods run under the service's memory budget and time limit
+        (:mod:`evidencemap.runtime`); ``cancel`` (set when the client goes away) and the
+        service's shutdown event stop them at their next checkpoint.
+        """
+        with (
+            runtime.limits(
+                memory_budget=self.memory_budget,
+                timeout=self.time_limit,
+                cancel=self.shutdown,
+            ),
+            runtime.limits(cancel=cancel),
+        ):
+            try:
+                return self._explain(data, classes, target, top_k, options)
+            except runtime.RunCancelledError as err:
+                if cancel is not None and cancel.is_set():
+                    raise ApiError(499, "the request was cancelled by the client") from None
+                if self.shutdown.is_set():
+                    raise ApiError(503, "the service is shutting down; retry later") from None
+                raise ApiError(
+                    422,
+                    f"the request needs more than this service's time limit of "
+                    f"{self.time_limit:g} s ({err}); ask for fewer iterations, samples or "
+                    "classes",
+                ) from None
+            except runtime.BudgetExceededError as err:
+                raise ApiError(413, str(err)) from None
+
+    def _explain(
+        self,
+        data: bytes,
+        classes: list[type[Method]],
+        target: int | None,
+        top_k: int | None,
+        options: dict[str, dict[str, Any]],
+    ) -> ExplainResponse:
         start = time.perf_counter()
         try:
             image = load_image_bytes(data, max_pixels=self.max_pixels, name="the uploaded file")
@@ -265,7 +330,9 @@ class _Service:
             raise ApiError(413, str(err)) from None
         except ValueError as err:
             raise ApiError(400, str(err)) from None
-        instances = [_build(cls, self.model, options[cls.name], self.caps) for cls in classes]
+        instances = [
+            _build(cls, self.model, options[cls.name], self.caps_for(cls)) for cls in classes
+        ]
 
         x = self.preprocess(image).unsqueeze(0)
         with torch.inference_mode():
@@ -289,8 +356,11 @@ class _Service:
         results: list[ExplanationResult] = []
         for instance in instances:
             began = time.perf_counter()
+            runtime.checkpoint()
             try:
                 explanation = instance(batch, chosen)
+            except runtime.BudgetExceededError:
+                raise
             except ValueError as err:  # e.g. a layer option naming a non-spatial layer
                 raise ApiError(422, f"method {instance.name!r}: {err}") from None
             seconds = time.perf_counter() - began
@@ -383,16 +453,73 @@ class _BodyLimit:
         await self.app(scope, limited, send)
 
 
+class _Guard:
+    """ASGI middleware: refuse cross-origin writes; add the security headers to every answer.
+
+    A ``POST`` (or other non-GET request) whose ``Origin`` header is neither the service's own
+    origin (``http://`` + its ``Host`` header) nor in ``allowed_origins`` gets 403 unread, so
+    a web page elsewhere cannot drive the local service. Requests without ``Origin`` (curl,
+    scripts) pass.
+    """
+
+    def __init__(self, app: ASGIApp, allowed_origins: frozenset[str]) -> None:
+        self.app = app
+        self.allowed = allowed_origins
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        origin = headers.get(b"origin", b"").decode("latin-1").rstrip("/")
+        if scope.get("method", "GET") not in ("GET", "HEAD", "OPTIONS") and origin:
+            host = headers.get(b"host", b"").decode("latin-1")
+            own = {f"http://{host}", f"https://{host}"}
+            if origin not in own and origin not in self.allowed:
+                response = JSONResponse(
+                    {"error": f"cross-origin request from {origin} refused"}, status_code=403
+                )
+                await response(scope, receive, self._secured(send, scope))
+                return
+        await self.app(scope, receive, self._secured(send, scope))
+
+    @staticmethod
+    def _secured(
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]], scope: MutableMapping[str, Any]
+    ) -> Callable[[MutableMapping[str, Any]], Awaitable[None]]:
+        docs = str(scope.get("path", "")).startswith(("/docs", "/redoc"))
+
+        async def secured(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                extra = [
+                    (k.lower().encode(), v.encode())
+                    for k, v in SECURITY_HEADERS.items()
+                    if not (docs and k == "Content-Security-Policy")
+                ]
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        return secured
+
+
 # --------------------------------------------------------------------------- the app
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
         400: "Bad request: missing/empty file, bad method, target, top_k or options.",
-        413: "The file or the image is too large.",
+        403: "A cross-origin request (another site's page) was refused.",
+        413: "The file or the image is too large, or the request needs more memory than the "
+        "service's budget.",
         415: "The file is not a PNG, JPEG, TIFF, BMP or WebP image.",
-        422: "A method option is unknown or has a bad value.",
-        503: "Too many requests waiting.",
+        422: "A method option is unknown, has a bad value or is over the service's cap, or "
+        "the request needs more than the service's time limit.",
+        503: "Too many requests waiting, or the service is shutting down.",
     }.items()
 }
 
@@ -406,6 +533,10 @@ def create_app(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_pending: int = 32,
     display_size: int = 448,
+    caps: Mapping[str, float] | None = None,
+    memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
+    allowed_origins: Sequence[str] = (),
 ) -> FastAPI:
     """Build the web service for one model.
 
@@ -418,6 +549,12 @@ def create_app(
         max_pixels: largest accepted image (width × height), checked before decoding.
         max_pending: explanation requests computing or queued at once; more get 503.
         display_size: largest side of the returned PNGs (the model's crop of the photo).
+        caps: the largest value of costly options: ``{"max_iterations": 200}`` for every
+            method, ``{"fgvis.max_iterations": 200}`` for one; options not named keep their
+            default caps (``GET /api/methods`` reports the caps in force).
+        memory_budget: bytes one chunk of a method's computation may take (``None``: no limit).
+        time_limit: seconds one request may compute (``None``: no limit).
+        allowed_origins: other origins (``https://host:port``) whose pages may POST.
 
     Returns:
         The FastAPI application (serve it with uvicorn).
@@ -443,7 +580,30 @@ def create_app(
             )
     if model.training:
         raise ValueError("model must be in eval mode (call model.eval()) to be served")
-    service = _Service(model, model_name, max_upload_bytes, max_pixels, display_size)
+    caps = dict(caps or {})
+    for key, value in caps.items():
+        name, _, option = key.rpartition(".")
+        if name:
+            get_method(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"caps[{key!r}] must be a number >= 0, got {value!r}")
+        known = {o for m in method_names() for o in describe(m).options}
+        if option not in known:
+            raise ValueError(f"caps names an unknown option {option!r}")
+    if memory_budget is not None:
+        memory_budget = check_positive_int(memory_budget, "memory_budget")
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit must be > 0 seconds or None, got {time_limit!r}")
+    service = _Service(
+        model,
+        model_name,
+        max_upload_bytes,
+        max_pixels,
+        display_size,
+        caps=caps,
+        memory_budget=memory_budget,
+        time_limit=time_limit,
+    )
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evidencemap-explain")
     pending = 0
     page = resources.files("evidencemap.server").joinpath("static/index.html").read_text("utf-8")
@@ -453,6 +613,7 @@ def create_app(
         try:
             yield
         finally:
+            service.shutdown.set()  # running explanations stop at their next checkpoint
             executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
@@ -464,6 +625,7 @@ def create_app(
     app.state.service = service
     app.state.executor = executor
     app.add_middleware(_BodyLimit, limit=max_upload_bytes + _FORM_SLACK)
+    app.add_middleware(_Guard, allowed_origins=frozenset(o.rstrip("/") for o in allowed_origins))
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -512,6 +674,7 @@ def create_app(
         infos = []
         for name in method_names():
             spec = describe(name)
+            caps_in_force = service.caps_for(spec.cls)
             infos.append(
                 MethodInfo(
                     name=spec.name,
@@ -519,7 +682,10 @@ def create_app(
                     uses_layer=spec.uses_layer,
                     summary=spec.summary,
                     options={n: o.describe()["default"] for n, o in spec.options.items()},
-                    option_specs=[o.describe() for o in spec.options.values()],
+                    option_specs=[
+                        {**o.describe(), "cap": caps_in_force.get(n)}
+                        for n, o in spec.options.items()
+                    ],
                 )
             )
         return infos
@@ -541,6 +707,7 @@ def create_app(
 
     @app.post("/api/explain", response_model=ExplainResponse, responses=_ERRORS, tags=["explain"])
     async def explain(
+        request: Request,
         file: Annotated[
             UploadFile | None, File(description="The photo (PNG, JPEG, TIFF, BMP, WebP).")
         ] = None,
@@ -563,6 +730,9 @@ def create_app(
         nonlocal pending
         if file is None:
             raise ApiError(400, "no image: send the photo as the multipart field 'file'")
+        sent = (await request.form()).get("method")
+        if isinstance(sent, str) and not sent.strip():  # an empty field, not a missing one
+            raise ApiError(400, "method must name at least one method, e.g. 'gradcam'")
         classes = _parse_methods(method)
         n_labels = len(service.labels)
         chosen = _parse_int(target, "target", 0, n_labels - 1)
@@ -578,9 +748,16 @@ def create_app(
         if pending >= max_pending:
             raise ApiError(503, f"server busy: {pending} explanations in progress; retry later")
         pending += 1
+        cancel = threading.Event()
         try:
-            job = partial(service.explain, data, classes, chosen, k, parsed)
-            return await asyncio.get_running_loop().run_in_executor(executor, job)
+            job = partial(service.explain, data, classes, chosen, k, parsed, cancel)
+            future = asyncio.get_running_loop().run_in_executor(executor, job)
+            while True:  # a client that goes away cancels its work
+                done, _ = await asyncio.wait({future}, timeout=0.25)
+                if done:
+                    return future.result()
+                if await request.is_disconnected():
+                    cancel.set()
         finally:
             pending -= 1
 

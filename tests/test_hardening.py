@@ -1,0 +1,214 @@
+"""No request may hog the service: caps, memory budget, time limit, cancellation, origins."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import warnings
+
+import pytest
+import torch
+
+import evidencemap as em
+from evidencemap import runtime
+from evidencemap.methods import OptionError
+from server_helpers import photo_bytes
+from tiny import ConvGapFc, seeded
+
+pytest.importorskip("fastapi")
+pytest.importorskip("multipart")
+
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+    from fastapi.testclient import TestClient
+
+from evidencemap.server import create_app
+from evidencemap.server.app import ApiError
+
+
+@pytest.fixture(scope="module")
+def png():
+    return photo_bytes("chelsea", "PNG")
+
+
+@pytest.fixture(scope="module")
+def client(lite0):
+    return TestClient(create_app(model=lite0, workers=2))
+
+
+def post(client, png, headers=None, **form):
+    return client.post(
+        "/api/explain", files={"file": ("c.png", png, "image/png")}, data=form, headers=headers
+    )
+
+
+# ------------------------------------------------------------------ runtime (library level)
+
+
+def test_checkpoint_is_free_outside_limits_and_stops_inside():
+    runtime.checkpoint(1, 2, "x")  # no limits: nothing happens
+    event = threading.Event()
+    seen = []
+    with runtime.limits(cancel=event, progress=lambda d, t, s: seen.append((d, t, s))):
+        runtime.checkpoint(1, 4, "step")
+        event.set()
+        with pytest.raises(runtime.RunCancelledError, match="cancelled"):
+            runtime.checkpoint(2, 4, "step")
+    assert seen == [(1, 4, "step")]
+    with runtime.limits(timeout=0.0), pytest.raises(runtime.RunCancelledError, match="time"):
+        time.sleep(0.01)
+        runtime.checkpoint()
+    assert runtime.current() == runtime.Limits()  # restored
+
+
+def test_nested_limits_combine_to_the_tightest():
+    with runtime.limits(memory_budget=1000), runtime.limits(memory_budget=5000):
+        assert runtime.current().memory_budget == 1000
+        assert runtime.chunk_items(100, 64) == 10
+        with pytest.raises(runtime.BudgetExceededError, match="memory budget"):
+            runtime.chunk_items(2000, 1)
+    assert runtime.chunk_items(2000, 3, budget=100) == 1  # a method's own budget: >= 1 item
+
+
+def test_limits_are_per_thread():
+    seen = []
+    with runtime.limits(memory_budget=10):
+        worker = threading.Thread(target=lambda: seen.append(runtime.current().memory_budget))
+        worker.start()
+        worker.join()
+    assert seen == [None]
+
+
+def test_every_chunked_method_stays_inside_the_budget_and_can_be_cancelled():
+    model = seeded(ConvGapFc())
+    x = torch.randn(2, 3, 8, 8)
+    per_input = x[0].numel() * 4
+    for name, options in (
+        ("scorecam", {"internal_batch_size": 64}),
+        ("integrated_gradients", {"internal_batch_size": 64, "steps": 8}),
+        ("smoothgrad", {"internal_batch_size": 64, "samples": 8}),
+    ):
+        whole = em.explain(model, x, name, **options)
+        # a budget of about 4 inputs per chunk gives the same result in more chunks
+        with runtime.limits(memory_budget=8 * per_input * 2):
+            chunked = em.explain(model, x, name, **options)
+        assert torch.allclose(whole.maps, chunked.maps, atol=1e-5), name
+        with runtime.limits(memory_budget=per_input), pytest.raises(
+            runtime.BudgetExceededError
+        ):
+            em.explain(model, x, name, **options)
+        event = threading.Event()
+        event.set()
+        with runtime.limits(cancel=event), pytest.raises(runtime.RunCancelledError):
+            em.explain(model, x, name, **options)
+
+
+def test_progress_is_reported_by_the_long_methods():
+    model = seeded(ConvGapFc())
+    x = torch.randn(1, 3, 8, 8)
+    seen: list[tuple[int, int, str]] = []
+    with runtime.limits(progress=lambda d, t, s: seen.append((d, t, s))):
+        em.explain(model, x, "smoothgrad", samples=6, internal_batch_size=2)
+        em.explain(model, x, "integrated_gradients", steps=6, internal_batch_size=2)
+    assert [d for d, t, s in seen if s == "smoothgrad"] == [0, 2, 4]
+    assert [d for d, t, s in seen if s == "integrated_gradients"] == [0, 2, 4]
+
+
+def test_caps_refuse_costly_options():
+    model = seeded(ConvGapFc())
+    with pytest.raises(OptionError, match="samples=10000000 is over this service's cap of 200"):
+        em.build("smoothgrad", model, caps={}, samples=10_000_000)
+    with pytest.raises(OptionError, match="cap of 5"):
+        em.build("integrated_gradients", model, caps={"steps": 5}, steps=6)
+    em.build("smoothgrad", model, samples=10_000_000)  # no caps: a library user decides
+
+
+# ------------------------------------------------------------------ the service
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "word"),
+    [
+        ("scorecam", {"internal_batch_size": 100000}, "internal_batch_size=100000"),
+        ("smoothgrad", {"samples": 10_000_000}, "samples=10000000"),
+        ("integrated_gradients", {"internal_batch_size": 1_000_000}, "internal_batch_size"),
+        ("integrated_gradients", {"steps": 100000}, "steps=100000"),
+    ],
+)
+def test_hostile_options_are_refused_before_any_work(client, png, method, options, word):
+    began = time.perf_counter()
+    response = post(client, png, method=method, options=json.dumps(options))
+    assert response.status_code == 422, response.text
+    assert word in response.json()["error"]
+    assert "cap" in response.json()["error"]
+    assert time.perf_counter() - began < 5
+
+
+def test_caps_are_configurable_and_reported(lite0, png):
+    app = create_app(model=lite0, caps={"samples": 4, "scorecam.top_k": 8})
+    c = TestClient(app)
+    specs = {m["name"]: {o["name"]: o for o in m["option_specs"]} for m in c.get("/api/methods").json()}
+    assert specs["smoothgrad"]["samples"]["cap"] == 4
+    assert specs["scorecam"]["top_k"]["cap"] == 8
+    assert specs["integrated_gradients"]["steps"]["cap"] == 512  # the default cap
+    assert specs["gradcam"]["relu"]["cap"] is None
+    response = post(c, png, method="smoothgrad", options=json.dumps({"samples": 5}))
+    assert response.status_code == 422
+    with pytest.raises(ValueError, match="unknown option"):
+        create_app(model=lite0, caps={"sampels": 4})
+
+
+def test_memory_budget_is_a_4xx(lite0, png):
+    c = TestClient(create_app(model=lite0, memory_budget=100_000))
+    response = post(c, png, method="scorecam", options=json.dumps({"top_k": 4}))
+    assert response.status_code == 413, response.text
+    assert "memory budget" in response.json()["error"]
+    assert post(c, png, method="gradcam").status_code == 200  # cheap methods still answer
+
+
+def test_time_limit_stops_a_long_request(lite0, png):
+    c = TestClient(create_app(model=lite0, time_limit=0.5))
+    began = time.perf_counter()
+    response = post(c, png, method="smoothgrad", options=json.dumps({"samples": 200}))
+    assert response.status_code == 422, response.text
+    assert "time limit" in response.json()["error"]
+    assert time.perf_counter() - began < 10
+
+
+def test_cancel_event_stops_the_service_call(lite0, png):
+    app = create_app(model=lite0)
+    service = app.state.service
+    event = threading.Event()
+    event.set()
+    method = em.get_method("smoothgrad")
+    with pytest.raises(ApiError) as err:
+        service.explain(png, [method], None, None, {"smoothgrad": {}}, event)
+    assert err.value.status == 499
+
+
+def test_cross_origin_posts_are_refused(client, png):
+    evil = post(client, png, headers={"Origin": "http://evil.example"}, method="gradcam")
+    assert evil.status_code == 403
+    assert "cross-origin" in evil.json()["error"]
+    same = post(client, png, headers={"Origin": "http://testserver"}, method="gradcam")
+    assert same.status_code == 200
+
+
+def test_allowed_origins(lite0, png):
+    c = TestClient(create_app(model=lite0, allowed_origins=["https://tools.example"]))
+    ok = post(c, png, headers={"Origin": "https://tools.example"}, method="gradcam")
+    assert ok.status_code == 200
+
+
+def test_security_headers_on_every_answer(client, png):
+    for response in (client.get("/"), client.get("/health"), post(client, png)):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+
+
+def test_empty_method_field_is_a_400(client, png):
+    response = post(client, png, method="")
+    assert response.status_code == 400
+    assert "method must name" in response.json()["error"]
