@@ -212,3 +212,55 @@ def test_empty_method_field_is_a_400(client, png):
     response = post(client, png, method="")
     assert response.status_code == 400
     assert "method must name" in response.json()["error"]
+
+
+# ------------------------------------------------------------------ the command line and API
+
+
+def test_window_with_a_negative_low_value_parses():
+    from evidencemap.cli import _join_negative_values, build_parser
+
+    argv = _join_negative_values(["explain", "scan.nii.gz", "--window", "-1000,400"])
+    assert argv[-1] == "--window=-1000,400"
+    args = build_parser().parse_args(argv)
+    assert args.window == (-1000.0, 400.0)
+
+
+def test_top_k_is_explained_in_batches(lite0):
+    from evidencemap.cli import build_parser
+    from evidencemap.cli.explain import settings_from_args
+    from evidencemap.models.loading import load_model
+
+    loaded = load_model("efficientnet-lite0")
+    args = build_parser().parse_args(["explain", "x.jpg", "--top-k", "1000", "--batch-size", "4"])
+    assert settings_from_args(args, loaded).method.batch_size == 4
+    args = build_parser().parse_args(["explain", "x.jpg", "--batch-size", "4"])
+    assert settings_from_args(args, loaded).method.batch_size is None  # one call per batch
+
+
+def test_float64_inputs_are_cast_to_the_model_dtype():
+    model = seeded(ConvGapFc())
+    x = torch.randn(2, 3, 8, 8)
+    single = em.explain(model, x, "gradcam")
+    double = em.explain(model, x.double(), "gradcam")
+    assert double.maps.dtype == torch.float32
+    assert torch.allclose(single.maps, double.maps, atol=1e-6)
+
+
+def test_unknown_option_names_the_method_not_a_constructor():
+    model = seeded(ConvGapFc())
+    with pytest.raises(OptionError) as err:
+        em.explain(model, torch.randn(1, 3, 8, 8), "gradcam", conterfactual=True)
+    text = str(err.value)
+    assert "method 'gradcam' takes no option 'conterfactual'" in text
+    assert "counterfactual" in text
+    assert "__init__" not in text
+
+
+def test_method_progress_shows_a_bar_per_step(capsys):
+    from evidencemap.cli.progress import method_progress
+
+    model = seeded(ConvGapFc())
+    with method_progress(True):
+        em.explain(model, torch.randn(1, 3, 8, 8), "smoothgrad", samples=4, internal_batch_size=1)
+    assert "smoothgrad" in capsys.readouterr().err

@@ -11,6 +11,7 @@ arguments (usage errors); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from types import ModuleType
 
@@ -42,9 +43,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose value may start with a minus sign (argparse would take "-1000,400" for an option).
+_NEGATIVE_VALUED = ("--window", "--mean")
+_NUMBERS = re.compile(r"-[\d.]+(,-?[\d.]+)*")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--window -1000,400`` → ``--window=-1000,400`` (what argparse accepts)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in _NEGATIVE_VALUED and i + 1 < len(argv) and _NUMBERS.fullmatch(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``) and return the exit status."""
     parser = build_parser()
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version and usage errors

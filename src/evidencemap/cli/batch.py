@@ -14,6 +14,7 @@ from evidencemap import io
 from evidencemap.cli.common import CLIError, model_from_args, setup_runtime
 from evidencemap.cli.explain import add_explain_arguments, failure_text, settings_from_args
 from evidencemap.cli.pipeline import Failure, Result, output_bases, run_inputs
+from evidencemap.cli.progress import method_progress
 
 __all__ = ["register", "run"]
 
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         tqdm.write(f"evidencemap batch: {failure_text(failure)}", file=sys.stderr)
 
     try:
-        run_inputs(todo, todo_bases, loaded, settings, args.batch_size, finished, failed)
+        with method_progress(False if args.quiet else None):
+            run_inputs(todo, todo_bases, loaded, settings, args.batch_size, finished, failed)
     finally:
         bar.close()
     other = "photos" if loaded.kind == "volume" else "volumes"

@@ -22,6 +22,7 @@ from evidencemap.cli.common import (
     unit_float,
 )
 from evidencemap.cli.pipeline import Failure, Result, Settings, output_bases, run_inputs
+from evidencemap.cli.progress import method_progress
 
 __all__ = [
     "add_explain_arguments",
@@ -132,7 +133,9 @@ def settings_from_args(args: argparse.Namespace, loaded: Any) -> Settings:
             target = loaded.class_index(args.target)
         except ValueError as err:
             raise CLIError(f"--target: {err}") from err
-    method = build_method(args.method, loaded, args.layer, options)
+    # --top-k repeats each input once per class: explain at most --batch-size of them at once
+    method_options = {"batch_size": args.batch_size, **options} if args.top_k else options
+    method = build_method(args.method, loaded, args.layer, method_options)
     return Settings(
         method=method,
         method_name=args.method,
@@ -180,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
         failures.append(failure)
         print(f"evidencemap explain: {failure_text(failure)}", file=sys.stderr)
 
-    run_inputs(paths, bases, loaded, settings, args.batch_size, done, failed)
+    with method_progress():
+        run_inputs(paths, bases, loaded, settings, args.batch_size, done, failed)
     if failures:
         print(
             f"evidencemap explain: {len(failures)} of {len(paths)} input(s) failed",

@@ -161,7 +161,15 @@ class Method:
 
     # -- the call ---------------------------------------------------------------------------
     def __call__(self, inputs: Tensor, target: Target = None) -> Explanation:
+        """Explain ``inputs`` ``(N, C, *S)`` for ``target`` (see :func:`evidencemap.explain`).
+
+        Inputs of another floating dtype than the model's parameters (float64 photos, say) are
+        cast to the parameters' dtype first; the maps come back in that dtype.
+        """
         x = check_inputs(inputs)
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        if dtype is not None and x.dtype != dtype:
+            x = x.to(dtype)
         if self.batch_size is None or x.shape[0] <= self.batch_size:
             return self._run(x, target)
         parts = []
