@@ -94,9 +94,7 @@ def test_every_chunked_method_stays_inside_the_budget_and_can_be_cancelled():
         with runtime.limits(memory_budget=8 * per_input * 2):
             chunked = em.explain(model, x, name, **options)
         assert torch.allclose(whole.maps, chunked.maps, atol=1e-5), name
-        with runtime.limits(memory_budget=per_input), pytest.raises(
-            runtime.BudgetExceededError
-        ):
+        with runtime.limits(memory_budget=per_input), pytest.raises(runtime.BudgetExceededError):
             em.explain(model, x, name, **options)
         event = threading.Event()
         event.set()
@@ -148,7 +146,9 @@ def test_hostile_options_are_refused_before_any_work(client, png, method, option
 def test_caps_are_configurable_and_reported(lite0, png):
     app = create_app(model=lite0, caps={"samples": 4, "scorecam.top_k": 8})
     c = TestClient(app)
-    specs = {m["name"]: {o["name"]: o for o in m["option_specs"]} for m in c.get("/api/methods").json()}
+    specs = {
+        m["name"]: {o["name"]: o for o in m["option_specs"]} for m in c.get("/api/methods").json()
+    }
     assert specs["smoothgrad"]["samples"]["cap"] == 4
     assert specs["scorecam"]["top_k"]["cap"] == 8
     assert specs["integrated_gradients"]["steps"]["cap"] == 512  # the default cap

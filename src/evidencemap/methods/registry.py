@@ -118,7 +118,13 @@ def check_options(
             inner_name = options["wrap"]
         if isinstance(inner_name, str):
             inner = describe(inner_name)
-            check_options(inner, {n: options[n] for n in unknown}, caps)
+            try:
+                check_options(inner, {n: options[n] for n in unknown}, caps)
+            except OptionError as err:
+                raise OptionError(
+                    f"method {spec.name!r} takes no option {', '.join(map(repr, unknown))} of "
+                    f"its own, and: {err}"
+                ) from None
             unknown = []
     if unknown:
         listed = ", ".join(known) or "none"
