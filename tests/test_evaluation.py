@@ -124,6 +124,11 @@ def test_runner_writes_every_table_plot_and_number(tiny_run):
     stored = json.loads((out / "per_image.json").read_text(encoding="utf-8"))
     _no_nan(stored)
     assert stored["directions"] == {c: COLUMNS[c][1] for c in COLUMNS}
+    # the directions are the metric classes' own
+    from evidencemap.metrics import METRICS
+
+    described = {c: d for cls in METRICS.values() for c, d in cls.directions.items()}
+    assert stored["directions"] == described
     for method in methods:
         curves = stored["curves"][method]
         for key in ("deletion", "insertion"):

@@ -56,9 +56,10 @@ def test_checkpoint_is_free_outside_limits_and_stops_inside():
         with pytest.raises(runtime.RunCancelledError, match="cancelled"):
             runtime.checkpoint(2, 4, "step")
     assert seen == [(1, 4, "step")]
-    with runtime.limits(timeout=0.0), pytest.raises(runtime.RunCancelledError, match="time"):
+    with runtime.limits(timeout=0.0):
         time.sleep(0.01)
-        runtime.checkpoint()
+        with pytest.raises(runtime.RunCancelledError, match="time"):
+            runtime.checkpoint()
     assert runtime.current() == runtime.Limits()  # restored
 
 

@@ -51,6 +51,10 @@ def test_every_metric_states_its_direction():
     for cls in M.METRICS.values():
         assert cls.directions, cls.name
         assert cls.supports_volumes, cls.name  # every metric is defined on volumes
+        # the columns the evaluation tables show are the ones the metric describes, and its
+        # first column is its main value
+        assert list(cls.titles) == list(cls.directions), cls.name
+        assert next(iter(cls.directions.values())) is cls.higher_is_better, cls.name
     assert M.AverageDrop.directions == {"average_drop": False, "increase_in_confidence": True}
     assert M.ROAD.directions["road_morf"] is False
     assert M.ROAD.directions["road_lerf"] is True

@@ -39,6 +39,7 @@ from evidencemap.methods import METHODS, build, describe, get_method
 from evidencemap.methods import method_names as registered_methods
 from evidencemap.metrics import (
     ADCC,
+    METRICS,
     ROAD,
     AverageDrop,
     Cost,
@@ -76,40 +77,17 @@ METRIC_NAMES: tuple[str, ...] = (
 )
 """The metrics :func:`evaluate` knows, in table order."""
 
-# column → (title, higher is better), in table order
-COLUMNS: dict[str, tuple[str, bool]] = {
-    "deletion_auc": ("Deletion AUC", False),
-    "insertion_auc": ("Insertion AUC", True),
-    "average_drop": ("Average Drop %", False),
-    "increase_in_confidence": ("Increase in Conf. %", True),
-    "adcc": ("ADCC", True),
-    "adcc_average_drop": ("ADCC drop", False),
-    "coherency": ("Coherency", True),
-    "complexity": ("Complexity", False),
-    "pointing_game": ("Pointing game", True),
-    "energy_pointing_game": ("Energy pointing", True),
-    "road_combined": ("ROAD (LeRF−MoRF)/2", True),
-    "road_morf": ("ROAD MoRF", False),
-    "road_lerf": ("ROAD LeRF", True),
-    "sanity_spearman": ("Rand. Spearman", False),
-    "sanity_ssim": ("Rand. SSIM", False),
-    "max_sensitivity": ("Max-sensitivity", False),
-    "seconds_per_image": ("s / image", False),
-    "peak_memory_mb": ("Peak MB", False),
-}
-
 _METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
-    "deletion": ("deletion_auc",),
-    "insertion": ("insertion_auc",),
-    "average_drop": ("average_drop", "increase_in_confidence"),
-    "adcc": ("adcc", "adcc_average_drop", "coherency", "complexity"),
-    "pointing_game": ("pointing_game",),
-    "energy_pointing_game": ("energy_pointing_game",),
-    "road": ("road_combined", "road_morf", "road_lerf"),
-    "sanity": ("sanity_spearman", "sanity_ssim"),
-    "max_sensitivity": ("max_sensitivity",),
-    "cost": ("seconds_per_image", "peak_memory_mb"),
+    name: tuple(METRICS[name].titles) for name in METRIC_NAMES
 }
+"""metric name → its columns, as each metric class describes them (``titles``)."""
+
+COLUMNS: dict[str, tuple[str, bool]] = {
+    column: (METRICS[name].titles[column], METRICS[name].directions[column])
+    for name in METRIC_NAMES
+    for column in METRICS[name].titles
+}
+"""column → (title, higher is better), in table order; read from the metric classes."""
 
 QUICK_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "scorecam": {"top_k": 64},

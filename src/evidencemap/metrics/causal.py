@@ -187,6 +187,7 @@ class Deletion(_CausalCurve):
     name = "deletion"
     higher_is_better = False
     directions: ClassVar[dict[str, bool]] = {"deletion_auc": False}
+    titles: ClassVar[dict[str, str]] = {"deletion_auc": "Deletion AUC"}
     default_substrate = "zero"
 
     def _ends(self, x: Tensor, substrate: Tensor) -> tuple[Tensor, Tensor]:
@@ -203,6 +204,7 @@ class Insertion(_CausalCurve):
     name = "insertion"
     higher_is_better = True
     directions: ClassVar[dict[str, bool]] = {"insertion_auc": True}
+    titles: ClassVar[dict[str, str]] = {"insertion_auc": "Insertion AUC"}
     default_substrate = "blur"
 
     def _ends(self, x: Tensor, substrate: Tensor) -> tuple[Tensor, Tensor]:

@@ -67,12 +67,15 @@ class Metric:
         name: the metric's name in :mod:`evidencemap.evaluation`.
         higher_is_better: direction of the main value.
         directions: every reported value → whether higher is better.
+        titles: every reported value → its column title in the evaluation tables (the keys
+            of ``directions``, in table order).
         supports_volumes: whether 3-D volumes ``(N, C, D, H, W)`` are accepted.
     """
 
     name: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = True
     directions: ClassVar[dict[str, bool]] = {}
+    titles: ClassVar[dict[str, str]] = {}
     supports_volumes: ClassVar[bool] = True
 
 

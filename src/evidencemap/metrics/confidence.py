@@ -78,6 +78,10 @@ class AverageDrop(Metric):
     name = "average_drop"
     higher_is_better = False
     directions: ClassVar[dict[str, bool]] = {"average_drop": False, "increase_in_confidence": True}
+    titles: ClassVar[dict[str, str]] = {
+        "average_drop": "Average Drop %",
+        "increase_in_confidence": "Increase in Conf. %",
+    }
 
     def __init__(
         self, model: nn.Module, *, batch_size: int = 64, output_key: OutputKey = None
@@ -140,6 +144,12 @@ class ADCC(Metric):
         "adcc_average_drop": False,
         "coherency": True,
         "complexity": False,
+    }
+    titles: ClassVar[dict[str, str]] = {
+        "adcc": "ADCC",
+        "adcc_average_drop": "ADCC drop",
+        "coherency": "Coherency",
+        "complexity": "Complexity",
     }
 
     def __init__(

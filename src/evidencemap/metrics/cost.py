@@ -167,6 +167,10 @@ class Cost(Metric):
     name = "cost"
     higher_is_better = False
     directions: ClassVar[dict[str, bool]] = {"seconds_per_image": False, "peak_memory_mb": False}
+    titles: ClassVar[dict[str, str]] = {
+        "seconds_per_image": "s / image",
+        "peak_memory_mb": "Peak MB",
+    }
 
     def __init__(self, device: torch.device | str = "cpu", *, warmup: int = 0) -> None:
         self.device = torch.device(device)

@@ -164,6 +164,7 @@ class PointingGame(Metric):
     name = "pointing_game"
     higher_is_better = True
     directions: ClassVar[dict[str, bool]] = {"pointing_game": True}
+    titles: ClassVar[dict[str, str]] = {"pointing_game": "Pointing game"}
 
     def __init__(self, tolerance: float = 15.0) -> None:
         self.tolerance = check_nonneg_float(tolerance, "tolerance", positive=True)
@@ -216,6 +217,7 @@ class EnergyPointingGame(Metric):
     name = "energy_pointing_game"
     higher_is_better = True
     directions: ClassVar[dict[str, bool]] = {"energy_pointing_game": True}
+    titles: ClassVar[dict[str, str]] = {"energy_pointing_game": "Energy pointing"}
 
     def __call__(self, maps: Any, ground_truth: Any) -> Tensor:
         """``Σ(s ⊙ g) / Σ s`` per map (``0`` for an all-zero map).

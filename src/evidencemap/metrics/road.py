@@ -249,6 +249,11 @@ class ROAD(Metric):
         "road_morf": False,
         "road_lerf": True,
     }
+    titles: ClassVar[dict[str, str]] = {
+        "road_combined": "ROAD (LeRF−MoRF)/2",
+        "road_morf": "ROAD MoRF",
+        "road_lerf": "ROAD LeRF",
+    }
 
     def __init__(
         self,

@@ -85,6 +85,10 @@ class ModelRandomisation(Metric):
     name = "sanity"
     higher_is_better = False
     directions: ClassVar[dict[str, bool]] = {"sanity_spearman": False, "sanity_ssim": False}
+    titles: ClassVar[dict[str, str]] = {
+        "sanity_spearman": "Rand. Spearman",
+        "sanity_ssim": "Rand. SSIM",
+    }
 
     def __init__(
         self,

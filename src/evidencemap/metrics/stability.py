@@ -49,6 +49,7 @@ class MaxSensitivity(Metric):
     name = "max_sensitivity"
     higher_is_better = False
     directions: ClassVar[dict[str, bool]] = {"max_sensitivity": False}
+    titles: ClassVar[dict[str, str]] = {"max_sensitivity": "Max-sensitivity"}
 
     def __init__(
         self,
