@@ -160,7 +160,7 @@ class Cost(Metric):
     """Time and peak memory of a call; lower is better for both.
 
     Args:
-        device: where the call runs (``"cuda"`` measures CUDA memory, else process RSS).
+        device: where the call runs (``"cuda"``: the CUDA allocator's peak above the start; else the peak of the bytes the C allocator handed out, see :class:`PeakMemory`).
         warmup: calls made first and not measured (kernel selection, caches, lazy layers).
     """
 
