@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import evidencemap as em
+from evidencemap.metrics import EnergyPointingGame
 from evidencemap.training import GuidanceLoss, resize_guidance
 from evidencemap.training.decoy_mnist import (
     DigitCNN,
@@ -335,7 +336,7 @@ def test_guidance_removes_the_decoy_shortcut():
     acc_ce, acc_rrr = accuracy(ce, test.x, test.y), accuracy(rrr, test.x, test.y)
     print(f"swapped-decoy accuracy: CE {acc_ce:.3f}, RRR {acc_rrr:.3f}")
     assert acc_rrr > acc_ce + 0.05
-    energy = em.metrics.EnergyPointingGame()
+    energy = EnergyPointingGame()
     on_decoy = [
         float(
             energy(
