@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from skimage import data
 
+import evidencemap as em
 from evidencemap import models
 
 
@@ -106,3 +107,80 @@ def test_larger_lite_variants_load_and_classify(name, size):
     top = model.predict(batch).argmax(1).tolist()
     assert top[0] in {281, 282, 283, 284, 285}
     assert top[1] == 967
+
+
+# --------------------------------------------------------------------------- facial expressions
+
+FACE = (slice(50, 180), slice(175, 305))  # the astronaut's face, tight like a detector's box
+LOOSE_FACE = (slice(0, 220), slice(140, 330))  # with hair, collar and background
+
+
+@pytest.fixture(scope="module")
+def fer():
+    return models.load("fer")
+
+
+def test_fer_weights_load_strictly_and_match_the_package_network(fer):
+    import importlib.util
+
+    checkpoint = torch.load(models.weights_path("fer"), map_location="cpu", weights_only=True)
+    assert set(checkpoint["network"]) == set(fer.state_dict())
+    assert not fer.training
+    assert fer.labels == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+    assert "fer" in models.available()
+    # the package's own network definition (networks.py needs only torch.nn), run as a reference
+    path = models.weights_path("fer").parent.parent / "networks.py"
+    spec = importlib.util.spec_from_file_location("fer_networks_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    reference = module.NetworkV2(in_c=1, nl=32, out_f=7)
+    reference.load_state_dict(checkpoint["network"])
+    x = fer.preprocess([data.astronaut()[FACE], data.camera()])
+    with torch.no_grad():
+        assert torch.allclose(fer.predict(x), reference.eval()(x), atol=1e-6)
+
+
+def test_fer_preprocessing_is_the_packages(fer):
+    face = data.astronaut()[FACE]
+    x = fer.preprocess(face)
+    assert x.shape == (1, 48, 48)
+    grey = Image.fromarray(face).convert("L").resize((48, 48), Image.Resampling.BILINEAR)
+    expected = (torch.from_numpy(np.asarray(grey, np.float32)) / 255 - 0.5) / 0.5
+    assert torch.allclose(x[0], expected, atol=1e-6)
+    pixels = fer.preprocess.to_pixels(x[None])
+    assert pixels.shape == (1, 3, 48, 48)
+    assert torch.allclose(pixels[0, 0], torch.from_numpy(np.asarray(grey, np.float32)), atol=1e-3)
+
+
+def test_fer_reads_the_astronauts_smile(fer):
+    x = fer.preprocess([data.astronaut()[FACE], data.astronaut()[LOOSE_FACE]])
+    with torch.no_grad():
+        scores = fer.predict(x)
+    for row, name in enumerate(("tight face", "loose crop")):
+        top = scores[row].argsort(descending=True)[:3].tolist()
+        print(name, [(fer.labels[i], round(float(scores[row, i]), 3)) for i in top])
+    assert fer.labels[int(scores[0].argmax())] == "happy"
+    assert fer.labels[int(scores[1].argmax())] in {"happy", "neutral", "surprise"}
+
+
+@pytest.mark.parametrize("method", ["gradcam", "fgvis"])
+def test_fer_maps_explain_a_real_expression(fer, method):
+    before = {k: v.clone() for k, v in fer.state_dict().items()}
+    x = fer.preprocess(data.astronaut()[FACE])[None]
+    options = {"max_iterations": 60} if method == "fgvis" else {}
+    exp = em.explain(fer, x, method, **options)
+    assert exp.maps.shape == (1, 1, 48, 48)
+    assert bool(torch.isfinite(exp.maps).all())
+    assert float(exp.maps.max()) > 0
+    assert fer.labels[exp.targets[0]] == "happy"
+    assert all(torch.equal(before[k], v) for k, v in fer.state_dict().items())
+
+
+def test_fer_is_a_builtin_of_load_model():
+    from evidencemap.models.loading import load_model
+
+    loaded = load_model("fer")
+    assert loaded.source == "builtin"
+    assert loaded.kind == "image"
+    assert loaded.label(3) == "happy"
+    assert loaded.preprocess.size == 48

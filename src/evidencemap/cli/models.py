@@ -20,7 +20,6 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print one line per built-in model, then the accepted forms."""
     from evidencemap import models
-    from evidencemap.models.efficientnet_lite import LITE_CONFIGS
     from evidencemap.models.loading import MODEL_FORMS
 
     installed = set(models.available())
@@ -28,8 +27,7 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(n) for n in names)
     for name in names:
         state = "installed" if name in installed else "not installed"
-        size = LITE_CONFIGS[name].resolution
-        print(f"{name:<{width}}  {state:<13}  ImageNet-1k classifier, {size}×{size} px input")
+        print(f"{name:<{width}}  {state:<13}  {models.describe(name)}")
     print("accepted --model forms:")
     for form in MODEL_FORMS:
         print(f"  {form}")

