@@ -44,7 +44,9 @@ degenerates to uniform dimming (see :mod:`~evidencemap.methods.fgvis.diagnostics
 schedule first optimises a single-channel mask of ``coarse_size`` cells per axis, bilinearly
 upsampled to the input, with the same game, criterion and λ schedule but *without* the gate: a
 smooth mask of a few dozen cells cannot encode an imperceptible adversarial pattern, so the low
-resolution plays the defence's part there. The full-resolution, per-channel mask is then refined
+resolution plays the defence's part there. Its gradient passes add Gaussian noise to ``e``
+(σ = ``noise``, or 0.1 when ``noise=0``; the criterion is judged without it), so that it does
+not keep the class with a mask of a few per cent of contrast that any noise destroys. The full-resolution, per-channel mask is then refined
 from that answer (λ continued) with the defence as set. Every such result reports a noise check
 and a cross-model check (``noise_ratio``, ``transfer_ratio``) so brittle masks show.
 

@@ -34,6 +34,7 @@ __all__ = [
     "CHECK_NOISE",
     "DEGENERATE_SPREAD",
     "DIAGNOSTIC_DIMMING",
+    "STARVED_SHARE",
     "FGVisDegenerateWarning",
     "defence_check",
     "degenerate_message",
@@ -46,6 +47,8 @@ DEGENERATE_SPREAD = 0.15
 """``map_spread`` below which a map counts as flat (a flat map gives 0.1)."""
 DIAGNOSTIC_DIMMING = 0.999
 """The flat mask at which the defence is measured (0.1 % dimming)."""
+STARVED_SHARE = 0.1
+"""``defence_pass_share`` below which the warning says that the defence starved the run."""
 CHECK_NOISE = 0.1
 """σ (in the model's normalised input space) of the noise check of the coarse schedule."""
 
@@ -128,10 +131,9 @@ def degenerate_message(game: str, rows: Sequence[int], spread: Tensor, share: Te
     )
     if share is not None:
         passed = max(float(share[i]) for i in rows)
-        text += (
-            f"; the defence passes {passed:.1%} of the gradient at 0.1 % dimming, so the "
-            "optimisation is starved (typical of batch-normalised networks)"
-        )
+        text += f"; the defence passes {passed:.1%} of the gradient at 0.1 % dimming"
+        if passed < STARVED_SHARE:
+            text += ", so the optimisation is starved (typical of batch-normalised networks)"
     return text + (
         ". Use the defended deletion game instead (game='delete', and check "
         "extras['satisfied']), or a CAM-family method (method='gradcam')."

@@ -24,6 +24,7 @@ from evidencemap.explanation import Explanation
 from evidencemap.methods.base import Context, Method, register
 from evidencemap.methods.fgvis.defence import DefenceRule, NonlinearityBounds, record_bounds
 from evidencemap.methods.fgvis.diagnostics import (
+    CHECK_NOISE,
     DEGENERATE_SPREAD,
     FGVisDegenerateWarning,
     defence_check,
@@ -89,8 +90,9 @@ class FGVis(Method):
         schedule: ``"fine"`` (the paper: one full-resolution, per-channel mask) or
             ``"coarse"`` (experimental, see :mod:`evidencemap.methods.fgvis`): first a
             single-channel mask on a ``coarse_size``-cells-per-axis grid, bilinearly upsampled
-            and optimised *without* the gate (the low resolution is the guard), then the
-            full-resolution mask refined from it with ``defense`` as set.
+            and optimised *without* the gate (the low resolution is the guard) against noise
+            on ``e`` (σ = ``noise``, or 0.1 when ``noise=0``), then the full-resolution mask
+            refined from it with ``defense`` and ``noise`` as set.
         coarse_size: cells per spatial axis of the coarse stage (≥ 1).
         transfer: models for the coarse schedule's cross-model check: ``"installed"`` (the
             built-in EfficientNet-Lite1/Lite2 whose weights are installed), ``"none"``, or a
@@ -432,9 +434,9 @@ class FGVis(Method):
             )
         classes = resolved.classes
         image_score = output.softmax(dim=1).gather(1, classes[:, None]).squeeze(1)
-        generator = None
+        noise = None
         if self.noise > 0:
-            generator = torch.Generator(device=x.device).manual_seed(self.seed)
+            noise = (torch.Generator(device=x.device).manual_seed(self.seed), self.noise)
         coarse = self.schedule == "coarse"
         total = self.max_iterations * (2 if coarse else 1)
         bar = _bar(self.progress, total)
@@ -453,8 +455,22 @@ class FGVis(Method):
                     return up.expand(-1, x.shape[1], *size)
 
                 state = MaskState(cells, self)
+                # The coarse stage trains against noise (σ = `noise`, or CHECK_NOISE when 0):
+                # a mask that keeps the class only at a few per cent of contrast is brittle.
+                sigma = self.noise if self.noise > 0 else CHECK_NOISE
+                coarse_gen = torch.Generator(device=x.device).manual_seed(self.seed)
                 self._optimise(
-                    x, ref, classes, image_score, state, [], expand, 0, total, generator, bar
+                    x,
+                    ref,
+                    classes,
+                    image_score,
+                    state,
+                    [],
+                    expand,
+                    0,
+                    total,
+                    (coarse_gen, sigma),
+                    bar,
                 )
                 start = expand(state.result_mask()).clamp(0, 1)
                 lam = state.result_lambda()
@@ -463,7 +479,7 @@ class FGVis(Method):
             state = MaskState(x, self, start=start, lam=lam)
             offset = self.max_iterations if coarse else 0
             self._optimise(
-                x, ref, classes, image_score, state, bounds, None, offset, total, generator, bar
+                x, ref, classes, image_score, state, bounds, None, offset, total, noise, bar
             )
             history.append(state.history())
             iterations += state.iterations
@@ -525,11 +541,12 @@ class FGVis(Method):
         expand: Callable[[Tensor], Tensor] | None,
         offset: int,
         total: int,
-        generator: torch.Generator | None,
+        noise: tuple[torch.Generator, float] | None,
         bar: Progress | None,
     ) -> None:
         """Run ``state``'s steps: the mask ``m = expand(θ)`` (``θ`` itself when ``None``), the
-        gate on every nonlinearity call when ``bounds`` is not empty."""
+        gate on every nonlinearity call when ``bounds`` is not empty, ``noise`` = ``(generator, σ)``
+        added to ``e`` in the gradient passes (the criterion then judged without it)."""
         preserve = self.game == "preserve"
         sign = 1.0 if preserve else -1.0
         defended = bool(bounds)
@@ -547,8 +564,9 @@ class FGVis(Method):
             with torch.enable_grad():
                 m = theta if expand is None else expand(theta)
                 e = m * xa + (1 - m) * ra
-                if generator is not None:
-                    e = e + self.noise * torch.randn(
+                if noise is not None:
+                    generator, sigma = noise
+                    e = e + sigma * torch.randn(
                         e.shape, generator=generator, device=e.device, dtype=e.dtype
                     )
                 if defended:
@@ -558,7 +576,7 @@ class FGVis(Method):
                     logits = self.forward(e)
                 phi_e, p = self._phi(logits, ca)
                 (grad,) = torch.autograd.grad(phi_e.sum(), theta)
-            if generator is not None:
+            if noise is not None:
                 # The criterion and the kept iterate are judged on the explanation that is
                 # returned, without noise (the unmodified model; the forward pass is the
                 # same with or without the defence's gates).
