@@ -9,7 +9,7 @@ rocket. All scenes are optimised together in one batch per rule. Per scene and r
   0.1 = flat), ``degenerate`` (the library's flag);
 * box: (the map's mass inside the box / its total mass) / (box area / image area): 1 = the box
   gets its share by area only, larger = the map concentrates in the box;
-* noise: ``p(e + ε)/p(x)`` with ``ε ~ N(0, 0.1²)`` (fixed seed); transfer: ``p(e)/p(x)`` on
+* noise: mean ``p(e + ε)/p(x)`` over 8 draws ``ε ~ N(0, 0.1²)`` (fixed seed); transfer: ``p(e)/p(x)`` on
   EfficientNet-Lite1 and Lite2 (the same normalisation, any input size);
 * the defence's diagnostics (``defence_pass_share``, ``units_out_of_bounds``);
 * seconds per image (batch time / scenes).
@@ -118,7 +118,7 @@ def main() -> None:
         f"`lam='auto'`, defence on, `max_iterations={args.iterations}` for every run (the "
         "library's default is 300; fewer here to fit the run in ~15 minutes on 2 cores), other "
         f"options at their defaults; the coarse schedule with `coarse_size=7`. {n} scenes "
-        "optimised together per rule; s / image = batch time / scenes. Noise σ = 0.1 "
+        "optimised together per rule; s / image = batch time / scenes. Noise check: 8 draws, σ = 0.1 "
         "(normalised space), transfer to " + ", ".join(name for name, _ in others) + ".\n"
     )
     runs = {}

@@ -675,8 +675,10 @@ def test_coarse_schedule_mechanics():
         p = lambda f, t: f(t).softmax(1).gather(1, c[:, None])[:, 0]  # noqa: E731
         expected = p(other, e["explanation"]) / p(other, x)
         gen = torch.Generator().manual_seed(0)
-        noisy = e["explanation"] + 0.1 * torch.randn(x.shape, generator=gen)
-        noise_expected = p(model, noisy) / p(model, x)
+        draws = [
+            p(model, e["explanation"] + 0.1 * torch.randn(x.shape, generator=gen)) for _ in range(8)
+        ]
+        noise_expected = torch.stack(draws).mean(0) / p(model, x)
     assert torch.allclose(e["transfer_ratio"][:, 0], expected, rtol=1e-5)
     assert torch.allclose(e["noise_ratio"], noise_expected, rtol=1e-5)
     # One step per stage, one cell: the coarse stage moves the whole mask by at most lr, and
@@ -715,6 +717,10 @@ def test_real_coarse_schedule_localises_and_keeps_the_defence(lite0, photos):
     assert c["warning"] == ""
     assert float(c["map_spread"]) > 2 * float(paper.extras["map_spread"])
     assert float(c["mask_mean"]) < float(paper.extras["mask_mean"])
+    print(
+        "coarse chelsea",
+        {k: c[k].tolist() for k in ("noise_ratio", "transfer_ratio", "map_spread", "mask_mean")},
+    )
     assert float(c["noise_ratio"]) > 0.5
     assert c["transfer_models"] == ["efficientnet-lite1", "efficientnet-lite2"]
     assert bool((c["transfer_ratio"] > 0.3).all())

@@ -31,6 +31,7 @@ from evidencemap.methods.fgvis.defence import DefenceRule, NonlinearityBounds
 from evidencemap.methods.fgvis.games import phi
 
 __all__ = [
+    "CHECK_DRAWS",
     "CHECK_NOISE",
     "DEGENERATE_SPREAD",
     "DIAGNOSTIC_DIMMING",
@@ -51,6 +52,8 @@ STARVED_SHARE = 0.1
 """``defence_pass_share`` below which the warning says that the defence starved the run."""
 CHECK_NOISE = 0.1
 """σ (in the model's normalised input space) of the noise check of the coarse schedule."""
+CHECK_DRAWS = 8
+"""Noise draws averaged by the noise check."""
 
 
 class FGVisDegenerateWarning(UserWarning):
@@ -143,12 +146,15 @@ def degenerate_message(game: str, rows: Sequence[int], spread: Tensor, share: Te
 def noise_check(
     forward: Callable[[Tensor], Tensor], e: Tensor, classes: Tensor, image_score: Tensor
 ) -> Tensor:
-    """``p(e + ε) / p(x)`` ``(N,)`` with ``ε ~ N(0, CHECK_NOISE²)`` (a fixed seed, 0)."""
+    """``mean_j p(e + ε_j) / p(x)`` ``(N,)`` over ``CHECK_DRAWS`` draws ``ε_j ~ N(0, CHECK_NOISE²)``
+    (one generator seeded 0; one batched forward pass per draw)."""
     generator = torch.Generator(device=e.device).manual_seed(0)
-    noise = torch.randn(e.shape, generator=generator, device=e.device, dtype=e.dtype)
+    total = torch.zeros(e.shape[0], device=e.device, dtype=e.dtype)
     with torch.no_grad():
-        p = phi(forward(e + CHECK_NOISE * noise), classes, "prob")[1]
-    return p / image_score.clamp(min=1e-30)
+        for _ in range(CHECK_DRAWS):
+            noise = torch.randn(e.shape, generator=generator, device=e.device, dtype=e.dtype)
+            total += phi(forward(e + CHECK_NOISE * noise), classes, "prob")[1]
+    return total / CHECK_DRAWS / image_score.clamp(min=1e-30)
 
 
 def transfer_check(models: Sequence[nn.Module], x: Tensor, e: Tensor, classes: Tensor) -> Tensor:

@@ -113,7 +113,7 @@ class FGVis(Method):
       ``defence_pass_share`` and ``units_out_of_bounds`` (defended runs only), ``map_spread``,
       ``degenerate``; and ``warning``, a string: ``""`` when no map is degenerate, else the
       message also issued as :class:`FGVisDegenerateWarning`;
-    * with ``schedule="coarse"``: ``noise_ratio`` ``p(e + ε)/p(x)`` (``ε ~ N(0, 0.1²)``, fixed
+    * with ``schedule="coarse"``: ``noise_ratio`` ``p(e + ε)/p(x)`` (mean of 8 draws ``ε ~ N(0, 0.1²)``, fixed
       seed) and ``transfer_ratio`` ``(N, K)`` ``p_k(e)/p_k(x)`` of each transfer model
       (``K = 0`` when none), ``transfer_models`` their names.
 
@@ -445,37 +445,11 @@ class FGVis(Method):
             history = []
             iterations = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             if coarse:
-                grid = (self.coarse_size,) * (x.ndim - 2)
-                cells = x.new_ones(x.shape[0], 1, *grid)
-                size = x.shape[2:]
-                mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[x.ndim - 2]
-
-                def expand(theta: Tensor) -> Tensor:
-                    up = F.interpolate(theta, size=size, mode=mode, align_corners=False)
-                    return up.expand(-1, x.shape[1], *size)
-
-                state = MaskState(cells, self)
-                # The coarse stage trains against noise (σ = `noise`, or CHECK_NOISE when 0):
-                # a mask that keeps the class only at a few per cent of contrast is brittle.
-                sigma = self.noise if self.noise > 0 else CHECK_NOISE
-                coarse_gen = torch.Generator(device=x.device).manual_seed(self.seed)
-                self._optimise(
-                    x,
-                    ref,
-                    classes,
-                    image_score,
-                    state,
-                    [],
-                    expand,
-                    0,
-                    total,
-                    (coarse_gen, sigma),
-                    bar,
-                )
-                start = expand(state.result_mask()).clamp(0, 1)
-                lam = state.result_lambda()
-                history.append(state.history())
-                iterations += state.iterations
+                coarse_state, expand = self._coarse_stage(x, ref, classes, image_score, total, bar)
+                start = expand(coarse_state.result_mask()).clamp(0, 1)
+                lam = coarse_state.result_lambda()
+                history.append(coarse_state.history())
+                iterations += coarse_state.iterations
             state = MaskState(x, self, start=start, lam=lam)
             offset = self.max_iterations if coarse else 0
             self._optimise(
@@ -529,6 +503,36 @@ class FGVis(Method):
             extras["transfer_models"] = [name for name, _ in others]
         context = Context(self.model, x, output.detach(), resolved, None, self.forward)
         return self.finish(raw, raw, context, image_score, extras=extras, normalise=False)
+
+    def _coarse_stage(
+        self,
+        x: Tensor,
+        ref: Tensor,
+        classes: Tensor,
+        image_score: Tensor,
+        total: int,
+        bar: Progress | None,
+    ) -> tuple[MaskState, Callable[[Tensor], Tensor]]:
+        """The coarse schedule's first stage: a ``(N, 1, *grid)`` mask ``θ``, ``m = up(θ)``
+        (bilinear / trilinear, expanded over the channels), no gate, noise on ``e``.
+
+        Returns the finished state and ``up``.
+        """
+        grid = (self.coarse_size,) * (x.ndim - 2)
+        size = x.shape[2:]
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[x.ndim - 2]
+
+        def expand(theta: Tensor) -> Tensor:
+            up = F.interpolate(theta, size=size, mode=mode, align_corners=False)
+            return up.expand(-1, x.shape[1], *size)
+
+        state = MaskState(x.new_ones(x.shape[0], 1, *grid), self)
+        # Trained against noise (σ = `noise`, or CHECK_NOISE when 0): a mask that keeps the
+        # class only at a few per cent of contrast is brittle.
+        sigma = self.noise if self.noise > 0 else CHECK_NOISE
+        noise = (torch.Generator(device=x.device).manual_seed(self.seed), sigma)
+        self._optimise(x, ref, classes, image_score, state, [], expand, 0, total, noise, bar)
+        return state, expand
 
     def _optimise(
         self,
