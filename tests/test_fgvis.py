@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -497,3 +499,242 @@ def test_real_defence_blocks_adversarial_evidence(lite0, small_photos):
     assert bool(attacked.extras["top1"] == least)
     # Imperceptible: the undefended explanation stays close to the image.
     assert float((attacked.extras["explanation"] - x).abs().mean()) < 0.1
+
+
+# -- the options description ----------------------------------------------------------------------
+def test_options_description_matches_the_constructor():
+    import inspect
+
+    from evidencemap.methods.options import options_of
+
+    params = inspect.signature(FGVis.__init__).parameters
+    own = {
+        name: p.default
+        for name, p in params.items()
+        if p.kind is p.KEYWORD_ONLY and name not in ("output_key", "eval_mode", "batch_size")
+    }
+    described = {o.name: o.default for o in FGVis.OPTIONS}
+    assert described == own
+    assert set(options_of(FGVis)) >= set(own)
+    caps = {o.name: (o.cost, o.cap) for o in FGVis.OPTIONS if o.cost}
+    assert caps == {"max_iterations": ("work", 500), "patience": ("work", 500)}
+    assert FGVis(seeded(ConvGapFc()), optimizer="adam").options()["optimizer"] == "adam"
+    # Validation goes through the description: its message names the argument.
+    with pytest.raises(ValueError, match="max_iterations"):
+        FGVis(seeded(ConvGapFc()), max_iterations=0)
+    with pytest.raises(ValueError, match="schedule"):
+        FGVis(seeded(ConvGapFc()), schedule="medium")
+    with pytest.raises(TypeError, match="defense"):
+        FGVis(seeded(ConvGapFc()), defense="yes")
+
+
+# -- runtime hooks -----------------------------------------------------------------------------------
+def test_cancel_and_progress_through_runtime():
+    import threading
+
+    from evidencemap import runtime
+
+    model = seeded(ConvGapFc())
+    x = small_inputs()
+    event = threading.Event()
+    event.set()
+    with runtime.limits(cancel=event), pytest.raises(runtime.Cancelled):
+        em.explain(model, x, "fgvis", lam=0.1, max_iterations=5)
+    seen: list[tuple[int, int, str]] = []
+    with runtime.limits(progress=lambda d, t, s: seen.append((d, t, s))):
+        exp = em.explain(model, x, "fgvis", lam=0.1, max_iterations=5, patience=5)
+    assert seen == [(i, 5, "fgvis") for i in range(1, 6)]
+    assert int(exp.extras["iterations"].max()) == 5
+
+
+# -- diagnostics -----------------------------------------------------------------------------------
+class BiasTwoUnit(TwoUnit):
+    """TwoUnit with a hidden bias (1.5, 0): unit 1 *rises* when x₁ = −1 is dimmed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.hidden.weight.copy_(torch.eye(2))
+            self.hidden.bias.copy_(torch.tensor([1.5, 0.0]))
+
+
+def test_diagnostics_by_hand():
+    """x = (−1, 2): h(x) = (0.5, 2); at e = 0.999·x, h(e) = (0.501, 1.998): unit 1 is above its
+    bound (1 of 2 units out), so ∂φ/∂m = (0, 3·2)·γ defended against (2·(−1), 3·2)·γ: the share
+    passed is 6 / √40."""
+    model = BiasTwoUnit().eval()
+    x = torch.tensor([[-1.0, 2.0]]).view(1, 1, 1, 2)
+    exp = em.explain(model, x, "fgvis", max_iterations=2)
+    e = exp.extras
+    assert float(e["units_out_of_bounds"]) == pytest.approx(0.5)
+    assert float(e["defence_pass_share"]) == pytest.approx(6 / 40**0.5, rel=1e-5)
+    plain = em.explain(model, x, "fgvis", max_iterations=2, defense=False).extras
+    assert "defence_pass_share" not in plain
+    assert "units_out_of_bounds" not in plain
+
+
+def test_map_spread_definition():
+    from evidencemap.methods.fgvis import map_spread
+
+    flat = torch.full((1, 1, 10, 10), 0.3)
+    peak = torch.zeros(1, 1, 10, 10)
+    peak[0, 0, 3, 4] = 0.7
+    half = torch.zeros(1, 1, 10, 10)
+    half[0, 0, :, :5] = 1.0  # 50 pixels share the mass; the top 10 hold a fifth of it
+    spread = map_spread(torch.cat([flat, peak, half, torch.zeros_like(flat)]))
+    assert torch.allclose(spread, torch.tensor([0.1, 1.0, 0.2, 0.1]))
+
+
+class GlobalMean(nn.Module):
+    """Logits (4·mean(x), 0): every pixel counts alike, the answer is a flat (dimming) mask."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = 4 * x.flatten(1).mean(1)
+        return torch.stack([s, torch.zeros_like(s)], dim=1)
+
+
+class CornerMean(nn.Module):
+    """Logits (4·mean of the top-left 2×2 pixels, 0): only the corner matters."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = 4 * x[:, :, :2, :2].flatten(1).mean(1)
+        return torch.stack([s, torch.zeros_like(s)], dim=1)
+
+
+def test_degenerate_warning_on_a_flat_map_only():
+    from evidencemap.methods.fgvis import FGVisDegenerateWarning
+
+    x = torch.ones(2, 3, 8, 8)
+    with pytest.warns(FGVisDegenerateWarning, match="game='delete'"):
+        flat = em.explain(GlobalMean(), x, "fgvis", target=0, **FAST)
+    f = flat.extras
+    assert bool(f["degenerate"].all())
+    assert torch.allclose(f["map_spread"], torch.full((2,), 7 / 64))  # k/P, k = ⌈64/10⌉
+    assert "sample(s) 0, 1" in f["warning"]
+    assert bool((f["mask_mean"] < 1).all())  # it did dim
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FGVisDegenerateWarning)
+        corner = em.explain(CornerMean(), x, "fgvis", target=0, **FAST)
+    c = corner.extras
+    assert not bool(c["degenerate"].any())
+    assert c["warning"] == ""
+    assert bool((c["map_spread"] > 0.9).all())
+    # No nonlinearity: nothing is gated, the whole gradient passes.
+    assert torch.equal(c["defence_pass_share"], torch.ones(2))
+    assert torch.equal(c["units_out_of_bounds"], torch.zeros(2))
+    # Chunked batches: the flags join, the warning is built from all of them.
+    with pytest.warns(FGVisDegenerateWarning):
+        parts = em.explain(GlobalMean(), x, "fgvis", target=0, batch_size=1, **FAST)
+    assert "sample(s) 0, 1" in parts.extras["warning"]
+
+
+def test_real_diagnostics_small(lite0, tiny_photos):
+    """On Lite0 the defence passes a small share of the gradient at 0.1 % dimming."""
+    from evidencemap.methods.fgvis import FGVisDegenerateWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FGVisDegenerateWarning)
+        exp = em.explain(lite0, tiny_photos[:1], "fgvis", max_iterations=3, patience=3)
+    e = exp.extras
+    assert 0 < float(e["defence_pass_share"]) < 0.5
+    assert 0.05 < float(e["units_out_of_bounds"]) < 0.6
+    assert 0.1 <= float(e["map_spread"]) <= 1
+
+
+# -- the coarse schedule (experimental) ----------------------------------------------------------------
+def test_coarse_schedule_mechanics():
+    """Stage 1 optimises a 2×2 single-channel grid upsampled to 8×8, stage 2 refines it; the
+    checks are p(e + ε)/p(x) and each transfer model's p(e)/p(x)."""
+    model = seeded(ConvGapFc())
+    other = seeded(ConvGapFc(), seed=5)
+    x = small_inputs(2)
+    seen: list[tuple[int, int, str]] = []
+    from evidencemap import runtime
+
+    with runtime.limits(progress=lambda d, t, s: seen.append((d, t, s))):
+        exp = em.explain(
+            model,
+            x,
+            "fgvis",
+            schedule="coarse",
+            coarse_size=2,
+            transfer=[other],
+            lam=0.5,
+            max_iterations=6,
+            patience=6,
+        )
+    e = exp.extras
+    assert [d for d, _, _ in seen] == list(range(1, 13))
+    assert {t for _, t, _ in seen} == {12}
+    assert e["loss_history"].shape == (2, 12)
+    assert e["iterations"].tolist() == [12, 12]
+    assert e["transfer_models"] == ["ConvGapFc"]
+    with torch.no_grad():
+        c = exp.targets
+        p = lambda f, t: f(t).softmax(1).gather(1, c[:, None])[:, 0]  # noqa: E731
+        expected = p(other, e["explanation"]) / p(other, x)
+        gen = torch.Generator().manual_seed(0)
+        draws = [
+            p(model, e["explanation"] + 0.1 * torch.randn(x.shape, generator=gen)) for _ in range(8)
+        ]
+        noise_expected = torch.stack(draws).mean(0) / p(model, x)
+    assert torch.allclose(e["transfer_ratio"][:, 0], expected, rtol=1e-5)
+    assert torch.allclose(e["noise_ratio"], noise_expected, rtol=1e-5)
+    # One step per stage, one cell: the coarse stage moves the whole mask by at most lr, and
+    # the refinement starts from it and moves each entry by at most lr again.
+    one = em.explain(
+        model,
+        x,
+        "fgvis",
+        schedule="coarse",
+        coarse_size=1,
+        transfer="none",
+        lam=0.5,
+        max_iterations=1,
+        lr=0.2,
+    )
+    m = one.extras["mask"]
+    assert one.extras["transfer_ratio"].shape == (2, 0)
+    assert float(m.min()) >= 0.6 - 1e-6
+    assert float(m.min()) < 1
+
+
+@pytest.mark.slow
+def test_real_coarse_schedule_localises_and_keeps_the_defence(lite0, photos):
+    """chelsea at 224×224: the paper's rule gives a flat, degenerate map; the coarse schedule a
+    concentrated one that keeps the class, survives noise and transfers to Lite1/Lite2; and it
+    does not let the least likely class appear."""
+    from evidencemap.methods.fgvis import FGVisDegenerateWarning
+
+    x = photos[:1]
+    with pytest.warns(FGVisDegenerateWarning):
+        paper = em.explain(lite0, x, "fgvis", max_iterations=150)
+    assert bool(paper.extras["degenerate"].all())
+    coarse = em.explain(lite0, x, "fgvis", schedule="coarse", max_iterations=150)
+    c = coarse.extras
+    assert bool(c["satisfied"].all())
+    assert c["warning"] == ""
+    assert float(c["map_spread"]) > 2 * float(paper.extras["map_spread"])
+    assert float(c["mask_mean"]) < float(paper.extras["mask_mean"])
+    print(
+        "coarse chelsea",
+        {k: c[k].tolist() for k in ("noise_ratio", "transfer_ratio", "map_spread", "mask_mean")},
+    )
+    assert float(c["noise_ratio"]) > 0.5
+    assert c["transfer_models"] == ["efficientnet-lite1", "efficientnet-lite2"]
+    assert bool((c["transfer_ratio"] > 0.3).all())
+    with torch.no_grad():
+        least = lite0(x).argmin(1)
+    generated = em.explain(
+        lite0,
+        x,
+        "fgvis",
+        schedule="coarse",
+        transfer="none",
+        target=least,
+        lam=0.0,
+        max_iterations=100,
+        patience=100,
+    )
+    assert float(generated.extras["score"]) < 1e-2

@@ -1,0 +1,624 @@
+"""The FGVis method: options, the reference, the run loop and the diagnostics of each result.
+
+See :mod:`evidencemap.methods.fgvis` for the formulas; the pieces live in
+:mod:`~evidencemap.methods.fgvis.defence` (bounds and gate), :mod:`~.games` (φ, criteria),
+:mod:`~.optimiser` (mask state, step, λ schedule), :mod:`~.reference` and
+:mod:`~.diagnostics`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from evidencemap import runtime
+from evidencemap.capture import NonlinearityInterceptor, eval_mode
+from evidencemap.explanation import Explanation
+from evidencemap.methods.base import Context, Method, register
+from evidencemap.methods.fgvis.defence import DefenceRule, NonlinearityBounds, record_bounds
+from evidencemap.methods.fgvis.diagnostics import (
+    CHECK_NOISE,
+    DEGENERATE_SPREAD,
+    FGVisDegenerateWarning,
+    defence_check,
+    degenerate_message,
+    map_spread,
+    noise_check,
+    transfer_check,
+)
+from evidencemap.methods.fgvis.games import FGVIS_GAMES, FGVIS_SIMILARITIES, phi
+from evidencemap.methods.fgvis.optimiser import MaskState, take
+from evidencemap.methods.fgvis.reference import FGVIS_REFERENCES, reference_for
+from evidencemap.methods.options import Option
+from evidencemap.targets import OutputKey, Target, resolve
+
+__all__ = ["FGVIS_SCHEDULES", "FGVis", "Progress"]
+
+FGVIS_SCHEDULES = ("fine", "coarse")
+
+Progress = Callable[[int, dict[str, Tensor]], None]
+
+_TRANSFER_MODELS = ("efficientnet-lite1", "efficientnet-lite2")
+
+
+@register
+class FGVis(Method):
+    """FGVis: the per-pixel, per-channel mask of the preservation or deletion game.
+
+    See :mod:`evidencemap.methods.fgvis` for the formulas. Shapes: inputs ``(N, C, *S)``; ``maps``
+    and ``raw`` ``(N, 1, *S)``: both the channel mean of the relevant mask (``m``, or ``1 − m`` for
+    the deletion game), **not** min-max normalised — the mask already is in [0, 1] and its values
+    mean something (the fraction of each pixel kept or removed); every mask and image in
+    ``extras`` ``(N, C, *S)``.
+
+    Args:
+        model: a classifier whose (selected) output is ``(N, classes)`` logits.
+        game: ``"preserve"`` (the map is ``m``) or ``"delete"`` (the map is ``1 − m``).
+        defense: filter the gradient at every nonlinearity call (the paper's defence).
+        reference: what removed pixels become: ``"zero"`` (0 in normalised input space, the
+            paper's choice), ``"blur"`` (a Gaussian-blurred copy, σ = ``blur_sigma`` pixels),
+            ``"mean"`` (each sample's per-channel mean), a number, or a tensor broadcastable to
+            the inputs (``(C, *S)``, ``(1 | N, C, *S)``, ``(C, 1, …)``).
+        similarity: ``"ce"`` (``φ = −log p``) or ``"prob"`` (``φ = −p``).
+        lam: ``"auto"`` (per-sample λ found during the run, see the module docstring) or a fixed
+            λ ≥ 0 for the mean-normalised L1 term.
+        tolerance: preservation criterion ``p(e) ≥ (1 − tolerance)·p(x)``, in [0, 1).
+        delete_to: deletion criterion ``p(e) ≤ delete_to · p(x)``, in (0, 1).
+        lr: step size η (the largest mask entry's move per step).
+        momentum: SGD momentum μ.
+        max_iterations: at most this many steps.
+        patience: a sample stops after this many steps without improving its result by more
+            than ``converge_tol`` (the mean mask of the kept iterate with ``lam="auto"``, the
+            loss with a fixed λ); the run stops when every sample has.
+        converge_tol: see ``patience``.
+        lam_rate: λ's multiplicative step with ``lam="auto"``.
+        noise: standard deviation of Gaussian noise added to ``e`` in the gradient's forward
+            pass at every step (0: none); the criterion is then checked on the noise-free ``e``
+            (one more forward pass per step).
+        seed: seed of that noise (the run is deterministic without noise anyway).
+        progress: ``True`` for a tqdm bar, or ``progress(iteration, info)`` called after each step
+            with ``info`` = ``{"loss", "score", "lambda", "mask_mean", "active"}`` ``(N,)`` tensors.
+        blur_sigma: σ in pixels of ``reference="blur"``.
+        optimizer: ``"sgd"`` (normalised SGD with momentum) or ``"adam"``.
+        schedule: ``"fine"`` (the paper: one full-resolution, per-channel mask) or
+            ``"coarse"`` (experimental, see :mod:`evidencemap.methods.fgvis`): first a
+            single-channel mask on a ``coarse_size``-cells-per-axis grid, bilinearly upsampled
+            and optimised *without* the gate (the low resolution is the guard) against noise
+            on ``e`` (σ = ``noise``, or 0.1 when ``noise=0``), then the full-resolution mask
+            refined from it with ``defense`` and ``noise`` as set.
+        coarse_size: cells per spatial axis of the coarse stage (≥ 1).
+        transfer: models for the coarse schedule's cross-model check: ``"installed"`` (the
+            built-in EfficientNet-Lite1/Lite2 whose weights are installed), ``"none"``, or a
+            sequence of modules taking the same inputs.
+        output_key / eval_mode / batch_size: see :class:`~evidencemap.methods.base.Method`.
+
+    Returns (from the call) an :class:`~evidencemap.explanation.Explanation` with ``scores`` =
+    the target's softmax probability on the inputs and ``extras``:
+
+    * ``mask`` ``m``, ``explanation`` ``e``, ``deleted`` ``x ⊙ (1 − m) + r ⊙ m`` (``(N, C, *S)``);
+    * ``score`` ``p(e)`` and ``top1`` on ``e`` from the unmodified model (no interceptor);
+    * ``image_score`` ``p(x)``; ``lambda`` the λ of the returned iterate; ``satisfied`` whether
+      it meets the game's criterion (``lam="auto"``; with a fixed λ whether it does anyway);
+    * ``iterations`` steps run per sample; ``loss_history`` ``(N, max_iterations)`` (entries
+      after a sample stopped repeat its last loss; ``(N, 2·max_iterations)`` with the coarse
+      schedule: coarse stage, then refinement); ``mask_mean`` the mean of ``m``;
+    * diagnostics (:mod:`~evidencemap.methods.fgvis.diagnostics`), ``(N,)``:
+      ``defence_pass_share`` and ``units_out_of_bounds`` (defended runs only), ``map_spread``,
+      ``degenerate``; and ``warning``, a string: ``""`` when no map is degenerate, else the
+      message also issued as :class:`FGVisDegenerateWarning`;
+    * with ``schedule="coarse"``: ``noise_ratio`` ``p(e + ε)/p(x)`` (mean of 8 draws ``ε ~ N(0, 0.1²)``, fixed
+      seed) and ``transfer_ratio`` ``(N, K)`` ``p_k(e)/p_k(x)`` of each transfer model
+      (``K = 0`` when none), ``transfer_models`` their names.
+
+    Raises:
+        TypeError / ValueError: for bad options (at construction) or a target that is not a
+            class, a model output that is not ``(N, classes)``, a reference of the wrong shape.
+    """
+
+    name: ClassVar[str] = "fgvis"
+    aliases: ClassVar[tuple[str, ...]] = ("fg-vis",)
+    uses_layer: ClassVar[bool] = False
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option(
+            "game", "str", "preserve", "the preservation or the deletion game", choices=FGVIS_GAMES
+        ),
+        Option(
+            "defense", "bool", True, "gate the gradient at every nonlinearity (the paper's defence)"
+        ),
+        Option(
+            "reference",
+            "any",
+            "zero",
+            "what removed pixels become",
+            choices=FGVIS_REFERENCES,
+            other="a number or a tensor broadcastable to the inputs",
+        ),
+        Option(
+            "similarity",
+            "str",
+            "ce",
+            "φ = −log p ('ce') or −p ('prob')",
+            choices=FGVIS_SIMILARITIES,
+        ),
+        Option(
+            "lam",
+            "any",
+            "auto",
+            "sparsity weight λ: 'auto' (per sample) or a fixed number",
+            other="'auto' or a number >= 0",
+        ),
+        Option(
+            "tolerance",
+            "float",
+            0.01,
+            "preservation criterion p(e) >= (1 − tolerance)·p(x)",
+            low=0.0,
+            high=1.0,
+            high_open=True,
+        ),
+        Option(
+            "delete_to",
+            "float",
+            0.1,
+            "deletion criterion p(e) <= delete_to·p(x)",
+            low=0.0,
+            high=1.0,
+            low_open=True,
+            high_open=True,
+        ),
+        Option(
+            "lr",
+            "float",
+            0.05,
+            "step of the largest mask entry per iteration",
+            low=0.0,
+            low_open=True,
+        ),
+        Option("momentum", "float", 0.9, "SGD momentum", low=0.0, high=1.0, high_open=True),
+        Option(
+            "max_iterations",
+            "int",
+            300,
+            "at most this many optimisation steps",
+            low=1,
+            cost="work",
+            cap=500,
+        ),
+        Option(
+            "patience",
+            "int",
+            40,
+            "steps without improvement after which a sample stops",
+            low=1,
+            cost="work",
+            cap=500,
+        ),
+        Option(
+            "converge_tol",
+            "float",
+            1e-3,
+            "improvement that counts for patience",
+            low=0.0,
+            high=1.0,
+            high_open=True,
+        ),
+        Option(
+            "lam_rate",
+            "float",
+            0.05,
+            "λ's multiplicative step with lam='auto'",
+            low=0.0,
+            low_open=True,
+        ),
+        Option("noise", "float", 0.0, "σ of Gaussian noise on e in each gradient pass", low=0.0),
+        Option("seed", "int", 0, "seed of that noise"),
+        Option(
+            "progress",
+            "any",
+            None,
+            "a tqdm bar (True) or progress(iteration, info)",
+            nullable=True,
+            other="true, false or a callable",
+        ),
+        Option(
+            "blur_sigma", "float", 10.0, "σ in pixels of reference='blur'", low=0.0, low_open=True
+        ),
+        Option(
+            "optimizer",
+            "str",
+            "sgd",
+            "normalised SGD with momentum, or Adam",
+            choices=("sgd", "adam"),
+        ),
+        Option(
+            "schedule",
+            "str",
+            "fine",
+            "'fine' (the paper) or 'coarse' (experimental: coarse mask first, then refined)",
+            choices=FGVIS_SCHEDULES,
+        ),
+        Option(
+            "coarse_size", "int", 7, "cells per axis of the coarse schedule's first stage", low=1
+        ),
+        Option(
+            "transfer",
+            "any",
+            "installed",
+            "models of the coarse schedule's cross-model check",
+            choices=("installed", "none"),
+            other="a sequence of modules",
+        ),
+    )
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        game: str = "preserve",
+        defense: bool = True,
+        reference: str | float | Tensor = "zero",
+        similarity: str = "ce",
+        lam: str | float = "auto",
+        tolerance: float = 0.01,
+        delete_to: float = 0.1,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        max_iterations: int = 300,
+        patience: int = 40,
+        converge_tol: float = 1e-3,
+        lam_rate: float = 0.05,
+        noise: float = 0.0,
+        seed: int = 0,
+        progress: bool | Progress | None = None,
+        blur_sigma: float = 10.0,
+        optimizer: str = "sgd",
+        schedule: str = "fine",
+        coarse_size: int = 7,
+        transfer: str | Sequence[nn.Module] = "installed",
+        output_key: OutputKey = None,
+        eval_mode: bool = True,
+        batch_size: int | None = None,
+    ) -> None:
+        super().__init__(model, output_key=output_key, eval_mode=eval_mode, batch_size=batch_size)
+        check = self._check
+        game = check("game", game)
+        similarity = check("similarity", similarity)
+        reference = check("reference", reference)
+        if not isinstance(reference, (str, Tensor)) and (
+            isinstance(reference, bool) or not isinstance(reference, (int, float))
+        ):
+            raise TypeError(
+                f"reference must be a string, a number or a tensor, got {type(reference).__name__}"
+            )
+        if isinstance(lam, str):
+            if lam != "auto":
+                raise ValueError(f"lam must be 'auto' or a number >= 0, got {lam!r}")
+        else:
+            if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+                raise TypeError(f"lam must be a number, got {type(lam).__name__}")
+            lam = float(lam)
+            if not lam >= 0 or not math.isfinite(lam):
+                raise ValueError(f"lam must be 'auto' or a finite number >= 0, got {lam}")
+        self.game = game
+        self.defense = check("defense", defense)
+        self.reference = reference
+        self.similarity = similarity
+        self.lam = lam
+        self.tolerance = check("tolerance", tolerance)
+        self.delete_to = check("delete_to", delete_to)
+        self.lr = check("lr", lr)
+        self.momentum = check("momentum", momentum)
+        self.max_iterations = check("max_iterations", max_iterations)
+        self.patience = check("patience", patience)
+        self.converge_tol = check("converge_tol", converge_tol)
+        self.lam_rate = check("lam_rate", lam_rate)
+        self.noise = check("noise", noise)
+        self.seed = check("seed", seed)
+        if progress is not None and not isinstance(progress, bool) and not callable(progress):
+            raise TypeError(f"progress must be a bool or a callable, got {type(progress).__name__}")
+        self.progress = progress
+        self.optimizer = check("optimizer", optimizer)
+        self.blur_sigma = check("blur_sigma", blur_sigma)
+        self.schedule = check("schedule", schedule)
+        self.coarse_size = check("coarse_size", coarse_size)
+        transfer = check("transfer", transfer)
+        if not isinstance(transfer, str) and not (
+            isinstance(transfer, Sequence) and all(isinstance(t, nn.Module) for t in transfer)
+        ):
+            raise TypeError(
+                f"transfer must be 'installed', 'none' or a sequence of modules, got "
+                f"{type(transfer).__name__}"
+            )
+        self.transfer = transfer
+        self._transfer_models: list[tuple[str, nn.Module]] | None = None
+
+    @classmethod
+    def _check(cls, name: str, value: Any) -> Any:
+        """``value`` validated by the ``OPTIONS`` entry ``name`` (the one description)."""
+        for option in cls.OPTIONS:
+            if option.name == name:
+                return option.check(value)
+        raise KeyError(name)
+
+    def options(self) -> dict[str, Any]:
+        reference = "tensor" if isinstance(self.reference, Tensor) else self.reference
+        transfer = self.transfer if isinstance(self.transfer, str) else "modules"
+        return {
+            **super().options(),
+            "game": self.game,
+            "defense": self.defense,
+            "reference": reference,
+            "similarity": self.similarity,
+            "lam": self.lam,
+            "tolerance": self.tolerance,
+            "delete_to": self.delete_to,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "max_iterations": self.max_iterations,
+            "patience": self.patience,
+            "converge_tol": self.converge_tol,
+            "lam_rate": self.lam_rate,
+            "noise": self.noise,
+            "seed": self.seed,
+            "blur_sigma": self.blur_sigma,
+            "optimizer": self.optimizer,
+            "schedule": self.schedule,
+            "coarse_size": self.coarse_size,
+            "transfer": transfer,
+        }
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def reference_for(self, x: Tensor) -> Tensor:
+        """The reference ``r`` for inputs ``x`` ``(N, C, *S)``, broadcast to ``x``'s shape."""
+        return reference_for(self.reference, x, self.blur_sigma)
+
+    def _phi(self, logits: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
+        """``(φ, p)``: the similarity term and the target probability, both ``(n,)``."""
+        return phi(logits, classes, self.similarity)
+
+    def transfer_models(self) -> list[tuple[str, nn.Module]]:
+        """``(name, model)`` of the cross-model check (loaded once, built-ins on the CPU)."""
+        if self._transfer_models is None:
+            if self.transfer == "none":
+                found: list[tuple[str, nn.Module]] = []
+            elif self.transfer == "installed":
+                from evidencemap import models
+
+                installed = models.available()
+                found = [(n, models.load(n)) for n in _TRANSFER_MODELS if n in installed]
+            else:
+                found = [(type(m).__name__, m) for m in self.transfer]
+            self._transfer_models = found
+        return self._transfer_models
+
+    # -- the run ----------------------------------------------------------------------------------
+    def __call__(self, inputs: Tensor, target: Target = None) -> Explanation:
+        exp = super().__call__(inputs, target)
+        # Built here, after the chunks of a batch are joined, from the per-sample flags.
+        extras = exp.extras
+        rows = [int(i) for i in extras["degenerate"].nonzero().flatten()]
+        message = degenerate_message(
+            self.game, rows, extras["map_spread"], extras.get("defence_pass_share")
+        )
+        extras["warning"] = message
+        if message:
+            warnings.warn(message, FGVisDegenerateWarning, stacklevel=2)
+        return exp
+
+    def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
+        # One memory layout for the clean pass and every optimisation pass: convolution kernels
+        # for different layouts round differently, and at e = x the bounds hold with equality.
+        x = inputs.contiguous()
+        ref = self.reference_for(x)
+        with torch.no_grad():
+            if self.defense:
+                output, bounds = record_bounds(self.forward, x)
+            else:
+                output, bounds = self.forward(x), []
+        if output.ndim != 2:
+            raise ValueError(
+                f"FGVis needs a classifier output of shape (N, classes), got {tuple(output.shape)}"
+            )
+        resolved = resolve(target, output)
+        if resolved.classes is None:
+            raise ValueError(
+                "FGVis explains a class: target must be None, an int, class indices or a "
+                "ClassLogit/ClassProbability target, not an arbitrary score function"
+            )
+        classes = resolved.classes
+        image_score = output.softmax(dim=1).gather(1, classes[:, None]).squeeze(1)
+        noise = None
+        if self.noise > 0:
+            noise = (torch.Generator(device=x.device).manual_seed(self.seed), self.noise)
+        coarse = self.schedule == "coarse"
+        total = self.max_iterations * (2 if coarse else 1)
+        bar = _bar(self.progress, total)
+        try:
+            start = lam = None
+            history = []
+            iterations = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            if coarse:
+                coarse_state, expand = self._coarse_stage(x, ref, classes, image_score, total, bar)
+                start = expand(coarse_state.result_mask()).clamp(0, 1)
+                lam = coarse_state.result_lambda()
+                history.append(coarse_state.history())
+                iterations += coarse_state.iterations
+            state = MaskState(x, self, start=start, lam=lam)
+            offset = self.max_iterations if coarse else 0
+            self._optimise(
+                x, ref, classes, image_score, state, bounds, None, offset, total, noise, bar
+            )
+            history.append(state.history())
+            iterations += state.iterations
+        finally:
+            if bar is not None:
+                bar(-1, {})
+        preserve = self.game == "preserve"
+        mask = state.result_mask()
+        e = mask * x + (1 - mask) * ref
+        deleted = (1 - mask) * x + mask * ref
+        with torch.no_grad():  # the unmodified model: no interceptor, no hooks
+            out_e = self.forward(e)
+        score = out_e.softmax(dim=1).gather(1, classes[:, None]).squeeze(1)
+        relevant = mask if preserve else 1 - mask
+        raw = relevant.mean(dim=1, keepdim=True)
+        satisfied = state.criterion(score, image_score)
+        spread = map_spread(raw)
+        extras: dict[str, Any] = {
+            "mask": mask.detach(),
+            "explanation": e.detach(),
+            "deleted": deleted.detach(),
+            "score": score.detach(),
+            "top1": out_e.argmax(dim=1),
+            "image_score": image_score.detach(),
+            "lambda": state.result_lambda(),
+            "satisfied": satisfied,
+            "iterations": iterations,
+            "loss_history": history[0] if len(history) == 1 else torch.cat(history, dim=1),
+            "mask_mean": mask.flatten(1).mean(1),
+            "map_spread": spread,
+            "degenerate": spread < DEGENERATE_SPREAD,
+        }
+        if self.defense:
+            share, outside = defence_check(self.forward, x, ref, classes, bounds, self.similarity)
+            extras["defence_pass_share"] = share
+            extras["units_out_of_bounds"] = outside
+        if coarse:
+            shown = e if preserve else deleted
+            extras["noise_ratio"] = noise_check(self.forward, shown, classes, image_score)
+            others = self.transfer_models()
+            with ExitStack() as stack:
+                for _, other in others:
+                    stack.enter_context(eval_mode(other, True))
+                extras["transfer_ratio"] = transfer_check(
+                    [m.to(x.device) for _, m in others], x, shown.detach(), classes
+                )
+            extras["transfer_models"] = [name for name, _ in others]
+        context = Context(self.model, x, output.detach(), resolved, None, self.forward)
+        return self.finish(raw, raw, context, image_score, extras=extras, normalise=False)
+
+    def _coarse_stage(
+        self,
+        x: Tensor,
+        ref: Tensor,
+        classes: Tensor,
+        image_score: Tensor,
+        total: int,
+        bar: Progress | None,
+    ) -> tuple[MaskState, Callable[[Tensor], Tensor]]:
+        """The coarse schedule's first stage: a ``(N, 1, *grid)`` mask ``θ``, ``m = up(θ)``
+        (bilinear / trilinear, expanded over the channels), no gate, noise on ``e``.
+
+        Returns the finished state and ``up``.
+        """
+        grid = (self.coarse_size,) * (x.ndim - 2)
+        size = x.shape[2:]
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[x.ndim - 2]
+
+        def expand(theta: Tensor) -> Tensor:
+            up = F.interpolate(theta, size=size, mode=mode, align_corners=False)
+            return up.expand(-1, x.shape[1], *size)
+
+        state = MaskState(x.new_ones(x.shape[0], 1, *grid), self)
+        # Trained against noise (σ = `noise`, or CHECK_NOISE when 0): a mask that keeps the
+        # class only at a few per cent of contrast is brittle.
+        sigma = self.noise if self.noise > 0 else CHECK_NOISE
+        noise = (torch.Generator(device=x.device).manual_seed(self.seed), sigma)
+        self._optimise(x, ref, classes, image_score, state, [], expand, 0, total, noise, bar)
+        return state, expand
+
+    def _optimise(
+        self,
+        x: Tensor,
+        ref: Tensor,
+        classes: Tensor,
+        image_score: Tensor,
+        state: MaskState,
+        bounds: list[NonlinearityBounds | None],
+        expand: Callable[[Tensor], Tensor] | None,
+        offset: int,
+        total: int,
+        noise: tuple[torch.Generator, float] | None,
+        bar: Progress | None,
+    ) -> None:
+        """Run ``state``'s steps: the mask ``m = expand(θ)`` (``θ`` itself when ``None``), the
+        gate on every nonlinearity call when ``bounds`` is not empty, ``noise`` = ``(generator, σ)``
+        added to ``e`` in the gradient passes (the criterion then judged without it)."""
+        preserve = self.game == "preserve"
+        sign = 1.0 if preserve else -1.0
+        defended = bool(bounds)
+        gated: dict[int, list[NonlinearityBounds | None]] = {}
+        for it in range(self.max_iterations):
+            rows = state.active_rows()
+            if rows is not None and rows.numel() == 0:
+                break
+            key = -1 if rows is None else rows.numel()
+            if defended and key not in gated:
+                gated.clear()
+                gated[key] = [None if b is None else b.select(rows) for b in bounds]
+            xa, ra, ca = take(x, rows), take(ref, rows), take(classes, rows)
+            theta = take(state.mask, rows).detach().requires_grad_(True)
+            with torch.enable_grad():
+                m = theta if expand is None else expand(theta)
+                e = m * xa + (1 - m) * ra
+                if noise is not None:
+                    generator, sigma = noise
+                    e = e + sigma * torch.randn(
+                        e.shape, generator=generator, device=e.device, dtype=e.dtype
+                    )
+                if defended:
+                    with NonlinearityInterceptor(DefenceRule(gated[key])):
+                        logits = self.forward(e)
+                else:
+                    logits = self.forward(e)
+                phi_e, p = self._phi(logits, ca)
+                (grad,) = torch.autograd.grad(phi_e.sum(), theta)
+            if noise is not None:
+                # The criterion and the kept iterate are judged on the explanation that is
+                # returned, without noise (the unmodified model; the forward pass is the
+                # same with or without the defence's gates).
+                with torch.no_grad():
+                    md = m.detach()
+                    clean = md * xa + (1 - md) * ra
+                    p = self._phi(self.forward(clean), ca)[1]
+            state.step(it, rows, grad.detach() * sign, p.detach(), phi_e.detach(), image_score)
+            if bar is not None:
+                bar(offset + it, state.info())
+            runtime.checkpoint(offset + it + 1, total, "fgvis")
+
+
+def _bar(
+    progress: bool | Progress | None, total: int
+) -> Callable[[int, dict[str, Tensor]], None] | None:
+    """A progress callback: the user's, a tqdm bar (``True``), or ``None``."""
+    if progress is None or progress is False:
+        return None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="fgvis", unit="it")
+
+        def update(it: int, info: dict[str, Tensor]) -> None:
+            if it < 0:
+                bar.close()
+                return
+            bar.update(1)
+            bar.set_postfix(
+                active=int(info["active"].sum()), mask=f"{float(info['mask_mean'].mean()):.3f}"
+            )
+
+        return update
+    user = progress
+
+    def call(it: int, info: dict[str, Tensor]) -> None:
+        if it >= 0:
+            user(it, info)
+
+    return call

@@ -1,0 +1,229 @@
+"""FGVis' optimiser: per-sample mask state, SGD-momentum / Adam step, λ schedule, backtracking.
+
+**λ per sample** (``lam="auto"``): inside one batched run, each sample's λ starts where the
+sparsity gradient equals the mean ``|∂φ/∂m|`` of its first step, rises by the factor
+``1 + lam_rate`` after an iteration whose explanation satisfies the game's criterion and falls
+by ``(1 + lam_rate)^−4`` otherwise; after 10 violating steps in a row the sample restarts from
+its kept iterate with half its λ and half its step size. The sparsest iterate that satisfied the
+criterion is returned with the λ it really had. A number ``lam=λ`` fixes λ (the last iterate).
+
+The update is SGD with momentum on a per-sample normalised gradient,
+``v ← μ v + g / max|g|``, ``m ← clamp(m − η v, 0, 1)``: the largest entry moves by ``η`` per step
+whatever the model's gradient scale; ``optimizer="adam"`` uses Adam (β = 0.9, 0.999) instead.
+An entry pushed past 0 or 1 stops there and loses its momentum.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from evidencemap.methods.fgvis.games import criterion
+
+if TYPE_CHECKING:
+    from evidencemap.methods.fgvis.method import FGVis
+
+__all__ = ["MaskState", "take"]
+
+# λ falls this many times faster (in log scale) than it rises: a violated criterion is corrected
+# before the mask has moved far past the boundary.
+_LAM_DOWN = 4
+# Violating steps in a row after which a sample restarts from its kept iterate.
+_BACKTRACK = 10
+
+
+class MaskState:
+    """Per-sample optimisation state of one batch: mask, momentum, λ, kept iterate, stopping.
+
+    Args:
+        x: a tensor of the mask's shape ``(N, *mask)`` (the inputs ``(N, C, *S)``, or a coarse
+            grid ``(N, 1, *grid)``); the L1 term is the mean over its entries.
+        method: the :class:`~evidencemap.methods.fgvis.method.FGVis` whose options apply.
+        start: the mask to start from (default all ones, ``e = x``).
+        lam: the λ ``(N,)`` to start from with ``lam="auto"`` (default: set at the first step
+            from the gradient's scale).
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        method: FGVis,
+        start: Tensor | None = None,
+        lam: Tensor | None = None,
+    ) -> None:
+        n = x.shape[0]
+        self.method = method
+        self.preserve = method.game == "preserve"
+        self.auto = method.lam == "auto"
+        self.numel = x[0].numel()
+        self.mask = torch.ones_like(x) if start is None else start.detach().clone()
+        self.velocity = torch.zeros_like(x)
+        self.sq = torch.zeros_like(x) if method.optimizer == "adam" else self.velocity
+        device = x.device
+        self.lam = torch.full((n,), 0.0 if self.auto else float(method.lam), device=device)
+        self.lam_ready = torch.zeros(n, dtype=torch.bool, device=device)
+        if lam is not None and self.auto:
+            self.lam = lam.detach().to(device=device, dtype=self.lam.dtype).clone()
+            self.lam_ready[:] = True
+        self.best = self.mask.clone()
+        self.best_lam = self.lam.clone()
+        self.best_value = torch.full((n,), math.inf, device=device)
+        self.found = torch.zeros(n, dtype=torch.bool, device=device)
+        # Deletion with lam="auto": until the criterion is met, the iterate with the lowest
+        # score so far (returned with satisfied=False if the criterion is never met).
+        self.closest = self.mask.clone() if self.auto and not self.preserve else None
+        self.closest_score = torch.full((n,), math.inf, device=device)
+        self.closest_lam = self.lam.clone()
+        self.last_improved = torch.zeros(n, dtype=torch.long, device=device)
+        self.active = torch.ones(n, dtype=torch.bool, device=device)
+        self.misses = torch.zeros(n, dtype=torch.long, device=device)
+        self.step_size = torch.full((n,), method.lr, device=device)
+        self.iterations = torch.zeros(n, dtype=torch.long, device=device)
+        self.losses = torch.zeros(n, method.max_iterations, device=device)
+        self.last_loss = torch.zeros(n, device=device)
+        self.last_score = torch.zeros(n, device=device)
+
+    def active_rows(self) -> Tensor | None:
+        """Indices of the samples still optimised; ``None`` when all are."""
+        if bool(self.active.all()):
+            return None
+        return self.active.nonzero().squeeze(1)
+
+    def criterion(self, score: Tensor, image_score: Tensor) -> Tensor:
+        """Whether ``score`` satisfies the game's criterion relative to ``image_score``."""
+        m = self.method
+        return criterion(m.game, score, image_score, m.tolerance, m.delete_to)
+
+    def step(
+        self,
+        it: int,
+        rows: Tensor | None,
+        grad_phi: Tensor,
+        p: Tensor,
+        phi: Tensor,
+        image_score: Tensor,
+    ) -> None:
+        """One update of the samples ``rows`` given ``±∂φ/∂m`` and their current ``p``, ``φ``."""
+        idx = torch.arange(self.mask.shape[0], device=p.device) if rows is None else rows
+        method = self.method
+        mask = self.mask[idx]
+        mean = mask.flatten(1).mean(1)
+        lam = self.lam[idx]
+        if self.auto:
+            # λ starts where the sparsity gradient equals the mean |∂φ/∂m| of the first step.
+            fresh = ~self.lam_ready[idx]
+            if bool(fresh.any()):
+                start = grad_phi.flatten(1).abs().mean(1) * self.numel
+                lam = torch.where(fresh, start, lam)
+                self.lam_ready[idx] = True
+        sign = 1.0 if self.preserve else -1.0
+        # The kept iterate: the sparsest (preserve) / least removed (delete) one that satisfies
+        # the criterion; with a fixed λ, the last one (tracked by its loss for stopping).
+        loss = sign * phi + sign * lam * mean
+        if self.auto:
+            ok = self.criterion(p, image_score[idx])
+            value = mean if self.preserve else 1 - mean
+            better = ok & (value < self.best_value[idx] - method.converge_tol)
+            keep = ok & (value < self.best_value[idx])
+        else:
+            ok = self.criterion(p, image_score[idx])
+            value = loss
+            better = value < self.best_value[idx] - method.converge_tol * value.abs().clamp(min=1)
+            keep = torch.ones_like(ok)
+        if self.closest is not None:
+            lower = p < self.closest_score[idx]
+            if bool(lower.any()):
+                lidx = idx[lower]
+                self.closest[lidx] = mask[lower]
+                self.closest_score[lidx] = p[lower]
+                self.closest_lam[lidx] = lam[lower]
+        if bool(keep.any()):
+            kidx = idx[keep]
+            self.best[kidx] = mask[keep]
+            self.best_lam[kidx] = lam[keep]
+            self.best_value[kidx] = torch.minimum(value[keep], self.best_value[kidx])
+            self.found[kidx] = True
+        self.last_improved[idx[better]] = it
+        # The step: normalised gradient of φ (defended) plus the sparsity gradient.
+        grad = grad_phi + (sign * lam / self.numel).view(-1, *([1] * (mask.ndim - 1)))
+        shape = (-1, *([1] * (mask.ndim - 1)))
+        if method.optimizer == "adam":
+            t = (self.iterations[idx] + 1).to(grad.dtype).view(shape)
+            velocity = 0.9 * self.velocity[idx] + 0.1 * grad
+            sq = 0.999 * self.sq[idx] + 0.001 * grad * grad
+            self.sq[idx] = sq
+            direction = (velocity / (1 - 0.9**t)) / ((sq / (1 - 0.999**t)).sqrt() + 1e-12)
+        else:
+            scale = grad.flatten(1).abs().amax(1).clamp(min=1e-30)
+            grad = grad / scale.view(shape)
+            velocity = method.momentum * self.velocity[idx] + grad
+            direction = velocity
+        moved = mask - self.step_size[idx].view(shape) * direction
+        # Projection: an entry pushed past 0 or 1 stops there and loses its momentum.
+        velocity = velocity.masked_fill((moved < 0) | (moved > 1), 0)
+        moved.clamp_(0, 1)
+        if self.auto:
+            factor = torch.where(ok, 1 + method.lam_rate, (1 + method.lam_rate) ** -_LAM_DOWN)
+            lam = lam * factor
+            # Backtracking: after _BACKTRACK violating steps in a row, restart from the kept
+            # iterate with half its λ and half the step size (the defended gradient is not the
+            # real model's gradient, so a step that is too long may not be undone by it).
+            misses = torch.where(ok, 0, self.misses[idx] + 1)
+            back = (misses >= _BACKTRACK) & self.found[idx]
+            if bool(back.any()):
+                self.step_size[idx[back]] /= 2
+                moved = torch.where(back.view(shape), self.best[idx], moved)
+                velocity = velocity.masked_fill(back.view(shape), 0)
+                lam = torch.where(back, self.best_lam[idx] / 2, lam)
+                misses = misses.masked_fill(back, 0)
+            self.misses[idx] = misses
+        self.velocity[idx] = velocity
+        self.mask[idx] = moved
+        self.lam[idx] = lam
+        self.iterations[idx] = it + 1
+        self.losses[idx, it] = loss
+        self.last_loss[idx] = loss
+        self.last_score[idx] = p
+        done = (it + 1 - self.last_improved[idx]) >= method.patience
+        if self.auto:
+            done &= self.found[idx]
+        self.active[idx] = ~done
+
+    def info(self) -> dict[str, Tensor]:
+        return {
+            "loss": self.last_loss,
+            "score": self.last_score,
+            "lambda": self.lam,
+            "mask_mean": self.mask.flatten(1).mean(1),
+            "active": self.active,
+        }
+
+    def result_mask(self) -> Tensor:
+        if self.auto:
+            # A deletion run that never met its criterion returns its lowest-scoring iterate.
+            fallback = self.mask if self.closest is None else self.closest
+            return torch.where(
+                self.found.view(-1, *([1] * (self.mask.ndim - 1))), self.best, fallback
+            )
+        return self.mask
+
+    def result_lambda(self) -> Tensor:
+        if self.auto:
+            fallback = self.lam if self.closest is None else self.closest_lam
+            return torch.where(self.found, self.best_lam, fallback)
+        return self.lam.clone()
+
+    def history(self) -> Tensor:
+        """``(N, max_iterations)`` losses; after a sample stopped, its last loss repeated."""
+        cols = torch.arange(self.losses.shape[1], device=self.losses.device)
+        stopped = cols[None, :] >= self.iterations[:, None]
+        last = self.losses.gather(1, (self.iterations - 1).clamp(min=0)[:, None])
+        return torch.where(stopped, last, self.losses)
+
+
+def take(t: Tensor, rows: Tensor | None) -> Tensor:
+    """The rows ``rows`` of ``t`` (all of ``t`` when ``None``)."""
+    return t if rows is None else t[rows]
