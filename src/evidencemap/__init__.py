@@ -8,6 +8,7 @@ lists their names. Everything is torch on the inputs' device.
 from evidencemap import targets
 from evidencemap.api import explain, get_method, methods
 from evidencemap.explanation import Explanation
+from evidencemap.methods.attention import AttentionGradient, AttentionRollout
 from evidencemap.methods.base import LayerMethod, Method
 from evidencemap.methods.cam import (
     CAM,
@@ -34,6 +35,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CAM",
     "CFCAM",
+    "AttentionGradient",
+    "AttentionRollout",
     "EigenCAM",
     "Explanation",
     "FGVis",

@@ -1,6 +1,13 @@
 """Every method of the library, registered by name in :data:`METHODS`."""
 
-from evidencemap.methods import cam, cfcam, fgvis, gradients, scorecam
+from evidencemap.methods import (
+    attention,  # noqa: F401  (registers the attention methods)
+    cam,
+    cfcam,
+    fgvis,
+    gradients,
+    scorecam,
+)
 from evidencemap.methods.base import METHODS, Context, LayerMethod, Method, register
 
 __all__ = [
