@@ -36,7 +36,6 @@ METHODS: dict[str, dict] = {
     "guided_backprop": {},
     "guided_gradcam": {},
     "integrated_gradients": {"steps": 8},
-    "smoothgrad": {"method": "gradcam", "samples": 4},
 }
 INPUT_METHODS = {"saliency", "guided_backprop", "integrated_gradients"}
 
@@ -66,9 +65,6 @@ def child(method: str) -> None:
     opts = dict(METHODS[method])
     if method not in INPUT_METHODS:
         opts["layer"] = "features"
-    if method == "smoothgrad":
-        opts.pop("layer")
-        opts["method"] = em.GradCAM(model, layer="features")
     start = time.perf_counter()
     exp = em.explain(model, x, method, target=FeatureNorm(), **opts)
     seconds = time.perf_counter() - start
