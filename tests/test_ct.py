@@ -48,9 +48,9 @@ def test_every_cam_on_a_real_volume(ct_model, volume, method: str) -> None:
     assert torch.isfinite(exp.maps).all()
     assert exp.maps.amax() == 1
     assert all(torch.equal(v, before[k]) for k, v in ct_model.state_dict().items())
-    # The evidence sits in the head, not in the empty background around it.
-    inside = volume > 0.1
-    assert exp.maps[inside].mean() > exp.maps[~inside].mean()
+    # Not a flat map: the 2×2×3 layer map varies (a chest-CT network on a brain volume is out
+    # of its domain, so no localisation is asserted; see docs/ct.md).
+    assert exp.raw.std() > 0
 
 
 def test_embedding_similarity_target_and_auto_layer(ct_model, volume) -> None:
