@@ -15,6 +15,7 @@ from typing import Any
 from evidencemap import runtime, targets
 from evidencemap.api import build, describe, explain, get_method, methods
 from evidencemap.explanation import Explanation
+from evidencemap.methods.attention import AttentionGradient, AttentionRollout
 from evidencemap.methods.base import LayerMethod, Method
 from evidencemap.methods.cam import (
     CAM,
@@ -41,6 +42,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CAM",
     "CFCAM",
+    "AttentionGradient",
+    "AttentionRollout",
     "EigenCAM",
     "Explanation",
     "FGVis",

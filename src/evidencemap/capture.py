@@ -10,10 +10,14 @@ raises, so a model is left exactly as found.
   (modules and functional calls alike, in execution order, a reused module once per call) and
   may replace its output, e.g. by an identity whose backward filters the gradient. It is a
   ``TorchFunctionMode`` active only inside its ``with`` block: nothing in torch is patched.
+* :class:`AttentionRecorder`, its sibling mode, records the attention probabilities of every
+  self-attention call (explicit ``softmax`` over square score matrices and the fused
+  ``scaled_dot_product_attention``, whose probabilities it computes explicitly).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "NONLINEARITIES",
+    "AttentionRecorder",
     "GradientGate",
     "NonlinearityInterceptor",
     "eval_mode",
@@ -221,3 +226,132 @@ def _bounds_of_hardtanh(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
     low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
     high = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
     return float(low), float(high)
+
+
+_SOFTMAX = {F.softmax, torch.softmax, Tensor.softmax}
+
+
+class AttentionRecorder(TorchFunctionMode):
+    """Records the self-attention probabilities of every attention call inside the block.
+
+    ``tensors`` holds, per call in execution order, the probability tensor the forward pass
+    continues with (so ``∂y/∂A`` is available through ``torch.autograd.grad`` when grad mode is
+    on), of shape ``(N, heads, T, T)`` or ``(N·heads, T, T)``; :meth:`as_heads` unfolds either
+    (or its gradient) to ``(N, heads, T, T)``: rows are queries, columns keys, each row sums to 1.
+
+    * ``softmax(s, dim=-1)`` over a square score tensor (hand-written attention blocks).
+    * ``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale)`` with
+      ``T_q = T_k`` is computed explicitly, ``A = softmax(q kᵀ · scale + mask)``, ``out = A v``
+      (``scale`` defaults to ``1/√d``; a boolean mask keeps ``True`` positions; ``is_causal``
+      masks the upper triangle; dropout as the call asks) — the fused kernel's output, up to
+      rounding.
+    * ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) is run on its explicit path
+      (``need_weights=True``, per head) and the probabilities it multiplies ``v`` with are
+      recorded; it returns what the call asked for.
+
+    ``nn.MultiheadAttention``'s fused inference fast path bypasses Python: run the forward with
+    grad mode on and an input that requires grad so the module takes the path above.
+
+    Args:
+        batch: the batch size ``N`` of the forward pass (to unfold ``(N·h, T, T)``).
+    """
+
+    def __init__(self, batch: int) -> None:
+        super().__init__()
+        self.batch = int(batch)
+        self.tensors: list[Tensor] = []
+
+    def __enter__(self) -> AttentionRecorder:
+        self.tensors = []
+        return super().__enter__()
+
+    def as_heads(self, t: Tensor) -> Tensor:
+        """``(N·h, T, T)`` or ``(N, h, T, T)`` → ``(N, h, T, T)``."""
+        return t.view(self.batch, -1, *t.shape[-2:])
+
+    @property
+    def maps(self) -> list[Tensor]:
+        """The recorded probabilities as ``(N, heads, T, T)``."""
+        return [self.as_heads(t) for t in self.tensors]
+
+    def _record(self, probs: Tensor) -> None:
+        if (probs.ndim == 3 and probs.shape[0] % self.batch == 0) or (
+            probs.ndim == 4 and probs.shape[0] == self.batch
+        ):
+            self.tensors.append(probs)
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return self._attention(*args, **kwargs)
+        if func is F.multi_head_attention_forward:
+            return self._multi_head(func, args, kwargs)
+        output = func(*args, **kwargs)
+        if func in _SOFTMAX and isinstance(output, Tensor) and output.ndim in (3, 4):
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            square = output.shape[-1] == output.shape[-2]
+            if square and dim in (-1, output.ndim - 1):
+                self._record(output)
+        return output
+
+    def _multi_head(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        query, key = args[0], args[1]
+        if query.shape[0] != key.shape[0]:  # cross-attention
+            return func(*args, **kwargs)
+        names = ("need_weights", "average_attn_weights")
+        asked = {n: kwargs.pop(n, True) for n in names}
+        output, weights = func(*args, **kwargs, need_weights=True, average_attn_weights=False)
+        base = weights._base if weights._base is not None else weights
+        self._record(base)
+        if not asked["need_weights"]:
+            return output, None
+        return output, weights.mean(dim=-3) if asked["average_attn_weights"] else weights
+
+    def _attention(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attn_mask: Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> Tensor:
+        if query.shape[-2] != key.shape[-2]:  # cross-attention: not a self-attention map
+            return F.scaled_dot_product_attention(
+                query,
+                key,
+                value,
+                attn_mask,
+                dropout_p,
+                is_causal,
+                scale=scale,
+                enable_gqa=enable_gqa,
+            )
+        if enable_gqa and key.shape[-3] != query.shape[-3]:
+            repeat = query.shape[-3] // key.shape[-3]
+            key = key.repeat_interleave(repeat, dim=-3)
+            value = value.repeat_interleave(repeat, dim=-3)
+        factor = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+        scores = query @ key.transpose(-2, -1) * factor
+        t = scores.shape[-1]
+        if is_causal:
+            keep = torch.ones(t, t, dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~keep, float("-inf"))
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            else:
+                scores = scores + attn_mask
+        probs = torch.softmax(scores, dim=-1)
+        self._record(probs if probs.ndim >= 3 else probs.unsqueeze(0))
+        if dropout_p > 0:
+            probs = F.dropout(probs, dropout_p)
+        return probs @ value

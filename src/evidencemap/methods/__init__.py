@@ -4,7 +4,14 @@
 the one description of a method and its options (:class:`Option`).
 """
 
-from evidencemap.methods import cam, cfcam, fgvis, gradients, scorecam
+from evidencemap.methods import (
+    attention,  # noqa: F401  (registers the attention methods)
+    cam,
+    cfcam,
+    fgvis,
+    gradients,
+    scorecam,
+)
 from evidencemap.methods.base import METHODS, Context, LayerMethod, Method, register
 from evidencemap.methods.options import Option, OptionError, options_of
 from evidencemap.methods.registry import MethodSpec, build, describe, get_method, method_names

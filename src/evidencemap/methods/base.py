@@ -30,6 +30,7 @@ from evidencemap.layers import LayerSpec, find_spatial_layer, layer_names, resol
 from evidencemap.maps import normalize, upsample
 from evidencemap.methods.options import Option, options_of
 from evidencemap.targets import OutputKey, ResolvedTarget, Target, resolve, select_output
+from evidencemap.tokens import GridLayout, resolve_layout, to_grid
 
 __all__ = [
     "METHODS",
@@ -301,11 +302,17 @@ class LayerMethod(Method):
         modules = self._layers_for(x)
         if not modules:
             box: list[Tensor] = []
+
+            def run(grad: bool = False) -> Tensor:
+                with torch.set_grad_enabled(grad or torch.is_grad_enabled()):
+                    box.append(self.forward(x if not grad else x.detach().requires_grad_(True)))
+                return box[-1]
+
             module, act = find_spatial_layer(
-                self.model, x.ndim, lambda: box.append(self.forward(x))
+                self.model, x.ndim, run, input_shape=tuple(x.shape), grad_forward=lambda: run(True)
             )
             _AUTO_LAYERS.setdefault(self.model, {})[x.ndim] = module
-            output, modules, acts = box[0], [module], [act]
+            output, modules, acts = box[-1], [module], [act]
         elif len(modules) == 1 and self.needs_gradients:
             output, act = _forward_from_layer(self, x, modules[0])
             acts = [act]
@@ -318,13 +325,26 @@ class LayerMethod(Method):
                     f"layer {type(missing[0]).__name__} did not produce a tensor in the forward pass"
                 )
             acts = [recorded[m] for m in modules]
+        self._grid_layouts(x, modules, acts)
+        return output, modules, acts
+
+    def _grid_layouts(
+        self, x: Tensor, modules: list[nn.Module], acts: list[Tensor]
+    ) -> list[GridLayout]:
+        """The layout of each layer's output (:mod:`evidencemap.tokens`): named through
+        ``Tokens`` in ``layer=``, else detected."""
+        named = getattr(self.layers, "layouts", {})
+        found = []
         for module, act in zip(modules, acts, strict=True):
-            if act.ndim != x.ndim:
+            layout = resolve_layout(tuple(act.shape), tuple(x.shape), named.get(module))
+            if layout is None:
                 raise ValueError(
                     f"layer {type(module).__name__} has output shape {tuple(act.shape)} without the "
-                    f"spatial axes of the inputs {tuple(x.shape)}; choose a convolutional layer"
+                    f"spatial axes of the inputs {tuple(x.shape)} (nor a token grid); choose a "
+                    "convolutional or token layer, or name its layout with Tokens(layer, ...)"
                 )
-        return output, modules, acts
+            found.append(layout)
+        return found
 
     def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
         x = inputs.requires_grad_(self.needs_gradients)
@@ -340,6 +360,14 @@ class LayerMethod(Method):
                 ]
                 if self.gradient_noise:
                     grads = _add_noise(grads, self.gradient_noise, self.noise_seed)
+        # Token / channels-last outputs as (N, C, *grid); the gradients (taken w.r.t. the real
+        # outputs) go through the same linear index map, so they stay exact.
+        layouts = self._grid_layouts(x, modules, acts)
+        acts = [to_grid(a, lay) for a, lay in zip(acts, layouts, strict=True)]
+        grads = [
+            None if g is None else to_grid(g, lay) for g, lay in zip(grads, layouts, strict=True)
+        ]
+        converted = [lay.describe() for lay in layouts if lay.kind != "channels_first"]
         context = Context(self.model, x.detach(), output.detach(), resolved, None, self.forward)
         raws, ups = [], []
         for module, act, grad in zip(modules, acts, grads, strict=False):
@@ -356,7 +384,10 @@ class LayerMethod(Method):
             layer, raws_out = layer[0], raws[0]
         else:
             raws_out = raws
-        return self.finish(raws_out, maps, context, scores, layer=layer)
+        extras = (
+            {"tokens": converted[0] if len(converted) == 1 else converted} if converted else None
+        )
+        return self.finish(raws_out, maps, context, scores, layer=layer, extras=extras)
 
 
 # Automatically found layers, per model and input rank (weak keys: models are not kept alive).

