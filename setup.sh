@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up evidencemap in ./.venv and explain a real photo with the built-in pretrained model.
 #
-#   bash setup.sh            # set up, then write evidencemap-out/chelsea.gradcam.png and friends
+#   bash setup.sh            # set up, then write evidencemap-out/chelsea_gradcam.png and friends
 #   bash setup.sh --no-run   # set up only
 #
 # torch==2.13.0 is installed first so that no dependency pulls another (CUDA) build; the

@@ -538,7 +538,7 @@ def test_cancel_and_progress_through_runtime():
     x = small_inputs()
     event = threading.Event()
     event.set()
-    with runtime.limits(cancel=event), pytest.raises(runtime.Cancelled):
+    with runtime.limits(cancel=event), pytest.raises(runtime.RunCancelledError):
         em.explain(model, x, "fgvis", lam=0.1, max_iterations=5)
     seen: list[tuple[int, int, str]] = []
     with runtime.limits(progress=lambda d, t, s: seen.append((d, t, s))):

@@ -61,6 +61,8 @@ class _AttentionMethod(Method):
 
     uses_layer: ClassVar[bool] = False
     needs_gradients: ClassVar[bool] = False
+    needs_attention: ClassVar[bool] = True
+    """Explains models with attention layers only (the registry tests run them on ViTs)."""
     OPTIONS_BASE = (
         Option(
             "prefix_tokens",
