@@ -265,3 +265,21 @@ def test_method_progress_shows_a_bar_per_step(capsys):
     with method_progress(True):
         em.explain(model, torch.randn(1, 3, 8, 8), "smoothgrad", samples=4, internal_batch_size=1)
     assert "smoothgrad" in capsys.readouterr().err
+
+
+def test_large_photos_load_without_pil_warnings(monkeypatch):
+    import io
+    import warnings as w
+
+    from PIL import Image
+
+    from evidencemap.io import load_image_bytes
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40 × 40 is between 1× and 2×
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40)).save(buffer, format="PNG")
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        image = load_image_bytes(buffer.getvalue())
+    assert image.size == (40, 40)
+    assert not [c for c in caught if issubclass(c.category, Image.DecompressionBombWarning)]

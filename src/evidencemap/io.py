@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import warnings
 import zlib
 from collections.abc import Mapping
 from itertools import permutations
@@ -141,7 +142,12 @@ def load_image_bytes(
 def _decode_image(source: Path | io.BytesIO, name: str, *, max_pixels: int | None) -> Image.Image:
     """Open, check the size of, decode and convert one image; errors name ``name``."""
     try:
-        with Image.open(source, formats=_IMAGE_FORMATS) as opened:
+        # PIL warns (several lines, once per file) about images between its pixel limit and
+        # twice that; the size is checked here and over twice the limit PIL refuses anyway.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(source, formats=_IMAGE_FORMATS)
+        with opened:
             if max_pixels is not None and opened.width * opened.height > max_pixels:
                 raise ImageTooLargeError(
                     f"{name} has {opened.width} × {opened.height} = "
