@@ -76,6 +76,11 @@ def test_page_explains_a_photo(page, lite0, tmp_path):
     text.write_text("not a picture at all\n")
     errors: list[str] = []
     page.on("pageerror", lambda err: errors.append(str(err)))
+    # the page's own scripts, styles and images run under its Content-Security-Policy
+    page.on(
+        "console",
+        lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None,
+    )
 
     with live_server(create_app(model=lite0, workers=2)) as url:
         page.goto(url + "/")
@@ -84,7 +89,9 @@ def test_page_explains_a_photo(page, lite0, tmp_path):
         page.check("input[name=method][value=hirescam]")
         page.set_input_files("#file", str(photo))
         page.click("#explain")
-        page.wait_for_function("document.querySelectorAll('canvas.overlay').length === 2")
+        # (a locator, not wait_for_function: the page's CSP forbids the string eval it uses)
+        page.locator("canvas.overlay").nth(1).wait_for()
+        assert page.locator("canvas.overlay").count() == 2
         page.wait_for_selector("#prediction-list li")
 
         top = page.inner_text("#prediction-list li:first-child")
