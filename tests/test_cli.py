@@ -394,6 +394,12 @@ def test_fgvis_on_the_built_in_model_reports_the_score_on_the_explanation(
     )
     assert target["explanation_score"] == pytest.approx(float(exp.extras["score"][0]), abs=1e-5)
     assert Image.open(tmp_path / "b_coffee_fgvis.png").width > 3 * 320
+    # a degenerate (flat) map is said in the manifest and on the terminal, as the library says it
+    warning = exp.warning(0)
+    assert manifest["warnings"] == ([] if warning is None else [warning])
+    if warning is not None:
+        assert "warning" in stderr
+        assert bool(exp.extras["degenerate"][0])
 
 
 @pytest.mark.parametrize(("game", "panel"), [("preserve", "explanation"), ("delete", "deleted")])

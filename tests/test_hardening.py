@@ -283,3 +283,19 @@ def test_large_photos_load_without_pil_warnings(monkeypatch):
         image = load_image_bytes(buffer.getvalue())
     assert image.size == (40, 40)
     assert not [c for c in caught if issubclass(c.category, Image.DecompressionBombWarning)]
+
+
+def test_explanation_warning_per_sample():
+    from evidencemap.explanation import Explanation
+
+    exp = Explanation(
+        maps=torch.zeros(2, 1, 4, 4),
+        raw=torch.zeros(2, 1, 4, 4),
+        targets=None,
+        scores=torch.zeros(2),
+        method="fgvis",
+        extras={"degenerate": torch.tensor([False, True]), "warning": "flat map: use gradcam"},
+    )
+    assert exp.warning(0) is None
+    assert exp.warning(1) == "flat map: use gradcam"
+    assert Explanation(exp.maps, exp.raw, None, exp.scores, "gradcam").warning(0) is None

@@ -89,6 +89,15 @@ class Explanation:
             None if top1 is None else int(top1),
         )
 
+    def warning(self, index: int) -> str | None:
+        """The method's warning about sample ``index``'s map (FGVis: a degenerate, flat map,
+        with what to use instead), or ``None``."""
+        flags = self.extras.get("degenerate")
+        text = self.extras.get("warning")
+        if not text or not isinstance(flags, Tensor) or flags.ndim != 1:
+            return None
+        return str(text) if bool(flags[index]) else None
+
     def to(self, device: Any) -> Explanation:
         """A copy with every tensor moved to ``device``."""
 

@@ -178,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
 
     def done(result: Result) -> None:
         print(summary_line(result), flush=True)
+        for text in result.warnings:
+            print(f"evidencemap explain: warning: {result.item.path}: {text}", file=sys.stderr)
 
     def failed(failure: Failure) -> None:
         failures.append(failure)

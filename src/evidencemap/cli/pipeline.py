@@ -94,6 +94,7 @@ class Result:
     manifest: Path
     pictures: list[Path]
     predicted: dict[str, Any] | None
+    warnings: tuple[str, ...] = ()
 
 
 def strip_suffix(path: Path) -> str:
@@ -337,6 +338,7 @@ def explain_items(items: Sequence[Item], loaded: LoadedModel, settings: Settings
             "options": {**settings.options, **explanation.options},
             "predictions": predictions[i],
             "targets": chosen,
+            "warnings": sorted({w for r in rows if (w := explanation.warning(r))}),
             "outputs": {
                 "pictures": [str(p) for p in pictures],
                 "maps": str(npz),
@@ -349,7 +351,9 @@ def explain_items(items: Sequence[Item], loaded: LoadedModel, settings: Settings
         }
         _save_json_atomic(manifest_path, manifest)
         predicted = predictions[i][0] if predictions[i] else None
-        results.append(Result(item, manifest_path, pictures, predicted))
+        results.append(
+            Result(item, manifest_path, pictures, predicted, tuple(manifest["warnings"]))
+        )
     return results
 
 

@@ -385,6 +385,7 @@ class _Service:
                         heatmap_png=_png_url(viz.overlay(shown, heat, COLORMAP, 1.0)),
                         map=_array(explanation.maps[i, 0].detach().cpu()),
                         raw=[_array(r[i, 0]) for r in raws],
+                        warning=explanation.warning(i),
                         **image_fields,
                     )
                 )

@@ -106,6 +106,11 @@ class ExplanationResult(BaseModel):
     explanation_top1: int | None = Field(
         default=None, description="The model's top-1 class on e; null for other methods."
     )
+    warning: str | None = Field(
+        default=None,
+        description="The method's warning about this map (FGVis: the defence starved it to a "
+        "flat mask, and what to use instead); null when there is none.",
+    )
 
 
 class ExplainResponse(BaseModel):
