@@ -413,7 +413,27 @@ class _Service:
 ASGIApp = Callable[..., Awaitable[None]]
 
 
-class _BodyLimit:
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class _HttpMiddleware:
+    """ASGI middleware base: HTTP requests go to :meth:`http`, everything else passes."""
+
+    app: ASGIApp
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.http(scope, receive, send)
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class _BodyLimit(_HttpMiddleware):
     """ASGI middleware: refuse request bodies over ``limit`` bytes with 413.
 
     A declared ``Content-Length`` over the limit is answered at once, unread; a body that
@@ -424,15 +444,7 @@ class _BodyLimit:
         self.app = app
         self.limit = limit
 
-    async def __call__(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
-        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
-    ) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"the request body exceeds the upload limit of {self.limit - _FORM_SLACK} bytes"
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
@@ -454,7 +466,7 @@ class _BodyLimit:
         await self.app(scope, limited, send)
 
 
-class _Guard:
+class _Guard(_HttpMiddleware):
     """ASGI middleware: refuse cross-origin writes; add the security headers to every answer.
 
     A ``POST`` (or other non-GET request) whose ``Origin`` header is neither the service's own
@@ -467,15 +479,7 @@ class _Guard:
         self.app = app
         self.allowed = allowed_origins
 
-    async def __call__(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
-        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
-    ) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope.get("headers") or [])
         origin = headers.get(b"origin", b"").decode("latin-1").rstrip("/")
         if scope.get("method", "GET") not in ("GET", "HEAD", "OPTIONS") and origin:
@@ -490,9 +494,7 @@ class _Guard:
         await self.app(scope, receive, self._secured(send, scope))
 
     @staticmethod
-    def _secured(
-        send: Callable[[MutableMapping[str, Any]], Awaitable[None]], scope: MutableMapping[str, Any]
-    ) -> Callable[[MutableMapping[str, Any]], Awaitable[None]]:
+    def _secured(send: Send, scope: Scope) -> Send:
         docs = str(scope.get("path", "")).startswith(("/docs", "/redoc"))
 
         async def secured(message: MutableMapping[str, Any]) -> None:
