@@ -299,16 +299,21 @@ def test_runner_rejects_bad_images():
 
 def test_boxes_through_crop_box_by_hand():
     model = evidencemap.models.load("efficientnet-lite0")
-    # chelsea is 451 × 300: the short side 300 → 256 (scale 256/300), width round(451·256/300)
-    # = 385, centre crop 224: left (385−224)//2 = 80, top (256−224)//2 = 16
+    # chelsea is 451 × 300: the short side 300 → 256, width round(451·256/300) = 385, centre
+    # crop 224: left (385−224)//2 = 80, top (256−224)//2 = 16
     crop = model.preprocess.crop_box(451, 300)
-    assert crop == CropBox(256 / 300, 80, 16, 224)
-    s = 256 / 300
+    assert crop == CropBox(451, 300, 385, 256, 80, 16, 224)
+    sx, sy = 385 / 451, 256 / 300
     boxes = to_input_boxes([[100, 50, 300, 250, 282], [0, 0, 451, 300, 5]], crop)
-    assert boxes[0] == pytest.approx([100 * s - 80, 50 * s - 16, 300 * s - 80, 250 * s - 16, 282])
+    assert boxes[0] == pytest.approx(
+        [100 * sx - 80, 50 * sy - 16, 300 * sx - 80, 250 * sy - 16, 282]
+    )
+    assert boxes[0][:4] == pytest.approx([5.3659, 26.6667, 176.0976, 197.3333], abs=1e-4)
     assert boxes[1] == [0, 0, 224, 224, 5]  # the whole photo: clipped to the crop
-    with pytest.raises(ValueError, match="outside the model's centre crop"):
-        to_input_boxes([[0, 0, 50, 300, 1]], crop)  # x 0…50 → below 80/s ≈ 94: cut away
+    with pytest.raises(
+        ValueError, match=r"outside the model's centre crop \(original pixels x 94…356"
+    ):
+        to_input_boxes([[0, 0, 50, 300, 1]], crop)  # x 0…50 → below 80/sx ≈ 93.7: cut away
     with pytest.raises(ValueError, match="x1 < x0"):
         to_input_boxes([[300, 0, 100, 10, 1]], crop)
 

@@ -87,6 +87,52 @@ def test_to_original_puts_the_crop_back(lite0):
     assert float(back[0, 0, 297, 200]) == 0.0
 
 
+@pytest.mark.parametrize(
+    ("width", "height", "size", "resize", "resized", "corner", "region"),
+    [
+        # 451 × 300: short side 300 → 256, width round(451·256/300) = 385; the 224 crop starts
+        # at ((385−224)//2, (256−224)//2) = (80, 16): photo x 80·451/385 … 304·451/385
+        (451, 300, 224, 256, (385, 256), (80, 16), (36080 / 385, 18.75, 137104 / 385, 281.25)),
+        (300, 451, 224, 256, (256, 385), (16, 80), (18.75, 36080 / 385, 281.25, 137104 / 385)),
+        # 100 × 50: short side 50 → 256 (×5.12), width 512; crop at (144, 16)
+        (100, 50, 224, 256, (512, 256), (144, 16), (28.125, 3.125, 71.875, 46.875)),
+        # resize below size: each side is raised to 224, the crop is the whole photo
+        (300, 300, 224, 200, (224, 224), (0, 0), (0.0, 0.0, 300.0, 300.0)),
+    ],
+)
+def test_crop_geometry_by_hand(width, height, size, resize, resized, corner, region):
+    from evidencemap.models import CropBox, ImagePreprocessor
+
+    box = ImagePreprocessor(size=size, resize=resize).crop_box(width, height)
+    assert box == CropBox(width, height, *resized, *corner, size)
+    assert box.region() == pytest.approx(region)
+    assert box.to_input(region) == pytest.approx((0.0, 0.0, size, size))
+    # a box half outside the crop is clipped to it; one wholly outside becomes empty
+    x0, y0, x1, y1 = region
+    inside = box.to_input((x0 - 10, (y0 + y1) / 2, (x0 + x1) / 2, y1 + 10))
+    assert inside == pytest.approx((0.0, size / 2, size / 2, size))
+    outside = box.to_input((x1 + 1, y0, x1 + 5, y1))
+    assert outside[2] <= outside[0]
+    with pytest.raises(ValueError, match="width must be >= 1"):
+        CropBox.centre(0, 10, 224, 256)
+
+
+def test_every_crop_is_the_preprocessing_geometry(lite0):
+    from evidencemap.cli.pipeline import crop_region
+    from evidencemap.models import FERPreprocessor
+
+    assert crop_region(lite0, 451, 300) == lite0.preprocess.crop_box(451, 300).region()
+    # FER: 120 × 80 → 72 × 48, crop at x 12: photo x 12·120/72 = 20 … 100. White columns
+    # 0…30 leave 10 photo pixels = 10·48/80 = 6 input columns white.
+    photo = np.zeros((80, 120), np.uint8)
+    photo[:, :30] = 255
+    pre = FERPreprocessor()
+    assert pre.crop_box(120, 80).region() == pytest.approx((20.0, 0.0, 100.0, 80.0))
+    grey = pre.to_pixels(pre(photo)[None])[0, 0]
+    assert float(grey[:, :5].min()) > 200
+    assert float(grey[:, 7:].max()) < 50
+
+
 def test_labels_and_names():
     names = models.labels()
     assert len(names) == 1000

@@ -89,6 +89,8 @@ def test_chelsea_gradcam_matches_the_library(client, chelsea_png, lite0, chelsea
     assert body["model"] == "efficientnet-lite0"
     assert body["image"]["width"] == 451
     assert body["image"]["height"] == 300
+    # the crop by hand: 451 × 300 → 385 × 256, 224 square at (80, 16) → photo x 80·451/385 …
+    assert body["image"]["crop"] == pytest.approx([36080 / 385, 18.75, 137104 / 385, 281.25])
     (result,) = body["explanations"]
     assert result["method"] == "gradcam"
     assert result["target"] == top[0]["class"]

@@ -436,9 +436,9 @@ def to_input_boxes(
 ) -> list[list[Any]]:
     """Boxes in original-photo pixels → model-input pixels through the resize and centre crop.
 
-    With ``crop = model.preprocess.crop_box(width, height)`` (``scale``, ``left``, ``top``,
-    ``size``): ``x' = clip(x · scale − left, 0, size)``, ``y' = clip(y · scale − top, 0, size)``.
-    The class (the last element) is kept.
+    With ``crop = model.preprocess.crop_box(width, height)`` (:class:`CropBox`),
+    ``x' = clip(x · resized_width / width − left, 0, size)`` and the same down
+    (:meth:`CropBox.to_input`). The class (the last element) is kept.
 
     Args:
         entries: ``[[x0, y0, x1, y1, class], …]`` in the photo's pixels (x right, y down).
@@ -465,16 +465,12 @@ def to_input_boxes(
         x0, y0, x1, y1 = (float(v) for v in entry[:4])
         if x1 < x0 or y1 < y0:
             raise ValueError(f"boxes[{name!r}]: box {entry!r} has x1 < x0 or y1 < y0")
-        box = [
-            min(max(v * crop.scale - shift, 0.0), float(crop.size))
-            for v, shift in ((x0, crop.left), (y0, crop.top), (x1, crop.left), (y1, crop.top))
-        ]
+        box = list(crop.to_input((x0, y0, x1, y1)))
         if box[2] <= box[0] or box[3] <= box[1]:
+            left, top, right, bottom = crop.region()
             raise ValueError(
                 f"boxes[{name!r}]: box {entry!r} lies outside the model's centre crop "
-                f"(original pixels x {crop.left / crop.scale:.0f}…"
-                f"{(crop.left + crop.size) / crop.scale:.0f}, y {crop.top / crop.scale:.0f}…"
-                f"{(crop.top + crop.size) / crop.scale:.0f})"
+                f"(original pixels x {left:.0f}…{right:.0f}, y {top:.0f}…{bottom:.0f})"
             )
         out.append([*box, entry[4]])
     return out

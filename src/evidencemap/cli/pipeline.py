@@ -130,16 +130,7 @@ def crop_region(loaded: LoadedModel, width: int, height: int) -> tuple[float, fl
     pre = loaded.preprocess
     if pre is None:
         raise ValueError("volume models have no crop")
-    box = pre.crop_box(width, height)
-    new_w = max(pre.size, round(width * box.scale))
-    new_h = max(pre.size, round(height * box.scale))
-    sx, sy = width / new_w, height / new_h
-    return (
-        box.left * sx,
-        box.top * sy,
-        min(width, (box.left + box.size) * sx),
-        min(height, (box.top + box.size) * sy),
-    )
+    return pre.crop_box(width, height).region()
 
 
 def prepare(

@@ -98,14 +98,8 @@ class FERPreprocessor(ImagePreprocessor):
         if isinstance(image, (list, tuple)):
             return torch.stack([self(im) for im in image])
         grey = to_rgb_image(image).convert("L")  # type: ignore[arg-type]
-        box = self.crop_box(*grey.size)
-        left, top = box.left / box.scale, box.top / box.scale
-        side = box.size / box.scale
-        grey = grey.resize(
-            (self.size, self.size),
-            Image.Resampling.BILINEAR,
-            box=(left, top, left + side, top + side),
-        )
+        region = self.crop_box(*grey.size).region()
+        grey = grey.resize((self.size, self.size), Image.Resampling.BILINEAR, box=region)
         pixels = torch.from_numpy(np.asarray(grey, dtype=np.float32).copy())[None]
         return (pixels - self.mean[0]) / self.std[0]
 

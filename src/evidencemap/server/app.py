@@ -249,11 +249,7 @@ class _Service:
     def _display(self, image: Image.Image) -> tuple[Image.Image, list[float]]:
         """The model's centre crop of the photo at display resolution, and its box."""
         size = self.preprocess.size
-        box = self.preprocess.crop_box(image.width, image.height)
-        new_w = max(size, round(image.width * box.scale))
-        new_h = max(size, round(image.height * box.scale))
-        sx, sy = new_w / image.width, new_h / image.height
-        crop = [box.left / sx, box.top / sy, (box.left + size) / sx, (box.top + size) / sy]
+        crop = list(self.preprocess.crop_box(image.width, image.height).region())
         side = int(min(self.display_size, max(size, round(crop[2] - crop[0]))))
         shown = image.resize((side, side), Image.Resampling.BICUBIC, box=tuple(crop))
         return shown, crop
