@@ -186,7 +186,7 @@ def main() -> None:
     for rule, options in (
         ("paper", {}),
         ("coarse", {"schedule": "coarse", "transfer": "none"}),
-        ("paper", {"defense": False}),
+        ("paper", {"defence": False}),
     ):
         start = time.perf_counter()
         g = em.explain(
@@ -201,7 +201,7 @@ def main() -> None:
         )
         top = int(g.extras["top1"][0])
         print(
-            f"| {rule} | {'off' if options.get('defense') is False else 'on'} "
+            f"| {rule} | {'off' if options.get('defence') is False else 'on'} "
             f"| {float(g.extras['image_score'][0]):.2e} | {float(g.extras['score'][0]):.3g} "
             f"| {top} {labels[top][:20]} | {time.perf_counter() - start:.1f} |"
         )

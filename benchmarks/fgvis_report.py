@@ -140,7 +140,7 @@ def main() -> None:
     )
     print("| defence | p(x) | p(e) | top-1 on e | mean abs(e − x) | s |")
     print("|---|---|---|---|---|---|")
-    for defense in (True, False):
+    for defence in (True, False):
         start = time.perf_counter()
         exp = em.explain(
             model,
@@ -148,16 +148,16 @@ def main() -> None:
             "fgvis",
             target=least,
             lam=0.0,
-            defense=defense,
+            defence=defence,
             max_iterations=args.defence_iterations,
             patience=args.defence_iterations,
         )
         seconds = time.perf_counter() - start
-        runs[defense] = exp
+        runs[defence] = exp
         e = exp.extras
         top = int(e["top1"][0])
         print(
-            f"| {'on' if defense else 'off'} | {float(e['image_score'][0]):.2e} "
+            f"| {'on' if defence else 'off'} | {float(e['image_score'][0]):.2e} "
             f"| {float(e['score'][0]):.3g} | {top} {labels[top]} "
             f"| {float((e['explanation'] - x1).abs().mean()):.4f} | {seconds:.1f} |"
         )
@@ -196,15 +196,15 @@ def main() -> None:
     row = axes[n]
     row[0].imshow(pixels(model, x1[0]))
     row[0].set_title(f"generation: {labels[int(least)][:24]}")
-    for j, defense in enumerate((True, False)):
-        e = runs[defense].extras
+    for j, defence in enumerate((True, False)):
+        e = runs[defence].extras
         row[1 + 2 * j].imshow(pixels(model, e["explanation"][0]))
         row[1 + 2 * j].set_title(
-            f"defence {'on' if defense else 'off'}: p = {float(e['score'][0]):.3f}"
+            f"defence {'on' if defence else 'off'}: p = {float(e['score'][0]):.3f}"
         )
         diff = (e["explanation"][0] - x1[0]).abs().mean(0)
         row[2 + 2 * j].imshow(diff, cmap="gray")
-        row[2 + 2 * j].set_title(f"|e − x|, defence {'on' if defense else 'off'}")
+        row[2 + 2 * j].set_title(f"|e − x|, defence {'on' if defence else 'off'}")
     for ax in axes.flat:
         ax.axis("off")
     for j, title in enumerate(cols):
@@ -227,10 +227,10 @@ def dimming(
         _, bounds = record_bounds(model, x)
     gated = [b for b in bounds if b is not None]
 
-    def gradient(m: torch.Tensor, defense: bool) -> torch.Tensor:
+    def gradient(m: torch.Tensor, defence: bool) -> torch.Tensor:
         m = m.detach().requires_grad_(True)
         with torch.enable_grad():
-            if defense:
+            if defence:
                 with NonlinearityInterceptor(DefenceRule(bounds)):
                     logits = model(m * x)
             else:
@@ -296,7 +296,7 @@ def dimming(
         + f" ({', '.join(PHOTOS)}).\n"
     )
     start = time.perf_counter()
-    exp = em.explain(model, x, "fgvis", defense=False)
+    exp = em.explain(model, x, "fgvis", defence=False)
     seconds = time.perf_counter() - start
     e = exp.extras
     print(

@@ -78,8 +78,8 @@ def main() -> None:
         _plain(model, x)
         pairs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
         for _ in range(REPEATS):
-            for defense in (False, True):
-                pairs[defense].extend(_paired_run(model, x, defense))
+            for defence in (False, True):
+                pairs[defence].extend(_paired_run(model, x, defence))
         plain = statistics.median(p for d in (False, True) for _, p in pairs[d])
         step = {d: statistics.median(t for t, _ in pairs[d]) for d in (False, True)}
         ratios = {d: [t / p for t, p in pairs[d]] for d in (False, True)}
@@ -123,7 +123,7 @@ def main() -> None:
 
 
 def _paired_run(
-    model: torch.nn.Module, x: torch.Tensor, defense: bool
+    model: torch.nn.Module, x: torch.Tensor, defence: bool
 ) -> list[tuple[float, float]]:
     """``(step seconds, plain pass seconds)`` for every step of one run but the first."""
     pairs: list[tuple[float, float]] = []
@@ -144,7 +144,7 @@ def _paired_run(
         x,
         "fgvis",
         lam=1.0,
-        defense=defense,
+        defence=defence,
         max_iterations=STEPS,
         patience=STEPS,
         progress=stamp,

@@ -222,7 +222,7 @@ def test_fixed_lambda_without_defence_uses_the_plain_gradient():
     """One step of plain SGD (momentum irrelevant) from m = 1: m₁ = clamp(1 − η g/max|g|)."""
     model = seeded(ConvGapFc())
     x = small_inputs(1)
-    exp = em.explain(model, x, "fgvis", lam=0.0, max_iterations=1, defense=False, lr=0.1)
+    exp = em.explain(model, x, "fgvis", lam=0.0, max_iterations=1, defence=False, lr=0.1)
     # With max_iterations=1 the returned mask is the one after the first step.
     m = torch.ones_like(x, requires_grad=True)
     logp = model(m * x).log_softmax(1)[0, exp.targets[0]]
@@ -464,8 +464,8 @@ def test_real_defence_small(lite0, tiny_photos):
     with torch.no_grad():
         least = lite0(x).argmin(1)
     options = {"target": least, "lam": 0.0, "max_iterations": 40}
-    guarded = em.explain(lite0, x, "fgvis", defense=True, **options)
-    attacked = em.explain(lite0, x, "fgvis", defense=False, **options)
+    guarded = em.explain(lite0, x, "fgvis", defence=True, **options)
+    attacked = em.explain(lite0, x, "fgvis", defence=False, **options)
     assert float(guarded.extras["score"]) < 1e-3
     assert float(attacked.extras["score"]) > 0.5
 
@@ -491,8 +491,8 @@ def test_real_defence_blocks_adversarial_evidence(lite0, small_photos):
     with torch.no_grad():
         least = lite0(x).argmin(1)
     options = {"target": least, "lam": 0.0, "momentum": 0.9, "max_iterations": 150}
-    guarded = em.explain(lite0, x, "fgvis", defense=True, **options)
-    attacked = em.explain(lite0, x, "fgvis", defense=False, **options)
+    guarded = em.explain(lite0, x, "fgvis", defence=True, **options)
+    attacked = em.explain(lite0, x, "fgvis", defence=False, **options)
     assert float(guarded.extras["image_score"]) < 1e-6
     assert float(guarded.extras["score"]) < 1e-3
     assert float(attacked.extras["score"]) > 0.5
@@ -511,7 +511,8 @@ def test_options_description_matches_the_constructor():
     own = {
         name: p.default
         for name, p in params.items()
-        if p.kind is p.KEYWORD_ONLY and name not in ("output_key", "eval_mode", "batch_size")
+        if p.kind is p.KEYWORD_ONLY
+        and name not in ("output_key", "eval_mode", "batch_size", "defense")  # defense: renamed
     }
     described = {o.name: o.default for o in FGVis.OPTIONS}
     assert described == own
@@ -524,8 +525,33 @@ def test_options_description_matches_the_constructor():
         FGVis(seeded(ConvGapFc()), max_iterations=0)
     with pytest.raises(ValueError, match="schedule"):
         FGVis(seeded(ConvGapFc()), schedule="medium")
-    with pytest.raises(TypeError, match="defense"):
-        FGVis(seeded(ConvGapFc()), defense="yes")
+    with pytest.raises(TypeError, match="defence"):
+        FGVis(seeded(ConvGapFc()), defence="yes")
+
+
+def test_the_former_spelling_defense_still_works_with_a_warning():
+    from evidencemap.methods import OptionError, describe
+
+    model = seeded(ConvGapFc())
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert "defense" not in describe("fgvis").options
+    assert describe("fgvis").options["defence"].renamed_from == ("defense",)
+    with pytest.warns(
+        DeprecationWarning, match="'defense' is deprecated: it is now spelled 'defence'"
+    ):
+        method = FGVis(model, defense=False)
+    assert method.defence is False
+    with pytest.warns(DeprecationWarning, match="'defense'"):
+        assert method.defense is False
+    with pytest.warns(DeprecationWarning, match="method 'fgvis' option 'defense'") as caught:
+        old = em.explain(model, x, "fgvis", defense=False, max_iterations=3)
+    assert len([w for w in caught if issubclass(w.category, DeprecationWarning)]) == 1
+    new = em.explain(model, x, "fgvis", defence=False, max_iterations=3)
+    assert old.options["defence"] is False
+    assert "defense" not in old.options
+    torch.testing.assert_close(old.maps, new.maps)
+    with pytest.raises(OptionError, match="both 'defence' and its former name 'defense'"):
+        em.build("fgvis", model, defence=True, defense=False)
 
 
 # -- runtime hooks -----------------------------------------------------------------------------------
@@ -569,7 +595,7 @@ def test_diagnostics_by_hand():
     e = exp.extras
     assert float(e["units_out_of_bounds"]) == pytest.approx(0.5)
     assert float(e["defence_pass_share"]) == pytest.approx(6 / 40**0.5, rel=1e-5)
-    plain = em.explain(model, x, "fgvis", max_iterations=2, defense=False).extras
+    plain = em.explain(model, x, "fgvis", max_iterations=2, defence=False).extras
     assert "defence_pass_share" not in plain
     assert "units_out_of_bounds" not in plain
 

@@ -49,6 +49,11 @@ def test_options_describe_the_constructor_exactly(name):
             params.setdefault(p.name, p.default)
         if not any(p.kind is p.VAR_KEYWORD for p in sig):
             break
+    # a former name of a renamed option stays a constructor keyword (default None), nothing else
+    former = {old for o in spec.options.values() for old in o.renamed_from}
+    assert former <= set(params)
+    assert all(params.pop(old) is None for old in former)
+    assert not former & set(spec.options)
     assert set(spec.options) == set(params)
     for option_name, default in params.items():
         described = spec.options[option_name].default

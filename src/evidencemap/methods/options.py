@@ -19,11 +19,19 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["OPTION_KINDS", "Option", "OptionError", "options_of"]
+__all__ = [
+    "OPTION_KINDS",
+    "Option",
+    "OptionError",
+    "options_of",
+    "rename_deprecated",
+    "warn_renamed",
+]
 
 OPTION_KINDS = ("int", "float", "bool", "str", "any")
 """``kind`` of an :class:`Option`: the JSON-level type of its value (``"any"``: checked by the
@@ -52,6 +60,8 @@ class Option:
         cost: ``"work"`` (time grows with the value), ``"chunk"`` (memory grows with the value)
             or ``""``.
         cap: the largest value a shared service accepts by default (``None``: no cap).
+        renamed_from: former names of the option, still accepted with a ``DeprecationWarning``
+            (:func:`rename_deprecated`).
     """
 
     name: str
@@ -67,6 +77,7 @@ class Option:
     other: str = ""
     cost: str = ""
     cap: float | None = None
+    renamed_from: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in OPTION_KINDS:
@@ -193,14 +204,16 @@ def options_of(cls: type) -> dict[str, Option]:
     A subclass's entry replaces a base's entry of the same name (e.g. a different default).
     A keyword parameter of a constructor in the chain that no ``OPTIONS`` describes (a method
     written outside the library that lists none) is described from the signature alone, as
-    kind ``"any"`` with its default, so that it still can be passed.
+    kind ``"any"`` with its default, so that it still can be passed. A parameter that keeps a
+    renamed option's former name (:attr:`Option.renamed_from`) is not an option of its own.
     """
     found: dict[str, Option] = {}
     for klass in cls.__mro__:
         for option in klass.__dict__.get("OPTIONS", ()):
             found.setdefault(option.name, option)
+    former = {old for option in found.values() for old in option.renamed_from}
     for name, default in _signature_options(cls).items():
-        if name not in found:
+        if name not in found and name not in former:
             found[name] = Option(name, "any", default, "(not described)", other="a value")
     return found
 
@@ -226,6 +239,40 @@ def _signature_options(cls: type) -> dict[str, Any]:
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
     return found
+
+
+def warn_renamed(old: str, new: str, owner: str = "", stacklevel: int = 3) -> None:
+    """Issue the ``DeprecationWarning`` of option ``old``, now called ``new``."""
+    where = f"{owner} option" if owner else "option"
+    warnings.warn(
+        f"{where} {old!r} is deprecated: it is now spelled {new!r}",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def rename_deprecated(
+    options: Mapping[str, Any], known: Mapping[str, Option], owner: str = ""
+) -> dict[str, Any]:
+    """``options`` with every former option name (:attr:`Option.renamed_from`) replaced by the
+    current one, each with a ``DeprecationWarning``; other names are kept as they are.
+
+    Raises:
+        OptionError: when an option is given under both its former and its current name.
+    """
+    former = {old: option.name for option in known.values() for old in option.renamed_from}
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        new = former.get(name) if name not in known else None
+        if new is None:
+            out[name] = value
+            continue
+        if new in options:
+            where = f"{owner} " if owner else ""
+            raise OptionError(f"{where}got both {new!r} and its former name {name!r}")
+        warn_renamed(name, new, owner, stacklevel=4)
+        out[new] = value
+    return out
 
 
 def check_caps(

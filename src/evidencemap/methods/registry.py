@@ -5,7 +5,8 @@ line, the web service, the evaluation and SmoothGrad's wrapped method all call:
 
 * the name is resolved case-insensitively (aliases too);
 * every option name is checked against the method's description (:func:`describe`), and an
-  unknown one is an :class:`~evidencemap.methods.options.OptionError` listing the known ones;
+  unknown one is an :class:`~evidencemap.methods.options.OptionError` listing the known ones
+  (a former name of a renamed option works, with a ``DeprecationWarning``);
 * with ``caps``, every costly option is refused above its cap (:meth:`Option.check_cap`);
 * ``layer`` is passed to methods that take one and refused by the others.
 """
@@ -21,7 +22,13 @@ from torch import nn
 
 from evidencemap.layers import LayerSpec
 from evidencemap.methods.base import METHODS, Method
-from evidencemap.methods.options import Option, OptionError, check_caps, options_of
+from evidencemap.methods.options import (
+    Option,
+    OptionError,
+    check_caps,
+    options_of,
+    rename_deprecated,
+)
 
 __all__ = ["MethodSpec", "build", "describe", "get_method", "method_names"]
 
@@ -106,11 +113,15 @@ def check_options(
     A method that forwards options (SmoothGrad) has the remaining ones checked against the
     wrapped method's description.
 
+    A former option name (:attr:`Option.renamed_from`) is checked as the current one, with a
+    ``DeprecationWarning``.
+
     Raises:
         OptionError: for an unknown name or a value over its cap.
         TypeError / ValueError: from :meth:`Option.check`, for a value of the wrong kind.
     """
     known = spec.options
+    options = rename_deprecated(options, known, f"method {spec.name!r}")
     unknown = [name for name in options if name not in known]
     if spec.forwards_to and unknown:
         inner_name = options.get(spec.forwards_to) or known[spec.forwards_to].default
@@ -168,6 +179,7 @@ def build(
         TypeError / ValueError: for a bad value or a layer given to an input-space method.
     """
     spec = describe(method)
+    options = rename_deprecated(options, spec.options, f"method {spec.name!r}")
     check_options(spec, options, caps)
     if spec.uses_layer:
         return spec.cls(model, layer, **options)  # type: ignore[call-arg]

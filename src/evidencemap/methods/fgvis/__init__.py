@@ -25,9 +25,10 @@ and falls by it otherwise; the sparsest iterate that satisfied the criterion is 
 
 A number ``lam=λ`` fixes λ instead (the last iterate is returned).
 
-**The defence against adversarial evidence** (``defense=True``): after every elementwise
-nonlinearity *call* ``h`` of the model (module or functional; a module reused ``k`` times in one
-forward pass gets ``k`` sets of bounds) an identity is inserted whose backward pass lets the
+**The defence against adversarial evidence** (``defence=True``; the former spelling
+``defense`` still works, with a ``DeprecationWarning``): after every elementwise nonlinearity
+*call* ``h`` of the model (module or functional; a module reused ``k`` times in one forward pass
+gets ``k`` sets of bounds) an identity is inserted whose backward pass lets the
 gradient through only where ``min(0, h(x)) ≤ h(e) ≤ max(0, h(x))`` — bounds from one clean,
 detached forward pass of ``x``, inclusive comparisons. A nonlinearity whose output *is* the
 model's output is not filtered. The forward pass is never altered, so every reported score is the

@@ -36,7 +36,7 @@ from evidencemap.methods.fgvis.diagnostics import (
 from evidencemap.methods.fgvis.games import FGVIS_GAMES, FGVIS_SIMILARITIES, phi
 from evidencemap.methods.fgvis.optimiser import MaskState, take
 from evidencemap.methods.fgvis.reference import FGVIS_REFERENCES, reference_for
-from evidencemap.methods.options import Option
+from evidencemap.methods.options import Option, warn_renamed
 from evidencemap.targets import OutputKey, Target, resolve
 
 __all__ = ["FGVIS_SCHEDULES", "FGVis", "Progress"]
@@ -61,7 +61,7 @@ class FGVis(Method):
     Args:
         model: a classifier whose (selected) output is ``(N, classes)`` logits.
         game: ``"preserve"`` (the map is ``m``) or ``"delete"`` (the map is ``1 − m``).
-        defense: filter the gradient at every nonlinearity call (the paper's defence).
+        defence: filter the gradient at every nonlinearity call (the paper's defence).
         reference: what removed pixels become: ``"zero"`` (0 in normalised input space, the
             paper's choice), ``"blur"`` (a Gaussian-blurred copy, σ = ``blur_sigma`` pixels),
             ``"mean"`` (each sample's per-channel mean), a number, or a tensor broadcastable to
@@ -92,12 +92,14 @@ class FGVis(Method):
             single-channel mask on a ``coarse_size``-cells-per-axis grid, bilinearly upsampled
             and optimised *without* the gate (the low resolution is the guard) against noise
             on ``e`` (σ = ``noise``, or 0.1 when ``noise=0``), then the full-resolution mask
-            refined from it with ``defense`` and ``noise`` as set.
+            refined from it with ``defence`` and ``noise`` as set.
         coarse_size: cells per spatial axis of the coarse stage (≥ 1).
         transfer: models for the coarse schedule's cross-model check: ``"installed"`` (the
             built-in EfficientNet-Lite1/Lite2 whose weights are installed), ``"none"``, or a
             sequence of modules taking the same inputs.
         output_key / eval_mode / batch_size: see :class:`~evidencemap.methods.base.Method`.
+        defense: the former spelling of ``defence``, still accepted with a
+            ``DeprecationWarning``.
 
     Returns (from the call) an :class:`~evidencemap.explanation.Explanation` with ``scores`` =
     the target's softmax probability on the inputs and ``extras``:
@@ -130,7 +132,11 @@ class FGVis(Method):
             "game", "str", "preserve", "the preservation or the deletion game", choices=FGVIS_GAMES
         ),
         Option(
-            "defense", "bool", True, "gate the gradient at every nonlinearity (the paper's defence)"
+            "defence",
+            "bool",
+            True,
+            "gate the gradient at every nonlinearity (the paper's defence)",
+            renamed_from=("defense",),
         ),
         Option(
             "reference",
@@ -262,7 +268,7 @@ class FGVis(Method):
         model: nn.Module,
         *,
         game: str = "preserve",
-        defense: bool = True,
+        defence: bool = True,
         reference: str | float | Tensor = "zero",
         similarity: str = "ce",
         lam: str | float = "auto",
@@ -285,9 +291,13 @@ class FGVis(Method):
         output_key: OutputKey = None,
         eval_mode: bool = True,
         batch_size: int | None = None,
+        defense: bool | None = None,
     ) -> None:
         super().__init__(model, output_key=output_key, eval_mode=eval_mode, batch_size=batch_size)
         check = self._check
+        if defense is not None:
+            warn_renamed("defense", "defence", "method 'fgvis'")
+            defence = defense
         game = check("game", game)
         similarity = check("similarity", similarity)
         reference = check("reference", reference)
@@ -307,7 +317,7 @@ class FGVis(Method):
             if not lam >= 0 or not math.isfinite(lam):
                 raise ValueError(f"lam must be 'auto' or a finite number >= 0, got {lam}")
         self.game = game
-        self.defense = check("defense", defense)
+        self.defence = check("defence", defence)
         self.reference = reference
         self.similarity = similarity
         self.lam = lam
@@ -339,6 +349,12 @@ class FGVis(Method):
         self.transfer = transfer
         self._transfer_models: list[tuple[str, nn.Module]] | None = None
 
+    @property
+    def defense(self) -> bool:
+        """The former spelling of :attr:`defence` (``DeprecationWarning``)."""
+        warn_renamed("defense", "defence", "method 'fgvis'", stacklevel=2)
+        return self.defence
+
     @classmethod
     def _check(cls, name: str, value: Any) -> Any:
         """``value`` validated by the ``OPTIONS`` entry ``name`` (the one description)."""
@@ -353,7 +369,7 @@ class FGVis(Method):
         return {
             **super().options(),
             "game": self.game,
-            "defense": self.defense,
+            "defence": self.defence,
             "reference": reference,
             "similarity": self.similarity,
             "lam": self.lam,
@@ -418,7 +434,7 @@ class FGVis(Method):
         x = inputs.contiguous()
         ref = self.reference_for(x)
         with torch.no_grad():
-            if self.defense:
+            if self.defence:
                 output, bounds = record_bounds(self.forward, x)
             else:
                 output, bounds = self.forward(x), []
@@ -486,7 +502,7 @@ class FGVis(Method):
             "map_spread": spread,
             "degenerate": spread < DEGENERATE_SPREAD,
         }
-        if self.defense:
+        if self.defence:
             share, outside = defence_check(self.forward, x, ref, classes, bounds, self.similarity)
             extras["defence_pass_share"] = share
             extras["units_out_of_bounds"] = outside
