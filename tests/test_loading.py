@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import evidencemap as em
 from cli_helpers import Tiny2D, on_sys_path, registered_input_method, write_tiny3d_module
 from evidencemap import GradCAM, models
 from evidencemap.models.loading import (
@@ -192,9 +193,40 @@ def test_missing_model_file():
         load_model("models/missing.pt")
 
 
-def test_spec_must_be_a_string():
-    with pytest.raises(TypeError, match="string spec"):
-        load_model(Tiny2D())  # type: ignore[arg-type]
+def test_spec_must_be_a_string_or_a_module():
+    with pytest.raises(TypeError, match="string spec or a torch.nn.Module"):
+        load_model(3)  # type: ignore[arg-type]
+
+
+def test_a_module_is_loaded_without_attributes_and_serves_as_the_model():
+    module = Tiny2D().train()
+    before = set(vars(module))
+    loaded = load_model(module, input_size=32, labels=["a", "b", "c"])
+    assert loaded.module is module
+    assert (loaded.source, loaded.name, loaded.kind) == ("module", "Tiny2D", "image")
+    assert not module.training  # eval mode, as every loaded model
+    assert set(vars(module)) == before  # nothing attached
+    assert loaded.preprocess is not None
+    assert loaded.preprocess.size == 32
+    assert loaded.label(1) == "b"
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    # usable where a module is: called, its attributes, every method and explain
+    torch.testing.assert_close(loaded(x), module(x))
+    assert loaded.fc is module.fc
+    assert loaded.training is False
+    a = em.explain(loaded, x, "gradcam", target=[0, 2])
+    b = em.explain(module, x, "gradcam", target=[0, 2])
+    torch.testing.assert_close(a.maps, b.maps)
+    assert GradCAM(loaded, "conv").model is module
+    with pytest.raises(TypeError, match="LoadedModel"):
+        em.explain(object(), x)  # type: ignore[arg-type]
+
+
+def test_builtin_modules_carry_no_attributes(builtin):
+    assert isinstance(builtin.module, torch.nn.Module)
+    assert not hasattr(builtin.module, "preprocess")
+    assert not hasattr(builtin.module, "labels")
+    assert models.load is load_model
 
 
 # --------------------------------------------------------------------------- preprocessing, labels

@@ -395,9 +395,13 @@ def test_create_app_rejects_bad_arguments(lite0):
         create_app(model=lite0, workers=0)
     with pytest.raises(TypeError, match="max_pixels"):
         create_app(model=lite0, max_pixels=1.5)
-    with pytest.raises(ValueError, match="preprocess"):
-        create_app(model=torch.nn.Conv2d(3, 3, 1))
-    with pytest.raises(ValueError, match="model must be one of"):
+    with pytest.raises(ValueError, match="takes volumes"):
+        create_app(model=torch.nn.Conv3d(1, 1, 1).eval())
+    with pytest.raises(ValueError, match="eval mode"):
+        create_app(model=torch.nn.Conv2d(3, 3, 1).train())
+    with pytest.raises(TypeError, match="LoadedModel"):
+        create_app(model="efficientnet-lite0")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cannot load model .resnet-9000.*Built-in names"):
         create_app("resnet-9000")
 
 
@@ -617,3 +621,70 @@ def test_cli_torch_threads_default():
 
     assert torch_threads_for(2, 5) == 5
     assert torch_threads_for(10**6) == 1
+
+
+# --------------------------------------------------------------------------- user models
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_a_user_torchscript_model_is_served(tmp_path, chelsea_png):
+    from cli_helpers import Tiny2D
+    from evidencemap.models import load
+
+    path = tmp_path / "tiny.pt"
+    eager = Tiny2D().eval()
+    torch.jit.save(torch.jit.script(eager), str(path))
+    (tmp_path / "labels.txt").write_text("ant\nbee\ncow\n")
+    loaded = load(str(path), input_size=32, labels=tmp_path / "labels.txt")
+    client = TestClient(create_app(model=loaded))
+    assert client.get("/api/labels").json() == ["ant", "bee", "cow"]
+    assert client.get("/health").json()["model"] == str(path)
+    response = post(client, chelsea_png, method="saliency", target="2")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["image"]["input_size"] == 32
+    # 451 × 300 → shorter side round(32·256/224) = 37: 56 × 37, crop 32 at (12, 2)
+    assert body["image"]["crop"] == pytest.approx(
+        [12 * 451 / 56, 2 * 300 / 37, 44 * 451 / 56, 34 * 300 / 37]
+    )
+    (result,) = body["explanations"]
+    assert (result["target"], result["label"]) == (2, "cow")
+    x = loaded.preprocess(Image.open(io.BytesIO(chelsea_png)))[None]
+    expected = em.explain(eager, x, "saliency", target=2)
+    np.testing.assert_allclose(decode_array(result["map"]), expected.maps[0, 0].numpy(), atol=1e-5)
+    probs = eager(x).softmax(1)[0]
+    assert body["predictions"][0]["probability"] == pytest.approx(float(probs.max()), rel=1e-5)
+    # a layer method cannot hook a TorchScript model: a clear 422, not a 500
+    assert_error(post(client, chelsea_png, method="gradcam"), 422, "TorchScript")
+
+
+def test_serve_command_serves_a_python_module_model(tmp_path, chelsea_png, monkeypatch):
+    import uvicorn
+
+    from cli_helpers import on_sys_path
+    from evidencemap.cli import main
+
+    (tmp_path / "user_vision.py").write_text(
+        "from torch import nn\n\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 2))\n"
+    )
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    with on_sys_path(tmp_path):
+        status = main(
+            ["serve", "--model", "user_vision:build", "--input-size", "48", "--port", "8123"]
+        )
+    assert status == 0
+    assert served["port"] == 8123
+    client = TestClient(served["app"])
+    assert client.get("/api/labels").json() == []  # no labels: targets are indices
+    response = post(client, chelsea_png, method="gradcam", target="1")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "user_vision:build"
+    assert body["image"]["input_size"] == 48
+    assert body["explanations"][0]["label"] == "class 1"
+    assert body["explanations"][0]["layer"] == "1"
+    assert_error(post(client, chelsea_png, target="2"), 400, "from 0 to 1")

@@ -3,7 +3,7 @@ come from :mod:`evidencemap.methods.registry`."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
@@ -11,6 +11,9 @@ from evidencemap.explanation import Explanation
 from evidencemap.layers import LayerSpec
 from evidencemap.methods.registry import build, describe, get_method, method_names
 from evidencemap.targets import Target
+
+if TYPE_CHECKING:
+    from evidencemap.models.loading import LoadedModel
 
 __all__ = ["build", "describe", "explain", "get_method", "methods"]
 
@@ -21,7 +24,7 @@ def methods() -> list[str]:
 
 
 def explain(
-    model: nn.Module,
+    model: nn.Module | LoadedModel,
     inputs: Tensor,
     method: str = "gradcam",
     target: Target = None,
@@ -31,7 +34,8 @@ def explain(
     """Explain ``model``'s decision on ``inputs`` with ``method``.
 
     Args:
-        model: any ``nn.Module`` taking ``(N, C, H, W)`` images or ``(N, C, D, H, W)`` volumes.
+        model: any ``nn.Module`` taking ``(N, C, H, W)`` images or ``(N, C, D, H, W)`` volumes,
+            or the :class:`~evidencemap.models.LoadedModel` of ``evidencemap.models.load``.
         inputs: the normalised model inputs.
         method: a name from :func:`methods` (e.g. ``"gradcam"``, ``"scorecam"``, ``"fgvis"``).
         target: ``None`` (top-1 per sample), an int, ``N`` class indices, or a callable from the

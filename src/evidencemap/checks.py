@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -11,14 +12,23 @@ __all__ = ["check_inputs", "check_model", "check_positive_int"]
 
 
 def check_model(model: Any) -> nn.Module:
-    """Return ``model`` if it is an ``nn.Module``.
+    """The module of ``model``: ``model`` itself if it is an ``nn.Module``, ``model.module`` if it
+    is a :class:`~evidencemap.models.LoadedModel` (what ``evidencemap.models.load`` returns).
 
     Raises:
         TypeError: otherwise.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return model
+    if isinstance(model, nn.Module):
+        return model
+    # A LoadedModel exists only once its module is imported: no import needed (nor wanted:
+    # the core does not import the model zoo and its image libraries).
+    loading = sys.modules.get("evidencemap.models.loading")
+    if loading is not None and isinstance(model, loading.LoadedModel):
+        return check_model(model.module)
+    raise TypeError(
+        f"model must be a torch.nn.Module or an evidencemap.models.LoadedModel, "
+        f"got {type(model).__name__}"
+    )
 
 
 def check_inputs(inputs: Any, name: str = "inputs") -> Tensor:

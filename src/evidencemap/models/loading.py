@@ -1,8 +1,10 @@
-"""Load the model a user has, from a name, a file or an import string, with its preprocessing.
+"""The one model loader: a built-in name, a file, an import string or a module → :class:`LoadedModel`.
 
-:func:`load_model` accepts these forms of ``spec``:
+:func:`load_model` (also ``evidencemap.models.load``) accepts these forms of ``spec``:
 
-* a built-in name (``efficientnet-lite0``; see :func:`evidencemap.models.builtin_names`);
+* a built-in name (``efficientnet-lite0``; see :func:`evidencemap.models.builtin_names`, and
+  the volume model ``ct-i3resnet152``);
+* an ``nn.Module`` you built (it is put in eval mode; nothing is attached to it);
 * a TorchScript file (``torch.jit.save``), recognised by its content. Scripted and traced
   modules run their submodules' compiled code directly, so forward hooks on their layers never
   fire: layer methods (the CAM family, Score-CAM) cannot explain them, input-space methods can
@@ -80,9 +82,16 @@ _VOLUME_LAYERS = frozenset(
 _IMAGE_LAYERS = frozenset({"Conv2d", "ConvTranspose2d", "BatchNorm2d", "MaxPool2d", "AvgPool2d"})
 
 
-@dataclass
+@dataclass(repr=False)
 class LoadedModel:
     """A model ready to explain, with what is needed to feed it and to name its classes.
+
+    The one model object of the library, the command line and the web service. Every method,
+    metric and :func:`evidencemap.explain` takes it where they take a module (they use
+    ``module``); calling it runs the module, and attributes it does not have are the module's
+    (``loaded.parameters()``, ``loaded.predict(x)``), so code written for the bare module keeps
+    working. ``isinstance(loaded, nn.Module)`` is false: pass ``loaded.module`` where a real
+    module is needed.
 
     Attributes:
         module: the model, in eval mode on the requested device.
@@ -105,6 +114,28 @@ class LoadedModel:
     kind: str
     source: str
     input_size: tuple[int, int, int] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's forward."""
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names the dataclass lacks; dunder names (copy, pickle) never forward.
+        if name.startswith("__") or name == "module" or "module" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["module"], name)
+
+    def __repr__(self) -> str:
+        return (
+            f"LoadedModel(name={self.name!r}, kind={self.kind!r}, source={self.source!r}, "
+            f"module={type(self.module).__name__}, preprocess={self.preprocess!r}, "
+            f"labels={None if self.labels is None else len(self.labels)})"
+        )
+
+    def to(self, device: str | torch.device) -> LoadedModel:
+        """Move the module to ``device`` (in place, like ``nn.Module.to``); returns ``self``."""
+        self.module.to(device)
+        return self
 
     def label(self, index: int) -> str:
         """The name of class ``index`` (``"class N"`` without labels or out of their range)."""
@@ -379,7 +410,7 @@ def _load_timm(name: str) -> tuple[nn.Module, ImagePreprocessor, list[str] | Non
 
 
 def load_model(
-    spec: str,
+    spec: str | nn.Module = "efficientnet-lite0",
     device: str | torch.device = "cpu",
     *,
     input_size: int | Sequence[int] | None = None,
@@ -392,8 +423,8 @@ def load_model(
     """Load a model from any accepted ``spec`` (see the module docstring), in eval mode.
 
     Args:
-        spec: built-in name, model file, ``package.module:factory``, ``torchvision:NAME`` or
-            ``timm:NAME``.
+        spec: built-in name, model file, ``package.module:factory``, ``torchvision:NAME``,
+            ``timm:NAME``, or an ``nn.Module`` (named after its class).
         device: where the model goes.
         input_size: image models: side of the square crop (default 224); volume models: one
             int or ``(D, H, W)`` every volume is resized to (default: their own size).
@@ -406,48 +437,25 @@ def load_model(
         A :class:`LoadedModel`.
 
     Raises:
-        TypeError: when ``spec`` is not a string.
+        TypeError: when ``spec`` is neither a string nor an ``nn.Module``.
         ValueError: for an unknown form (the message lists the accepted ones), a missing file,
             an unloadable model, preprocessing options for a built-in model, or a missing
             optional package / cached weights.
         FileNotFoundError: for a labels file that does not exist.
     """
-    if not isinstance(spec, str):
-        raise TypeError(f"model must be a string spec, got {type(spec).__name__}")
     if kind not in (None, "image", "volume"):
         raise ValueError(f"kind must be 'image', 'volume' or None, got {kind!r}")
     device = torch.device(device)
-    from evidencemap import models as builtin
-
     preprocess: ImagePreprocessor | None = None
     names: list[str] | None = None
-    path = Path(spec).expanduser()
-    if spec in builtin.builtin_names():
-        if any(v is not None for v in (input_size, resize, mean, std)):
-            raise ValueError(
-                f"{spec} brings its own preprocessing; input size, resize, mean and std apply "
-                "to user models only"
-            )
-        module: nn.Module = builtin.load(spec)
-        source = "builtin"
-        preprocess, names = module.preprocess, list(module.labels)
-    elif spec.startswith(("torchvision:", "timm:")):
-        source, _, name = spec.partition(":")
-        loader = _load_torchvision if source == "torchvision" else _load_timm
-        module, preprocess, names = loader(name)
-    elif path.is_file():
-        module, source = _load_file(path, device)
-    elif path.is_dir():
-        raise ValueError(f"model {spec!r} is a folder; give a model file")
-    elif _IMPORT_STRING.match(spec):
-        module, source = _import_object(spec), "import"
+    if isinstance(spec, nn.Module):
+        module, source, spec = spec, "module", type(spec).__name__
+    elif isinstance(spec, str):
+        own = any(v is not None for v in (input_size, resize, mean, std))
+        module, source, preprocess, names = _from_spec(spec, device, own)
     else:
-        if any(sep in spec for sep in "/\\") or path.suffix in (".pt", ".pth", ".pkl", ".ts"):
-            raise ValueError(f"model file not found: {spec}")
-        forms = "; ".join(MODEL_FORMS)
-        raise ValueError(
-            f"cannot load model {spec!r}: accepted forms are {forms}. "
-            f"Built-in names: {', '.join(builtin.builtin_names())}"
+        raise TypeError(
+            f"model must be a string spec or a torch.nn.Module, got {type(spec).__name__}"
         )
     module = module.to(device).eval()
     detected = kind or input_kind(module)
@@ -463,6 +471,43 @@ def load_model(
     if labels is not None:
         names = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else list(labels)
     return LoadedModel(module, preprocess, names, spec, detected, source, volume_size)
+
+
+def _from_spec(
+    spec: str, device: torch.device, preprocessing_given: bool
+) -> tuple[nn.Module, str, ImagePreprocessor | None, list[str] | None]:
+    """``(module, source, preprocess, labels)`` of a string spec (the last two ``None`` unless
+    the form brings its own)."""
+    from evidencemap import models as builtin
+
+    path = Path(spec).expanduser()
+    if spec in builtin.builtin_names() or spec in builtin.CT_MODELS:
+        if preprocessing_given:
+            raise ValueError(
+                f"{spec} brings its own preprocessing; input size, resize, mean and std apply "
+                "to user models only"
+            )
+        module, preprocess, names = builtin.build_builtin(spec, device)
+        return module, "builtin", preprocess, names
+    if spec.startswith(("torchvision:", "timm:")):
+        source, _, name = spec.partition(":")
+        loader = _load_torchvision if source == "torchvision" else _load_timm
+        module, preprocess, names = loader(name)
+        return module, source, preprocess, names
+    if path.is_file():
+        module, source = _load_file(path, device)
+        return module, source, None, None
+    if path.is_dir():
+        raise ValueError(f"model {spec!r} is a folder; give a model file")
+    if _IMPORT_STRING.match(spec):
+        return _import_object(spec), "import", None, None
+    if any(sep in spec for sep in "/\\") or path.suffix in (".pt", ".pth", ".pkl", ".ts"):
+        raise ValueError(f"model file not found: {spec}")
+    forms = "; ".join(MODEL_FORMS)
+    raise ValueError(
+        f"cannot load model {spec!r}: accepted forms are {forms}. "
+        f"Built-in names: {', '.join(builtin.builtin_names())}"
+    )
 
 
 def _single(size: int | Sequence[int]) -> int:

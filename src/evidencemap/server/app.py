@@ -8,7 +8,9 @@ Endpoints (every error is ``{"error": message}`` with a 4xx status, never a stac
 * ``GET /api/methods``, ``GET /api/models``, ``GET /api/labels``, ``GET /health``, ``GET /`` (the
   page), and FastAPI's ``/openapi.json`` and ``/docs``.
 
-Concurrency: one model is loaded per app and shared. Explanations (decoding, forward, backward,
+The model is any :class:`~evidencemap.models.LoadedModel` of an image model: a built-in name or a
+user model (TorchScript or pickled file, ``package.module:factory``, …; see
+:func:`evidencemap.models.load`). Concurrency: one model is loaded per app and shared. Explanations (decoding, forward, backward,
 PNG encoding) run in a pool of ``workers`` threads, so the event loop stays free: ``/health`` and
 a fast Grad-CAM answer while a Score-CAM runs. The library's hooks record only the calls of the
 thread that registered them, and grad/inference mode are thread-local, so concurrent requests
@@ -49,6 +51,7 @@ from evidencemap.explanation import Explanation
 from evidencemap.io import ImageTooLargeError, UnsupportedImageError, load_image_bytes
 from evidencemap.methods import build, describe, get_method, method_names
 from evidencemap.methods.base import Method
+from evidencemap.models.loading import LoadedModel, check_method_supports
 from evidencemap.server.schemas import (
     ArrayData,
     ErrorResponse,
@@ -97,6 +100,8 @@ COLORMAP = "jet"
 OVERLAY_ALPHA = 0.5
 # Bytes a multipart body may carry beyond the file itself (boundaries, headers, form fields).
 _FORM_SLACK = 64 * 1024
+# Classes a target may name when the model has no labels (the output then bounds it).
+_MAX_CLASSES = 2**31
 # Option values accepted in the page's JSON: scalars and (nested) lists of them.
 _SCALARS = (type(None), bool, int, float, str)
 
@@ -183,14 +188,17 @@ def method_options(cls: type[Method]) -> dict[str, Any]:
 
 
 def _build(
-    cls: type[Method], model: nn.Module, options: dict[str, Any], caps: dict[str, float] | None
+    cls: type[Method], model: LoadedModel, options: dict[str, Any], caps: dict[str, float] | None
 ) -> Method:
-    """Construct a method (:func:`evidencemap.methods.build`); a bad option name or value, or
-    a value over the service's caps, is a 422 naming the method."""
+    """Construct a method (:func:`evidencemap.methods.build`); a bad option name or value, a
+    value over the service's caps, or a layer method on a TorchScript model is a 422 naming
+    the method."""
     options = dict(options)
     layer = options.pop("layer", None)
     try:
-        return build(cls, model, layer, caps=caps, **options)
+        method = build(cls, model, layer, caps=caps, **options)
+        check_method_supports(model, method)
+        return method
     except (TypeError, ValueError) as err:
         text = str(err)
         raise ApiError(
@@ -219,7 +227,7 @@ def _finite(value: float) -> float:
 class _Service:
     """The shared state of one app: the model, its labels and the limits."""
 
-    model: nn.Module
+    model: LoadedModel
     model_name: str
     max_upload_bytes: int
     max_pixels: int
@@ -240,11 +248,15 @@ class _Service:
         return out
 
     def __post_init__(self) -> None:
-        self.labels: list[str] = list(self.model.labels)  # type: ignore[arg-type]
+        self.labels: list[str] = list(self.model.labels or [])
+        if self.model.preprocess is None:
+            raise ValueError(
+                f"model {self.model.name!r} takes volumes; the service explains photos"
+            )
         self.preprocess = self.model.preprocess
 
     def label(self, index: int) -> str:
-        return self.labels[index] if 0 <= index < len(self.labels) else f"class {index}"
+        return self.model.label(index)
 
     def _display(self, image: Image.Image) -> tuple[Image.Image, list[float]]:
         """The model's centre crop of the photo at display resolution, and its box."""
@@ -524,9 +536,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def create_app(
-    model_name: str = "efficientnet-lite0",
+    model_name: str | None = None,
     *,
-    model: nn.Module | None = None,
+    model: LoadedModel | nn.Module | None = None,
     workers: int = 2,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -540,9 +552,14 @@ def create_app(
     """Build the web service for one model.
 
     Args:
-        model_name: a built-in model (see ``evidencemap.models.builtin_names()``), loaded once.
-        model: an already loaded classifier to serve instead (needs ``model.preprocess`` and
-            ``model.labels`` like the built-in ones, and eval mode); ``model_name`` names it.
+        model_name: a model spec (default ``efficientnet-lite0``), loaded once with :func:`evidencemap.models.load`: a built-in
+            name (``evidencemap.models.builtin_names()``), a TorchScript or pickled model file,
+            ``package.module:factory`` … (the default ImageNet preprocessing, no labels; load it
+            yourself for others).
+        model: an already loaded image model to serve instead: a
+            :class:`~evidencemap.models.LoadedModel` (``evidencemap.models.load(spec, input_size=…,
+            labels=…)``), or an ``nn.Module`` in eval mode (loaded with the defaults);
+            ``model_name`` names it (default: its ``name``).
         workers: threads that compute explanations concurrently.
         max_upload_bytes: largest accepted file.
         max_pixels: largest accepted image (width × height), checked before decoding.
@@ -568,16 +585,18 @@ def create_app(
     max_pending = check_positive_int(max_pending, "max_pending")
     display_size = check_positive_int(display_size, "display_size")
     if model is None:
-        model = builtin_models.load(model_name)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for attribute in ("preprocess", "labels"):
-        if not hasattr(model, attribute):
-            raise ValueError(
-                f"model must have a {attribute!r} attribute like the built-in models "
-                "(evidencemap.models.load)"
-            )
-    if model.training:
+        model = builtin_models.load(model_name or "efficientnet-lite0")
+    elif isinstance(model, nn.Module):
+        if model.training:
+            raise ValueError("model must be in eval mode (call model.eval()) to be served")
+        model = builtin_models.load(model)
+    if not isinstance(model, LoadedModel):
+        raise TypeError(
+            f"model must be an evidencemap.models.LoadedModel or a torch.nn.Module, "
+            f"got {type(model).__name__}"
+        )
+    model_name = model_name or model.name
+    if model.module.training:
         raise ValueError("model must be in eval mode (call model.eval()) to be served")
     caps = dict(caps or {})
     for key, value in caps.items():
@@ -701,7 +720,8 @@ def create_app(
 
     @app.get("/api/labels", response_model=list[str], tags=["explain"])
     async def list_labels() -> list[str]:
-        """The served model's class names, index-aligned with ``target``."""
+        """The served model's class names, index-aligned with ``target`` (empty when the
+        model has none: targets are then class indices)."""
         return service.labels
 
     @app.post("/api/explain", response_model=ExplainResponse, responses=_ERRORS, tags=["explain"])
@@ -733,7 +753,7 @@ def create_app(
         if isinstance(sent, str) and not sent.strip():  # an empty field, not a missing one
             raise ApiError(400, "method must name at least one method, e.g. 'gradcam'")
         classes = _parse_methods(method)
-        n_labels = len(service.labels)
+        n_labels = len(service.labels) or _MAX_CLASSES  # without labels: checked on the output
         chosen = _parse_int(target, "target", 0, n_labels - 1)
         k = _parse_int(top_k, "top_k", 1, MAX_TOP_K)
         if chosen is not None and k is not None:

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from evidencemap.checks import check_model
 from evidencemap.layers import LayerSpec, is_spatial, resolve_layers
 from evidencemap.methods.base import weighted_sum
 from evidencemap.targets import OutputKey, Target, resolve, select_output
@@ -289,8 +290,7 @@ class GuidanceLoss:
         *,
         output_key: OutputKey = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        model = check_model(model)
         self.model = model
         self.attention = _check_choice("attention", attention, ATTENTIONS)
         self.distance = _check_choice("distance", distance, DISTANCES)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from evidencemap import runtime
 from evidencemap.capture import NonlinearityInterceptor, eval_mode
+from evidencemap.checks import check_model
 from evidencemap.explanation import Explanation
 from evidencemap.methods.base import Context, Method, register
 from evidencemap.methods.fgvis.defence import DefenceRule, NonlinearityBounds, record_bounds
@@ -339,13 +340,16 @@ class FGVis(Method):
         self.schedule = check("schedule", schedule)
         self.coarse_size = check("coarse_size", coarse_size)
         transfer = check("transfer", transfer)
-        if not isinstance(transfer, str) and not (
-            isinstance(transfer, Sequence) and all(isinstance(t, nn.Module) for t in transfer)
-        ):
-            raise TypeError(
-                f"transfer must be 'installed', 'none' or a sequence of modules, got "
-                f"{type(transfer).__name__}"
-            )
+        if not isinstance(transfer, str):
+            try:
+                if not isinstance(transfer, Sequence):
+                    raise TypeError(type(transfer).__name__)
+                transfer = [check_model(t) for t in transfer]  # loaded models: their modules
+            except TypeError:
+                raise TypeError(
+                    f"transfer must be 'installed', 'none' or a sequence of modules, got "
+                    f"{type(transfer).__name__}"
+                ) from None
         self.transfer = transfer
         self._transfer_models: list[tuple[str, nn.Module]] | None = None
 
@@ -408,7 +412,7 @@ class FGVis(Method):
                 from evidencemap import models
 
                 installed = models.available()
-                found = [(n, models.load(n)) for n in _TRANSFER_MODELS if n in installed]
+                found = [(n, models.load(n).module) for n in _TRANSFER_MODELS if n in installed]
             else:
                 found = [(type(m).__name__, m) for m in self.transfer]
             self._transfer_models = found
