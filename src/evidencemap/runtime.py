@@ -2,7 +2,9 @@
 
 Every method's long loop (FGVis iterations, Score-CAM channel chunks, Integrated Gradients path
 chunks, SmoothGrad noise chunks, the metrics' perturbation batches) sizes its chunks with
-:func:`chunk_items` and calls :func:`checkpoint` once per chunk or step. Outside a
+:func:`chunk_items` — the chunked methods through :func:`run_chunked`, which under a budget
+measures the first item's real cost (:class:`evidencemap.memory.PeakMemory`) — and calls
+:func:`checkpoint` once per chunk or step. Outside a
 :func:`limits` block both are free: no budget, no deadline, no progress.
 
 A caller that runs untrusted or expensive requests — the web service, a batch job — wraps the
@@ -41,6 +43,7 @@ __all__ = [
     "chunk_items",
     "current",
     "limits",
+    "run_chunked",
 ]
 
 Progress = Callable[[int, int, str], None]
@@ -174,3 +177,38 @@ def chunk_items(
             f"{limit / 2**20:.1f} MiB; use smaller inputs or a larger budget"
         )
     return min(requested, fits)
+
+
+def run_chunked(
+    total: int,
+    per_item_bytes: int,
+    requested: int,
+    step: Callable[[int, int], None],
+    what: str = "items",
+    budget: int | None = None,
+) -> None:
+    """Call ``step(start, stop)`` on chunks of ``total`` items, each within the memory budget.
+
+    Without a budget (neither the thread's nor ``budget``) the chunks hold ``requested`` items
+    (:func:`chunk_items` with ``per_item_bytes``). With one, the first chunk holds one item and
+    its step is measured with :class:`evidencemap.memory.PeakMemory`; the other chunks are
+    sized by the larger of that peak and ``per_item_bytes``, so that the activations and
+    gradients an item costs count, not only its inputs.
+
+    Raises:
+        BudgetExceededError: when one item needs more than the thread's budget (from the
+            estimate before any work, or from the measured first item).
+    """
+    size = chunk_items(per_item_bytes, requested, what, budget)
+    start = 0
+    if total > 0 and (budget is not None or current().memory_budget is not None):
+        from evidencemap.memory import PeakMemory
+
+        with PeakMemory() as meter:
+            step(0, 1)
+        size = chunk_items(max(per_item_bytes, meter.peak), requested, what, budget)
+        start = 1
+    while start < total:
+        stop = min(total, start + size)
+        step(start, stop)
+        start = stop

@@ -436,24 +436,28 @@ class IntegratedGradients(InputMethod):
             base_scores = resolved.score(self.forward(base))
         score = _slice_scores(resolved, n)
         # whole copies of the batch per chunk: ≤ internal_batch_size inputs, ≤ the memory budget
-        # (the path inputs and their gradients)
+        # (at least the path inputs and their gradients; measured on the first copy under a
+        # budget, activations included)
         per_copy = 2 * x.numel() * x.element_size()
-        copies = runtime.chunk_items(
-            per_copy, max(1, self.internal_batch_size // n), "path batches", self.memory_budget
-        )
         shape = (-1, *([1] * x.ndim))
         diff = x - base
         total = torch.zeros_like(x)
         alphas = self.alphas.to(device=x.device, dtype=x.dtype)
         weights = self.weights.to(device=x.device, dtype=x.dtype)
-        for start in range(0, self.steps, copies):
+
+        def step(start: int, stop: int) -> None:
             runtime.checkpoint(start, self.steps, "integrated_gradients")
-            a = alphas[start : start + copies].view(shape)
+            a = alphas[start:stop].view(shape)
             path = (base + a * diff).reshape(-1, *x.shape[1:]).requires_grad_(True)
             with torch.enable_grad():
                 (grads,) = torch.autograd.grad(score(self.forward(path)).sum(), path)
-            w = weights[start : start + copies].view(shape)
-            total += (w * grads.view(-1, *x.shape)).sum(0)
+            w = weights[start:stop].view(shape)
+            total.add_((w * grads.view(-1, *x.shape)).sum(0))
+
+        requested = max(1, self.internal_batch_size // n)
+        runtime.run_chunked(
+            self.steps, per_copy, requested, step, "path batches", self.memory_budget
+        )
         attributions = diff * total
         delta = scores - base_scores
         gap = attributions.flatten(1).sum(1) - delta
@@ -623,17 +627,17 @@ class SmoothGrad(Method):
         class_target = target is None or not callable(target)
         span = x.flatten(1).amax(1) - x.flatten(1).amin(1)
         noise_sigma = self.sigma * span
-        # a chunk: the noise and the noisy inputs of k whole copies of the batch
-        copies = runtime.chunk_items(
-            2 * x.numel() * x.element_size(), max(1, self.internal_batch_size // n), "noisy batches"
-        )
+        # a chunk: the noise and the noisy inputs of k whole copies of the batch (at least;
+        # measured on the first copy under a budget, the wrapped method's work included)
+        draws = smoothgrad_noise(x, self.samples, noise_sigma, self.seed, 1)
         total: Any = None
-        layer = None
-        done = 0
-        for eps in smoothgrad_noise(x, self.samples, noise_sigma, self.seed, copies):
-            runtime.checkpoint(done, self.samples, "smoothgrad")
-            k = eps.shape[0]
-            done += k
+        layer: str | list[str] | None = None
+
+        def step(start: int, stop: int) -> None:
+            nonlocal total, layer
+            runtime.checkpoint(start, self.samples, "smoothgrad")
+            k = stop - start
+            eps = torch.cat([next(draws) for _ in range(k)])
             noisy = (x.unsqueeze(0) + eps).reshape(-1, *x.shape[1:])
             chunk_target: Target = (
                 resolved.classes.repeat(k)
@@ -644,6 +648,10 @@ class SmoothGrad(Method):
             layer = exp.layer
             summed = _sum_copies(exp.raw, k, n)
             total = summed if total is None else _add(total, summed)
+
+        per_copy = 2 * x.numel() * x.element_size()
+        requested = max(1, self.internal_batch_size // n)
+        runtime.run_chunked(self.samples, per_copy, requested, step, "noisy batches")
         mean = (
             [t / self.samples for t in total] if isinstance(total, list) else total / self.samples
         )

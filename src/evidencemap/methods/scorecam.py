@@ -138,24 +138,29 @@ class ScoreCAM(LayerMethod):
         order = key.argsort(dim=1, descending=True)[:, :slots]  # (N, S) channel of each slot
         slot_valid = valid.gather(1, order)
         # one slot = N masked inputs (one per sample); a chunk holds whole slots
-        per_slot = 2 * x.numel() * x.element_size()  # the masks and the masked inputs
+        # (at least: the masks and the masked inputs; measured on the first slot under a budget)
+        per_slot = 2 * x.numel() * x.element_size()
         requested = max(1, self.internal_batch_size // n)
-        group = runtime.chunk_items(per_slot, requested, "masked input batches", self.memory_budget)
-        scores = []
+        scores: list[Tensor] = []
+
+        def step(start: int, stop: int) -> None:
+            runtime.checkpoint(start, slots, "scorecam")
+            idx = order[:, start:stop]  # (N, g)
+            g = idx.shape[1]
+            chans = acts.gather(
+                1, idx.view(n, g, *([1] * (acts.ndim - 2))).expand(n, g, *acts.shape[2:])
+            )
+            masks = normalize(
+                upsample(chans.transpose(0, 1).reshape(g * n, 1, *acts.shape[2:]), x.shape[2:])
+            )
+            masked = x.unsqueeze(0) * masks.view(g, n, 1, *x.shape[2:])
+            out = context.forward(masked.reshape(g * n, *x.shape[1:]))
+            scores.append(self._score(out, context, n))
+
         with torch.inference_mode():
-            for start in range(0, slots, group):
-                runtime.checkpoint(start, slots, "scorecam")
-                idx = order[:, start : start + group]  # (N, g)
-                g = idx.shape[1]
-                chans = acts.gather(
-                    1, idx.view(n, g, *([1] * (acts.ndim - 2))).expand(n, g, *acts.shape[2:])
-                )
-                masks = normalize(
-                    upsample(chans.transpose(0, 1).reshape(g * n, 1, *acts.shape[2:]), x.shape[2:])
-                )
-                masked = x.unsqueeze(0) * masks.view(g, n, 1, *x.shape[2:])
-                out = context.forward(masked.reshape(g * n, *x.shape[1:]))
-                scores.append(self._score(out, context, n))
+            runtime.run_chunked(
+                slots, per_slot, requested, step, "masked input batches", self.memory_budget
+            )
             slot_scores = torch.cat(scores).transpose(0, 1).clone()  # (N, S)
             if self.weighting == "delta_softmax":
                 slot_scores = slot_scores - self._score(context.output, context, n).view(n, 1)
