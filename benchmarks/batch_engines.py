@@ -21,7 +21,6 @@ import argparse
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -150,13 +149,37 @@ def main() -> None:
                 f"| {name} | {cell(name, 'wall', '.1f')} | {cell(name, 'first', '.1f')} | "
                 f"{cell(name, 'steady', '.2f')} | {per} |"
             )
-        base = statistics.median(1 / r["steady"] for r in rows["local, torch 2 threads"])
-        ray1 = statistics.median(1 / r["steady"] for r in rows["ray, 1 actor × 2 CPU (2 threads)"])
+
+        def best(name: str, key: str = "steady") -> float:
+            """The least disturbed repeat: the fastest (others' load only ever slows a run)."""
+            if key == "steady":
+                return min(1 / r["steady"] for r in rows[name])
+            return min(r[key] for r in rows[name])
+
+        for threads, local_name, ray_name in (
+            (2, "local, torch 2 threads", "ray, 1 actor × 2 CPU (2 threads)"),
+            (1, "local, torch 1 thread", "ray, 2 actors × 1 CPU (1 thread each)"),
+        ):
+            base, other = best(local_name), best(ray_name)
+            if threads == 1:
+                other *= 2  # two actors at once: s/photo of one actor
+            print(
+                f"\nPer-photo overhead of the Ray engine at {threads} torch thread(s) per model "
+                f"({ray_name} vs {local_name}; fastest repeat, steady s/photo"
+                f"{', ×2 for one of the two actors' if threads == 1 else ''}): "
+                f"{other - base:+.3f} s ({(other / base - 1) * 100:+.0f} %)."
+            )
         print(
-            f"\nPer-photo overhead of the Ray engine at the same torch threads (1 actor × 2 "
-            f"threads vs local 2 threads, median steady s/photo): {ray1 - base:+.3f} s "
-            f"({(ray1 / base - 1) * 100:+.0f} %). Fixed cost per job: the actors' start "
-            "(the 'first photo' column minus one batch's work)."
+            "\nFixed cost per job on Ray: the actors' start, about the 'first photo' column "
+            f"minus the local engine's ({best('ray, 1 actor × 2 CPU (2 threads)', 'first'):.1f} s "
+            f"vs {best('local, torch 2 threads', 'first'):.1f} s, fastest repeat), plus "
+            f"`ray.init` when the job starts its own cluster ({min(starts):.1f} s)."
+        )
+        load = os.getloadavg()
+        print(
+            f"\nLoad average at the end (1, 5, 15 min): {load[0]:.1f}, {load[1]:.1f}, "
+            f"{load[2]:.1f} on {os.cpu_count()} cores: other work shared the cores, so single "
+            "runs vary; compare the fastest repeats."
         )
         done = {name: {int(r["done"]) for r in rs} for name, rs in rows.items()}
         if any(d != {n} for d in done.values()):

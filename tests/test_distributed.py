@@ -262,6 +262,20 @@ def test_the_actor_code_writes_what_the_local_engine_writes(
     assert_same_outputs(tmp_path / "local", tmp_path / "actor")
 
 
+def test_explainer_refuses_batches_it_cannot_place(monkeypatch, tmp_path):
+    (tmp_path / "tinynets.py").write_text(TINY_NETS)
+    monkeypatch.chdir(tmp_path)
+    explainer = Explainer(BatchSpec(model="tinynets:build", input_size=(32,)))
+    with pytest.raises(ValueError, match="needs a 'path' column, got \\['image'\\]"):
+        explainer({"image": np.zeros(1)})
+    with pytest.raises(ValueError, match=r"needs Explainer\(out=...\)"):
+        explainer({"path": np.array(["x.jpg"], dtype=object)})
+    with pytest.raises(ValueError, match="method 'gradcam': .*no_such_layer"):
+        Explainer(BatchSpec(model="tinynets:build", input_size=(32,), layer="no_such_layer"))
+    with pytest.raises(TypeError, match="spec must be a BatchSpec"):
+        Explainer({"model": "tinynets:build"})  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------- on the cluster
 
 
@@ -347,3 +361,18 @@ def test_explainer_in_a_users_own_ray_data_pipeline(capsys, ray_cluster, photos,
     assert (rocket["status"], rocket["label"]) == ("done", "missile")
     assert rocket["manifest"] == str(tmp_path / "own" / "sub" / "rocket_gradcam.json")
     assert_same_outputs(tmp_path / "local", tmp_path / "own")
+
+
+@pytest.mark.ray
+def test_an_actor_that_cannot_build_the_model_stops_the_job_with_its_reason(
+    ray_cluster, photos, tmp_path
+):
+    from evidencemap.distributed import run_on_ray
+
+    spec = BatchSpec(model="no_such_module_here:build", batch_size=2)
+    paths = [photos / "a_chelsea.jpg", photos / "b_coffee.jpg"]
+    done: list[str] = []
+    with deadline(240), pytest.raises(RuntimeError, match="the Ray job stopped: .*no_such_module"):
+        run_on_ray(paths, [tmp_path / "a", tmp_path / "b"], spec, done.append, done.append)
+    assert done == []
+    assert not any(tmp_path.iterdir())

@@ -340,6 +340,12 @@ def _quiet_ray_data(ray: ModuleType) -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
+def _last_line(err: BaseException) -> str:
+    """The last non-empty line of an error's text (Ray's hold the remote traceback first)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
 def run_on_ray(
     paths: Sequence[Path],
     bases: Sequence[Path],
@@ -371,6 +377,8 @@ def run_on_ray(
     Raises:
         ImportError: without Ray (:data:`RAY_MISSING`).
         ValueError: for a pool that does not fit the cluster.
+        RuntimeError: when the job stops on the cluster (an actor cannot build the model from
+            ``spec`` on its node, a node is lost): the last line of Ray's error.
     """
     ray = import_ray()
     import pyarrow as pa
@@ -412,14 +420,17 @@ def run_on_ray(
             num_cpus=pool.cpus,
             num_gpus=pool.gpus or None,
         )
-        for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
-            for path, status, message in zip(
-                batch["path"], batch["status"], batch["message"], strict=True
-            ):
-                if status == "done":
-                    on_done(str(path))
-                else:
-                    on_failure(Failure(Path(str(path)), str(message)))
+        try:
+            for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+                for path, status, message in zip(
+                    batch["path"], batch["status"], batch["message"], strict=True
+                ):
+                    if status == "done":
+                        on_done(str(path))
+                    else:
+                        on_failure(Failure(Path(str(path)), str(message)))
+        except ray.exceptions.RayError as err:  # an actor that could not start, a lost node…
+            raise RuntimeError(f"the Ray job stopped: {_last_line(err)}") from err
         return pool
     finally:
         if started:
