@@ -369,7 +369,8 @@ def run_on_ray(
     Connects to Ray when it is not running yet (``address``: ``None`` starts a local cluster,
     ``"auto"`` joins the one on this machine, ``ray://host:10001`` a remote one;
     ``init_options`` go to ``ray.init``) and disconnects at the end; a session the caller
-    already started is used and left running.
+    already started is used and left running. Ray Data's own progress bars and execution
+    banners are turned off in the current ``DataContext`` (the callbacks report progress).
 
     Returns:
         The actor pool used (never more actors than batches).
