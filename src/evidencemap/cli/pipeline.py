@@ -50,7 +50,11 @@ _PREDICTIONS = 5  # classes listed in every manifest
 
 @dataclass
 class Settings:
-    """How to explain: the method instance and its name, the targets, and the picture style."""
+    """How to explain: the method instance and its name, the targets, and the picture style.
+
+    ``engine`` names what ran it in each manifest: ``local`` or ``ray``
+    (:mod:`evidencemap.distributed`).
+    """
 
     method: Any
     method_name: str
@@ -61,6 +65,7 @@ class Settings:
     cmap: str = "jet"
     opacity: float = 0.5
     window: tuple[float, float] | None = None
+    engine: str = "local"
 
 
 @dataclass
@@ -338,6 +343,7 @@ def explain_items(items: Sequence[Item], loaded: LoadedModel, settings: Settings
             "seconds": seconds / len(items),
             "batch": {"inputs": len(items), "maps": count, "seconds": seconds},
             "device": str(device),
+            "engine": settings.engine,
             "versions": versions(),
         }
         _save_json_atomic(manifest_path, manifest)
