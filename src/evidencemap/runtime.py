@@ -22,6 +22,12 @@ and then
 * past the deadline, or once ``cancel`` is set, the next checkpoint raises :class:`RunCancelledError`;
 * ``progress(done, total, desc)`` is called at every checkpoint that reports a count.
 
+What one item of a chunk costs is measured, not guessed from the input size: for methods that
+backpropagate through the model (SmoothGrad, Integrated Gradients) it is dominated by what
+autograd saves for the backward pass, which :func:`autograd_bytes` counts on one forward pass
+(on a 117 M-parameter 3-D ResNet and a 64×64×48 volume: ≈ 175 MB per copy against 0.75 MB for
+the volume itself).
+
 The limits are thread-local (concurrent requests on one model each have their own), and nested
 blocks combine to the tightest: the smaller budget, the earlier deadline, either cancel event.
 """
@@ -30,15 +36,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
 
 __all__ = [
     "BudgetExceededError",
     "Limits",
     "Progress",
     "RunCancelledError",
+    "autograd_bytes",
     "checkpoint",
     "chunk_items",
     "current",
@@ -212,3 +224,50 @@ def run_chunked(
         stop = min(total, start + size)
         step(start, stop)
         start = stop
+
+
+def autograd_bytes(
+    forward: Callable[[Tensor], Any], x: Tensor, resident: Iterable[Tensor] = ()
+) -> int:
+    """Bytes autograd saves for the backward pass of ``forward(x)``: distinct storages, not
+    counting ``x`` and the ``resident`` tensors (a model's parameters and buffers, which exist
+    anyway and are shared by every copy of a chunk).
+
+    One forward pass with gradients enabled (``x`` is a leaf that requires grad), in which every
+    tensor autograd would save is counted and *not* kept, so the pass costs about one layer's
+    memory (measured: +40 MB on that network). The count bounds what a backward of
+    ``forward(x)`` holds at its peak: saved tensors are freed as the backward goes and their
+    gradients take their place (measured peaks of a saliency backward there: 82, 228, 515,
+    955 MB for 1, 2, 4, 8 copies against a count of 175 MB a copy). A model whose parameters
+    and input need no gradient saves nothing (0).
+
+    Raises:
+        RuntimeError: when something tries to run backward through the counted pass.
+    """
+    # storages already counted, each with a weak reference to a tensor on it: an address is
+    # only a duplicate while that tensor lives (tensors are not kept, so addresses are reused)
+    keep = [*resident, leaf := x.detach().requires_grad_(True)]
+    seen: dict[tuple[int, int], Callable[[], Tensor | None]] = {
+        _storage_key(t): (lambda t=t: t) for t in keep
+    }
+    total = 0
+
+    def pack(t: Tensor) -> None:
+        nonlocal total
+        key = _storage_key(t)
+        alive = seen.get(key)
+        if alive is None or alive() is None:
+            seen[key] = weakref.ref(t)
+            total += key[1]
+
+    def unpack(_packed: None) -> Tensor:
+        raise RuntimeError("autograd_bytes counts a forward pass; it cannot be backpropagated")
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        forward(leaf)
+    return total
+
+
+def _storage_key(t: Tensor) -> tuple[int, int]:
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()

@@ -39,7 +39,7 @@ MEMORY_BUDGET = Option(
     low=1,
     nullable=True,
 )
-"""The ``memory_budget`` option of the chunked methods (Score-CAM, Integrated Gradients)."""
+"""The ``memory_budget`` option of the chunked methods (Score-CAM, Integrated Gradients, SmoothGrad)."""
 
 
 @register
