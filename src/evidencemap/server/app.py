@@ -49,6 +49,7 @@ from evidencemap.explanation import Explanation
 from evidencemap.io import ImageTooLargeError, UnsupportedImageError, load_image_bytes
 from evidencemap.methods import build, describe, get_method, method_names
 from evidencemap.methods.base import Method
+from evidencemap.methods.registry import check_options
 from evidencemap.server.schemas import (
     ArrayData,
     ErrorResponse,
@@ -192,10 +193,22 @@ def _build(
     try:
         return build(cls, model, layer, caps=caps, **options)
     except (TypeError, ValueError) as err:
-        text = str(err)
-        raise ApiError(
-            422, text if text.startswith("method ") else f"method {cls.name!r}: {text}"
-        ) from None
+        raise _option_error(cls, err) from None
+
+
+def _check_options(cls: type[Method], options: dict[str, Any], caps: dict[str, float]) -> None:
+    """Refuse unknown, ill-typed or over-cap options of ``cls`` (a 422 naming the method) from
+    their descriptions alone: no model, no image, so before the upload is decoded."""
+    given = {k: v for k, v in options.items() if k != "layer"}
+    try:
+        check_options(describe(cls), given, caps)
+    except (TypeError, ValueError) as err:
+        raise _option_error(cls, err) from None
+
+
+def _option_error(cls: type[Method], err: Exception) -> ApiError:
+    text = str(err)
+    return ApiError(422, text if text.startswith("method ") else f"method {cls.name!r}: {text}")
 
 
 # --------------------------------------------------------------------------- results
@@ -322,6 +335,9 @@ class _Service:
         options: dict[str, dict[str, Any]],
     ) -> ExplainResponse:
         start = time.perf_counter()
+        instances = [  # bad options are refused before the image is decoded
+            _build(cls, self.model, options[cls.name], self.caps_for(cls)) for cls in classes
+        ]
         try:
             image = load_image_bytes(data, max_pixels=self.max_pixels, name="the uploaded file")
         except UnsupportedImageError as err:
@@ -330,9 +346,6 @@ class _Service:
             raise ApiError(413, str(err)) from None
         except ValueError as err:
             raise ApiError(400, str(err)) from None
-        instances = [
-            _build(cls, self.model, options[cls.name], self.caps_for(cls)) for cls in classes
-        ]
 
         x = self.preprocess(image).unsqueeze(0)
         with torch.inference_mode():
@@ -743,6 +756,8 @@ def create_app(
         if chosen is not None and k is not None:
             raise ApiError(400, "give either target or top_k, not both")
         parsed = _parse_options(options, classes)
+        for cls in classes:  # refused here, without a worker, before the image is decoded
+            _check_options(cls, parsed[cls.name], service.caps_for(cls))
         data = await file.read(max_upload_bytes + 1)
         if len(data) == 0:
             raise ApiError(400, "the uploaded file is empty")
