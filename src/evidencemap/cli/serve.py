@@ -11,6 +11,10 @@ import argparse
 import ipaddress
 import os
 import sys
+import threading
+from collections.abc import Callable
+from functools import partial
+from types import FrameType
 from typing import Any
 
 from evidencemap.cli.common import positive_int
@@ -123,7 +127,11 @@ def torch_threads_for(workers: int, requested: int | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the app and serve it until interrupted; 0 on a clean stop, 2 on a setup error."""
+    """Build the app and serve it until interrupted; 2 on a setup error.
+
+    On SIGTERM or Ctrl-C the running explanations stop at their next checkpoint (503), the open
+    requests end, and the process ends by that signal (uvicorn re-raises it).
+    """
     try:
         import uvicorn
 
@@ -164,16 +172,34 @@ def run(args: argparse.Namespace) -> int:
         f"({args.workers} workers, {threads} torch threads)",
         file=sys.stderr,
     )
-    # On SIGTERM / Ctrl-C: open requests get a few seconds, then the app's shutdown cancels
-    # the explanations still running (they stop at their next checkpoint).
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         timeout_graceful_shutdown=3,
     )
+    server = uvicorn.Server(config)
+    server.handle_exit = partial(_stop_work_first, app.state.service.shutdown, server.handle_exit)
+    server.run()
     return 0
+
+
+def _stop_work_first(
+    shutdown: threading.Event,
+    handle_exit: Callable[[int, FrameType | None], None],
+    sig: int,
+    frame: FrameType | None,
+) -> None:
+    """uvicorn's SIGTERM / Ctrl-C handler, preceded by setting the service's ``shutdown`` event.
+
+    Once it is set every running explanation stops at its next checkpoint and answers 503, and
+    queued ones answer 503 before computing, so the open requests end within uvicorn's graceful
+    period (3 s) instead of being cut off after it; uvicorn then ends the process by the same
+    signal.
+    """
+    shutdown.set()
+    handle_exit(sig, frame)
 
 
 def _is_loopback(host: str) -> bool:

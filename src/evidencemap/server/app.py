@@ -311,6 +311,7 @@ class _Service:
             runtime.limits(cancel=cancel),
         ):
             try:
+                runtime.checkpoint()  # a request queued at shutdown answers 503 at once
                 return self._explain(data, classes, target, top_k, options)
             except runtime.RunCancelledError as err:
                 if cancel is not None and cancel.is_set():
