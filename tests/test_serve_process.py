@@ -98,3 +98,72 @@ def test_sigterm_stops_a_busy_server_within_seconds():
     assert answers == [503, 503, 503], answers  # stopped work answers before the process ends
     assert 200 not in answers  # no FGVis ran to its end after the signal
     assert "Traceback" not in log, log[-2000:]
+
+
+def test_cheap_requests_never_queue_behind_costly_ones(lite0):
+    """One cheap and one costly worker: Grad-CAM answers while FGVis computes."""
+    from evidencemap.server import create_app
+    from server_helpers import live_server
+
+    app = create_app(model=lite0, workers=1, costly_workers=1)
+    photo = photo_bytes("chelsea", "PNG")
+    files = {"file": ("c.png", photo, "image/png")}
+    costly: list[int] = []
+    with live_server(app) as url:
+        fgvis = threading.Thread(
+            target=lambda: costly.append(
+                httpx.post(
+                    url + "/api/explain",
+                    files=files,
+                    data={"method": "fgvis", "options": json.dumps(LONG_FGVIS)},
+                    timeout=120,
+                ).status_code
+            )
+        )
+        fgvis.start()
+        try:
+            deadline = time.monotonic() + 30
+            while httpx.get(url + "/health", timeout=5).json()["busy"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            time.sleep(0.5)
+            answer = httpx.post(
+                url + "/api/explain", files=files, data={"method": "gradcam"}, timeout=60
+            )
+            assert answer.status_code == 200
+            assert fgvis.is_alive()  # FGVis was still computing
+            assert not costly
+        finally:
+            app.state.service.shutdown.set()  # stops FGVis at its next iteration
+            fgvis.join(30)
+    assert costly == [503]
+
+
+def test_costly_runs_pause_while_cheap_ones_compute(lite0):
+    from evidencemap import runtime
+    from evidencemap.server import create_app
+    from evidencemap.server.app import COSTLY_PAUSE
+
+    service = create_app(model=lite0).state.service
+    began = time.perf_counter()
+    service._yield_to_cheap()  # nothing cheap computing: no wait
+    assert time.perf_counter() - began < COSTLY_PAUSE / 2
+    with service._cheap():
+        began = time.perf_counter()
+        with runtime.limits(pause=service._yield_to_cheap):
+            runtime.checkpoint()  # waits, but at most COSTLY_PAUSE: the costly run advances
+        assert COSTLY_PAUSE * 0.9 <= time.perf_counter() - began < COSTLY_PAUSE * 4
+    with service._cheap():  # the end of the cheap request wakes the costly one at once
+        waited: list[float] = []
+
+        def costly() -> None:
+            start = time.perf_counter()
+            service._yield_to_cheap()
+            waited.append(time.perf_counter() - start)
+
+        worker = threading.Thread(target=costly)
+        worker.start()
+        time.sleep(0.05)
+    worker.join(5)
+    assert waited
+    assert waited[0] < COSTLY_PAUSE * 0.9

@@ -58,6 +58,13 @@ def register(subparsers: Any) -> None:
         help="threads computing explanations concurrently (default 2)",
     )
     parser.add_argument(
+        "--costly-workers",
+        type=positive_int,
+        default=None,
+        help="threads of the costly lane (FGVis, Score-CAM, Integrated Gradients, SmoothGrad), "
+        "which pause while cheap requests compute (default: workers / 2, at least 1)",
+    )
+    parser.add_argument(
         "--torch-threads",
         type=positive_int,
         default=None,
@@ -151,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(
             args.model,
             workers=args.workers,
+            costly_workers=args.costly_workers,
             max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
             max_pixels=int(args.max_megapixels * 1_000_000),
             caps=dict(args.cap or []),
