@@ -1,13 +1,17 @@
 """Hostile load on the web service: cheap, costly and hostile requests at once, loopback only.
 
-Starts ``evidencemap serve`` (default caps, 512 MiB budget, ``--workers 4 --torch-threads 1``) on
-127.0.0.1, measures Grad-CAM's unloaded latency (sequential requests), then for ``--duration``
-seconds runs 8 concurrent clients: 2 post FGVis with capped options back to back, 4 post hostile
-requests (options over the caps, a cross-origin POST, huge batch sizes), 2 post Grad-CAM. Reports
-the status codes per kind, Grad-CAM's latency under load relative to unloaded, and the server's
-peak resident memory (``VmHWM``). Every loop is bounded by the duration and stops by itself.
+Starts ``evidencemap serve`` (default caps, 512 MiB budget, ``--workers 2 --costly-workers 2
+--torch-threads 1``) on 127.0.0.1, measures Grad-CAM's unloaded latency (sequential requests),
+then runs 8 concurrent clients: 2 post capped FGVis requests back to back (these run in the
+service's costly lane, which yields to cheap requests), 4 post hostile requests (options over the caps,
+unknown options, a cross-origin POST), 2 post Grad-CAM. Once both FGVis requests compute, the
+Grad-CAM clients post ``--gradcam`` requests in all; the other clients stop when they are done
+(every loop has a bounded count). Reports the status codes per kind, Grad-CAM's latency under
+load (the requests that ran while two FGVis requests computed) against the unloaded p50 and
+p99, and the server's resident memory (idle and peak ``VmHWM``) against the memory budget.
 
-Run: ``python benchmarks/serve_hostile.py [--duration 30] [--out benchmarks/results/serve_hostile.md]``
+Run: ``python benchmarks/serve_hostile.py [--gradcam 80] [--repeat 2]
+[--out benchmarks/results/serve_hostile.md]``
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ import argparse
 import asyncio
 import io
 import json
+import multiprocessing
+import os
 import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -30,6 +37,8 @@ from skimage import data
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import start_server, stop_server
 
+WORKERS, COSTLY_WORKERS, THREADS = 2, 2, 1
+BUDGET_MB = 512
 HOSTILE = [
     (
         {
@@ -46,9 +55,12 @@ HOSTILE = [
         {"method": "integrated_gradients", "options": json.dumps({"internal_batch_size": 1000000})},
         {},
     ),
+    ({"method": "scorecam", "options": json.dumps({"top_kk": 8})}, {}),
     ({"method": "gradcam"}, {"Origin": "http://evil.example"}),
 ]
 FGVIS = {"method": "fgvis", "options": json.dumps({"max_iterations": 60, "patience": 60})}
+UNLOADED = 30
+MAX_FGVIS, MAX_HOSTILE = 50, 2000  # per client: the bounds of the background loops
 
 
 def photo_png() -> bytes:
@@ -58,100 +70,249 @@ def photo_png() -> bytes:
     return buffer.getvalue()
 
 
-def rss_peak_mb(pid: int) -> float:
+def memory_mb(pid: int, field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` of process ``pid`` in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-async def run(url: str, photo: bytes, duration: float) -> dict[str, object]:
-    files = {"file": ("c.png", photo, "image/png")}
-    codes: dict[str, dict[str, int]] = {"gradcam": {}, "fgvis": {}, "hostile": {}}
-    latency: dict[str, list[float]] = {"gradcam": [], "fgvis": [], "hostile": []}
-    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        for _ in range(2):  # warm-up
-            await client.post("/api/explain", files=files, data={"method": "gradcam"})
-        unloaded = []
-        for _ in range(15):
-            began = time.perf_counter()
-            await client.post("/api/explain", files=files, data={"method": "gradcam"})
-            unloaded.append(time.perf_counter() - began)
-        stop = time.perf_counter() + duration
+def _count(codes: dict[str, int], status: int) -> None:
+    codes[str(status)] = codes.get(str(status), 0) + 1
 
-        async def worker(kind: str, index: int) -> None:
-            i = index
-            while time.perf_counter() < stop:
-                if kind == "hostile":
-                    form, headers = HOSTILE[i % len(HOSTILE)]
-                    i += 1
-                elif kind == "fgvis":
-                    form, headers = FGVIS, {}
-                else:
-                    form, headers = {"method": "gradcam"}, {}
+
+async def background(
+    url: str, photo: bytes, n_fgvis: int, n_hostile: int, stop: Any
+) -> dict[str, Any]:
+    """The FGVis and hostile clients, until ``stop`` is set (each loop has a bounded count)."""
+    files = {"file": ("c.png", photo, "image/png")}
+    codes: dict[str, dict[str, int]] = {"fgvis": {}, "hostile": {}}
+    latency: dict[str, list[float]] = {"fgvis": [], "hostile": []}
+    fgvis_spans: list[tuple[float, float]] = []  # (start, end) wall-clock of each FGVis request
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
+        async def fgvis() -> None:
+            for _ in range(MAX_FGVIS):
+                if stop.is_set():
+                    return
+                began = time.time()
+                try:
+                    response = await client.post("/api/explain", files=files, data=FGVIS)
+                finally:  # a request dropped at the end still computed until then
+                    fgvis_spans.append((began, time.time()))
+                latency["fgvis"].append(time.time() - began)
+                _count(codes["fgvis"], response.status_code)
+
+        async def hostile(index: int) -> None:
+            for i in range(index, index + MAX_HOSTILE):
+                if stop.is_set():
+                    return
+                form, headers = HOSTILE[i % len(HOSTILE)]
                 began = time.perf_counter()
                 response = await client.post(
                     "/api/explain", files=files, data=form, headers=headers
                 )
-                latency[kind].append(time.perf_counter() - began)
-                key = str(response.status_code)
-                codes[kind][key] = codes[kind].get(key, 0) + 1
+                latency["hostile"].append(time.perf_counter() - began)
+                _count(codes["hostile"], response.status_code)
 
-        workers = [worker("fgvis", 0), worker("fgvis", 1)]
-        workers += [worker("hostile", i) for i in range(4)]
-        workers += [worker("gradcam", 0), worker("gradcam", 1)]
-        await asyncio.gather(*workers)
-    return {"unloaded": unloaded, "codes": codes, "latency": latency}
+        clients = [fgvis() for _ in range(n_fgvis)] + [hostile(i) for i in range(n_hostile)]
+        tasks = [asyncio.create_task(c) for c in clients]
+        while not stop.is_set() and not all(t.done() for t in tasks):
+            await asyncio.sleep(0.1)
+        for task in tasks:  # requests still open are dropped: the server cancels their work
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {"codes": codes, "latency": latency, "fgvis_spans": fgvis_spans}
+
+
+def background_process(
+    url: str, photo: bytes, n_fgvis: int, n_hostile: int, stop: Any, out: Any
+) -> None:
+    """Entry of the load-generating process (so the clients measured share no event loop)."""
+    out.put(asyncio.run(background(url, photo, n_fgvis, n_hostile, stop)))
+
+
+async def measured(
+    url: str, photo: bytes, n_gradcam: int, n_fgvis: int, pid: int, start: Any
+) -> dict[str, Any]:
+    """Unloaded Grad-CAM latency, then ``start()`` the load and post ``n_gradcam`` requests
+    from 2 clients once ``n_fgvis`` requests compute."""
+    files = {"file": ("c.png", photo, "image/png")}
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        for _ in range(3):  # warm-up
+            await client.post("/api/explain", files=files, data={"method": "gradcam"})
+        unloaded = []
+        for _ in range(UNLOADED):
+            began = time.perf_counter()
+            await client.post("/api/explain", files=files, data={"method": "gradcam"})
+            unloaded.append(time.perf_counter() - began)
+        idle_rss = memory_mb(pid, "VmRSS")
+        start()
+        while int((await client.get("/health")).json()["busy"]) < n_fgvis:
+            await asyncio.sleep(0.05)
+        codes: dict[str, int] = {}
+        spans: list[tuple[float, float]] = []
+        remaining = [n_gradcam]
+
+        async def gradcam() -> None:
+            while remaining[0] > 0:
+                remaining[0] -= 1
+                began = time.time()
+                response = await client.post(
+                    "/api/explain", files=files, data={"method": "gradcam"}
+                )
+                spans.append((began, time.time()))
+                _count(codes, response.status_code)
+
+        began = time.perf_counter()
+        await asyncio.gather(gradcam(), gradcam())
+        wall = time.perf_counter() - began
+    return {
+        "unloaded": unloaded,
+        "idle_rss": idle_rss,
+        "codes": codes,
+        "spans": spans,
+        "wall": wall,
+    }
+
+
+def one_run(n_gradcam: int, n_fgvis: int = 2, n_hostile: int = 4) -> dict[str, Any]:
+    process, url = start_server(
+        WORKERS, THREADS, "--costly-workers", str(COSTLY_WORKERS), "--memory-budget-mb",
+        str(BUDGET_MB),
+    )  # fmt: skip
+    context = multiprocessing.get_context("spawn")
+    stop, out = context.Event(), context.Queue()
+    photo = photo_png()
+    load = context.Process(
+        target=background_process, args=(url, photo, n_fgvis, n_hostile, stop, out)
+    )
+    try:
+        front = asyncio.run(measured(url, photo, n_gradcam, n_fgvis, process.pid, load.start))
+        stop.set()
+        back = out.get(timeout=900)
+        load.join(60)
+        peak = memory_mb(process.pid, "VmHWM")
+    finally:
+        stop.set()
+        if load.is_alive():
+            load.terminate()
+        stop_server(process)
+    # the Grad-CAM requests that started and ended while n_fgvis FGVis requests were in flight
+    during = [
+        end - begin
+        for begin, end in front["spans"]
+        if sum(b <= begin and end <= e for b, e in back["fgvis_spans"]) >= n_fgvis
+    ]
+    latency = {**back["latency"], "gradcam": [e - b for b, e in front["spans"]]}
+    return {
+        "unloaded": front["unloaded"],
+        "codes": {"gradcam": front["codes"], **back["codes"]},
+        "latency": latency,
+        "during": during,
+        "idle_rss": front["idle_rss"],
+        "peak_rss": peak,
+        "wall": front["wall"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--gradcam", type=int, default=80, help="Grad-CAM requests under load")
+    parser.add_argument("--repeat", type=int, default=2, help="runs, each with a fresh server")
+    parser.add_argument("--fgvis-clients", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--hostile-clients", type=int, default=4, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    process, url = start_server(4, 1)
-    try:
-        result = asyncio.run(run(url, photo_png(), args.duration))
-        peak = rss_peak_mb(process.pid)
-    finally:
-        stop_server(process)
-    unloaded = np.array(result["unloaded"])
-    loaded = np.array(result["latency"]["gradcam"])
-    u50 = float(np.median(unloaded))
+    loads = [os.getloadavg()[0]]
+    runs = []
+    for _ in range(args.repeat):
+        runs.append(one_run(args.gradcam, args.fgvis_clients, args.hostile_clients))
+        loads.append(os.getloadavg()[0])
     lines = [
         "# Hostile load on the web service",
         "",
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} cores seen by "
-        f"torch, `serve --workers 4 --torch-threads 1`, default caps and budget, "
-        f"{args.duration:.0f} s of load, 8 clients (2 FGVis with max_iterations=60, 4 hostile, "
-        "2 Grad-CAM). Loopback only.",
+        f"`python benchmarks/serve_hostile.py --gradcam {args.gradcam} --repeat {args.repeat}` — "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}. Server: `serve --workers {WORKERS} --costly-workers "
+        f"{COSTLY_WORKERS} --torch-threads {THREADS} --memory-budget-mb {BUDGET_MB}`, default "
+        "caps. 8 clients over loopback: 2 post FGVis (max_iterations=60, the costly lane), 4 post "
+        "hostile requests (options over the caps, an unknown option, a cross-origin POST), 2 post "
+        f"Grad-CAM ({args.gradcam} requests in all, started once both FGVis requests compute). "
+        f"Each run has a fresh server. System load average (1 min) at the start and after each "
+        f"run: {', '.join(f'{v:.1f}' for v in loads)} (other processes share the machine's "
+        "cores, so the numbers are noisy).",
         "",
-        "| requests | count | status codes |",
-        "|---|---:|---|",
+        "| run | kind | count | status codes |",
+        "|---:|---|---:|---|",
     ]
-    for kind in ("gradcam", "fgvis", "hostile"):
-        codes = result["codes"][kind]
-        lines.append(
-            f"| {kind} | {sum(codes.values())} | "
-            + ", ".join(f"{k}: {v}" for k, v in sorted(codes.items()))
-            + " |"
-        )
-    fives = sum(v for c in result["codes"].values() for k, v in c.items() if k.startswith("5"))
-    hostile = np.array(result["latency"]["hostile"])
+    for r, result in enumerate(runs, 1):
+        for kind in ("gradcam", "fgvis", "hostile"):
+            codes = result["codes"][kind]
+            lines.append(
+                f"| {r} | {kind} | {sum(codes.values())} | "
+                + ", ".join(f"{k}: {v}" for k, v in sorted(codes.items()))
+                + " |"
+            )
     lines += [
         "",
-        "| Grad-CAM latency | p50 s | p99 s | p99 / unloaded p50 |",
-        "|---|---:|---:|---:|",
-        f"| unloaded (15 sequential) | {u50:.3f} | {np.percentile(unloaded, 99):.3f} | "
-        f"{np.percentile(unloaded, 99) / u50:.2f} |",
-        f"| under load | {np.median(loaded):.3f} | {np.percentile(loaded, 99):.3f} | "
-        f"{np.percentile(loaded, 99) / u50:.2f} |",
+        "Grad-CAM latency (s). *Unloaded*: "
+        f"{UNLOADED} sequential requests before the load. *Loaded*: the requests that started and "
+        "ended while both FGVis requests computed (n), measured at the client.",
         "",
-        f"5xx answers: {fives}. Hostile requests answered in p50 {np.median(hostile):.3f} s, "
-        f"max {hostile.max():.3f} s. Server peak resident memory: {peak:.0f} MiB.",
+        "| run | unloaded p50 | unloaded p99 | n | loaded p50 | loaded p99 | "
+        "loaded p99 / unloaded p99 | loaded p99 / unloaded p50 | 5xx |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r, result in enumerate(runs, 1):
+        u = np.array(result["unloaded"])
+        d = np.array(result["during"]) if result["during"] else np.array([float("nan")])
+        u50, u99 = float(np.median(u)), float(np.percentile(u, 99))
+        l50, l99 = float(np.median(d)), float(np.percentile(d, 99))
+        fives = sum(v for c in result["codes"].values() for k, v in c.items() if k.startswith("5"))
+        lines.append(
+            f"| {r} | {u50:.3f} | {u99:.3f} | {len(result['during'])} | {l50:.3f} | {l99:.3f} | "
+            f"{l99 / u99:.2f} | {l99 / u50:.2f} | {fives} |"
+        )
+    lines += [
         "",
-        "On 2 cores the two FGVis runs and Grad-CAM share the CPU, so Grad-CAM's latency under "
-        "load reflects CPU sharing; the hostile requests never reach a model.",
+        "All loaded Grad-CAM requests (also those that overlapped fewer FGVis requests): "
+        + "; ".join(
+            f"run {r}: n {len(res['latency']['gradcam'])}, p50 "
+            f"{np.median(res['latency']['gradcam']):.3f} s, p99 "
+            f"{np.percentile(res['latency']['gradcam'], 99):.3f} s"
+            for r, res in enumerate(runs, 1)
+        )
+        + ".",
+        "",
+        "| run | idle RSS MiB | peak RSS MiB | peak − idle MiB | memory budget MiB | "
+        "FGVis p50 s (answered) | hostile p50 / max s | load wall s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r, result in enumerate(runs, 1):
+        hostile = np.array(result["latency"]["hostile"])
+        fg = np.array(result["latency"]["fgvis"] or [float("nan")])
+        growth = result["peak_rss"] - result["idle_rss"]
+        lines.append(
+            f"| {r} | {result['idle_rss']:.0f} | {result['peak_rss']:.0f} | {growth:.0f} | "
+            f"{BUDGET_MB} | {np.median(fg):.1f} ({len(result['latency']['fgvis'])} done) | {np.median(hostile):.3f} / "
+            f"{hostile.max():.3f} | {result['wall']:.0f} |"
+        )
+    lines += [
+        "",
+        "Idle RSS: after start-up and the unloaded requests (the model, torch, the app). The "
+        "budget bounds one chunk of one request's computation; the peak "
+        + (
+            "stayed within idle + budget in every run"
+            if all(r["peak_rss"] <= r["idle_rss"] + BUDGET_MB for r in runs)
+            else "went over idle + budget in a run"
+        )
+        + ", with four explanations computing at once. Hostile requests are refused "
+        "before the upload is decoded and without a worker, so they never reach a model. "
+        "FGVis runs in the costly lane and pauses at each iteration (at most 0.25 s) while a "
+        "cheap request computes: it takes longer under load, and Grad-CAM gets the cores "
+        "first.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -50,11 +50,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(workers: int, threads: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(workers: int, threads: int, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``evidencemap serve`` on a free loopback port (``extra``: more of its arguments)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     command = [sys.executable, "-c", SERVE, "serve", "--host", HOST, "--port", str(port)]
-    command += ["--workers", str(workers), "--torch-threads", str(threads)]
+    command += ["--workers", str(workers), "--torch-threads", str(threads), *extra]
     command += ["--log-level", "warning"]
     process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
     url = f"http://{HOST}:{port}"

@@ -38,7 +38,7 @@ FILES = (
     "road.png",
 )
 QUICK_CURVE_POINTS = 17  # quick mode: 16 steps, plus the start image
-QUICK_ROAD_LEVELS = [20.0, 50.0, 80.0]
+QUICK_ROAD_LEVELS = [25.0, 75.0]
 TIGER_CAT, ESPRESSO = 282, 967
 
 
@@ -119,7 +119,7 @@ def test_runner_writes_every_table_plot_and_number(tiny_run):
     for title, higher in COLUMNS.values():
         assert f"{title} {'↑' if higher else '↓'}" in table
     assert "quick=True" in table
-    assert "'top_k': 64" in table
+    assert "'top_k': 32" in table
 
     stored = json.loads((out / "per_image.json").read_text(encoding="utf-8"))
     _no_nan(stored)
@@ -491,3 +491,65 @@ def test_command_boxes_missing_file(photos, tmp_path, capsys):
     )
     assert status == 2
     assert "--boxes: file not found" in err
+
+
+# ------------------------------------------------------------------ the quick protocol
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
+
+
+def _docs_row(text: str, setting: str) -> str:
+    """The ``quick`` cell of the settings table row that starts with ``setting``."""
+    for line in text.splitlines():
+        if line.startswith(f"| {setting}"):
+            return line.split("|")[2].strip()
+    raise AssertionError(f"docs/evaluation.md has no row {setting!r}")
+
+
+def test_quick_settings_are_the_documented_ones():
+    from evidencemap.evaluation import _settings
+
+    quick = _settings(True, 0, 32)
+    text = DOCS.read_text(encoding="utf-8")
+    assert _docs_row(text, "deletion / insertion steps") == str(quick["curve_steps"]) == "16"
+    levels = ", ".join(str(p) for p in quick["road_percentiles"])
+    assert _docs_row(text, "ROAD levels") == levels == "25, 75"
+    assert float(_docs_row(text, "ROAD imputation tolerance")) == quick["road_tol"]
+    assert _docs_row(text, "randomisation stages") == str(quick["sanity_stages"]) == "2"
+    assert _docs_row(text, "max-sensitivity samples") == str(quick["sensitivity_samples"]) == "2"
+    assert QUICK_METHOD_OPTIONS["fgvis"] == {"max_iterations": 40}
+    assert QUICK_METHOD_OPTIONS["scorecam"] == {"top_k": 32}
+    parser = argparse.ArgumentParser()
+    evaluate_command.register(parser.add_subparsers())
+    help_text = " ".join(
+        parser._subparsers._group_actions[0].choices["evaluate"].format_help().split()
+    )
+    flat_docs = " ".join(text.split())
+    for method, opts in QUICK_METHOD_OPTIONS.items():
+        for key, value in opts.items():
+            assert f"{key}={value}" in help_text, (method, key)  # the --quick help
+            assert f"`{key}={value}`" in flat_docs, (method, key)  # the docs' list
+
+
+@pytest.mark.slow  # real model, FGVis included: took 13 min on 2 cores shared at load 16
+def test_quick_command_on_a_real_photo_shows_progress_per_method_photo_and_metric(tmp_path, capsys):
+    """The README's command, cut to one photo and two metrics, FGVis included."""
+    photo = Path(__file__).resolve().parents[1] / "examples" / "chelsea.jpg"
+    args = _parse(
+        photo,
+        "--methods",
+        "gradcam,fgvis",
+        "--metrics",
+        "deletion,insertion",
+        "--quick",
+        "--out",
+        tmp_path / "out",
+    )
+    assert args.func(args) == 0
+    err = capsys.readouterr().err
+    for method in ("gradcam", "fgvis"):
+        for metric in ("deletion", "insertion"):
+            assert f"{method} · chelsea.jpg · {metric}" in err
+    assert "2/2" in err  # the bar over (method, photo) maps reached its end
+    stored = json.loads((tmp_path / "out" / "per_image.json").read_text(encoding="utf-8"))
+    assert stored["settings"]["method_options"]["fgvis"] == {"max_iterations": 40}

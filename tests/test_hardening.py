@@ -147,6 +147,39 @@ def test_hostile_options_are_refused_before_any_work(client, png, method, option
     assert time.perf_counter() - began < 5
 
 
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("fgvis", {"max_iterations": 100_000_000}),  # over the cap
+        ("scorecam", {"top_kk": 8}),  # unknown option
+        ("smoothgrad", {"samples": "many"}),  # wrong type
+        ("gradcam,smoothgrad", {"smoothgrad": {"samples": 10_000_000}}),  # per method
+    ],
+)
+def test_bad_options_are_refused_before_the_image_is_decoded(client, monkeypatch, method, options):
+    import evidencemap.server.app as app_module
+
+    decoded = []
+    monkeypatch.setattr(app_module, "load_image_bytes", lambda *a, **k: decoded.append(a))
+    garbage = b"\x89PNG not really" + bytes(2_000_000)  # undecodable, 2 MB
+    began = time.perf_counter()
+    response = client.post(
+        "/api/explain",
+        files={"file": ("big.png", garbage, "image/png")},
+        data={"method": method, "options": json.dumps(options)},
+    )
+    assert response.status_code == 422, response.text
+    assert "method " in response.json()["error"]
+    assert decoded == []
+    assert time.perf_counter() - began < 5
+    # a good request on the same (undecodable) body reaches the decoder
+    monkeypatch.undo()
+    response = client.post(
+        "/api/explain", files={"file": ("big.png", garbage, "image/png")}, data={"method": "fgvis"}
+    )
+    assert response.status_code == 415, response.text
+
+
 def test_caps_are_configurable_and_reported(lite0, png):
     app = create_app(model=lite0, caps={"samples": 4, "scorecam.top_k": 8})
     c = TestClient(app)

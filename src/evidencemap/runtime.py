@@ -20,7 +20,9 @@ and then
   ``k = min(requested, ⌊budget / b⌋)``; an item that alone exceeds it raises
   :class:`BudgetExceededError` (a ``ValueError``: the request is too large, a 4xx, never an OOM);
 * past the deadline, or once ``cancel`` is set, the next checkpoint raises :class:`RunCancelledError`;
-* ``progress(done, total, desc)`` is called at every checkpoint that reports a count.
+* ``progress(done, total, desc)`` is called at every checkpoint that reports a count;
+* ``pause()`` is called at every checkpoint first: a run of low priority waits there while
+  more urgent work computes (the web service's costly lane yields the CPU to cheap requests).
 
 What one item of a chunk costs is measured, not guessed from the input size: for methods that
 backpropagate through the model (SmoothGrad, Integrated Gradients) it is dominated by what
@@ -79,12 +81,14 @@ class Limits:
         deadline: ``time.monotonic()`` value after which a checkpoint raises (``None``: none).
         cancel: events; once any is set, a checkpoint raises :class:`RunCancelledError`.
         progress: callbacks told of progress, innermost last.
+        pause: callbacks each checkpoint calls first (they may wait), innermost last.
     """
 
     memory_budget: int | None = None
     deadline: float | None = None
     cancel: tuple[threading.Event, ...] = ()
     progress: tuple[Progress, ...] = ()
+    pause: tuple[Callable[[], None], ...] = ()
 
 
 _NONE = Limits()
@@ -104,6 +108,7 @@ def limits(
     timeout: float | None = None,
     cancel: threading.Event | None = None,
     progress: Progress | None = None,
+    pause: Callable[[], None] | None = None,
 ) -> Iterator[Limits]:
     """Run the block under these limits (combined with the ones already in force).
 
@@ -113,6 +118,7 @@ def limits(
         timeout: seconds from now (the earlier of ``deadline`` and ``now + timeout`` wins).
         cancel: an event that cancels the run when set.
         progress: ``progress(done, total, desc)``.
+        pause: called first at every checkpoint; it may wait (a cooperative priority).
 
     Raises:
         TypeError / ValueError: for a budget that is not a positive int, or a negative timeout.
@@ -134,6 +140,7 @@ def limits(
         deadline=min(deadlines) if deadlines else None,
         cancel=outer.cancel + ((cancel,) if cancel is not None else ()),
         progress=outer.progress + ((progress,) if progress is not None else ()),
+        pause=outer.pause + ((pause,) if pause is not None else ()),
     )
     _local.limits = inner
     try:
@@ -143,7 +150,8 @@ def limits(
 
 
 def checkpoint(done: int | None = None, total: int | None = None, desc: str = "") -> None:
-    """Report progress and stop the run if it was cancelled or is past its deadline.
+    """Pause if asked to, report progress, and stop the run if it was cancelled or is past
+    its deadline.
 
     Raises:
         RunCancelledError: when a cancel event is set or the deadline has passed.
@@ -151,6 +159,8 @@ def checkpoint(done: int | None = None, total: int | None = None, desc: str = ""
     now = current()
     if now is _NONE:
         return
+    for wait in now.pause:
+        wait()
     if any(event.is_set() for event in now.cancel):
         raise RunCancelledError("the run was cancelled")
     if now.deadline is not None and time.monotonic() > now.deadline:

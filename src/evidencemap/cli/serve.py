@@ -13,6 +13,10 @@ import argparse
 import ipaddress
 import os
 import sys
+import threading
+from collections.abc import Callable
+from functools import partial
+from types import FrameType
 from typing import Any
 
 from evidencemap.cli.common import CLIError, add_model_arguments, model_from_args, positive_int
@@ -52,6 +56,13 @@ def register(subparsers: Any) -> None:
         type=positive_int,
         default=2,
         help="threads computing explanations concurrently (default 2)",
+    )
+    parser.add_argument(
+        "--costly-workers",
+        type=positive_int,
+        default=None,
+        help="threads of the costly lane (FGVis, Score-CAM, Integrated Gradients, SmoothGrad), "
+        "which pause while cheap requests compute (default: workers / 2, at least 1)",
     )
     parser.add_argument(
         "--torch-threads",
@@ -123,7 +134,11 @@ def torch_threads_for(workers: int, requested: int | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the app and serve it until interrupted; 0 on a clean stop, 2 on a setup error."""
+    """Build the app and serve it until interrupted; 2 on a setup error.
+
+    On SIGTERM or Ctrl-C the running explanations stop at their next checkpoint (503), the open
+    requests end, and the process ends by that signal (uvicorn re-raises it).
+    """
     try:
         import uvicorn
 
@@ -145,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
             args.model,
             model=loaded,
             workers=args.workers,
+            costly_workers=args.costly_workers,
             max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
             max_pixels=int(args.max_megapixels * 1_000_000),
             caps=dict(args.cap or []),
@@ -166,16 +182,34 @@ def run(args: argparse.Namespace) -> int:
         f"({args.workers} workers, {threads} torch threads)",
         file=sys.stderr,
     )
-    # On SIGTERM / Ctrl-C: open requests get a few seconds, then the app's shutdown cancels
-    # the explanations still running (they stop at their next checkpoint).
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         timeout_graceful_shutdown=3,
     )
+    server = uvicorn.Server(config)
+    server.handle_exit = partial(_stop_work_first, app.state.service.shutdown, server.handle_exit)
+    server.run()
     return 0
+
+
+def _stop_work_first(
+    shutdown: threading.Event,
+    handle_exit: Callable[[int, FrameType | None], None],
+    sig: int,
+    frame: FrameType | None,
+) -> None:
+    """uvicorn's SIGTERM / Ctrl-C handler, preceded by setting the service's ``shutdown`` event.
+
+    Once it is set every running explanation stops at its next checkpoint and answers 503, and
+    queued ones answer 503 before computing, so the open requests end within uvicorn's graceful
+    period (3 s) instead of being cut off after it; uvicorn then ends the process by the same
+    signal.
+    """
+    shutdown.set()
+    handle_exit(sig, frame)
 
 
 def _is_loopback(host: str) -> bool:

@@ -26,9 +26,17 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
@@ -51,6 +59,7 @@ from evidencemap.explanation import Explanation
 from evidencemap.io import ImageTooLargeError, UnsupportedImageError, load_image_bytes
 from evidencemap.methods import build, describe, get_method, method_names
 from evidencemap.methods.base import Method
+from evidencemap.methods.registry import check_options
 from evidencemap.models.loading import LoadedModel, check_method_supports
 from evidencemap.server.schemas import (
     ArrayData,
@@ -71,6 +80,7 @@ __all__ = [
     "MAX_TOP_K",
     "ApiError",
     "create_app",
+    "is_costly",
     "method_options",
 ]
 
@@ -86,6 +96,10 @@ DEFAULT_MEMORY_BUDGET = 512 * 2**20
 """Bytes one chunk of a method's computation may take per request (512 MiB)."""
 DEFAULT_TIME_LIMIT = 120.0
 """Seconds one request may compute before it is stopped with a 422."""
+COSTLY_PAUSE = 0.25
+"""Seconds a costly request waits at most, at each of its checkpoints (an FGVis iteration, a
+Score-CAM chunk …), while cheap requests compute: they get the cores first, and the costly
+one still advances."""
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -200,10 +214,29 @@ def _build(
         check_method_supports(model, method)
         return method
     except (TypeError, ValueError) as err:
-        text = str(err)
-        raise ApiError(
-            422, text if text.startswith("method ") else f"method {cls.name!r}: {text}"
-        ) from None
+        raise _option_error(cls, err) from None
+
+
+def _check_options(cls: type[Method], options: dict[str, Any], caps: dict[str, float]) -> None:
+    """Refuse unknown, ill-typed or over-cap options of ``cls`` (a 422 naming the method) from
+    their descriptions alone: no model, no image, so before the upload is decoded."""
+    given = {k: v for k, v in options.items() if k != "layer"}
+    try:
+        check_options(describe(cls), given, caps)
+    except (TypeError, ValueError) as err:
+        raise _option_error(cls, err) from None
+
+
+def _option_error(cls: type[Method], err: Exception) -> ApiError:
+    text = str(err)
+    return ApiError(422, text if text.startswith("method ") else f"method {cls.name!r}: {text}")
+
+
+def is_costly(cls: type[Method]) -> bool:
+    """Whether a method's time grows with an option (one of ``cost="work"``: iterations,
+    samples, steps, channels) — FGVis, Score-CAM, Integrated Gradients, SmoothGrad; such
+    requests run in the service's costly lane."""
+    return any(option.cost == "work" for option in describe(cls).options.values())
 
 
 # --------------------------------------------------------------------------- results
@@ -236,6 +269,28 @@ class _Service:
     memory_budget: int | None = DEFAULT_MEMORY_BUDGET
     time_limit: float | None = DEFAULT_TIME_LIMIT
     shutdown: threading.Event = field(default_factory=threading.Event)
+    cheap_running: int = 0
+    cheap_done: threading.Condition = field(default_factory=threading.Condition)
+
+    @contextmanager
+    def _cheap(self) -> Iterator[None]:
+        """Count a cheap request computing (costly ones yield to it at their checkpoints)."""
+        with self.cheap_done:
+            self.cheap_running += 1
+        try:
+            yield
+        finally:
+            with self.cheap_done:
+                self.cheap_running -= 1
+                self.cheap_done.notify_all()
+
+    def _yield_to_cheap(self) -> None:
+        """A costly request's checkpoint: wait while cheap requests compute, at most
+        :data:`COSTLY_PAUSE` seconds."""
+        with self.cheap_done:
+            self.cheap_done.wait_for(
+                lambda: self.cheap_running == 0 or self.shutdown.is_set(), timeout=COSTLY_PAUSE
+            )
 
     def caps_for(self, cls: type[Method]) -> dict[str, float]:
         """The caps of ``cls``'s options: ``METHOD.OPTION`` entries, then ``OPTION`` entries,
@@ -295,17 +350,21 @@ class _Service:
 
         The methods run under the service's memory budget and time limit
         (:mod:`evidencemap.runtime`); ``cancel`` (set when the client goes away) and the
-        service's shutdown event stop them at their next checkpoint.
+        service's shutdown event stop them at their next checkpoint. A costly request
+        (:func:`is_costly`) yields to the cheap ones computing at each checkpoint.
         """
+        costly = any(is_costly(cls) for cls in classes)
         with (
             runtime.limits(
                 memory_budget=self.memory_budget,
                 timeout=self.time_limit,
                 cancel=self.shutdown,
             ),
-            runtime.limits(cancel=cancel),
+            runtime.limits(cancel=cancel, pause=self._yield_to_cheap if costly else None),
+            nullcontext() if costly else self._cheap(),
         ):
             try:
+                runtime.checkpoint()  # a request queued at shutdown answers 503 at once
                 return self._explain(data, classes, target, top_k, options)
             except runtime.RunCancelledError as err:
                 if cancel is not None and cancel.is_set():
@@ -330,6 +389,9 @@ class _Service:
         options: dict[str, dict[str, Any]],
     ) -> ExplainResponse:
         start = time.perf_counter()
+        instances = [  # bad options are refused before the image is decoded
+            _build(cls, self.model, options[cls.name], self.caps_for(cls)) for cls in classes
+        ]
         try:
             image = load_image_bytes(data, max_pixels=self.max_pixels, name="the uploaded file")
         except UnsupportedImageError as err:
@@ -338,9 +400,6 @@ class _Service:
             raise ApiError(413, str(err)) from None
         except ValueError as err:
             raise ApiError(400, str(err)) from None
-        instances = [
-            _build(cls, self.model, options[cls.name], self.caps_for(cls)) for cls in classes
-        ]
 
         x = self.preprocess(image).unsqueeze(0)
         with torch.inference_mode():
@@ -540,6 +599,7 @@ def create_app(
     *,
     model: LoadedModel | nn.Module | None = None,
     workers: int = 2,
+    costly_workers: int | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_pending: int = 32,
@@ -560,7 +620,12 @@ def create_app(
             :class:`~evidencemap.models.LoadedModel` (``evidencemap.models.load(spec, input_size=…,
             labels=…)``), or an ``nn.Module`` in eval mode (loaded with the defaults);
             ``model_name`` names it (default: its ``name``).
-        workers: threads that compute explanations concurrently.
+        workers: threads that compute cheap explanations concurrently (Grad-CAM & co).
+        costly_workers: threads of the costly lane, which runs the requests naming a method
+            whose time grows with an option (:func:`is_costly`: FGVis, Score-CAM, Integrated
+            Gradients, SmoothGrad), so cheap requests never queue behind them; costly runs
+            also pause at their checkpoints while cheap ones compute (:data:`COSTLY_PAUSE`)
+            (default: ``max(1, workers // 2)``).
         max_upload_bytes: largest accepted file.
         max_pixels: largest accepted image (width × height), checked before decoding.
         max_pending: explanation requests computing or queued at once; more get 503.
@@ -580,6 +645,9 @@ def create_app(
             installed.
     """
     workers = check_positive_int(workers, "workers")
+    costly_workers = check_positive_int(
+        max(1, workers // 2) if costly_workers is None else costly_workers, "costly_workers"
+    )
     max_upload_bytes = check_positive_int(max_upload_bytes, "max_upload_bytes")
     max_pixels = check_positive_int(max_pixels, "max_pixels")
     max_pending = check_positive_int(max_pending, "max_pending")
@@ -623,6 +691,10 @@ def create_app(
         time_limit=time_limit,
     )
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evidencemap-explain")
+    costly_executor = ThreadPoolExecutor(
+        max_workers=costly_workers,
+        thread_name_prefix="evidencemap-costly",
+    )
     pending = 0
     page = resources.files("evidencemap.server").joinpath("static/index.html").read_text("utf-8")
 
@@ -633,6 +705,7 @@ def create_app(
         finally:
             service.shutdown.set()  # running explanations stop at their next checkpoint
             executor.shutdown(wait=False, cancel_futures=True)
+            costly_executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="evidencemap",
@@ -642,6 +715,7 @@ def create_app(
     )
     app.state.service = service
     app.state.executor = executor
+    app.state.costly_executor = costly_executor
     app.add_middleware(_BodyLimit, limit=max_upload_bytes + _FORM_SLACK)
     app.add_middleware(_Guard, allowed_origins=frozenset(o.rstrip("/") for o in allowed_origins))
 
@@ -759,6 +833,8 @@ def create_app(
         if chosen is not None and k is not None:
             raise ApiError(400, "give either target or top_k, not both")
         parsed = _parse_options(options, classes)
+        for cls in classes:  # refused here, without a worker, before the image is decoded
+            _check_options(cls, parsed[cls.name], service.caps_for(cls))
         data = await file.read(max_upload_bytes + 1)
         if len(data) == 0:
             raise ApiError(400, "the uploaded file is empty")
@@ -770,7 +846,8 @@ def create_app(
         cancel = threading.Event()
         try:
             job = partial(service.explain, data, classes, chosen, k, parsed, cancel)
-            future = asyncio.get_running_loop().run_in_executor(executor, job)
+            lane = costly_executor if any(is_costly(c) for c in classes) else executor
+            future = asyncio.get_running_loop().run_in_executor(lane, job)
             while True:  # a client that goes away cancels its work
                 done, _ = await asyncio.wait({future}, timeout=0.25)
                 if done:
