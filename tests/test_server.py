@@ -396,20 +396,23 @@ def test_progress_fraction_counts_methods_and_steps():
 def test_methods_report_their_expected_cost(lite0, chelsea_png):
     fresh = TestClient(create_app(model=lite0))
     costs = {m["name"]: m["cost"] for m in fresh.get("/api/methods").json()}
-    per_pass = costs["gradcam"]["seconds_per_pass"]
-    assert 0 < per_pass < 30
-    expected = {
-        "gradcam": 1,
-        "guided_gradcam": 2,
-        "fgvis": 300,
-        "integrated_gradients": 50,
-        "smoothgrad": 25,
-        "scorecam": 1280,  # all channels of Lite0's _head_act (top_k=None)
+    expected = {  # passes with the default options, and their kind
+        "gradcam": (1, "layer"),
+        "guided_gradcam": (2, "input"),
+        "saliency": (1, "input"),
+        "fgvis": (300, "input"),
+        "integrated_gradients": (50, "input"),
+        "smoothgrad": (25, "input"),  # 25 noisy copies of saliency
+        "scorecam": (1280, "forward"),  # all channels of Lite0's _head_act (top_k=None)
     }
-    for name, passes in expected.items():
+    per_pass = {}
+    for name, (passes, kind) in expected.items():
         cost = costs[name]
-        assert cost["passes"] == passes, name
-        assert cost["seconds"] == pytest.approx(passes * per_pass)
+        assert (cost["passes"], cost["pass_kind"]) == (passes, kind), name
+        assert 0 < cost["seconds_per_pass"] < 30
+        per_pass.setdefault(kind, cost["seconds_per_pass"])
+        assert cost["seconds_per_pass"] == per_pass[kind]  # one timing per kind
+        assert cost["seconds"] == pytest.approx(passes * cost["seconds_per_pass"])
         assert cost["last_seconds"] is None
     assert costs["fgvis"]["at_most"]
     assert costs["scorecam"]["at_most"]

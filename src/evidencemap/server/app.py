@@ -680,13 +680,8 @@ def create_app(
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    @app.get("/page.js", include_in_schema=False)
-    @app.get("/page.css", include_in_schema=False)
-    @app.get("/favicon.svg", include_in_schema=False)
-    @app.get("/favicon.ico", include_in_schema=False)
-    async def asset(request: Request) -> Response:
-        body, kind = assets[request.url.path]
-        return Response(body, media_type=kind, headers={"Cache-Control": "no-cache"})
+    for path, (body, kind) in assets.items():
+        app.get(path, include_in_schema=False)(_asset(body, kind))
 
     @app.get("/health", response_model=Health, tags=["service"])
     async def health() -> Health:
@@ -870,6 +865,15 @@ _ASSETS = {
     "/favicon.svg": ("favicon.svg", "image/svg+xml"),
     "/favicon.ico": ("favicon.svg", "image/svg+xml"),
 }
+
+
+def _asset(body: bytes, kind: str) -> Callable[[], Awaitable[Response]]:
+    """The handler of one of the page's files."""
+
+    async def asset() -> Response:
+        return Response(body, media_type=kind, headers={"Cache-Control": "no-cache"})
+
+    return asset
 
 
 def _page_assets() -> dict[str, tuple[bytes, str]]:

@@ -138,16 +138,22 @@ class ExplainResponse(BaseModel):
 class MethodCost(BaseModel):
     """What a method is expected to cost on the served model, per explained class.
 
-    ``passes`` counts model passes (a forward, plus a backward for gradient methods, of one
-    image) with the default options; ``seconds`` is ``passes`` times one Grad-CAM pass timed
-    on this service (an estimate on an idle machine: ``top_k`` classes cost ``k`` times as
-    much, concurrent requests slow it down, FGVis may stop earlier). ``last_seconds`` is
-    measured: the latest run of the method here.
+    ``passes`` counts model passes of one image with the default options, of the kind
+    ``pass_kind``; ``seconds`` is ``passes`` times one such pass timed on this service (an
+    estimate for an idle machine: ``top_k`` classes cost ``k`` times as much, concurrent
+    requests slow it down, FGVis may stop earlier). ``last_seconds`` is measured: the latest
+    run of the method here.
     """
 
     passes: float | None = Field(
         description="Model passes per class with the default options (FGVis: at most); null "
         "when unknown."
+    )
+    pass_kind: str = Field(
+        default="layer",
+        description='"layer" (a Grad-CAM call: forward, and backward from the layer), '
+        '"input" (a saliency call: forward and full backward to the input) or "forward" (a '
+        "forward without gradients).",
     )
     work_option: str | None = Field(
         description="The option the number of passes equals (max_iterations, steps, samples, "
@@ -162,7 +168,7 @@ class MethodCost(BaseModel):
         description="Estimated seconds per class on this service: passes × seconds_per_pass."
     )
     seconds_per_pass: float | None = Field(
-        description="One Grad-CAM call on the served model, timed once by this service."
+        description="One pass of that kind on the served model, timed once by this service."
     )
     last_seconds: float | None = Field(
         description="Seconds per class of the latest run of this method on this service "

@@ -200,7 +200,9 @@ function costText(name) {
     long += "; its last run here took " + seconds(cost.last_seconds) + " per class, so ≈ " +
       seconds(s) + " per class now";
   } else if (cost.seconds_per_pass !== null) {
-    long += "; one Grad-CAM pass took " + seconds(cost.seconds_per_pass) +
+    const kinds = { layer: "Grad-CAM", input: "saliency", forward: "plain forward" };
+    long += "; one " + (kinds[cost.pass_kind] || cost.pass_kind) + " pass took " +
+      seconds(cost.seconds_per_pass) +
       " on this server, so ≈ " + seconds(s) + " per class on an idle server (a rough estimate)";
   }
   return { short, long };
