@@ -700,7 +700,7 @@ def create_app(
         try:
             calibration = await asyncio.to_thread(service.calibration.measure)
         except (RuntimeError, ValueError, TypeError) as err:  # estimates stay null
-            logger.warning("could not time a Grad-CAM pass on the model: %s", err)
+            logger.warning("could not time the passes of the model (no cost estimates): %s", err)
             calibration = None
         infos = []
         for name in method_names():
