@@ -234,7 +234,15 @@ def test_models_labels_health(client, lite0):
 def test_openapi_documents_the_endpoints(client):
     schema = client.get("/openapi.json").json()
     paths = schema["paths"]
-    for path in ("/api/explain", "/api/methods", "/api/models", "/api/labels", "/health"):
+    for path in (
+        "/api/explain",
+        "/api/methods",
+        "/api/models",
+        "/api/labels",
+        "/health",
+        "/api/progress/{request_id}",
+        "/api/cancel/{request_id}",
+    ):
         assert path in paths
     explain = paths["/api/explain"]["post"]
     ok = explain["responses"]["200"]["content"]["application/json"]["schema"]
@@ -244,7 +252,7 @@ def test_openapi_documents_the_endpoints(client):
         assert error["$ref"].endswith("/ErrorResponse")
     body_ref = explain["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
     form = schema["components"]["schemas"][body_ref.rsplit("/", 1)[1]]["properties"]
-    assert {"file", "method", "target", "top_k", "options"} <= set(form)
+    assert {"file", "method", "target", "top_k", "options", "request_id"} <= set(form)
     prediction = schema["components"]["schemas"]["Prediction"]["properties"]
     assert set(prediction) == {"class", "label", "probability"}
 
@@ -254,7 +262,180 @@ def test_page_is_served(client):
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
     assert 'role="alert"' in response.text
-    assert "/api/explain" in response.text
+    assert "/api/explain" in client.get("/page.js").text
+
+
+def test_page_assets_and_a_strict_policy(client):
+    kinds = {
+        "/page.js": "text/javascript",
+        "/page.css": "text/css",
+        "/favicon.svg": "image/svg+xml",
+        "/favicon.ico": "image/svg+xml",
+    }
+    for path, kind in kinds.items():
+        response = client.get(path)
+        assert response.status_code == 200, path
+        assert response.headers["content-type"].startswith(kind)
+        assert response.content
+    page = client.get("/")
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self';" in policy
+    assert "style-src 'self';" in policy
+    assert "unsafe" not in policy
+    # the page holds no inline script or style the policy would block
+    assert "<script>" not in page.text
+    assert "<style" not in page.text
+    assert "style=" not in page.text
+    for asset in ("/page.js", "/page.css", "/favicon.svg"):
+        assert f'"{asset}"' in page.text
+
+
+# --------------------------------------------------------------------------- progress, cancel
+
+
+def wait_for(condition, seconds: float = 30.0, what: str = "the condition"):
+    deadline = time.monotonic() + seconds
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_progress_of_a_finished_request(client, chelsea_png):
+    assert client.get("/api/progress/notyetsent").json()["state"] == "unknown"
+    response = post(client, chelsea_png, method="gradcam,hirescam", request_id="finished-1")
+    assert response.status_code == 200, response.text
+    state = client.get("/api/progress/finished-1").json()
+    assert state["state"] == "done"
+    assert state["methods"] == ["gradcam", "hirescam"]
+    assert state["method_index"] == 2
+    assert state["method"] is None
+    assert state["fraction"] == 1.0
+    assert 0 < state["elapsed"] < 60
+    failed = post(client, b"not an image", request_id="failed-01")
+    assert failed.status_code == 415
+    assert client.get("/api/progress/failed-01").json()["state"] == "failed"
+
+
+@pytest.mark.parametrize("bad", ["short", "x" * 65, "has space", "semi;colon"])
+def test_bad_request_ids(client, chelsea_png, bad):
+    assert_error(post(client, chelsea_png, request_id=bad), 400, "request_id")
+    if "/" not in bad and " " not in bad:
+        assert_error(client.get(f"/api/progress/{bad}"), 400, "request_id")
+        assert_error(client.post(f"/api/cancel/{bad}"), 400, "request_id")
+
+
+def test_cancel_stops_the_work_on_the_server(client, chelsea_png):
+    """A Score-CAM over all channels reports its progress; a cancel stops it within a chunk,
+    the request is answered 499 and the service is idle again."""
+    options = json.dumps({"internal_batch_size": 8})  # a checkpoint every 8 channels
+    answer: dict = {}
+
+    def slow():
+        answer["response"] = post(
+            client, chelsea_png, method="scorecam", options=options, request_id="slow-cam-1"
+        )
+        answer["at"] = time.monotonic()
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+
+    def running():
+        state = client.get("/api/progress/slow-cam-1").json()
+        step = state["step"]
+        return state if step is not None and step["done"] >= 16 else None
+
+    state = wait_for(running, what="Score-CAM progress")
+    assert state["state"] == "running"
+    assert state["method"] == "scorecam"
+    assert state["step"]["desc"] == "scorecam"
+    assert 0 < state["fraction"] < 1
+    # the id is taken while the request is in flight
+    assert_error(post(client, chelsea_png, request_id="slow-cam-1"), 409, "in use")
+    cancelled_at = time.monotonic()
+    assert client.post("/api/cancel/slow-cam-1").status_code == 200
+    thread.join(60)
+    assert_error(answer["response"], 499, "cancelled")
+    assert answer["at"] - cancelled_at < 5.0
+    final = client.get("/api/progress/slow-cam-1").json()
+    assert final["state"] == "cancelled"
+    assert final["step"]["done"] < final["step"]["total"]
+    time.sleep(0.3)  # nothing computes any more
+    assert client.get("/api/progress/slow-cam-1").json()["step"] == final["step"]
+    wait_for(lambda: client.get("/health").json()["busy"] == 0, 5, what="an idle service")
+
+
+def test_a_cancel_that_arrives_first_applies_on_arrival(client, chelsea_png):
+    assert client.post("/api/cancel/early-bird").json()["state"] == "cancelled"
+    began = time.perf_counter()
+    response = post(client, chelsea_png, method="scorecam", request_id="early-bird")
+    assert_error(response, 499, "cancelled")
+    assert time.perf_counter() - began < 5.0
+    state = client.get("/api/progress/early-bird").json()
+    assert state["state"] == "cancelled"
+    assert state["method_index"] == 0
+    assert state["step"] is None  # no channel was computed
+
+
+def test_progress_fraction_counts_methods_and_steps():
+    from evidencemap.server.progress import METHODS_STEP, RequestProgress
+
+    progress = RequestProgress("abcdefgh", ["gradcam", "scorecam"])
+    assert progress.snapshot()["fraction"] == 0.0
+    progress.state = "running"
+    progress.report(1, 2, METHODS_STEP)
+    assert progress.snapshot()["method"] == "scorecam"
+    progress.report(64, 256, "scorecam")
+    state = progress.snapshot()
+    assert state["fraction"] == pytest.approx((1 + 64 / 256) / 2)
+    assert state["step"] == {"desc": "scorecam", "done": 64, "total": 256}
+    progress.report(2, 2, METHODS_STEP)
+    assert progress.snapshot()["step"] is None
+
+
+def test_methods_report_their_expected_cost(lite0, chelsea_png):
+    fresh = TestClient(create_app(model=lite0))
+    costs = {m["name"]: m["cost"] for m in fresh.get("/api/methods").json()}
+    expected = {  # passes with the default options, and their kind
+        "gradcam": (1, "layer"),
+        "guided_gradcam": (2, "input"),
+        "saliency": (1, "input"),
+        "fgvis": (300, "input"),
+        "integrated_gradients": (50, "input"),
+        "smoothgrad": (25, "input"),  # 25 noisy copies of saliency
+        "scorecam": (1280, "forward"),  # all channels of Lite0's _head_act (top_k=None)
+    }
+    per_pass = {}
+    for name, (passes, kind) in expected.items():
+        cost = costs[name]
+        assert (cost["passes"], cost["pass_kind"]) == (passes, kind), name
+        assert 0 < cost["seconds_per_pass"] < 30
+        per_pass.setdefault(kind, cost["seconds_per_pass"])
+        assert cost["seconds_per_pass"] == per_pass[kind]  # one timing per kind
+        assert cost["seconds"] == pytest.approx(passes * cost["seconds_per_pass"])
+        assert cost["last_seconds"] is None
+    assert costs["fgvis"]["at_most"]
+    assert costs["scorecam"]["at_most"]
+    assert not costs["gradcam"]["at_most"]
+    assert costs["scorecam"]["work_option"] == "top_k"
+    assert costs["gradcam"]["work_option"] is None
+
+    response = post(
+        fresh,
+        chelsea_png,
+        method="gradcam,smoothgrad",
+        top_k="2",
+        options=json.dumps({"smoothgrad": {"samples": 3}}),
+    )
+    assert response.status_code == 200, response.text
+    took = {r["method"]: r["seconds"] for r in response.json()["explanations"]}
+    after = {m["name"]: m["cost"] for m in fresh.get("/api/methods").json()}
+    assert after["gradcam"]["last_seconds"] == pytest.approx(took["gradcam"] / 2)
+    assert after["smoothgrad"]["last_seconds"] == pytest.approx(took["smoothgrad"] / 2)
+    assert after["smoothgrad"]["last_work"] == 3
+    assert after["scorecam"]["last_seconds"] is None
 
 
 # --------------------------------------------------------------------------- errors

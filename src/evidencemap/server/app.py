@@ -6,7 +6,11 @@ Endpoints (every error is ``{"error": message}`` with a 4xx status, never a stac
   names), ``target`` (class index) or ``top_k``, ``options`` (JSON object) →
   :class:`~evidencemap.server.schemas.ExplainResponse`.
 * ``GET /api/methods``, ``GET /api/models``, ``GET /api/labels``, ``GET /health``, ``GET /`` (the
-  page), and FastAPI's ``/openapi.json`` and ``/docs``.
+  page, with ``/page.js``, ``/page.css`` and ``/favicon.svg``), and FastAPI's ``/openapi.json``
+  and ``/docs``.
+* ``GET /api/progress/{request_id}`` and ``POST /api/cancel/{request_id}``: the progress of a
+  request sent with that ``request_id`` form field, and stopping it
+  (:mod:`evidencemap.server.progress`).
 
 The model is any :class:`~evidencemap.models.LoadedModel` of an image model: a built-in name or a
 user model (TorchScript or pickled file, ``package.module:factory``, …; see
@@ -46,7 +50,7 @@ import numpy as np
 import torch
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor, nn
@@ -61,6 +65,13 @@ from evidencemap.methods import build, describe, get_method, method_names
 from evidencemap.methods.base import Method
 from evidencemap.methods.registry import check_options
 from evidencemap.models.loading import LoadedModel, check_method_supports
+from evidencemap.server.costs import Calibration, CostBook
+from evidencemap.server.progress import (
+    METHODS_STEP,
+    ProgressBoard,
+    RequestProgress,
+    check_request_id,
+)
 from evidencemap.server.schemas import (
     ArrayData,
     ErrorResponse,
@@ -68,9 +79,11 @@ from evidencemap.server.schemas import (
     ExplanationResult,
     Health,
     ImageInfo,
+    MethodCost,
     MethodInfo,
     ModelInfo,
     Prediction,
+    ProgressInfo,
 )
 from evidencemap.targets import select_output
 
@@ -105,7 +118,7 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
-    "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; "
+    "style-src 'self'; script-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
 }
 """Headers of every answer (the interactive API docs at /docs keep their own scripts)."""
@@ -269,6 +282,8 @@ class _Service:
     memory_budget: int | None = DEFAULT_MEMORY_BUDGET
     time_limit: float | None = DEFAULT_TIME_LIMIT
     shutdown: threading.Event = field(default_factory=threading.Event)
+    board: ProgressBoard = field(default_factory=ProgressBoard)
+    costs: CostBook = field(default_factory=CostBook)
     cheap_running: int = 0
     cheap_done: threading.Condition = field(default_factory=threading.Condition)
 
@@ -309,6 +324,8 @@ class _Service:
                 f"model {self.model.name!r} takes volumes; the service explains photos"
             )
         self.preprocess = self.model.preprocess
+        grey = Image.new("RGB", (self.preprocess.size,) * 2, (128, 128, 128))
+        self.calibration = Calibration(self.model, self.preprocess(grey).unsqueeze(0))
 
     def label(self, index: int) -> str:
         return self.model.label(index)
@@ -421,9 +438,9 @@ class _Service:
         shown, crop = self._display(image)
         batch = x.expand(len(chosen), *x.shape[1:])
         results: list[ExplanationResult] = []
-        for instance in instances:
+        for done, instance in enumerate(instances):
             began = time.perf_counter()
-            runtime.checkpoint()
+            runtime.checkpoint(done, len(instances), METHODS_STEP)
             try:
                 explanation = instance(batch, chosen)
             except runtime.BudgetExceededError:
@@ -431,6 +448,7 @@ class _Service:
             except ValueError as err:  # e.g. a layer option naming a non-spatial layer
                 raise ApiError(422, f"method {instance.name!r}: {err}") from None
             seconds = time.perf_counter() - began
+            self.costs.record(instance.name, seconds, len(chosen), explanation.options)
             raws = explanation.raw if isinstance(explanation.raw, list) else [explanation.raw]
             coloured = viz.for_display(explanation.maps, explanation.raw).detach().cpu()
             for i, index in enumerate(chosen):
@@ -589,6 +607,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         415: "The file is not a PNG, JPEG, TIFF, BMP or WebP image.",
         422: "A method option is unknown, has a bad value or is over the service's cap, or "
         "the request needs more than the service's time limit.",
+        409: "The request_id is already used by a request in flight.",
         503: "Too many requests waiting, or the service is shutting down.",
     }.items()
 }
@@ -697,6 +716,7 @@ def create_app(
     )
     pending = 0
     page = resources.files("evidencemap.server").joinpath("static/index.html").read_text("utf-8")
+    assets = _page_assets()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -749,6 +769,9 @@ def create_app(
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
+    for path, (body, kind) in assets.items():
+        app.get(path, include_in_schema=False)(_asset(body, kind))
+
     @app.get("/health", response_model=Health, tags=["service"])
     async def health() -> Health:
         """Liveness: answers at once, also while explanations run."""
@@ -763,6 +786,11 @@ def create_app(
     @app.get("/api/methods", response_model=list[MethodInfo], tags=["explain"])
     async def list_methods() -> list[MethodInfo]:
         """Every method name (for ``method``), its aliases and its options with defaults."""
+        try:
+            calibration = await asyncio.to_thread(service.calibration.measure)
+        except (RuntimeError, ValueError, TypeError) as err:  # estimates stay null
+            logger.warning("could not time the passes of the model (no cost estimates): %s", err)
+            calibration = None
         infos = []
         for name in method_names():
             spec = describe(name)
@@ -778,6 +806,7 @@ def create_app(
                         {**o.describe(), "cap": caps_in_force.get(n)}
                         for n, o in spec.options.items()
                     ],
+                    cost=MethodCost(**service.costs.cost(spec.name, calibration)),
                 )
             )
         return infos
@@ -818,6 +847,14 @@ def create_app(
                 'method, e.g. {"scorecam": {"top_k": 64}}.'
             ),
         ] = None,
+        request_id: Annotated[
+            str | None,
+            Form(
+                description="An id of your choice (8–64 letters, digits, - or _) to follow the "
+                "request at GET /api/progress/{request_id} and stop it with POST "
+                "/api/cancel/{request_id}."
+            ),
+        ] = None,
     ) -> ExplainResponse:
         """Explain the model's decision on an uploaded photo with one or more methods."""
         nonlocal pending
@@ -833,6 +870,11 @@ def create_app(
         if chosen is not None and k is not None:
             raise ApiError(400, "give either target or top_k, not both")
         parsed = _parse_options(options, classes)
+        if request_id is not None:
+            try:
+                request_id = check_request_id(request_id)
+            except ValueError as err:
+                raise ApiError(400, str(err)) from None
         for cls in classes:  # refused here, without a worker, before the image is decoded
             _check_options(cls, parsed[cls.name], service.caps_for(cls))
         data = await file.read(max_upload_bytes + 1)
@@ -842,10 +884,13 @@ def create_app(
             raise ApiError(413, f"the uploaded file exceeds the limit of {max_upload_bytes} bytes")
         if pending >= max_pending:
             raise ApiError(503, f"server busy: {pending} explanations in progress; retry later")
-        pending += 1
         cancel = threading.Event()
+        progress = _register(service.board, request_id, classes, cancel)
+        pending += 1
         try:
             job = partial(service.explain, data, classes, chosen, k, parsed, cancel)
+            if progress is not None:
+                job = partial(progress.run, job)
             lane = costly_executor if any(is_costly(c) for c in classes) else executor
             future = asyncio.get_running_loop().run_in_executor(lane, job)
             while True:  # a client that goes away cancels its work
@@ -856,5 +901,77 @@ def create_app(
                     cancel.set()
         finally:
             pending -= 1
+            service.board.release(progress)
+
+    @app.get(
+        "/api/progress/{request_id}",
+        response_model=ProgressInfo,
+        responses={400: _ERRORS[400]},
+        tags=["explain"],
+    )
+    async def request_progress(request_id: str) -> ProgressInfo:
+        """The state of the explanation request sent with this ``request_id``: queued,
+        running (which method, which step), done, failed or cancelled; ``"unknown"`` before
+        it arrives and a while after it finished."""
+        return ProgressInfo(**service.board.get(_request_id(request_id)))
+
+    @app.post(
+        "/api/cancel/{request_id}",
+        response_model=ProgressInfo,
+        responses={400: _ERRORS[400], 403: _ERRORS[403]},
+        tags=["explain"],
+    )
+    async def cancel_request(request_id: str) -> ProgressInfo:
+        """Stop the explanation request sent with this ``request_id`` at its method's next
+        step (the request itself is then answered 499); an id that has not arrived yet is
+        cancelled when it does."""
+        return ProgressInfo(**service.board.cancel(_request_id(request_id)))
 
     return app
+
+
+def _request_id(value: str) -> str:
+    try:
+        return check_request_id(value)
+    except ValueError as err:
+        raise ApiError(400, str(err)) from None
+
+
+def _register(
+    board: ProgressBoard,
+    request_id: str | None,
+    classes: list[type[Method]],
+    cancel: threading.Event,
+) -> RequestProgress | None:
+    """Track the request on ``board`` when it has an id (409 when that id is in flight)."""
+    if request_id is None:
+        return None
+    try:
+        return board.register(request_id, [cls.name for cls in classes], cancel)
+    except KeyError:
+        raise ApiError(409, f"request_id {request_id!r} is already in use") from None
+
+
+_ASSETS = {
+    "/page.js": ("page.js", "text/javascript; charset=utf-8"),
+    "/page.css": ("page.css", "text/css; charset=utf-8"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+    "/favicon.ico": ("favicon.svg", "image/svg+xml"),
+}
+
+
+def _asset(body: bytes, kind: str) -> Callable[[], Awaitable[Response]]:
+    """The handler of one of the page's files."""
+
+    async def asset() -> Response:
+        return Response(body, media_type=kind, headers={"Cache-Control": "no-cache"})
+
+    return asset
+
+
+def _page_assets() -> dict[str, tuple[bytes, str]]:
+    """The page's script, style sheet and icon: URL path → (bytes, media type)."""
+    static = resources.files("evidencemap.server").joinpath("static")
+    return {
+        path: (static.joinpath(name).read_bytes(), kind) for path, (name, kind) in _ASSETS.items()
+    }

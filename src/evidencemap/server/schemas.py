@@ -13,9 +13,12 @@ __all__ = [
     "ExplanationResult",
     "Health",
     "ImageInfo",
+    "MethodCost",
     "MethodInfo",
     "ModelInfo",
     "Prediction",
+    "ProgressInfo",
+    "ProgressStep",
 ]
 
 
@@ -132,6 +135,50 @@ class ExplainResponse(BaseModel):
     )
 
 
+class MethodCost(BaseModel):
+    """What a method is expected to cost on the served model, per explained class.
+
+    ``passes`` counts model passes of one image with the default options, of the kind
+    ``pass_kind``; ``seconds`` is ``passes`` times one such pass timed on this service (an
+    estimate for an idle machine: ``top_k`` classes cost ``k`` times as much, concurrent
+    requests slow it down, FGVis may stop earlier). ``last_seconds`` is measured: the latest
+    run of the method here.
+    """
+
+    passes: float | None = Field(
+        description="Model passes per class with the default options (FGVis: at most); null "
+        "when unknown."
+    )
+    pass_kind: str = Field(
+        default="layer",
+        description='"layer" (a Grad-CAM call: forward, and backward from the layer), '
+        '"input" (a saliency call: forward and full backward to the input) or "forward" (a '
+        "forward without gradients).",
+    )
+    work_option: str | None = Field(
+        description="The option the number of passes equals (max_iterations, steps, samples, "
+        "top_k); null for single-pass methods."
+    )
+    at_most: bool = Field(
+        default=False,
+        description="passes is an upper bound (FGVis stops early, Score-CAM skips constant "
+        "channels).",
+    )
+    seconds: float | None = Field(
+        description="Estimated seconds per class on this service: passes × seconds_per_pass."
+    )
+    seconds_per_pass: float | None = Field(
+        description="One pass of that kind on the served model, timed once by this service."
+    )
+    last_seconds: float | None = Field(
+        description="Seconds per class of the latest run of this method on this service "
+        "(any options); null before the first."
+    )
+    last_work: Any = Field(
+        default=None, description="The work option's value in that run (null: its default)."
+    )
+
+
 class MethodInfo(BaseModel):
     """A method the service can run."""
 
@@ -147,6 +194,9 @@ class MethodInfo(BaseModel):
         description="Each option described: name, kind, default, doc, expected, choices, "
         "low/high, nullable, cost ('work': time grows with it, 'chunk': memory) and cap "
         "(the largest value this service accepts; null: no cap).",
+    )
+    cost: MethodCost | None = Field(
+        default=None, description="Its expected cost per class on the served model."
     )
 
 
@@ -166,3 +216,27 @@ class Health(BaseModel):
     version: str
     workers: int = Field(description="Explanation threads.")
     busy: int = Field(description="Explanation requests being computed or waiting now.")
+
+
+class ProgressStep(BaseModel):
+    """The running method's own step (FGVis iterations, Score-CAM channels …)."""
+
+    desc: str = Field(description="The step's name (usually the method's).")
+    done: int = Field(description="Units done.")
+    total: int = Field(description="Units in all.")
+
+
+class ProgressInfo(BaseModel):
+    """The state of one explanation request (``GET /api/progress/{request_id}``)."""
+
+    request_id: str
+    state: str = Field(
+        description='"unknown" (not seen, or forgotten), "queued" (waiting for a worker), '
+        '"running", "done", "failed" or "cancelled".'
+    )
+    elapsed: float = Field(description="Seconds since the service registered the request.")
+    methods: list[str] = Field(description="The request's methods, in order.")
+    method_index: int = Field(description="How many of them have finished.")
+    method: str | None = Field(description="The method running now; null when none.")
+    step: ProgressStep | None = Field(description="Its step; null for single-pass methods.")
+    fraction: float = Field(description="Estimated fraction done, in [0, 1].")
