@@ -218,7 +218,8 @@ def test_page_explains_a_photo(page, lite0, tmp_path):
         page.click("#explain")
         assert page.locator("canvas.overlay").count() == 0
         assert page.is_hidden("#results")
-        page.locator("#progress-text").filter(has_text="scorecam 16 / ").wait_for(timeout=30_000)
+        # (under the service's budget the first chunk is one channel, measured; then chunks of 8)
+        page.locator("#progress-text").filter(has_text="scorecam 9 / ").wait_for(timeout=30_000)
         elapsed = float(page.inner_text("#elapsed").split()[0])
         assert elapsed > 0
         assert float(page.get_attribute("#progress", "value") or 0) > 0
@@ -229,7 +230,7 @@ def test_page_explains_a_photo(page, lite0, tmp_path):
         state = page.request.get(f"{url}/api/progress/{request_id}").json()
         assert state["state"] == "cancelled"
         assert state["step"]["desc"] == "scorecam"
-        assert 16 <= state["step"]["done"] < state["step"]["total"] <= 1280
+        assert 9 <= state["step"]["done"] < state["step"]["total"] <= 1280
         deadline = time.monotonic() + 5
         while page.request.get(f"{url}/health").json()["busy"]:
             assert time.monotonic() < deadline, "the cancelled request still computes"
