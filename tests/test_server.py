@@ -8,6 +8,7 @@ import json
 import threading
 import time
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -756,11 +757,23 @@ def test_cli_rejects_bad_values(parser, argv, capsys):
     assert "expected" in capsys.readouterr().err
 
 
-def test_cli_run_builds_the_app_and_serves_it(parser, monkeypatch):
+def record_serving(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Make ``uvicorn.Server.run`` record the app, host and port it was given instead of
+    serving; returns the record."""
     import uvicorn
 
-    calls = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.update(app=app, **kw))
+    calls: dict[str, Any] = {}
+
+    def run(server: uvicorn.Server) -> None:
+        config = server.config
+        calls.update(app=config.app, host=config.host, port=config.port)
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    return calls
+
+
+def test_cli_run_builds_the_app_and_serves_it(parser, monkeypatch):
+    calls = record_serving(monkeypatch)
     threads = torch.get_num_threads()
     args = parser.parse_args(
         [
@@ -840,8 +853,6 @@ def test_a_user_torchscript_model_is_served(tmp_path, chelsea_png):
 
 
 def test_serve_command_serves_a_python_module_model(tmp_path, chelsea_png, monkeypatch):
-    import uvicorn
-
     from cli_helpers import on_sys_path
     from evidencemap.cli import main
 
@@ -851,8 +862,7 @@ def test_serve_command_serves_a_python_module_model(tmp_path, chelsea_png, monke
         "    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(),\n"
         "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 2))\n"
     )
-    served = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    served = record_serving(monkeypatch)
     with on_sys_path(tmp_path):
         status = main(
             ["serve", "--model", "user_vision:build", "--input-size", "48", "--port", "8123"]
