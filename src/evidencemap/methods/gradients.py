@@ -454,8 +454,8 @@ class IntegratedGradients(InputMethod):
             base_scores = resolved.score(self.forward(base))
         score = _slice_scores(resolved, n)
         # whole copies of the batch per chunk: ≤ internal_batch_size inputs, ≤ the memory budget
-        # (the path inputs, their gradients and what the backward pass holds, estimated before
-        # any work; under a budget the first copy is measured as well)
+        # (the path inputs, their gradients and what the backward pass saves, counted before any
+        # work by one forward pass under a budget; the first copy's peak is measured as well)
         per_copy = copy_bytes(self, x, self.memory_budget)
         shape = (-1, *([1] * x.ndim))
         diff = x - base
@@ -652,8 +652,9 @@ class SmoothGrad(Method):
         span = x.flatten(1).amax(1) - x.flatten(1).amin(1)
         noise_sigma = self.sigma * span
         # a chunk: k whole copies of the batch (the noise, the noisy inputs and what the wrapped
-        # method's backward pass holds, estimated before any work; under a budget the first copy
-        # is measured as well), ≤ internal_batch_size inputs, ≤ the memory budget
+        # method's backward pass saves, counted before any work by one forward pass under a
+        # budget; the first copy's peak is measured as well), ≤ internal_batch_size inputs,
+        # ≤ the memory budget
         backward = getattr(self.method, "needs_gradients", True)
         per_copy = copy_bytes(self, x, self.memory_budget, backward)
         draws = smoothgrad_noise(x, self.samples, noise_sigma, self.seed, 1)
@@ -678,7 +679,12 @@ class SmoothGrad(Method):
 
         requested = max(1, self.internal_batch_size // n)
         runtime.run_chunked(
-            self.samples, per_copy, requested, step, "noisy batches", self.memory_budget
+            self.samples,
+            per_copy,
+            requested,
+            step,
+            "noisy batches",
+            self.memory_budget,
         )
         mean = (
             [t / self.samples for t in total] if isinstance(total, list) else total / self.samples
