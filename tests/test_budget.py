@@ -16,8 +16,6 @@ S = (6, 5, 4)  # a small volume, 120 voxels
 BUDGET_COPIES = 8  # the hand count of 8 copies: the inputs of all 8 fit 8 times over
 
 
-
-
 class WideConv3d(nn.Module):
     """Conv3d 1→16 at full resolution, ReLU, global mean, linear: the saved ReLU output is 16
     times the input, so the activations, not the inputs, decide a chunk's memory."""
