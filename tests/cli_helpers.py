@@ -56,6 +56,18 @@ TINY3D_SOURCE = textwrap.dedent(
 )
 
 
+def write_photos(folder: Path) -> Path:
+    """chelsea and coffee as JPEG (quality 90, like examples/), rocket as PNG in a subfolder."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    Image.fromarray(skdata.chelsea()).save(folder / "a_chelsea.jpg", quality=90)
+    Image.fromarray(skdata.coffee()).save(folder / "b_coffee.jpg", quality=90)
+    (folder / "sub").mkdir()
+    Image.fromarray(skdata.rocket()).save(folder / "sub" / "rocket.png")
+    return folder
+
+
 def write_tiny3d_module(folder: Path, name: str = "tiny3d_models") -> str:
     """Write the Tiny3D module into ``folder`` (which the caller puts on ``sys.path``)."""
     (folder / f"{name}.py").write_text(TINY3D_SOURCE)

@@ -21,6 +21,7 @@ from cli_helpers import (
     blob_volume,
     on_sys_path,
     registered_input_method,
+    write_photos,
     write_tiny3d_module,
 )
 from evidencemap import io
@@ -39,12 +40,7 @@ ESPRESSO, MISSILE = 967, 657
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     """chelsea and coffee as JPEG (quality 90, like examples/), rocket as PNG in a subfolder."""
-    folder = tmp_path_factory.mktemp("photos")
-    Image.fromarray(skdata.chelsea()).save(folder / "a_chelsea.jpg", quality=90)
-    Image.fromarray(skdata.coffee()).save(folder / "b_coffee.jpg", quality=90)
-    (folder / "sub").mkdir()
-    Image.fromarray(skdata.rocket()).save(folder / "sub" / "rocket.png")
-    return folder
+    return write_photos(tmp_path_factory.mktemp("photos"))
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from skimage import data as skdata
 
+from cli_helpers import write_photos
 from evidencemap import methods as method_names
 from evidencemap.cli import main
 from evidencemap.distributed import RAY_MISSING, BatchSpec, Explainer, plan_pool
@@ -87,11 +86,7 @@ def ray_cluster() -> Iterator[object]:
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     """Three real photos (one in a subfolder), a text file and a truncated JPEG."""
-    folder = tmp_path_factory.mktemp("photos")
-    Image.fromarray(skdata.chelsea()).save(folder / "a_chelsea.jpg", quality=90)
-    Image.fromarray(skdata.coffee()).save(folder / "b_coffee.jpg", quality=90)
-    (folder / "sub").mkdir()
-    Image.fromarray(skdata.rocket()).save(folder / "sub" / "rocket.png")
+    folder = write_photos(tmp_path_factory.mktemp("photos"))
     (folder / "c_text.jpg").write_text("not an image at all")
     (folder / "d_truncated.jpg").write_bytes((folder / "a_chelsea.jpg").read_bytes()[:2000])
     return folder
