@@ -61,6 +61,7 @@ HOSTILE = [
 FGVIS = {"method": "fgvis", "options": json.dumps({"max_iterations": 60, "patience": 60})}
 UNLOADED = 30
 MAX_FGVIS, MAX_HOSTILE = 50, 2000  # per client: the bounds of the background loops
+FGVIS_GRACE = 300.0  # seconds the open FGVis requests may take to finish after the load
 
 
 def photo_png() -> bytes:
@@ -85,7 +86,8 @@ def _count(codes: dict[str, int], status: int) -> None:
 async def background(
     url: str, photo: bytes, n_fgvis: int, n_hostile: int, stop: Any
 ) -> dict[str, Any]:
-    """The FGVis and hostile clients, until ``stop`` is set (each loop has a bounded count)."""
+    """The FGVis and hostile clients until ``stop`` is set (each loop has a bounded count); then
+    the hostile clients stop at once and each FGVis client finishes the request it has open."""
     files = {"file": ("c.png", photo, "image/png")}
     codes: dict[str, dict[str, int]] = {"fgvis": {}, "hostile": {}}
     latency: dict[str, list[float]] = {"fgvis": [], "hostile": []}
@@ -99,7 +101,7 @@ async def background(
                 began = time.time()
                 try:
                     response = await client.post("/api/explain", files=files, data=FGVIS)
-                finally:  # a request dropped at the end still computed until then
+                finally:
                     fgvis_spans.append((began, time.time()))
                 latency["fgvis"].append(time.time() - began)
                 _count(codes["fgvis"], response.status_code)
@@ -116,13 +118,14 @@ async def background(
                 latency["hostile"].append(time.perf_counter() - began)
                 _count(codes["hostile"], response.status_code)
 
-        clients = [fgvis() for _ in range(n_fgvis)] + [hostile(i) for i in range(n_hostile)]
-        tasks = [asyncio.create_task(c) for c in clients]
+        tasks = [asyncio.create_task(fgvis()) for _ in range(n_fgvis)]
+        tasks += [asyncio.create_task(hostile(i)) for i in range(n_hostile)]
         while not stop.is_set() and not all(t.done() for t in tasks):
             await asyncio.sleep(0.1)
-        for task in tasks:  # requests still open are dropped: the server cancels their work
+        for task in tasks[n_fgvis:]:  # a hostile request still open is dropped
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # the open FGVis requests finish (the service's time limit bounds them)
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), FGVIS_GRACE)
     return {"codes": codes, "latency": latency, "fgvis_spans": fgvis_spans}
 
 
@@ -177,10 +180,20 @@ async def measured(
     }
 
 
-def one_run(n_gradcam: int, n_fgvis: int = 2, n_hostile: int = 4) -> dict[str, Any]:
+CONFIGS = {
+    "defaults": (),
+    "costly lane not niced": ("--costly-niceness", "0"),
+    "no refusal throttle": ("--refusal-delay", "0"),
+}
+"""Server configurations: the defaults, and each of two defences switched off (``--ablation``)."""
+
+
+def one_run(
+    n_gradcam: int, n_fgvis: int = 2, n_hostile: int = 4, server_args: tuple[str, ...] = ()
+) -> dict[str, Any]:
     process, url = start_server(
         WORKERS, THREADS, "--costly-workers", str(COSTLY_WORKERS), "--memory-budget-mb",
-        str(BUDGET_MB),
+        str(BUDGET_MB), *server_args,
     )  # fmt: skip
     context = multiprocessing.get_context("spawn")
     stop, out = context.Event(), context.Queue()
@@ -191,7 +204,7 @@ def one_run(n_gradcam: int, n_fgvis: int = 2, n_hostile: int = 4) -> dict[str, A
     try:
         front = asyncio.run(measured(url, photo, n_gradcam, n_fgvis, process.pid, load.start))
         stop.set()
-        back = out.get(timeout=900)
+        back = out.get(timeout=FGVIS_GRACE + 60)
         load.join(60)
         peak = memory_mb(process.pid, "VmHWM")
     finally:
@@ -221,37 +234,54 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gradcam", type=int, default=80, help="Grad-CAM requests under load")
     parser.add_argument("--repeat", type=int, default=2, help="runs, each with a fresh server")
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also run once with each defence off (costly lane not niced; no refusal throttle)",
+    )
     parser.add_argument("--fgvis-clients", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--hostile-clients", type=int, default=4, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    plan = [("defaults", CONFIGS["defaults"])] * args.repeat
+    if args.ablation:
+        plan += [(name, extra) for name, extra in CONFIGS.items() if name != "defaults"]
     loads = [os.getloadavg()[0]]
     runs = []
-    for _ in range(args.repeat):
-        runs.append(one_run(args.gradcam, args.fgvis_clients, args.hostile_clients))
+    for name, extra in plan:
+        result = one_run(args.gradcam, args.fgvis_clients, args.hostile_clients, extra)
+        runs.append({**result, "config": name, "args": " ".join(extra)})
         loads.append(os.getloadavg()[0])
+    command = f"python benchmarks/serve_hostile.py --gradcam {args.gradcam} --repeat {args.repeat}"
+    command += " --ablation" if args.ablation else ""
     lines = [
         "# Hostile load on the web service",
         "",
-        f"`python benchmarks/serve_hostile.py --gradcam {args.gradcam} --repeat {args.repeat}` — "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-        f"{torch.__version__}. Server: `serve --workers {WORKERS} --costly-workers "
+        f"`{command}` — {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}. Server: `serve --workers {WORKERS} --costly-workers "
         f"{COSTLY_WORKERS} --torch-threads {THREADS} --memory-budget-mb {BUDGET_MB}`, default "
-        "caps. 8 clients over loopback: 2 post FGVis (max_iterations=60, the costly lane), 4 post "
-        "hostile requests (options over the caps, an unknown option, a cross-origin POST), 2 post "
-        f"Grad-CAM ({args.gradcam} requests in all, started once both FGVis requests compute). "
-        f"Each run has a fresh server. System load average (1 min) at the start and after each "
-        f"run: {', '.join(f'{v:.1f}' for v in loads)} (other processes share the machine's "
-        "cores, so the numbers are noisy).",
+        "caps (runs of the ablation add the flag in the *config* column). 8 clients over "
+        "loopback: 2 post FGVis (max_iterations=60, the costly lane), 4 post hostile requests "
+        "(options over the caps, an unknown option, a cross-origin POST), 2 post Grad-CAM "
+        f"({args.gradcam} requests in all, started once both FGVis requests compute); once they "
+        "are answered the hostile clients stop and each FGVis client waits for the request it "
+        "has open. Each run has a fresh server; the load generator runs on the same cores. "
+        "System load average (1 min) at the start and after each run: "
+        f"{', '.join(f'{v:.1f}' for v in loads)} (other processes share the machine's cores, so "
+        "the numbers are noisy).",
         "",
-        "| run | kind | count | status codes |",
-        "|---:|---|---:|---|",
+        "| run | config | kind | count | status codes |",
+        "|---:|---|---|---:|---|",
     ]
+
+    def config(result: dict[str, Any]) -> str:
+        return result["config"] + (f" (`{result['args']}`)" if result["args"] else "")
+
     for r, result in enumerate(runs, 1):
         for kind in ("gradcam", "fgvis", "hostile"):
             codes = result["codes"][kind]
             lines.append(
-                f"| {r} | {kind} | {sum(codes.values())} | "
+                f"| {r} | {config(result)} | {kind} | {sum(codes.values())} | "
                 + ", ".join(f"{k}: {v}" for k, v in sorted(codes.items()))
                 + " |"
             )
@@ -261,9 +291,9 @@ def main() -> None:
         f"{UNLOADED} sequential requests before the load. *Loaded*: the requests that started and "
         "ended while both FGVis requests computed (n), measured at the client.",
         "",
-        "| run | unloaded p50 | unloaded p99 | n | loaded p50 | loaded p99 | "
+        "| run | config | unloaded p50 | unloaded p99 | n | loaded p50 | loaded p99 | "
         "loaded p99 / unloaded p99 | loaded p99 / unloaded p50 | 5xx |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r, result in enumerate(runs, 1):
         u = np.array(result["unloaded"])
@@ -272,8 +302,8 @@ def main() -> None:
         l50, l99 = float(np.median(d)), float(np.percentile(d, 99))
         fives = sum(v for c in result["codes"].values() for k, v in c.items() if k.startswith("5"))
         lines.append(
-            f"| {r} | {u50:.3f} | {u99:.3f} | {len(result['during'])} | {l50:.3f} | {l99:.3f} | "
-            f"{l99 / u99:.2f} | {l99 / u50:.2f} | {fives} |"
+            f"| {r} | {config(result)} | {u50:.3f} | {u99:.3f} | {len(result['during'])} | "
+            f"{l50:.3f} | {l99:.3f} | {l99 / u99:.2f} | {l99 / u50:.2f} | {fives} |"
         )
     lines += [
         "",
@@ -286,18 +316,19 @@ def main() -> None:
         )
         + ".",
         "",
-        "| run | idle RSS MiB | peak RSS MiB | peak − idle MiB | memory budget MiB | "
-        "FGVis p50 s (answered) | hostile p50 / max s | load wall s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | config | idle RSS MiB | peak RSS MiB | peak − idle MiB | memory budget MiB | "
+        "FGVis answered, p50 s | hostile p50 / max s | Grad-CAM phase s |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r, result in enumerate(runs, 1):
-        hostile = np.array(result["latency"]["hostile"])
+        hostile = np.array(result["latency"]["hostile"] or [float("nan")])
         fg = np.array(result["latency"]["fgvis"] or [float("nan")])
         growth = result["peak_rss"] - result["idle_rss"]
         lines.append(
-            f"| {r} | {result['idle_rss']:.0f} | {result['peak_rss']:.0f} | {growth:.0f} | "
-            f"{BUDGET_MB} | {np.median(fg):.1f} ({len(result['latency']['fgvis'])} done) | {np.median(hostile):.3f} / "
-            f"{hostile.max():.3f} | {result['wall']:.0f} |"
+            f"| {r} | {config(result)} | {result['idle_rss']:.0f} | {result['peak_rss']:.0f} | "
+            f"{growth:.0f} | {BUDGET_MB} | {len(result['latency']['fgvis'])}, "
+            f"{np.median(fg):.1f} | {np.median(hostile):.3f} / {hostile.max():.3f} | "
+            f"{result['wall']:.0f} |"
         )
     lines += [
         "",
@@ -309,10 +340,13 @@ def main() -> None:
             else "went over idle + budget in a run"
         )
         + ", with four explanations computing at once. Hostile requests are refused "
-        "before the upload is decoded and without a worker, so they never reach a model. "
-        "FGVis runs in the costly lane and pauses at each iteration (at most 0.25 s) while a "
-        "cheap request computes: it takes longer under load, and Grad-CAM gets the cores "
-        "first.",
+        "before the upload is decoded and without a worker, so they never reach a model; once "
+        "the client address has had 20 refusals in 10 s, each further refusal waits 0.5 s "
+        "(`--refusal-delay`), so the hostile clients slow themselves down. FGVis runs in the "
+        "costly lane, whose threads are niced (`--costly-niceness 19`) and pause at each "
+        "iteration (at most 0.25 s) while a cheap request computes: the operating system gives "
+        "Grad-CAM the cores first, and FGVis computes on the time left over (it takes longer "
+        "under load).",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

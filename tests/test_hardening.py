@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import threading
 import time
 import warnings
@@ -243,6 +245,77 @@ def test_security_headers_on_every_answer(client, png):
         assert response.headers["x-content-type-options"] == "nosniff"
         assert response.headers["x-frame-options"] == "DENY"
         assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+
+
+def test_refusals_of_a_client_that_keeps_being_refused_are_held(lite0, png):
+    app = create_app(model=lite0, refusal_allowance=3, refusal_delay=0.4)
+    c = TestClient(app)
+    bad = {"method": "fgvis", "options": json.dumps({"max_iterations": 10**8})}
+    times = []
+    for _ in range(5):
+        began = time.perf_counter()
+        assert post(c, png, **bad).status_code == 422
+        times.append(time.perf_counter() - began)
+    assert max(times[:3]) < 0.35  # within the allowance: answered at once
+    assert min(times[3:]) >= 0.4  # over it: each refusal waits the delay
+    evil = time.perf_counter()  # a 403 from the origin guard counts and waits as well
+    assert post(c, png, headers={"Origin": "http://evil.example"}).status_code == 403
+    assert time.perf_counter() - evil >= 0.4
+    began = time.perf_counter()  # valid requests from that client are never held
+    assert post(c, png, method="gradcam").status_code == 200
+    assert c.get("/health").status_code == 200
+    assert time.perf_counter() - began < 5
+    off = TestClient(create_app(model=lite0, refusal_delay=0, refusal_allowance=1))
+    began = time.perf_counter()
+    for _ in range(4):
+        assert post(off, png, **bad).status_code == 422
+    assert time.perf_counter() - began < 1.2
+
+
+def test_refusal_throttle_counts_per_address_in_a_window():
+    from evidencemap.server.middleware import RefusalThrottle
+
+    throttle = RefusalThrottle(None, delay=0.5, allowance=2, window=10.0, max_clients=2)
+    assert [throttle.refused("a", now=t) for t in (0.0, 1.0, 2.0, 3.0)] == [0, 0, 0.5, 0.5]
+    assert throttle.refused("b", now=3.0) == 0  # another address has its own count
+    assert throttle.refused("a", now=11.5) == 0.5  # 2.0, 3.0 and 11.5 are inside the window
+    assert throttle.refused("a", now=14.0) == 0  # only 11.5 and 14.0 are
+    assert throttle.refused("a", now=30.0) == 0  # after a quiet window it starts over
+    throttle.refused("c", now=30.0)  # a third address: the least recently refused is forgotten
+    assert set(throttle._refusals) == {"a", "c"}
+    assert all(len(times) <= 3 for times in throttle._refusals.values())  # bounded memory
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
+        ({"refusal_delay": -1}, "refusal_delay"),
+        ({"refusal_delay": 100}, "refusal_delay"),
+        ({"refusal_allowance": 0}, "refusal_allowance"),
+        ({"costly_niceness": 20}, "costly_niceness"),
+        ({"costly_niceness": 1.5}, "costly_niceness"),
+    ],
+)
+def test_throttle_and_niceness_arguments_are_checked(lite0, kwargs, word):
+    with pytest.raises((TypeError, ValueError), match=word):
+        create_app(model=lite0, **kwargs)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities: Linux")
+def test_the_costly_lane_runs_at_a_lower_priority(lite0):
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    base = niceness()
+    app = create_app(model=lite0, workers=1, costly_workers=1)
+    assert app.state.costly_executor.submit(niceness).result() == min(19, base + 19)
+    assert app.state.executor.submit(niceness).result() == base
+    assert niceness() == base  # the caller's thread is untouched
+    same = create_app(model=lite0, workers=1, costly_workers=1, costly_niceness=0)
+    assert same.state.costly_executor.submit(niceness).result() == base
+    for a in (app, same):
+        a.state.executor.shutdown()
+        a.state.costly_executor.shutdown()
 
 
 def test_empty_method_field_is_a_400(client, png):

@@ -800,6 +800,31 @@ def test_cli_run_builds_the_app_and_serves_it(parser, monkeypatch):
         assert_error(post(started, b"x" * (2 * 1024 * 1024 + 1)), 413)
 
 
+def test_cli_throttle_and_niceness_flags(parser, monkeypatch, capsys):
+    from evidencemap.server.middleware import RefusalThrottle
+
+    calls = record_serving(monkeypatch)
+    argv = ["serve", "--refusal-delay", "0.2", "--refusal-allowance", "5"]
+    args = parser.parse_args([*argv, "--costly-niceness", "7", "--torch-threads", "1"])
+    threads = torch.get_num_threads()
+    try:
+        assert args.func(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (throttle,) = [m for m in calls["app"].user_middleware if m.cls is RefusalThrottle]
+    assert (throttle.kwargs["delay"], throttle.kwargs["allowance"]) == (0.2, 5)
+    assert args.costly_niceness == 7
+    assert parser.parse_args(["serve", "--refusal-delay", "0"]).refusal_delay == 0
+    for bad in (
+        ["--costly-niceness", "20"],
+        ["--refusal-delay", "-1"],
+        ["--refusal-allowance", "0"],
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", *bad])
+    assert "expected" in capsys.readouterr().err
+
+
 def test_cli_unknown_model_is_a_clear_error(parser, capsys):
     args = parser.parse_args(["serve", "--model", "resnet-9000"])
     threads = torch.get_num_threads()

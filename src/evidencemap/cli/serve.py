@@ -41,6 +41,22 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _niceness(text: str) -> int:
+    if not text.strip().isdigit() or not 0 <= int(text) <= 19:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 19, got {text!r}")
+    return int(text)
+
+
+def _delay(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 60:
+        raise argparse.ArgumentTypeError(f"expected seconds from 0 to 60, got {text!r}")
+    return value
+
+
 def register(subparsers: Any) -> None:
     """Add the ``serve`` subcommand to an ``argparse`` subparsers object (sets ``func=run``)."""
     parser = subparsers.add_parser(
@@ -63,6 +79,14 @@ def register(subparsers: Any) -> None:
         default=None,
         help="threads of the costly lane (FGVis, Score-CAM, Integrated Gradients, SmoothGrad), "
         "which pause while cheap requests compute (default: workers / 2, at least 1)",
+    )
+    parser.add_argument(
+        "--costly-niceness",
+        type=_niceness,
+        default=19,
+        metavar="N",
+        help="niceness of the costly lane's threads, 0-19 (Linux): at 19 they run on the time "
+        "cheap requests leave (19; 0: same priority)",
     )
     parser.add_argument(
         "--torch-threads",
@@ -104,6 +128,22 @@ def register(subparsers: Any) -> None:
         metavar="ORIGIN",
         help="another origin whose pages may POST, e.g. https://example.org (repeatable; "
         "default: same origin only)",
+    )
+    parser.add_argument(
+        "--refusal-delay",
+        type=_delay,
+        default=0.5,
+        metavar="SECONDS",
+        help="seconds each refused request (400, 403, 413, 415, 422) waits once its client was "
+        "refused more than --refusal-allowance times in 10 s; valid requests never wait "
+        "(0.5; 0: off)",
+    )
+    parser.add_argument(
+        "--refusal-allowance",
+        type=positive_int,
+        default=20,
+        metavar="N",
+        help="refusals per client address and 10 s answered at once (20)",
     )
     parser.add_argument(
         "--log-level",
@@ -167,6 +207,9 @@ def run(args: argparse.Namespace) -> int:
             memory_budget=int(args.memory_budget_mb * 2**20),
             time_limit=args.time_limit,
             allowed_origins=tuple(args.allow_origin or ()),
+            refusal_delay=args.refusal_delay,
+            refusal_allowance=args.refusal_allowance,
+            costly_niceness=args.costly_niceness,
         )
     except (TypeError, ValueError, CLIError) as err:
         print(f"evidencemap serve: {err}", file=sys.stderr)

@@ -28,6 +28,8 @@ import base64
 import json
 import logging
 import math
+import os
+import sys
 import threading
 import time
 from collections.abc import (
@@ -36,7 +38,6 @@ from collections.abc import (
     Callable,
     Iterator,
     Mapping,
-    MutableMapping,
     Sequence,
 )
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,7 @@ from evidencemap.methods.base import Method
 from evidencemap.methods.registry import check_options
 from evidencemap.models.loading import LoadedModel, check_method_supports
 from evidencemap.server.costs import Calibration, CostBook
+from evidencemap.server.middleware import FORM_SLACK, BodyLimit, Guard, RefusalThrottle
 from evidencemap.server.progress import (
     METHODS_STEP,
     ProgressBoard,
@@ -109,24 +111,21 @@ DEFAULT_MEMORY_BUDGET = 512 * 2**20
 """Bytes one chunk of a method's computation may take per request (512 MiB)."""
 DEFAULT_TIME_LIMIT = 120.0
 """Seconds one request may compute before it is stopped with a 422."""
+DEFAULT_REFUSAL_DELAY = 0.5
+"""Seconds a refusal waits once its client was refused too often (:class:`RefusalThrottle`)."""
+DEFAULT_REFUSAL_ALLOWANCE = 20
+"""Refusals per client address and 10 s answered without delay."""
 COSTLY_PAUSE = 0.25
 """Seconds a costly request waits at most, at each of its checkpoints (an FGVis iteration, a
 Score-CAM chunk …), while cheap requests compute: they get the cores first, and the costly
 one still advances."""
-SECURITY_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
-    "style-src 'self'; script-src 'self'; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
-}
-"""Headers of every answer (the interactive API docs at /docs keep their own scripts)."""
+DEFAULT_COSTLY_NICENESS = 19
+"""How much the costly lane's threads are niced (Linux: each thread has its own scheduling
+priority), so that the operating system gives the cores to cheap requests first and the costly
+ones the time left over."""
 TOP_PREDICTIONS = 5
 COLORMAP = "jet"
 OVERLAY_ALPHA = 0.5
-# Bytes a multipart body may carry beyond the file itself (boundaries, headers, form fields).
-_FORM_SLACK = 64 * 1024
 # Classes a target may name when the model has no labels (the output then bounds it).
 _MAX_CLASSES = 2**31
 # Option values accepted in the page's JSON: scalars and (nested) lists of them.
@@ -253,6 +252,21 @@ def is_costly(cls: type[Method]) -> bool:
 
 
 # --------------------------------------------------------------------------- results
+
+
+def lower_thread_priority(niceness: int) -> None:
+    """Raise the calling thread's niceness by ``niceness`` (where the platform has per-thread
+    priorities: Linux; elsewhere, or when refused, the thread keeps its priority)."""
+    native_id = getattr(threading, "get_native_id", None)
+    if niceness <= 0 or native_id is None or sys.platform != "linux":
+        return
+    try:
+        tid = native_id()
+        os.setpriority(
+            os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
+        )
+    except OSError as err:  # e.g. a sandbox that forbids it: the lane still pauses for cheap work
+        logger.warning("could not lower the costly lane's priority: %s", err)
 
 
 def _array(values: Tensor) -> ArrayData:
@@ -493,108 +507,6 @@ class _Service:
         )
 
 
-# --------------------------------------------------------------------------- body size limit
-
-ASGIApp = Callable[..., Awaitable[None]]
-
-
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-
-
-class _HttpMiddleware:
-    """ASGI middleware base: HTTP requests go to :meth:`http`, everything else passes."""
-
-    app: ASGIApp
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        await self.http(scope, receive, send)
-
-    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raise NotImplementedError
-
-
-class _BodyLimit(_HttpMiddleware):
-    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413.
-
-    A declared ``Content-Length`` over the limit is answered at once, unread; a body that
-    turns out longer (chunked uploads) stops being read at the limit.
-    """
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = f"the request body exceeds the upload limit of {self.limit - _FORM_SLACK} bytes"
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            response = JSONResponse({"error": message}, status_code=413)
-            await response(scope, receive, send)
-            return
-        received = 0
-
-        async def limited() -> MutableMapping[str, Any]:
-            nonlocal received
-            event = await receive()
-            if event["type"] == "http.request":
-                received += len(event.get("body", b""))
-                if received > self.limit:
-                    raise StarletteHTTPException(413, message)
-            return event
-
-        await self.app(scope, limited, send)
-
-
-class _Guard(_HttpMiddleware):
-    """ASGI middleware: refuse cross-origin writes; add the security headers to every answer.
-
-    A ``POST`` (or other non-GET request) whose ``Origin`` header is neither the service's own
-    origin (``http://`` + its ``Host`` header) nor in ``allowed_origins`` gets 403 unread, so
-    a web page elsewhere cannot drive the local service. Requests without ``Origin`` (curl,
-    scripts) pass.
-    """
-
-    def __init__(self, app: ASGIApp, allowed_origins: frozenset[str]) -> None:
-        self.app = app
-        self.allowed = allowed_origins
-
-    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = dict(scope.get("headers") or [])
-        origin = headers.get(b"origin", b"").decode("latin-1").rstrip("/")
-        if scope.get("method", "GET") not in ("GET", "HEAD", "OPTIONS") and origin:
-            host = headers.get(b"host", b"").decode("latin-1")
-            own = {f"http://{host}", f"https://{host}"}
-            if origin not in own and origin not in self.allowed:
-                response = JSONResponse(
-                    {"error": f"cross-origin request from {origin} refused"}, status_code=403
-                )
-                await response(scope, receive, self._secured(send, scope))
-                return
-        await self.app(scope, receive, self._secured(send, scope))
-
-    @staticmethod
-    def _secured(send: Send, scope: Scope) -> Send:
-        docs = str(scope.get("path", "")).startswith(("/docs", "/redoc"))
-
-        async def secured(message: MutableMapping[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                extra = [
-                    (k.lower().encode(), v.encode())
-                    for k, v in SECURITY_HEADERS.items()
-                    if not (docs and k == "Content-Security-Policy")
-                ]
-                message["headers"] = [*message.get("headers", []), *extra]
-            await send(message)
-
-        return secured
-
-
 # --------------------------------------------------------------------------- the app
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -627,6 +539,9 @@ def create_app(
     memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
     time_limit: float | None = DEFAULT_TIME_LIMIT,
     allowed_origins: Sequence[str] = (),
+    refusal_delay: float = DEFAULT_REFUSAL_DELAY,
+    refusal_allowance: int = DEFAULT_REFUSAL_ALLOWANCE,
+    costly_niceness: int = DEFAULT_COSTLY_NICENESS,
 ) -> FastAPI:
     """Build the web service for one model.
 
@@ -655,6 +570,14 @@ def create_app(
         memory_budget: bytes one chunk of a method's computation may take (``None``: no limit).
         time_limit: seconds one request may compute (``None``: no limit).
         allowed_origins: other origins (``https://host:port``) whose pages may POST.
+        refusal_delay: seconds each refusal (400, 403, 405, 413, 415, 422) waits once its client
+            address was refused more than ``refusal_allowance`` times in the last 10 s
+            (:class:`~evidencemap.server.middleware.RefusalThrottle`; ``0``: never). Valid
+            requests are never held.
+        refusal_allowance: refusals per address and 10 s answered at once.
+        costly_niceness: niceness added to the costly lane's threads (0 to 19; Linux, where
+            each thread has its own priority): with 19 the operating system runs them only on
+            the time the cheap requests leave (``0``: the same priority).
 
     Returns:
         The FastAPI application (serve it with uvicorn).
@@ -697,6 +620,17 @@ def create_app(
             raise ValueError(f"caps names an unknown option {option!r}")
     if memory_budget is not None:
         memory_budget = check_positive_int(memory_budget, "memory_budget")
+    if (
+        isinstance(refusal_delay, bool)
+        or not isinstance(refusal_delay, (int, float))
+        or not (0 <= refusal_delay <= 60)
+    ):
+        raise ValueError(f"refusal_delay must be seconds from 0 to 60, got {refusal_delay!r}")
+    refusal_allowance = check_positive_int(refusal_allowance, "refusal_allowance")
+    if isinstance(costly_niceness, bool) or not isinstance(costly_niceness, int):
+        raise TypeError(f"costly_niceness must be an int, got {type(costly_niceness).__name__}")
+    if not 0 <= costly_niceness <= 19:
+        raise ValueError(f"costly_niceness must be from 0 to 19, got {costly_niceness}")
     if time_limit is not None and not time_limit > 0:
         raise ValueError(f"time_limit must be > 0 seconds or None, got {time_limit!r}")
     service = _Service(
@@ -713,6 +647,8 @@ def create_app(
     costly_executor = ThreadPoolExecutor(
         max_workers=costly_workers,
         thread_name_prefix="evidencemap-costly",
+        initializer=lower_thread_priority,
+        initargs=(costly_niceness,),
     )
     pending = 0
     page = resources.files("evidencemap.server").joinpath("static/index.html").read_text("utf-8")
@@ -736,8 +672,11 @@ def create_app(
     app.state.service = service
     app.state.executor = executor
     app.state.costly_executor = costly_executor
-    app.add_middleware(_BodyLimit, limit=max_upload_bytes + _FORM_SLACK)
-    app.add_middleware(_Guard, allowed_origins=frozenset(o.rstrip("/") for o in allowed_origins))
+    app.add_middleware(BodyLimit, limit=max_upload_bytes + FORM_SLACK)
+    app.add_middleware(Guard, allowed_origins=frozenset(o.rstrip("/") for o in allowed_origins))
+    app.add_middleware(  # outermost: it sees the refusals of the two above as well
+        RefusalThrottle, delay=refusal_delay, allowance=refusal_allowance
+    )
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
