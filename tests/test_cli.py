@@ -448,6 +448,12 @@ def test_methods_lists_every_method_one_line_each(capsys):
     assert "[layer]" in grad
     assert "Selvaraju" in grad
     assert "``" not in grad
+    passes = {line.split()[0]: line.split("]  ", 1)[1].split("  ")[0] for line in lines}
+    assert passes["gradcam"] == "1 layer pass"  # each method's declared passes per class
+    assert passes["guided_gradcam"] == "2 input passes"
+    assert passes["fgvis"] == "≤300 input passes"
+    assert passes["scorecam"] == "≤1/channel forward passes"
+    assert passes["smoothgrad"] == "25 input passes"
 
 
 def test_models_lists_builtins_and_forms(capsys):

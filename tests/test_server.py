@@ -17,6 +17,8 @@ from PIL import Image
 from skimage import data
 
 import evidencemap as em
+from evidencemap.methods import METHODS, Option, register
+from evidencemap.methods.gradients import SmoothGrad
 from server_helpers import decode_array, decode_png, photo_bytes
 from tiny import assert_unchanged, snapshot
 
@@ -396,9 +398,32 @@ def test_progress_fraction_counts_methods_and_steps():
     assert progress.snapshot()["step"] is None
 
 
+class _SmoothGuidedGradCAM(SmoothGrad):
+    """Test-only preset, registered by its user: SmoothGrad of guided Grad-CAM, 4 copies."""
+
+    name = "test-smooth-guided-gradcam-4"
+    aliases = ()
+    OPTIONS = (
+        Option("method", "str", "guided_gradcam", "the wrapped method", other="a Method"),
+        Option("samples", "int", 4, "copies", low=1, cost="work", passes=True),
+    )
+
+    def __init__(self, model: Any, layer: Any = None, **kw: Any) -> None:
+        kw.setdefault("method", "guided_gradcam")
+        kw.setdefault("samples", 4)
+        super().__init__(model, layer, **kw)
+
+
 def test_methods_report_their_expected_cost(lite0, chelsea_png):
     fresh = TestClient(create_app(model=lite0))
-    costs = {m["name"]: m["cost"] for m in fresh.get("/api/methods").json()}
+    register(_SmoothGuidedGradCAM)
+    try:  # a user's method gets the estimate it declares: 4 copies × guided Grad-CAM's 2
+        costs = {m["name"]: m["cost"] for m in fresh.get("/api/methods").json()}
+    finally:
+        METHODS.pop(_SmoothGuidedGradCAM.name)
+    user = costs.pop(_SmoothGuidedGradCAM.name)
+    assert (user["passes"], user["pass_kind"], user["work_option"]) == (8, "input", "samples")
+    assert user["seconds"] == pytest.approx(8 * costs["saliency"]["seconds_per_pass"])
     expected = {  # passes with the default options, and their kind
         "gradcam": (1, "layer"),
         "guided_gradcam": (2, "input"),

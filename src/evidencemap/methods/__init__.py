@@ -1,7 +1,8 @@
 """Every method of the library, registered by name in :data:`METHODS`.
 
 :func:`build` is the one factory (name, model, layer, options → instance), :func:`describe`
-the one description of a method and its options (:class:`Option`).
+the one description of a method, its options (:class:`Option`) and its cost in model passes
+(:class:`Passes`, :mod:`evidencemap.methods.passes`).
 """
 
 from evidencemap.methods import (
@@ -14,16 +15,20 @@ from evidencemap.methods import (
 )
 from evidencemap.methods.base import METHODS, Context, LayerMethod, Method, register
 from evidencemap.methods.options import Option, OptionError, options_of
+from evidencemap.methods.passes import PASS_KINDS, PassCount, Passes
 from evidencemap.methods.registry import MethodSpec, build, describe, get_method, method_names
 
 __all__ = [
     "METHODS",
+    "PASS_KINDS",
     "Context",
     "LayerMethod",
     "Method",
     "MethodSpec",
     "Option",
     "OptionError",
+    "PassCount",
+    "Passes",
     "build",
     "cam",
     "cfcam",

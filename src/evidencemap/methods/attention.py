@@ -63,6 +63,9 @@ class _AttentionMethod(Method):
     needs_gradients: ClassVar[bool] = False
     needs_attention: ClassVar[bool] = True
     """Explains models with attention layers only (the registry tests run them on ViTs)."""
+    pass_kind: ClassVar[str] = "layer"
+    """Counted as one Grad-CAM call: one forward recording the attention maps (and, for the
+    gradient rollout, a backward to them)."""
     OPTIONS_BASE = (
         Option(
             "prefix_tokens",

@@ -122,6 +122,15 @@ class Method:
             cost="chunk",
         ),
     )
+    pass_kind: ClassVar[str] = "input"
+    """The kind of model pass the method's cost is counted in: ``"layer"``, ``"input"`` or
+    ``"forward"`` (:mod:`evidencemap.methods.passes`)."""
+    passes_per_call: ClassVar[float] = 1.0
+    """Passes of that kind per call and class, times the value of the option declared with
+    ``passes=True`` when there is one."""
+    wrapped_method_option: ClassVar[str] = ""
+    """The option naming a method each counted pass calls once (its passes multiply the count,
+    its kind replaces ``pass_kind``), or ``""``."""
 
     def __init__(
         self,
@@ -238,6 +247,7 @@ class LayerMethod(Method):
 
     uses_layer: ClassVar[bool] = True
     needs_gradients: ClassVar[bool] = True
+    pass_kind: ClassVar[str] = "layer"
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("relu", "bool", True, "keep only positive evidence (ReLU of the layer map)"),
         Option(

@@ -161,6 +161,8 @@ class InputMethod(Method):
     :meth:`explain_batch` packages the result the same way for all of them.
     """
 
+    pass_kind: ClassVar[str] = "input"
+
     def attribute(self, x: Tensor, target: Target) -> Attribution:
         """The attributions of ``x`` ``(N, C, *S)`` for ``target``."""
         raise NotImplementedError
@@ -266,6 +268,7 @@ class GuidedGradCAM(InputMethod):
     name = "guided_gradcam"
     aliases: ClassVar[tuple[str, ...]] = ("guided-gradcam", "guided-grad-cam")
     uses_layer: ClassVar[bool] = True
+    passes_per_call: ClassVar[float] = 2.0
     OPTIONS: ClassVar[tuple[Option, ...]] = (NONLINEARITIES_OPTION,)
 
     def __init__(
@@ -382,7 +385,14 @@ class IntegratedGradients(InputMethod):
             nullable=True,
         ),
         Option(
-            "steps", "int", 50, "gradient evaluations along the path", low=1, cost="work", cap=512
+            "steps",
+            "int",
+            50,
+            "gradient evaluations along the path",
+            low=1,
+            cost="work",
+            cap=512,
+            passes=True,
         ),
         Option("rule", "str", "trapezoid", "Riemann rule", choices=IG_RULES),
         Option(
@@ -542,6 +552,7 @@ class SmoothGrad(Method):
     aliases: ClassVar[tuple[str, ...]] = ("smooth-grad",)
     uses_layer: ClassVar[bool] = True
     forwards_options_to: ClassVar[str] = "method"
+    wrapped_method_option: ClassVar[str] = "method"
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option(
             "method",
@@ -551,7 +562,7 @@ class SmoothGrad(Method):
             other="a Method instance",
         ),
         Option("wrap", "str", None, "the same as method", other="a Method instance", nullable=True),
-        Option("samples", "int", 25, "noisy copies", low=1, cost="work", cap=200),
+        Option("samples", "int", 25, "noisy copies", low=1, cost="work", cap=200, passes=True),
         Option("sigma", "float", 0.15, "noise σ as a fraction of the input's range", low=0.0),
         Option("seed", "int", 0, "seed of the noise", nullable=True),
         Option(

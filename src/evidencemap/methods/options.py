@@ -12,7 +12,8 @@ description serves four readers:
 * the web service's ``GET /api/methods`` and its server-side caps: an option with
   ``cost="work"`` multiplies the run's time (iterations, samples, steps, channels), one with
   ``cost="chunk"`` sets how many inputs go through the model at once (memory), and ``cap`` is
-  the largest value a shared service accepts by default.
+  the largest value a shared service accepts by default; the one declared with ``passes=True``
+  counts the method's model passes (:mod:`evidencemap.methods.passes`, the expected cost).
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ class Option:
         cap: the largest value a shared service accepts by default (``None``: no cap).
         renamed_from: former names of the option, still accepted with a ``DeprecationWarning``
             (:func:`rename_deprecated`).
+        passes: the value is the number of model passes of a call, per class (a ``cost="work"``
+            option; at most one per method; :mod:`evidencemap.methods.passes`).
+        at_most: with ``passes``: the count is an upper bound (the method may stop earlier or
+            skip some).
+        passes_if_none: with ``passes``: what ``None`` counts — ``"channels"``, one pass per
+            channel of the explained layer — or ``""`` (unknown).
     """
 
     name: str
@@ -78,12 +85,24 @@ class Option:
     cost: str = ""
     cap: float | None = None
     renamed_from: tuple[str, ...] = ()
+    passes: bool = False
+    at_most: bool = False
+    passes_if_none: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in OPTION_KINDS:
             raise ValueError(f"Option kind must be one of {OPTION_KINDS}, got {self.kind!r}")
         if self.cost not in ("", "work", "chunk"):
             raise ValueError(f"Option cost must be '', 'work' or 'chunk', got {self.cost!r}")
+        if self.passes and self.cost != "work":
+            raise ValueError(f"Option {self.name!r}: passes=True needs cost='work'")
+        if (self.at_most or self.passes_if_none) and not self.passes:
+            raise ValueError(f"Option {self.name!r}: at_most and passes_if_none need passes=True")
+        if self.passes_if_none not in ("", "channels"):
+            raise ValueError(
+                f"Option {self.name!r}: passes_if_none must be '' or 'channels', "
+                f"got {self.passes_if_none!r}"
+            )
 
     # -- validation ---------------------------------------------------------------------------
     def expected(self) -> str:
@@ -195,6 +214,9 @@ class Option:
             "nullable": self.nullable,
             "cost": self.cost,
             "cap": self.cap,
+            "passes": self.passes,
+            "at_most": self.at_most,
+            "passes_if_none": self.passes_if_none or None,
         }
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -29,6 +29,7 @@ from evidencemap.methods.options import (
     options_of,
     rename_deprecated,
 )
+from evidencemap.methods.passes import PassCount, Passes, declared_passes
 
 if TYPE_CHECKING:
     from evidencemap.models.loading import LoadedModel
@@ -70,6 +71,7 @@ class MethodSpec:
         options: option name → :class:`Option`, in the order the constructor lists them.
         forwards_to: the option naming a wrapped method whose options it also takes
             (SmoothGrad's ``method``), or ``""``.
+        passes: its declared cost in model passes (:mod:`evidencemap.methods.passes`).
     """
 
     name: str
@@ -79,6 +81,42 @@ class MethodSpec:
     summary: str
     options: dict[str, Option]
     forwards_to: str = ""
+    passes: Passes = field(default_factory=Passes)
+
+    def pass_count(self, channels: int | None = None) -> PassCount:
+        """Model passes per class with the default options, derived from :attr:`passes`.
+
+        ``passes_per_call × the counting option's default × the wrapped method's passes``
+        (each 1 when not declared); the kind is the wrapped method's, if any.
+
+        Args:
+            channels: channels of the explained layer, for a counting option whose ``None``
+                means one pass per channel (``None``: unknown).
+
+        Raises:
+            ValueError: when wrapped methods name each other in a cycle.
+        """
+        return self._pass_count(channels, ())
+
+    def _pass_count(self, channels: int | None, seen: tuple[str, ...]) -> PassCount:
+        if self.name in seen:
+            raise ValueError(f"wrapped methods form a cycle: {' → '.join((*seen, self.name))}")
+        declared = self.passes
+        count = declared.per_call
+        kind, at_most = declared.kind, declared.at_most
+        if declared.option:
+            value = self.options[declared.option].default
+            if value is None and declared.if_none == "channels":
+                value = channels
+            if value is None:
+                return PassCount(None, kind, at_most)
+            count *= float(value)
+        wrapped = self.options[declared.wraps].default if declared.wraps else None
+        if not isinstance(wrapped, str):  # nothing wrapped, or an instance: its own kind
+            return PassCount(count, kind, at_most)
+        inner = describe(wrapped)._pass_count(channels, (*seen, self.name))
+        total = None if inner.passes is None else count * inner.passes
+        return PassCount(total, inner.kind, at_most or inner.at_most)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe description (``GET /api/methods``)."""
@@ -89,22 +127,30 @@ class MethodSpec:
             "summary": self.summary,
             "options": {name: option.describe() for name, option in self.options.items()},
             "forwards_to": self.forwards_to,
+            "passes": self.passes.to_json(),
         }
 
 
 def describe(method: str | type[Method]) -> MethodSpec:
-    """The :class:`MethodSpec` of a method name or class."""
+    """The :class:`MethodSpec` of a method name or class.
+
+    Raises:
+        TypeError / ValueError: from :func:`get_method`, or for a bad cost declaration
+            (:func:`~evidencemap.methods.passes.declared_passes`).
+    """
     cls = get_method(method)
     doc = inspect.getdoc(cls) or ""
     summary = doc.strip().splitlines()[0].replace("``", "").rstrip(":") if doc else ""
+    options = options_of(cls)
     return MethodSpec(
         name=cls.name,
         aliases=tuple(cls.aliases),
         cls=cls,
         uses_layer=cls.uses_layer,
         summary=summary,
-        options=options_of(cls),
+        options=options,
         forwards_to=getattr(cls, "forwards_options_to", ""),
+        passes=declared_passes(cls, options),
     )
 
 

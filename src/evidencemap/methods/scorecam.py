@@ -58,6 +58,7 @@ class ScoreCAM(LayerMethod):
     name = "scorecam"
     aliases = ("score-cam",)
     needs_gradients = False
+    pass_kind: ClassVar[str] = "forward"
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("weighting", "str", "softmax_prob", "channel weights", choices=SCORECAM_WEIGHTINGS),
         Option(
@@ -79,6 +80,9 @@ class ScoreCAM(LayerMethod):
             nullable=True,
             cost="work",
             cap=4096,
+            passes=True,
+            at_most=True,
+            passes_if_none="channels",
         ),
     )
 

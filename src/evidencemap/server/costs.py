@@ -1,18 +1,16 @@
 """The expected cost of each method on the served model, shown before it runs.
 
-A method's cost is counted in **model passes per explained class**, of one of three kinds:
+A method's cost is counted in **model passes per explained class**, of one of three kinds
+(:data:`~evidencemap.methods.passes.PASS_KINDS`): ``"layer"`` (one Grad-CAM call — a forward and
+a backward from the explained layer only), ``"input"`` (one saliency call — a forward and a
+full backward to the input) and ``"forward"`` (one forward without gradients).
 
-* ``"layer"``: one Grad-CAM call — a forward and a backward from the explained layer only
-  (the CAM family; the library's gradient CAMs backpropagate through the head alone);
-* ``"input"``: one saliency call — a forward and a full backward to the input (saliency, guided
-  backprop, Integrated Gradients, SmoothGrad of saliency, FGVis, guided Grad-CAM);
-* ``"forward"``: one forward without gradients (Score-CAM's masked inputs).
-
-Grad-CAM and its family take one pass; the others as many as their work option says (FGVis
-``max_iterations``, at most — it stops earlier when the score plateaus; Integrated Gradients
-``steps``; SmoothGrad ``samples`` times the wrapped method; Score-CAM one masked forward per
-channel of its layer, or ``top_k``, at most — constant channels cost none). The service times
-one pass of each kind on the served model once (:class:`Calibration`) and multiplies:
+Nothing here is specific to a method: each method class declares its own count — its
+``pass_kind``, ``passes_per_call``, the ``cost="work"`` option declared with ``passes=True``
+and whether that is an upper bound, the method it wraps (:mod:`evidencemap.methods.passes`) —
+and this module reads the declarations through :func:`evidencemap.methods.describe`, so a
+method registered by its user is estimated like a built-in one. The service times one pass of
+each kind on the served model once (:class:`Calibration`) and multiplies:
 ``seconds ≈ passes × seconds per pass``. That is an estimate for an idle machine, per class
 (``top_k`` classes cost ``k`` times as much); ``last_seconds``, the time the latest run of that
 method on this service actually took per class, is the measurement.
@@ -24,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -32,59 +31,26 @@ from torch import Tensor, nn
 from evidencemap.capture import record_outputs
 from evidencemap.layers import resolve_layers
 from evidencemap.methods import build, describe
+from evidencemap.methods.passes import PASS_KINDS, PASS_UNITS
 
-__all__ = ["PASS_KINDS", "UPPER_BOUNDS", "WORK_OPTIONS", "Calibration", "CostBook", "pass_count"]
-
-PASS_KINDS = ("layer", "input", "forward")
-"""The kinds of pass a cost is counted in (see the module docstring)."""
-WORK_OPTIONS = {
-    "fgvis": "max_iterations",
-    "integrated_gradients": "steps",
-    "smoothgrad": "samples",
-    "scorecam": "top_k",
-}
-"""The option whose value is the number of passes of each multi-pass method."""
-UPPER_BOUNDS = frozenset({"fgvis", "scorecam"})
-"""Methods whose passes are at most the count: FGVis stops when its score plateaus, Score-CAM
-skips constant channels."""
-_KINDS = {
-    "saliency": "input",
-    "guided_backprop": "input",
-    "guided_gradcam": "input",
-    "integrated_gradients": "input",
-    "fgvis": "input",
-    "scorecam": "forward",
-}
-"""The kind of pass of each method not counted in ``"layer"`` passes."""
-_PASSES = {"guided_gradcam": 2.0}
-"""Single-call methods that take more than one pass."""
+__all__ = ["PASS_KINDS", "Calibration", "CostBook", "pass_count"]
 
 
 def pass_count(name: str, channels: int | None = None) -> tuple[float | None, str]:
-    """Passes per class of method ``name`` with its default options, and their kind.
+    """Passes per class of method ``name`` with its default options, and their kind, as the
+    method declares them (:meth:`~evidencemap.methods.MethodSpec.pass_count`).
 
     Args:
         name: a method name.
-        channels: channels of Score-CAM's default layer on the served model (``None``: unknown).
+        channels: channels of the explained layer on the served model, for a method that
+            takes one pass per channel by default (Score-CAM; ``None``: unknown).
 
     Returns:
         ``(passes, kind)``; ``passes`` is ``None`` when it depends on something unknown
         (Score-CAM's channels).
     """
-    spec = describe(name)
-    kind = _KINDS.get(spec.name, "layer")
-    option = WORK_OPTIONS.get(spec.name)
-    if option is None:
-        return _PASSES.get(spec.name, 1.0), kind
-    default = spec.options[option].default
-    if spec.name == "scorecam":
-        count = default if default is not None else channels
-        return (None if count is None else float(count)), kind
-    if spec.name == "smoothgrad":
-        inner = spec.options["method"].default
-        per, kind = pass_count(inner, channels) if isinstance(inner, str) else (1.0, "input")
-        return (None if per is None else float(default) * per), kind
-    return float(default), kind
+    passes, kind, _ = describe(name).pass_count(channels)
+    return passes, kind
 
 
 def _fastest(call: Callable[[], object], repeats: int = 2) -> float:
@@ -98,8 +64,9 @@ def _fastest(call: Callable[[], object], repeats: int = 2) -> float:
 
 
 class Calibration:
-    """One pass of each kind timed on the served model (once, lazily), and the channels of
-    the layer the CAM methods explain by default."""
+    """One pass of each kind timed on the served model (once, lazily, as the method
+    :data:`~evidencemap.methods.passes.PASS_UNITS` names), and the channels of the layer that
+    the ``"layer"`` kind's method explains by default."""
 
     def __init__(self, model: nn.Module, x: Tensor) -> None:
         self.model = model
@@ -113,20 +80,22 @@ class Calibration:
         with self._lock:
             if self._result is None:
                 x = self.x
-                gradcam = build("gradcam", self.model)
-                saliency = build("saliency", self.model)
 
                 def forward() -> None:
                     with torch.inference_mode():
                         self.model(x)
 
+                units = {
+                    kind: build(name, self.model) if name else None
+                    for kind, name in PASS_UNITS.items()
+                }
                 seconds = {
-                    "layer": _fastest(lambda: gradcam(x)),
-                    "input": _fastest(lambda: saliency(x)),
-                    "forward": _fastest(forward),
+                    kind: _fastest(forward if unit is None else partial(unit, x))
+                    for kind, unit in units.items()
                 }
                 channels = None
-                layer = gradcam(x).layer
+                layer_unit = units["layer"]
+                layer = layer_unit(x).layer if layer_unit is not None else None
                 if isinstance(layer, str):
                     (module,) = resolve_layers(self.model, layer)
                     with torch.inference_mode(), record_outputs([module]) as outputs:
@@ -152,25 +121,26 @@ class CostBook:
 
     def record(self, name: str, seconds: float, classes: int, options: dict[str, Any]) -> None:
         """Note a finished run of ``name``: ``seconds`` for ``classes`` classes."""
-        option = WORK_OPTIONS.get(name)
-        work = options.get(option) if option is not None else None
+        spec = describe(name)
+        work = options.get(spec.passes.option) if spec.passes.option else None
         with self._lock:
-            self._last[name] = _Run(seconds / max(1, classes), work)
+            self._last[spec.name] = _Run(seconds / max(1, classes), work)
 
     def cost(
         self, name: str, calibration: tuple[dict[str, float], int | None] | None
     ) -> dict[str, Any]:
         """The ``cost`` entry of ``GET /api/methods`` (:class:`~.schemas.MethodCost`)."""
         channels = calibration[1] if calibration is not None else None
-        passes, kind = pass_count(name, channels)
+        spec = describe(name)
+        passes, kind, at_most = spec.pass_count(channels)
         per_pass = calibration[0][kind] if calibration is not None else None
         with self._lock:
-            last = self._last.get(name)
+            last = self._last.get(spec.name)
         return {
             "passes": passes,
             "pass_kind": kind,
-            "work_option": WORK_OPTIONS.get(name),
-            "at_most": name in UPPER_BOUNDS,
+            "work_option": spec.passes.option or None,
+            "at_most": at_most,
             "seconds": None if passes is None or per_pass is None else passes * per_pass,
             "seconds_per_pass": per_pass,
             "last_seconds": last.seconds_per_class if last is not None else None,

@@ -156,13 +156,13 @@ class MethodCost(BaseModel):
         "forward without gradients).",
     )
     work_option: str | None = Field(
-        description="The option the number of passes equals (max_iterations, steps, samples, "
-        "top_k); null for single-pass methods."
+        description="The option the method declares as counting its passes (Option passes=True: "
+        "max_iterations, steps, samples, top_k); null for methods whose count is fixed."
     )
     at_most: bool = Field(
         default=False,
-        description="passes is an upper bound (FGVis stops early, Score-CAM skips constant "
-        "channels).",
+        description="passes is an upper bound, as the method declares it (Option at_most=True: "
+        "FGVis stops early, Score-CAM skips constant channels).",
     )
     seconds: float | None = Field(
         description="Estimated seconds per class on this service: passes × seconds_per_pass."
@@ -192,8 +192,10 @@ class MethodInfo(BaseModel):
     option_specs: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Each option described: name, kind, default, doc, expected, choices, "
-        "low/high, nullable, cost ('work': time grows with it, 'chunk': memory) and cap "
-        "(the largest value this service accepts; null: no cap).",
+        "low/high, nullable, cost ('work': time grows with it, 'chunk': memory), cap "
+        "(the largest value this service accepts; null: no cap), passes (it counts the "
+        "method's model passes), at_most (that count is an upper bound) and passes_if_none "
+        "('channels': null means one pass per channel of the layer).",
     )
     cost: MethodCost | None = Field(
         default=None, description="Its expected cost per class on the served model."

@@ -128,6 +128,7 @@ class FGVis(Method):
     name: ClassVar[str] = "fgvis"
     aliases: ClassVar[tuple[str, ...]] = ("fg-vis",)
     uses_layer: ClassVar[bool] = False
+    pass_kind: ClassVar[str] = "input"
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option(
             "game", "str", "preserve", "the preservation or the deletion game", choices=FGVIS_GAMES
@@ -197,6 +198,8 @@ class FGVis(Method):
             low=1,
             cost="work",
             cap=500,
+            passes=True,
+            at_most=True,
         ),
         Option(
             "patience",
