@@ -456,6 +456,23 @@ def test_methods_lists_every_method_one_line_each(capsys):
     assert passes["smoothgrad"] == "25 input passes"
 
 
+def test_methods_with_names_shows_their_options(capsys):
+    status, stdout, _ = _run(capsys, "methods", "fgvis", "score-cam")
+    assert status == 0
+    assert stdout.startswith("fgvis: FGVis")
+    assert "cost: ≤300 input passes per class" in stdout
+    row = next(line for line in stdout.splitlines() if line.split()[:1] == ["max_iterations"])
+    assert "an int >= 1" in row
+    assert "300" in row
+    assert "cost=work, cap 500" in row
+    assert "\nscorecam: " in stdout  # an alias names the method
+    assert "internal_batch_size" in stdout
+    assert not any(line.split()[:1] == ["eval_mode"] for line in stdout.splitlines())
+    status, _, stderr = _run(capsys, "methods", "no-such-method")
+    assert status == 2
+    assert "unknown method 'no-such-method'" in stderr
+
+
 def test_models_lists_builtins_and_forms(capsys):
     status, stdout, _ = _run(capsys, "models")
     assert status == 0

@@ -1,11 +1,12 @@
-"""``evidencemap methods``: every method, one line each."""
+"""``evidencemap methods [NAME ...]``: every method, one line each; or the options of some."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
-__all__ = ["cost_text", "describe", "register", "run"]
+__all__ = ["cost_text", "describe", "options_text", "register", "run"]
 
 HELP = "list the methods, one line each"
 
@@ -33,13 +34,63 @@ def cost_text(name: str) -> str:
 
 def register(subparsers: Any) -> None:
     """Add the ``methods`` command."""
-    parser = subparsers.add_parser("methods", help=HELP, description=HELP + ".")
+    parser = subparsers.add_parser(
+        "methods",
+        help=HELP,
+        description=HELP + "; with names, each one's options (type, default, range, cost, cap).",
+    )
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help="methods whose options to show (or aliases)"
+    )
     parser.set_defaults(func=run)
 
 
+def options_text(name: str) -> list[str]:
+    """Lines describing method ``name``: its summary and passes, then one line per option:
+    ``name  expected  default  [cost, cap]  doc``."""
+    from evidencemap.methods import describe as describe_method
+    from evidencemap.methods.base import Method
+
+    spec = describe_method(name)
+    lines = [f"{spec.name}: {spec.summary}", f"  cost: {cost_text(spec.name)} per class", ""]
+    shared = {o.name for o in Method.OPTIONS}
+    rows = []
+    for option in spec.options.values():
+        if option.name in shared:
+            continue
+        cost = f"cost={option.cost}" + (f", cap {option.cap:g}" if option.cap is not None else "")
+        rows.append(
+            (
+                option.name,
+                option.expected(),
+                repr(option.default),
+                cost if option.cost else "",
+                option.doc,
+            )
+        )
+    widths = [max((len(r[i]) for r in rows), default=0) for i in range(4)]
+    for row in rows:
+        cells = [row[i].ljust(widths[i]) for i in range(4)]
+        lines.append("  " + "  ".join(cells) + "  " + row[4])
+    lines.append(
+        "  (and, like every method: " + ", ".join(sorted(shared)) + "; see evidencemap.describe)"
+    )
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
-    """Print ``name  [layer|input]  passes  description  (aliases)`` per method."""
+    """Print ``name  [layer|input]  passes  description  (aliases)`` per method, or with
+    ``args.names`` each named method's options (an unknown name: exit status 2)."""
     from evidencemap.api import get_method, methods
+
+    if getattr(args, "names", None):
+        try:
+            blocks = [options_text(name) for name in args.names]
+        except (KeyError, ValueError) as err:
+            print(f"evidencemap methods: {err}", file=sys.stderr)
+            return 2
+        print("\n\n".join("\n".join(block) for block in blocks))
+        return 0
 
     names = methods()
     width = max(len(n) for n in names)

@@ -8,7 +8,7 @@ description serves four readers:
   the option's name, what was expected, what was given);
 * :func:`evidencemap.methods.build`, which rejects unknown option names with the list of the
   known ones, and applies caps;
-* the command line's ``--option KEY=VALUE`` and ``evidencemap methods --options``;
+* the command line's ``--option KEY=VALUE`` and ``evidencemap methods NAME``;
 * the web service's ``GET /api/methods`` and its server-side caps: an option with
   ``cost="work"`` multiplies the run's time (iterations, samples, steps, channels), one with
   ``cost="chunk"`` sets how many inputs go through the model at once (memory), and ``cap`` is

@@ -167,6 +167,15 @@ function workValue(name, option) {  // the work option as the options box sets i
   return undefined;
 }
 
+function passesFor(info, work) {  // model passes when the work option is `work`
+  const cost = info.cost;
+  const fallback = info.options[cost.work_option];  // its default, e.g. SmoothGrad's samples
+  const perUnit = typeof fallback === "number" && fallback > 0 && cost.passes !== null
+    ? cost.passes / fallback  // e.g. 2 for SmoothGrad over guided Grad-CAM
+    : 1;  // Score-CAM's top_k (default: every channel): one masked forward each
+  return work * perUnit;
+}
+
 function expectedCost(name) {
   const info = methodInfo.get(name);
   const cost = info && info.cost;
@@ -174,10 +183,10 @@ function expectedCost(name) {
   let passes = cost.passes;
   if (cost.work_option) {
     const value = workValue(name, cost.work_option);
-    if (typeof value === "number" && value > 0) passes = value;
+    if (typeof value === "number" && value > 0) passes = passesFor(info, value);
   }
   let perPass = cost.seconds_per_pass;
-  const lastPasses = cost.last_work !== null ? cost.last_work : cost.passes;
+  const lastPasses = cost.last_work !== null ? passesFor(info, cost.last_work) : cost.passes;
   if (cost.last_seconds !== null && typeof lastPasses === "number" && lastPasses > 0) {
     perPass = cost.last_seconds / lastPasses;  // measured on this method's latest run here
   }
