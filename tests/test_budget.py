@@ -244,6 +244,9 @@ def test_a_batch_is_split_within_the_budget_and_gives_the_same_result():
     assert torch.allclose(chunked.maps, whole.maps, atol=1e-6)
     assert torch.equal(chunked.targets, whole.targets)
     assert torch.equal(chunked.targets, torch.tensor(target))
+    # a ClassLogit of per-sample classes goes with its rows too (with batch_size alone as well)
+    logits = em.explain(model, x, "saliency", target=em.targets.ClassLogit(target), batch_size=4)
+    assert torch.allclose(logits.maps, whole.maps, atol=1e-6)
 
 
 def test_cancelling_stops_a_split_batch_between_chunks():
