@@ -9,6 +9,7 @@ import threading
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ import evidencemap as em
 from evidencemap import runtime
 from evidencemap.memory import PeakMemory
 from evidencemap.methods import OptionError
-from server_helpers import photo_bytes
+from server_helpers import decode_array, photo_bytes
 from tiny import ConvGapFc, seeded
 
 pytest.importorskip("fastapi")
@@ -204,6 +205,33 @@ def test_memory_budget_is_a_4xx(lite0, png):
     assert response.status_code == 413, response.text
     assert "memory budget" in response.json()["error"]
     assert post(c, png, method="gradcam").status_code == 200  # cheap methods still answer
+
+
+def test_a_top_k_request_is_split_by_the_budget_or_refused(lite0, png):
+    """The service explains the top-k classes as one batch of k copies of the photo: under a
+    budget that holds two Grad-CAM inputs (about 12 MiB each) the batch is split and the maps
+    are those computed without a budget; under one that holds none it is a 413, never a 5xx."""
+    free = TestClient(create_app(model=lite0, memory_budget=None))
+    tight = TestClient(create_app(model=lite0, memory_budget=24 * 2**20))
+    tiny = TestClient(create_app(model=lite0, memory_budget=4 * 2**20))
+    want = post(free, png, method="gradcam", top_k="3")
+    assert want.status_code == 200, want.text
+    sizes: list[int] = []
+    handle = lite0.module.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+    try:
+        got = post(tight, png, method="gradcam", top_k="3")
+    finally:
+        handle.remove()
+    assert got.status_code == 200, got.text
+    assert max(sizes) == 2, sizes  # never the three copies at once
+    pairs = zip(got.json()["explanations"], want.json()["explanations"], strict=True)
+    for a, b in pairs:
+        assert a["target"] == b["target"]
+        assert a["score"] == pytest.approx(b["score"], rel=1e-5)
+        assert np.allclose(decode_array(a["map"]), decode_array(b["map"]), atol=1e-5)
+    refused = post(tiny, png, method="gradcam", top_k="3")
+    assert refused.status_code == 413, refused.text
+    assert "memory budget" in refused.json()["error"]
 
 
 def test_time_limit_stops_a_long_request(lite0, png):

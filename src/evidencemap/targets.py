@@ -29,6 +29,7 @@ __all__ = [
     "Target",
     "resolve",
     "select_output",
+    "target_rows",
 ]
 
 ScoreFn = Callable[[Tensor], Tensor]
@@ -243,3 +244,61 @@ def _checked(fn: ScoreFn, n: int) -> ScoreFn:
         return value
 
     return score
+
+
+Rows = Callable[[int, int], Target]
+"""``rows(start, stop)``: the target of the rows ``start:stop`` of a batch."""
+
+
+def target_rows(target: Target, n: int, spatial_ndim: int) -> Rows | None:
+    """How a batch of ``n`` samples with ``spatial_ndim`` spatial axes passes ``target`` to a
+    chunk of its rows: ``rows(start, stop)``, or ``None`` when the rows cannot be told apart.
+
+    ``None`` and an ``int`` are the same for every chunk; ``n`` class indices (a sequence or a
+    1-D tensor) are sliced, and so are the per-sample parts of this module's targets (the
+    classes of :class:`ClassLogit` / :class:`ClassProbability`, a :class:`SegmentationRegion`
+    mask ``(N, *S)``, an :class:`EmbeddingSimilarity` reference ``(N, D)``, the target inside a
+    :class:`Counterfactual`). ``None`` is returned for any other callable (a score function of
+    the whole output) and for indices that do not number ``n`` (whose error the whole batch
+    reports).
+    """
+
+    def same(start: int, stop: int) -> Target:
+        return target
+
+    if target is None or isinstance(target, int):
+        return same
+    if isinstance(target, Tensor) or (
+        isinstance(target, Sequence) and not isinstance(target, (str, bytes))
+    ):
+        if isinstance(target, Tensor) and target.ndim == 0:
+            return same
+        if len(target) != n:
+            return None
+        return lambda start, stop: target[start:stop]
+    if isinstance(target, (ClassLogit, ClassProbability)):
+        inner = target_rows(target.classes, n, spatial_ndim)  # type: ignore[arg-type]
+        if inner is None:
+            return None
+        kind = type(target)
+        return lambda start, stop: kind(inner(start, stop))  # type: ignore[arg-type]
+    if isinstance(target, Counterfactual):
+        inner = target_rows(target.target, n, spatial_ndim)
+        if inner is None:
+            return None
+        return lambda start, stop: Counterfactual(inner(start, stop))
+    if isinstance(target, SegmentationRegion):
+        mask = target.mask
+        if mask.ndim == spatial_ndim:
+            return same
+        if mask.ndim != spatial_ndim + 1 or mask.shape[0] != n:
+            return None
+        return lambda start, stop: SegmentationRegion(target.category, mask[start:stop])
+    if isinstance(target, EmbeddingSimilarity):
+        ref = target.reference
+        if ref.ndim <= 1 or ref.shape[0] == 1:
+            return same
+        if ref.shape[0] != n:
+            return None
+        return lambda start, stop: EmbeddingSimilarity(ref[start:stop])
+    return None

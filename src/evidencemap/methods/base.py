@@ -28,6 +28,7 @@ from evidencemap.checks import check_inputs, check_model
 from evidencemap.explanation import Explanation
 from evidencemap.layers import LayerSpec, find_spatial_layer, layer_names, resolve_layers
 from evidencemap.maps import normalize, upsample
+from evidencemap.methods.chunking import explain_in_chunks, graph_bytes, one_run
 from evidencemap.methods.options import Option, options_of
 from evidencemap.targets import OutputKey, ResolvedTarget, Target, resolve, select_output
 from evidencemap.tokens import GridLayout, resolve_layout, to_grid
@@ -96,7 +97,8 @@ class Method:
         output_key: which element of a tuple/list/mapping output to explain (default: the
             first element / ``logits``).
         eval_mode: run the model in eval mode (every module's flag restored afterwards).
-        batch_size: explain at most this many inputs at a time (``None``: all at once).
+        batch_size: explain at most this many inputs at a time (``None``: all at once, or as
+            many as the run's memory budget holds, :mod:`evidencemap.methods.chunking`).
     """
 
     name: ClassVar[str] = ""
@@ -174,24 +176,41 @@ class Method:
         """Explain ``inputs`` ``(N, C, *S)`` for ``target`` (see :func:`evidencemap.explain`).
 
         Inputs of another floating dtype than the model's parameters (float64 photos, say) are
-        cast to the parameters' dtype first; the maps come back in that dtype.
+        cast to the parameters' dtype first; the maps come back in that dtype. The batch is
+        explained in chunks of at most ``batch_size`` inputs and, under a memory budget
+        (:func:`evidencemap.runtime.limits`), of as many as the budget holds
+        (:mod:`evidencemap.methods.chunking`); the result is the same.
+
+        Raises:
+            BudgetExceededError: under a budget, when one input is estimated (before any work)
+                or measured over it.
         """
         x = check_inputs(inputs)
         dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
         if dtype is not None and x.dtype != dtype:
             x = x.to(dtype)
-        if self.batch_size is None or x.shape[0] <= self.batch_size:
-            return self._run(x, target)
-        parts = []
-        for start in range(0, x.shape[0], self.batch_size):
-            part_target = target
-            if isinstance(target, (list, tuple, Tensor)):
-                part_target = target[start : start + self.batch_size]
-            parts.append(self._run(x[start : start + self.batch_size], part_target))
-        return _concat(parts)
+        return explain_in_chunks(self, x, target)
+
+    @property
+    def batch_independent(self) -> bool:
+        """Whether each input's explanation is independent of the rest of its batch, so that
+        the batch may be split into chunks by a memory budget without changing any result
+        (not so where noise is drawn per batch)."""
+        return True
+
+    def input_bytes(self, x: Tensor) -> int:
+        """The memory a run takes for one input shaped like ``x[0]``, estimated before any work
+        (under a memory budget only, with the model in the run's mode): for a method that
+        backpropagates through the model, what autograd saves for the backward pass of one
+        input (:func:`evidencemap.methods.chunking.graph_bytes`: one forward pass of one input,
+        cached per model); the input itself is not counted (as in
+        :func:`evidencemap.runtime.autograd_bytes`). It is a lower bound of what the run takes
+        (its temporaries come on top): an input estimated over the budget is refused before the
+        run, and the first input of a split batch is measured as well."""
+        return graph_bytes(self, x, ("input",), self.forward)
 
     def _run(self, x: Tensor, target: Target) -> Explanation:
-        with eval_mode(self.model, self.eval_mode), torch.inference_mode(False):
+        with eval_mode(self.model, self.eval_mode), torch.inference_mode(False), one_run():
             x = x.detach().clone()
             return self.explain_batch(x, target)
 
@@ -283,6 +302,33 @@ class LayerMethod(Method):
         if self.gradient_noise:
             options.update(gradient_noise=self.gradient_noise, noise_seed=self.noise_seed)
         return options
+
+    @property
+    def batch_independent(self) -> bool:
+        """Gradient noise is drawn for the whole batch at once: a batch with it is not split."""
+        return not self.gradient_noise
+
+    def input_bytes(self, x: Tensor) -> int:
+        """What the pass keeps for its backward (see :meth:`Method.input_bytes`): nothing
+        without gradients (the layer's activations are read in a forward pass without a graph),
+        the graph from the layer on with one layer (found first on ``x[:1]``, as the run would,
+        when none is named), else the whole graph."""
+        if not self.needs_gradients:
+            return 0
+        one = x[:1]
+        modules = self._layers_for(one)
+        if not modules:
+            with torch.no_grad():
+                self.capture(one)
+            modules = self._layers_for(one)
+        if len(modules) != 1:
+            return super().input_bytes(one)
+        layer = modules[0]
+
+        def from_layer(leaf: Tensor) -> Tensor:
+            return _forward_from_layer(self, leaf, layer)[0]
+
+        return graph_bytes(self, one, ("layer", id(layer)), from_layer)
 
     # -- what a method supplies ---------------------------------------------------------------
     def channel_weights(self, acts: Tensor, grads: Tensor | None, context: Context) -> Tensor:
@@ -455,32 +501,3 @@ def _add_noise(grads: list[Tensor], sigma: float, seed: int | None) -> list[Tens
     return [
         g + sigma * torch.randn(g.shape, generator=gen, dtype=g.dtype).to(g.device) for g in grads
     ]
-
-
-def _concat(parts: list[Explanation]) -> Explanation:
-    """Join the explanations of consecutive chunks of a batch."""
-
-    def cat(values: list[Any]) -> Any:
-        first = values[0]
-        if first is None:
-            return None
-        if isinstance(first, Tensor):
-            return torch.cat(values) if first.ndim else first
-        if isinstance(first, list):
-            return [cat([v[i] for v in values]) for i in range(len(first))]
-        if isinstance(first, dict):
-            return {k: cat([v[k] for v in values]) for k in first}
-        return first
-
-    head = parts[0]
-    return Explanation(
-        maps=cat([p.maps for p in parts]),
-        raw=cat([p.raw for p in parts]),
-        targets=cat([p.targets for p in parts]),
-        scores=cat([p.scores for p in parts]),
-        method=head.method,
-        layer=head.layer,
-        options=head.options,
-        output=cat([p.output for p in parts]),
-        extras=cat([p.extras for p in parts]),
-    )

@@ -44,6 +44,7 @@ from evidencemap.layers import LayerSpec
 from evidencemap.maps import FLAT_EPS, normalize, upsample
 from evidencemap.methods.base import Context, LayerMethod, Method, register
 from evidencemap.methods.cam import GradCAM
+from evidencemap.methods.chunking import graph_bytes
 from evidencemap.methods.options import Option
 from evidencemap.methods.scorecam import MEMORY_BUDGET
 from evidencemap.references import REFERENCES, check_reference, reference_image
@@ -325,15 +326,15 @@ def copy_bytes(method: Method, x: Tensor, budget: int | None, backward: bool = T
 
     ``2·|x|`` (the perturbed inputs and their noise, path step or gradient) plus, when
     ``backward`` and a memory budget is in force (the run's or ``budget``), what autograd saves
-    for the backward pass of one copy (:func:`evidencemap.runtime.autograd_bytes`: one extra
-    forward pass, only made when a budget needs the number). On a deep network the latter
-    dominates: 175 MB against 1.5 MB for a 64×64×48 volume through a 3-D ResNet-152.
+    for the backward pass of one copy: ``N`` times that of one input
+    (:func:`evidencemap.methods.chunking.graph_bytes`: one extra forward pass of one input, only
+    made when a budget needs the number, once per model and input shape). On a deep network
+    the latter dominates: 175 MB against 1.5 MB for a 64×64×48 volume through a 3-D ResNet-152.
     """
     inputs = 2 * x.numel() * x.element_size()
     if not backward or (budget is None and runtime.current().memory_budget is None):
         return inputs
-    resident = [*method.model.parameters(), *method.model.buffers()]
-    return inputs + runtime.autograd_bytes(method.forward, x, resident)
+    return inputs + x.shape[0] * graph_bytes(method, x, ("input",), method.forward)
 
 
 def _slice_scores(resolved: ResolvedTarget, n: int) -> Callable[[Tensor], Tensor]:
@@ -627,6 +628,12 @@ class SmoothGrad(Method):
     def hooks_layers(self) -> bool:
         """Whether the wrapped method reads a layer through hooks."""
         return self.method.hooks_layers
+
+    @property
+    def batch_independent(self) -> bool:
+        """The noise is drawn for the whole batch at once: a batch is not split by a memory
+        budget (its chunks of noisy copies are)."""
+        return False
 
     def options(self) -> dict[str, Any]:
         return {

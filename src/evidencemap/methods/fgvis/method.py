@@ -397,6 +397,12 @@ class FGVis(Method):
             "transfer": transfer,
         }
 
+    @property
+    def batch_independent(self) -> bool:
+        """Noise on ``e`` (``noise > 0``, and the coarse schedule's) is drawn for the whole batch
+        at once: such a batch is not split by a memory budget."""
+        return self.noise == 0 and self.schedule != "coarse"
+
     # -- pieces ---------------------------------------------------------------------------------
     def reference_for(self, x: Tensor) -> Tensor:
         """The reference ``r`` for inputs ``x`` ``(N, C, *S)``, broadcast to ``x``'s shape."""
