@@ -401,3 +401,13 @@ def test_attention_methods_split_a_batch_as_a_whole(name):
     assert len(starts) >= 2, starts
     assert torch.allclose(chunked.maps, whole.maps, atol=1e-6)
     assert torch.allclose(chunked.extras["relevance"], whole.extras["relevance"], atol=1e-6)
+
+
+def test_refusal_messages_name_sizes_in_readable_units():
+    assert runtime.size_text(3 * 2**20 // 2) == "1.5 MiB"
+    assert runtime.size_text(48 * 1024) == "48.0 KiB"
+    assert runtime.size_text(512) == "512 B"
+    with runtime.limits(memory_budget=20_000), pytest.raises(runtime.BudgetExceededError) as err:
+        runtime.chunk_items(40_000, 4)
+    assert "39.1 KiB" in str(err.value)
+    assert "19.5 KiB" in str(err.value)

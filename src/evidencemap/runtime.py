@@ -58,6 +58,7 @@ __all__ = [
     "current",
     "limits",
     "run_chunked",
+    "size_text",
 ]
 
 Progress = Callable[[int, int, str], None]
@@ -170,6 +171,15 @@ def checkpoint(done: int | None = None, total: int | None = None, desc: str = ""
             report(done, total, desc)
 
 
+def size_text(nbytes: int) -> str:
+    """``nbytes`` in words: ``"1.5 MiB"``, ``"48.0 KiB"`` (under 0.1 MiB), ``"512 B"``."""
+    if nbytes >= 0.1 * 2**20:
+        return f"{nbytes / 2**20:.1f} MiB"
+    if nbytes >= 1024:
+        return f"{nbytes / 1024:.1f} KiB"
+    return f"{int(nbytes)} B"
+
+
 def chunk_items(
     per_item_bytes: int, requested: int, what: str = "items", budget: int | None = None
 ) -> int:
@@ -195,8 +205,8 @@ def chunk_items(
     fits = limit // per_item
     if fits < 1:
         raise BudgetExceededError(
-            f"one of the {what} needs {per_item / 2**20:.1f} MiB, more than the memory budget of "
-            f"{limit / 2**20:.1f} MiB; use smaller inputs or a larger budget"
+            f"one of the {what} needs {size_text(per_item)}, more than the memory budget of "
+            f"{size_text(limit)}; use smaller inputs or a larger budget"
         )
     return min(requested, fits)
 
