@@ -304,13 +304,31 @@ def test_a_wrapped_method_is_not_split_again():
     sizes, handle = _batch_sizes(model)
     try:
         with runtime.limits(memory_budget=10**9, progress=report):
-            em.explain(model, x, "smoothgrad", wrap="gradcam", layer="net.conv", samples=4)
+            split = em.explain(model, x, "smoothgrad", wrap="gradcam", layer="net.conv", samples=4)
     finally:
         handle.remove()
-    assert starts == []  # SmoothGrad's batch whole, its noisy chunks not split per input
-    # the clean forward (2), the counting pass (one input), the first noisy copy (measured),
-    # the other three copies in one chunk: the wrapped Grad-CAM took each chunk whole
-    assert sizes == [2, 1, 2, 6]
+    assert starts == [0, 1]  # SmoothGrad's batch one input at a time (it sizes its own chunks)
+    # per input: the clean forward, then its noisy copies: the first measured, the other three
+    # in one chunk the wrapped Grad-CAM took whole; the counting pass only for the first input
+    assert sizes == [1, 1, 1, 3, 1, 1, 3]
+    # each sample's noise is its own: the split batch, the whole batch and one input alone agree
+    whole = em.explain(model, x, "smoothgrad", wrap="gradcam", layer="net.conv", samples=4)
+    alone = em.explain(model, x[1:], "smoothgrad", wrap="gradcam", layer="net.conv", samples=4)
+    torch.testing.assert_close(split.maps, whole.maps, atol=1e-6, rtol=0)
+    torch.testing.assert_close(split.maps[1:], alone.maps, atol=1e-6, rtol=0)
+
+
+def test_smoothgrad_top_k_is_split_under_a_budget_it_would_exceed_whole():
+    model = Counting().eval()
+    x = torch.rand(1, 1, *S).expand(6, 1, *S)
+    targets = [0, 1, 2, 0, 1, 2]
+    whole = em.explain(model, x, "smoothgrad", target=targets, samples=4)
+    from evidencemap.methods.gradients import copy_bytes
+
+    one = copy_bytes(em.build("smoothgrad", model, samples=4), x[:1], 10**12, True)
+    with runtime.limits(memory_budget=int(one * 4)):  # one copy of the 6 inputs does not fit
+        split = em.explain(model, x, "smoothgrad", target=targets, samples=4)
+    torch.testing.assert_close(split.maps, whole.maps, atol=1e-6, rtol=0)
 
 
 def test_target_rows_slices_what_belongs_to_each_sample():

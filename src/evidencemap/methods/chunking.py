@@ -23,7 +23,8 @@ Each chunk's explanation is computed as the whole batch's would be, so the joine
 unchunked one (to float rounding of batched kernels). Two kinds of calls are therefore not split
 by the budget, only refused when the whole batch's estimate is over it: a method whose result
 for one input depends on the rest of its batch (:attr:`Method.batch_independent`: noise drawn
-per batch, as SmoothGrad's and FGVis' ``noise``), and a target whose rows cannot be told apart
+per batch, as FGVis' ``noise`` and the CAMs' ``gradient_noise``, or SmoothGrad over such a
+method), and a target whose rows cannot be told apart
 (an arbitrary score function of the whole output, :func:`evidencemap.targets.target_rows`).
 Methods that size their own loops' chunks by the budget (those with a ``memory_budget`` option:
 Score-CAM, Integrated Gradients, SmoothGrad) are split into single inputs when their batch is

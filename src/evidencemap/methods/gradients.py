@@ -503,17 +503,22 @@ def smoothgrad_noise(
 ) -> Iterator[Tensor]:
     """Noise draws ``ε ~ N(0, σ_n²)`` per sample ``n``, ``chunk`` draws ``(k, N, C, *S)`` at a time.
 
-    Drawn on the CPU one batch-sized draw after the other from one generator (so the noise is
-    the same on every device and for every chunking), then moved to ``x``'s device. Only one
-    chunk exists at a time.
+    Copy ``i`` of every sample uses the same standard-normal draw ``z_i`` (of one sample's
+    shape ``(C, *S)``), scaled by that sample's ``σ_n``: a sample gets the noise it gets when
+    explained alone, whatever else is in its batch, so a batch can be split (by a memory budget,
+    ``batch_size``) without changing any map. Drawn on the CPU one draw after the other from
+    one generator (so the noise is the same on every device and for every chunking), then
+    moved to ``x``'s device. Only one chunk exists at a time.
     """
     gen = None if seed is None else torch.Generator().manual_seed(int(seed))
     chunk = samples if chunk is None else max(1, chunk)
     scale = sigma.view(1, -1, *([1] * (x.ndim - 1)))
     for start in range(0, samples, chunk):
         k = min(chunk, samples - start)
-        draws = torch.stack([torch.randn(x.shape, generator=gen, dtype=x.dtype) for _ in range(k)])
-        yield draws.to(x.device) * scale
+        draws = torch.stack(
+            [torch.randn(x.shape[1:], generator=gen, dtype=x.dtype) for _ in range(k)]
+        )
+        yield draws.to(x.device).unsqueeze(1) * scale
 
 
 @register
@@ -631,9 +636,9 @@ class SmoothGrad(Method):
 
     @property
     def batch_independent(self) -> bool:
-        """The noise is drawn for the whole batch at once: a batch is not split by a memory
-        budget (its chunks of noisy copies are)."""
-        return False
+        """Each sample's noise does not depend on its batch (:func:`smoothgrad_noise`), so a
+        batch can be split when the wrapped method's batch can."""
+        return self.method.batch_independent
 
     def options(self) -> dict[str, Any]:
         return {
