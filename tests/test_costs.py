@@ -161,38 +161,32 @@ class ActivationMap(LayerMethod):
         return acts.new_full(acts.shape[:2], 1.0 / acts.shape[1])
 
 
-class SmoothGuidedGradCAM(SmoothGrad):
-    """Test-only preset: SmoothGrad of guided Grad-CAM over 10 noisy copies."""
+def smooth_preset(name: str, wrapped: str, samples: int) -> type[SmoothGrad]:
+    """Test-only preset: SmoothGrad of ``wrapped`` over ``samples`` noisy copies."""
 
-    name = "test-smooth-guided-gradcam"
-    aliases = ()
-    OPTIONS: ClassVar[tuple[Option, ...]] = (
-        Option("method", "str", "guided_gradcam", "the wrapped method", other="a Method"),
-        Option("samples", "int", 10, "noisy copies", low=1, cost="work", cap=200, passes=True),
-    )
+    class Preset(SmoothGrad):
+        __doc__ = f"Test-only preset: SmoothGrad of {wrapped} over {samples} noisy copies."
+        aliases = ()
+        OPTIONS: ClassVar[tuple[Option, ...]] = (
+            Option("method", "str", wrapped, "the wrapped method", other="a Method"),
+            Option(
+                "samples", "int", samples, "noisy copies", low=1, cost="work", cap=200, passes=True
+            ),
+        )
 
-    def __init__(
-        self, model: nn.Module, layer: Any = None, *, method: Any = "guided_gradcam", **kw: Any
-    ) -> None:
-        kw.setdefault("samples", 10)
-        super().__init__(model, layer, method=method, **kw)
+        def __init__(
+            self, model: nn.Module, layer: Any = None, *, method: Any = wrapped, **kw: Any
+        ) -> None:
+            kw.setdefault("samples", samples)
+            super().__init__(model, layer, method=method, **kw)
+
+    Preset.name = name
+    Preset.__name__ = Preset.__qualname__ = name.title().replace("-", "")
+    return Preset
 
 
-class SmoothScoreCAM(SmoothGrad):
-    """Test-only preset: SmoothGrad of Score-CAM over 2 noisy copies."""
-
-    name = "test-smooth-scorecam"
-    aliases = ()
-    OPTIONS: ClassVar[tuple[Option, ...]] = (
-        Option("method", "str", "scorecam", "the wrapped method", other="a Method"),
-        Option("samples", "int", 2, "noisy copies", low=1, cost="work", cap=200, passes=True),
-    )
-
-    def __init__(
-        self, model: nn.Module, layer: Any = None, *, method: Any = "scorecam", **kw: Any
-    ) -> None:
-        kw.setdefault("samples", 2)
-        super().__init__(model, layer, method=method, **kw)
+SmoothGuidedGradCAM = smooth_preset("test-smooth-guided-gradcam", "guided_gradcam", 10)
+SmoothScoreCAM = smooth_preset("test-smooth-scorecam", "scorecam", 2)
 
 
 USER_METHODS = (ShiftedGradient, ActivationMap, SmoothGuidedGradCAM, SmoothScoreCAM)
