@@ -230,3 +230,47 @@ def test_fer_is_a_builtin_of_load_model():
     assert loaded.kind == "image"
     assert loaded.label(3) == "happy"
     assert loaded.preprocess.size == 48
+
+
+def test_the_package_never_imports_torchvision_or_timm():
+    """torchvision / timm are optional (``torchvision:`` / ``timm:`` specs only): with both made
+    unimportable, the package, the command line, the service and the built-in model all work."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "tried = []\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torchvision', 'timm'):\n"
+        "            tried.append(name)\n"
+        "            raise ImportError(f'{name} is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, evidencemap as em, evidencemap.server, evidencemap.distributed\n"
+        "from evidencemap.cli import main\n"
+        "assert main(['methods']) == 0\n"
+        "model = em.models.load('efficientnet-lite0')\n"
+        "x = torch.rand(1, 3, 224, 224)\n"
+        "assert em.explain(model, x, 'gradcam').maps.shape == (1, 1, 224, 224)\n"
+        "evidencemap.server.create_app(model=model)\n"
+        "print('tried', tried)\n"
+        "try:\n"
+        "    em.models.load('torchvision:resnet18')\n"
+        "except ValueError as err:\n"
+        "    assert 'needs torchvision' in str(err), err\n"
+        "else:\n"
+        "    raise SystemExit('torchvision: loaded while blocked')\n"
+        "print('ok', 'torchvision' in sys.modules, 'timm' in sys.modules)\n"
+    )
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "tried []" in lines  # not even attempted (a guarded import would be found here)
+    assert lines[-1] == "ok False False"
