@@ -277,7 +277,7 @@ def test_bad_cost_declarations_are_refused():
         )
 
     class BadWrap(ShiftedGradient):
-        wrapped_method_option = "inner"
+        forwards_options_to = "inner"
 
     with pytest.raises(ValueError, match=r"BadKind.pass_kind must be one of"):
         describe(BadKind)

@@ -130,9 +130,10 @@ class Method:
     passes_per_call: ClassVar[float] = 1.0
     """Passes of that kind per call and class, times the value of the option declared with
     ``passes=True`` when there is one."""
-    wrapped_method_option: ClassVar[str] = ""
-    """The option naming a method each counted pass calls once (its passes multiply the count,
-    its kind replaces ``pass_kind``), or ``""``."""
+    forwards_options_to: ClassVar[str] = ""
+    """The option naming a wrapped method (SmoothGrad's ``method``), or ``""``: the method
+    also takes that method's options, and each counted pass calls it once (its passes multiply
+    the count, its kind replaces ``pass_kind``)."""
 
     def __init__(
         self,

@@ -558,7 +558,6 @@ class SmoothGrad(Method):
     aliases: ClassVar[tuple[str, ...]] = ("smooth-grad",)
     uses_layer: ClassVar[bool] = True
     forwards_options_to: ClassVar[str] = "method"
-    wrapped_method_option: ClassVar[str] = "method"
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option(
             "method",

@@ -15,9 +15,9 @@ expected cost, ``evidencemap methods``) derives the count from that declaration 
   upper bound (FGVis ``max_iterations``: it stops when the score plateaus; Score-CAM ``top_k``:
   constant channels cost nothing), ``passes_if_none="channels"`` when ``None`` means one pass
   per channel of the explained layer (Score-CAM's default ``top_k=None``).
-* ``wrapped_method_option`` (class attribute, default ``""``): the option naming a method that
-  each counted pass calls once (SmoothGrad's ``method``): the count is multiplied by that
-  method's passes and takes its kind (and its upper bound).
+* ``forwards_options_to`` (class attribute, default ``""``): the option naming a wrapped method
+  (SmoothGrad's ``method``, whose options it also takes), which each counted pass calls once:
+  the count is multiplied by that method's passes and takes its kind (and its upper bound).
 
 So ``passes = passes_per_call × value of the counting option × passes of the wrapped method``,
 each factor 1 when not declared.
@@ -66,7 +66,7 @@ class Passes:
         option: the counting option's name (``""``: none).
         at_most: its count is an upper bound.
         if_none: what its ``None`` counts (``"channels"``) or ``""``.
-        wraps: ``wrapped_method_option`` (``""``: none).
+        wraps: ``forwards_options_to`` (``""``: none).
     """
 
     kind: str = "input"
@@ -94,7 +94,7 @@ def declared_passes(cls: type, options: Mapping[str, Option]) -> Passes:
     Raises:
         ValueError: for a ``pass_kind`` not in :data:`PASS_KINDS`, a ``passes_per_call`` that
             is not a positive number, more than one counting option, or a
-            ``wrapped_method_option`` that names no option of the method.
+            ``forwards_options_to`` that names no option of the method.
     """
     owner = cls.__name__
     kind = getattr(cls, "pass_kind", "input")
@@ -112,10 +112,10 @@ def declared_passes(cls: type, options: Mapping[str, Option]) -> Passes:
     if len(counting) > 1:
         names = ", ".join(repr(option.name) for option in counting)
         raise ValueError(f"{owner} declares more than one option with passes=True: {names}")
-    wraps = getattr(cls, "wrapped_method_option", "")
+    wraps = getattr(cls, "forwards_options_to", "")
     if wraps and wraps not in options:
         raise ValueError(
-            f"{owner}.wrapped_method_option names no option of the method: {wraps!r}; its "
+            f"{owner}.forwards_options_to names no option of the method: {wraps!r}; its "
             f"options: {', '.join(options) or 'none'}"
         )
     option = counting[0] if counting else None
