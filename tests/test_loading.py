@@ -11,11 +11,11 @@ import torch
 import evidencemap as em
 from cli_helpers import Tiny2D, on_sys_path, registered_input_method, write_tiny3d_module
 from evidencemap import GradCAM, models
+from evidencemap.methods.registry import applicable_methods, check_method_supports
 from evidencemap.models.loading import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MODEL_FORMS,
-    check_method_supports,
     input_kind,
     load_model,
     read_labels,
@@ -102,6 +102,25 @@ def test_layer_methods_on_torchscript_get_a_clear_error(tmp_path):
     assert "torch.save(model, path)" in str(info.value)
     with registered_input_method() as method:
         check_method_supports(loaded, method)  # input-space methods are fine
+    # The refusal recommends only methods that apply: no attention method for a CNN.
+    assert "attention" not in str(info.value)
+    assert "saliency" in str(info.value)
+
+
+def test_applicable_methods_say_why_attention_does_not_apply_to_a_cnn():
+    from vit_helpers import TinyViT
+
+    on_cnn = applicable_methods(Tiny2D().eval())
+    assert set(on_cnn) == set(em.methods())
+    assert "transformer" in on_cnn["attention_rollout"]
+    assert "transformer" in on_cnn["attention_gradient"]
+    assert on_cnn["gradcam"] is None
+    assert on_cnn["saliency"] is None
+    on_vit = applicable_methods(TinyViT().eval())
+    assert on_vit["attention_rollout"] is None
+    assert on_vit["gradcam"] is None
+    with pytest.raises(ValueError, match="needs a transformer"):
+        check_method_supports(Tiny2D().eval(), "attention_rollout")
 
 
 # --------------------------------------------------------------------------- pickled files

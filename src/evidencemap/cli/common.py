@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from evidencemap.models.loading import LoadedModel, check_method_supports, load_model
+from evidencemap.methods.registry import check_method_supports
+from evidencemap.models.loading import LoadedModel, load_model
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -104,6 +104,30 @@ class _AttentionMethod(Method):
         grid = None if self._spec.grid is None else list(self._spec.grid)
         return {**super().options(), "prefix_tokens": self._spec.prefix, "grid": grid}
 
+    @classmethod
+    def unsupported(cls, model: nn.Module, *, compiled: bool = False) -> str | None:
+        """A convolutional network with no attention module: nothing to roll out.
+
+        Static, so it errs towards offering the method: a model without convolutions (it may
+        compute attention with plain ``softmax`` calls), or one with a module whose class name
+        says attention (``nn.MultiheadAttention``, ``…Attention``, ``…Attn``), is supported.
+        """
+        reason = super().unsupported(model, compiled=compiled)
+        if reason is not None:
+            return reason
+        # A TorchScript module keeps each submodule's class name as ``original_name``.
+        names = [str(getattr(m, "original_name", type(m).__name__)) for m in model.modules()]
+        convolutional = any(n in {"Conv1d", "Conv2d", "Conv3d"} for n in names) or any(
+            isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()
+        )
+        attention = any(
+            isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer))
+            for m in model.modules()
+        ) or any("attention" in n.lower() or "attn" in n.lower() for n in names)
+        if convolutional and not attention:
+            return "it needs a transformer: the model is convolutional, with no attention module"
+        return None
+
     def relevance(self, recorder: AttentionRecorder, scores: Tensor) -> Tensor:
         """``(N, T, T)`` relevance from the blocks' recorded attention maps."""
         raise NotImplementedError

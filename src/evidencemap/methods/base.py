@@ -135,6 +135,23 @@ class Method:
     also takes that method's options, and each counted pass calls it once (its passes multiply
     the count, its kind replaces ``pass_kind``)."""
 
+    @classmethod
+    def unsupported(cls, model: nn.Module, *, compiled: bool = False) -> str | None:
+        """Why this method cannot explain ``model``, or ``None`` when it can.
+
+        A static check (no forward pass), used to offer only the methods that apply (the
+        service's page, ``evidencemap evaluate``'s default methods). The default: a method that
+        reads a layer through forward hooks (:attr:`uses_layer`) cannot explain a compiled
+        (TorchScript) model, whose submodules run compiled code and never call the hooks.
+
+        Args:
+            model: the module to explain (``LoadedModel.module``).
+            compiled: whether it is a TorchScript module.
+        """
+        if compiled and cls.uses_layer:
+            return "it reads a layer through forward hooks, which TorchScript models never run"
+        return None
+
     def __init__(
         self,
         model: nn.Module,

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from evidencemap.layers import LayerSpec
@@ -34,7 +35,16 @@ from evidencemap.methods.passes import PassCount, Passes, declared_passes
 if TYPE_CHECKING:
     from evidencemap.models.loading import LoadedModel
 
-__all__ = ["MethodSpec", "build", "describe", "get_method", "method_names"]
+__all__ = [
+    "MethodSpec",
+    "applicable_methods",
+    "build",
+    "check_method_supports",
+    "describe",
+    "get_method",
+    "method_names",
+    "unsupported_reason",
+]
 
 
 def method_names() -> list[str]:
@@ -235,3 +245,59 @@ def build(
     if layer is not None:
         raise ValueError(f"method {spec.name!r} works in input space and takes no layer")
     return spec.cls(model, **options)
+
+
+def _module_of(model: nn.Module | LoadedModel) -> tuple[nn.Module, bool]:
+    """The bare module and whether it is compiled (TorchScript)."""
+    module = getattr(model, "module", model)
+    compiled = getattr(model, "source", "") == "torchscript" or isinstance(
+        module, torch.jit.ScriptModule
+    )
+    return module, compiled
+
+
+def unsupported_reason(
+    method: str | type[Method] | Method, model: nn.Module | LoadedModel
+) -> str | None:
+    """Why ``method`` cannot explain ``model``, or ``None`` when it can (a static check).
+
+    ``method`` is a name, a class or an instance (an instance answers for what it wraps:
+    SmoothGrad over an input-space method hooks no layer). Each class declares its own rule
+    (:meth:`Method.unsupported`).
+    """
+    module, compiled = _module_of(model)
+    if isinstance(method, Method):
+        if compiled and method.hooks_layers:
+            return "it reads a layer through forward hooks, which TorchScript models never run"
+        return type(method).unsupported(module, compiled=False)
+    return get_method(method).unsupported(module, compiled=compiled)
+
+
+def applicable_methods(model: nn.Module | LoadedModel) -> dict[str, str | None]:
+    """Every registered method → ``None`` when it applies to ``model``, else the reason why not."""
+    return {name: unsupported_reason(name, model) for name in method_names()}
+
+
+def check_method_supports(
+    model: nn.Module | LoadedModel, method: str | type[Method] | Method
+) -> None:
+    """Raise a clear error when ``method`` (a name, class or instance) cannot explain ``model``.
+
+    Raises:
+        ValueError: naming the method, the reason and the methods that do apply.
+    """
+    reason = unsupported_reason(method, model)
+    if reason is None:
+        return
+    name = method if isinstance(method, str) else getattr(method, "name", method)
+    usable = [n for n, why in applicable_methods(model).items() if why is None]
+    suggestion = f"methods that apply: {', '.join(usable)}" if usable else "no method applies"
+    extra = ""
+    if "TorchScript" in reason:
+        extra = (
+            "; or save the model as a pickled eager model (torch.save(model, path)) or give "
+            "an import string package.module:factory"
+        )
+    raise ValueError(
+        f"method {name!r} cannot explain {getattr(model, 'name', 'this model')!s}: {reason} ({suggestion}{extra})"
+    )

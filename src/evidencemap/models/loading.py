@@ -8,7 +8,7 @@
 * a TorchScript file (``torch.jit.save``), recognised by its content. Scripted and traced
   modules run their submodules' compiled code directly, so forward hooks on their layers never
   fire: layer methods (the CAM family, Score-CAM) cannot explain them, input-space methods can
-  (:func:`check_method_supports` says so clearly);
+  (:func:`evidencemap.methods.registry.check_method_supports` says so clearly);
 * a pickled full model (``torch.save(model, path)``), read with ``torch.load(weights_only=False)``.
   Unpickling runs arbitrary code from the file: load only files you trust. The model's class must
   be importable (the same module on ``sys.path``) when it is loaded;
@@ -46,7 +46,6 @@ __all__ = [
     "IMAGENET_STD",
     "MODEL_FORMS",
     "LoadedModel",
-    "check_method_supports",
     "input_kind",
     "load_model",
     "read_labels",
@@ -216,37 +215,6 @@ def input_kind(module: nn.Module) -> str:
     if names & _VOLUME_LAYERS and not names & _IMAGE_LAYERS:
         return "volume"
     return "image"
-
-
-def check_method_supports(loaded: LoadedModel, method: Any) -> None:
-    """Raise a clear error when ``method`` (an instance or a class) cannot explain ``loaded``.
-
-    Methods that read a layer through forward hooks (``hooks_layers``; for a class, its
-    ``uses_layer``) cannot explain TorchScript models, whose submodules run compiled code.
-    SmoothGrad over an input-space method can.
-
-    Raises:
-        ValueError: for such a method on a TorchScript model.
-    """
-    if loaded.source != "torchscript":
-        return
-    hooks = method.uses_layer if isinstance(method, type) else method.hooks_layers
-    if not hooks:
-        return
-    from evidencemap.methods import describe, method_names
-
-    input_space = [n for n in method_names() if not describe(n).uses_layer]
-    suggestion = (
-        f"use an input-space method ({', '.join(input_space)})"
-        if input_space
-        else "no input-space method is installed"
-    )
-    raise ValueError(
-        f"method {getattr(method, 'name', method)!r} reads a layer through forward hooks, "
-        f"which TorchScript models ({loaded.name}) never run: {suggestion}, or save the "
-        "model as a pickled eager model (torch.save(model, path)) or give an import string "
-        "package.module:factory"
-    )
 
 
 def _looks_like_torchscript(path: Path) -> bool:

@@ -64,8 +64,8 @@ from evidencemap.explanation import Explanation
 from evidencemap.io import ImageTooLargeError, UnsupportedImageError, load_image_bytes
 from evidencemap.methods import build, describe, get_method, method_names
 from evidencemap.methods.base import Method
-from evidencemap.methods.registry import check_options
-from evidencemap.models.loading import LoadedModel, check_method_supports
+from evidencemap.methods.registry import check_method_supports, check_options
+from evidencemap.models.loading import LoadedModel
 from evidencemap.server.costs import Calibration, CostBook
 from evidencemap.server.middleware import FORM_SLACK, BodyLimit, Guard, RefusalThrottle
 from evidencemap.server.progress import (
