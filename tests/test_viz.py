@@ -51,11 +51,11 @@ def test_overlay_keeps_size_and_colours_hot_regions():
     heat = torch.zeros(300, 451)
     heat[50:150, 200:350] = 1.0
 
-    image = overlay(photo, heat)
+    image = overlay(photo, heat, cmap="jet")
 
     assert image.mode == "RGB"
     assert image.size == (451, 300)
-    on_grey = np.asarray(overlay(_grey(300, 451), heat))
+    on_grey = np.asarray(overlay(_grey(300, 451), heat, cmap="jet"))
     assert _is_red(on_grey[50:150, 200:350]).all()
     assert _is_blue(on_grey[200:, :150]).all()
 
@@ -65,11 +65,11 @@ def test_overlay_blends_with_alpha():
     photo = np.asarray(Image.fromarray(skdata.coffee()).resize((80, 60)))
     jet = colormaps["jet"](heat)[..., :3] * 255
 
-    np.testing.assert_array_equal(np.asarray(overlay(photo, heat, alpha=0.0)), photo)
+    np.testing.assert_array_equal(np.asarray(overlay(photo, heat, "jet", alpha=0.0)), photo)
     np.testing.assert_array_equal(
-        np.asarray(overlay(photo, heat, alpha=1.0)), np.rint(jet).astype(np.uint8)
+        np.asarray(overlay(photo, heat, "jet", alpha=1.0)), np.rint(jet).astype(np.uint8)
     )
-    half = np.asarray(overlay(photo, heat, alpha=0.5)).astype(float)
+    half = np.asarray(overlay(photo, heat, "jet", alpha=0.5)).astype(float)
     assert np.abs(half - (0.5 * photo + 0.5 * jet)).max() <= 0.5 + 1e-9
 
 
@@ -85,7 +85,7 @@ def test_overlay_resizes_a_smaller_heatmap():
     heat = torch.zeros(6, 8)
     heat[:3, 4:] = 1.0  # top-right quadrant
 
-    pixels = np.asarray(overlay(_grey(300, 400), heat))
+    pixels = np.asarray(overlay(_grey(300, 400), heat, cmap="jet"))
 
     assert pixels.shape == (300, 400, 3)
     assert _is_red(pixels[:120, 230:]).all()
@@ -123,8 +123,10 @@ def test_overlay_figure_draws_colour_bar():
     photo = skdata.chelsea()
     heat = torch.zeros(300, 451)  # no red anywhere in the overlay itself
 
-    with_bar = overlay_figure(photo, heat, title="gradcam — tiger cat 0.39")
-    without = overlay_figure(photo, heat, title="gradcam — tiger cat 0.39", colorbar=False)
+    with_bar = overlay_figure(photo, heat, title="gradcam — tiger cat 0.39", cmap="jet")
+    without = overlay_figure(
+        photo, heat, title="gradcam — tiger cat 0.39", cmap="jet", colorbar=False
+    )
 
     assert with_bar.mode == "RGB"
     assert with_bar.height == without.height
@@ -186,7 +188,7 @@ def test_montage_slices_through_the_peak():
     heat[5, 17, 9] = 1.0
     heat[20, 2, 3] = 0.6  # a lesser bump on none of the peak's slices
 
-    pixels = np.asarray(montage(torch.zeros(size, size, size), heat, colorbar=False))
+    pixels = np.asarray(montage(torch.zeros(size, size, size), heat, "jet", colorbar=False))
 
     # a slice missing the single hot voxel would be all blue: each panel must show it
     red_columns = np.nonzero(_is_red(pixels).any(axis=0))[0]
@@ -203,7 +205,7 @@ def test_montage_draws_hot_voxel_where_it_is(panel, position):
     heat[0, 5, 17, 9] = 1.0
     volume = torch.randn(1, size, size, size)
 
-    pixels = np.asarray(montage(volume, heat, colorbar=False))
+    pixels = np.asarray(montage(volume, heat, "jet", colorbar=False))
 
     third = pixels.shape[1] // 3
     rows, columns = np.nonzero(_is_red(pixels[:, panel * third : (panel + 1) * third]))
@@ -238,7 +240,7 @@ def test_flat_heatmaps_render_without_warnings():
     photo = skdata.coffee()
     flat = torch.zeros(400, 600)
 
-    plain = np.asarray(overlay(photo, flat))
+    plain = np.asarray(overlay(photo, flat, "jet"))
     expected = 0.5 * photo + 0.5 * np.asarray(colormaps["jet"](0.0)[:3]) * 255
     assert np.abs(plain - expected).max() <= 0.5 + 1e-9
 
