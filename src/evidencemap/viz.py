@@ -876,7 +876,7 @@ def save_figure(
     """Write a figure as PNG, PDF or SVG (:data:`FIGURE_FORMATS`).
 
     PDF and SVG keep titles, colour bars and outlines as vectors (the photo and the map are
-    images inside them, at ``dpi``); no date is written, so the same figure gives the same file.
+    images inside them, at ``dpi``); no creation date is written.
 
     Args:
         figure: a figure of a ``*_plot`` builder or :func:`figure`.
