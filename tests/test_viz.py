@@ -441,7 +441,7 @@ def test_signed_maps_are_detected_and_drawn_on_a_symmetric_diverging_scale(metho
     low, high = bar.get_ylim()
     if signed:
         assert low == pytest.approx(-high)
-        assert "lowers" in bar.get_ylabel()
+        assert "against" in bar.get_ylabel()
         assert figure.axes[0].images[0] is not None
     else:
         assert (low, high) == (0.0, 1.0)

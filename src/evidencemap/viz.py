@@ -107,7 +107,7 @@ _UINT16 = 65535
 _REPR_SAMPLES = 8  # most maps a notebook's rich display of a batch shows
 DISPLAY_PERCENTILE = 99.5
 """Pixel-level maps are shown saturated at this percentile of their values (see :func:`for_display`)."""
-SIGNED_LABEL = "attribution (+ raises, − lowers the target)"
+SIGNED_LABEL = "− against · for the target +"
 EVIDENCE_LABEL = "evidence"
 
 
