@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from matplotlib import colormaps
+from matplotlib.figure import Figure
 from PIL import Image
 from skimage import data as skdata
 
@@ -531,6 +532,11 @@ def test_explanation_of_a_volume_is_drawn_as_a_montage(tmp_path):
     assert [ax.get_title().split()[0] for ax in figure.axes[:3]] == ["axial", "coronal", "sagittal"]
     axes = viz.plot(explanation, volume[0])
     assert len(axes) == 3
+    own = Figure().subplots(1, 3)  # a NumPy array of three axes
+    drawn = viz.plot(explanation, volume[0], ax=own)
+    assert [a.get_title().split()[-2] for a in drawn] == ["axial", "coronal", "sagittal"]
+    with pytest.raises(ValueError, match="three axes"):
+        viz.plot(explanation, volume[0], ax=own[0])
     path = viz.save(explanation, tmp_path / "map.tiff", bare=True)
     with Image.open(path) as picture:
         assert picture.n_frames == 8

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-__all__ = ["Explanation", "ExplanationImage"]
+__all__ = ["Explanation", "ExplanationImage", "effective_options"]
 
 
 _VIZ = "evidencemap.viz"  # the edge module the notebook helpers draw with

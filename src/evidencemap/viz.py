@@ -1301,7 +1301,7 @@ def plot(
     colours, scale = _colormap(look.cmap), look.scale
     vmin, vmax = scale if scale is not None else (None, None)
     if explanation.maps.ndim == 5:
-        many = list(ax) if isinstance(ax, Sequence) else [ax]
+        many = [ax] if isinstance(ax, Axes) else list(np.ravel(np.asarray(ax, dtype=object)))
         plan = _plan(explanation, index, image, pre, look)
         _draw_montage(
             many, plan.image, plan.heat, colours, alpha, scale, spacing, slices, orientation, True
