@@ -29,6 +29,7 @@ with warnings.catch_warnings():
 
 from evidencemap.server import create_app
 from evidencemap.server.app import ApiError
+from evidencemap.server.forms import ExplainRequest
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +161,10 @@ def test_hostile_options_are_refused_before_any_work(client, png, method, option
     ],
 )
 def test_bad_options_are_refused_before_the_image_is_decoded(client, monkeypatch, method, options):
-    import evidencemap.server.app as app_module
+    import evidencemap.server.service as service_module
 
     decoded = []
-    monkeypatch.setattr(app_module, "load_image_bytes", lambda *a, **k: decoded.append(a))
+    monkeypatch.setattr(service_module, "load_image_bytes", lambda *a, **k: decoded.append(a))
     garbage = b"\x89PNG not really" + bytes(2_000_000)  # undecodable, 2 MB
     began = time.perf_counter()
     response = client.post(
@@ -248,9 +249,9 @@ def test_cancel_event_stops_the_service_call(lite0, png):
     service = app.state.service
     event = threading.Event()
     event.set()
-    method = em.get_method("smoothgrad")
+    prepared = service.prepare(ExplainRequest((em.describe("smoothgrad"),)))
     with pytest.raises(ApiError) as err:
-        service.explain(png, [method], None, None, {"smoothgrad": {}}, event)
+        service.explain(png, prepared, event)
     assert err.value.status == 499
 
 
