@@ -68,6 +68,28 @@ def test_checkpoint_is_free_outside_limits_and_stops_inside():
     assert runtime.current() == runtime.Limits()  # restored
 
 
+def test_a_stoppable_chunked_run_keeps_its_chunks_short(monkeypatch):
+    """A run that can be cancelled (or has a deadline) is stopped only between chunks, so its
+    chunks last about CHUNK_SECONDS each: one item first, then as many as that time holds."""
+    sizes: list[int] = []
+
+    def step(start: int, stop: int) -> None:
+        sizes.append(stop - start)
+        time.sleep(0.02 * (stop - start))
+
+    runtime.run_chunked(40, 1, 40, step)  # no limits: the chunk asked for
+    assert sizes == [40]
+    monkeypatch.setattr(runtime, "CHUNK_SECONDS", 0.1)
+    for limits in ({"cancel": threading.Event()}, {"timeout": 60.0}):
+        sizes.clear()
+        with runtime.limits(**limits):
+            runtime.run_chunked(40, 1, 40, step)
+        assert sizes[0] == 1
+        assert sum(sizes) == 40
+        assert max(sizes) <= 5  # 0.1 s / 0.02 s per item
+        assert max(sizes) >= 2  # not one item at a time either
+
+
 def test_nested_limits_combine_to_the_tightest():
     with runtime.limits(memory_budget=1000), runtime.limits(memory_budget=5000):
         assert runtime.current().memory_budget == 1000

@@ -1148,3 +1148,19 @@ def test_npz_download_of_an_answer(client, chelsea_png):
         assert int(arrays["target"]) == result["target"]
     bad = dict(body, map=dict(body["map"], shape=[3, 3]))
     assert_error(client.post("/api/download/npz", json=bad), 400, "shape")
+
+
+def test_the_documented_example_route_works(lite0):
+    """docs/server.md's "Adding a route" example, as written there."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "server.md").read_text()
+    section = text.split("### Adding a route", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 12
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "docs/server.md", "exec"), namespace)
+    app = create_app(model=lite0)
+    app.include_router(namespace["router"])
+    answer = TestClient(app).get("/api/device").json()
+    assert answer == {"device": "cpu", "model": "efficientnet-lite0"}

@@ -186,10 +186,22 @@ function updateCosts() {
     : "";
 }
 
-// The methods that apply to the served model first (in the service's order), then the others,
-// greyed out with the reason: they can never be ticked.
-function methodOrder(methods) {
-  return [...methods.filter((m) => m.applies !== false), ...methods.filter((m) => m.applies === false)];
+// The methods that do not apply to the served model, after the others: greyed out, never
+// ticked, grouped under the reason they do not apply.
+function unavailableGroups(methods, preset) {
+  const byReason = new Map();
+  for (const m of methods.filter((x) => x.applies === false)) {
+    if (!byReason.has(m.reason)) byReason.set(m.reason, []);
+    byReason.get(m.reason).push(m);
+  }
+  return [...byReason].map(([reason, group]) => {
+    const box = el("div", "unavailable-group");
+    box.setAttribute("role", "group");
+    box.setAttribute("aria-label", "methods that do not apply to this model");
+    box.append(el("p", "reason", "not for this model: " + reason));
+    for (const m of group) box.append(methodLabel(m, preset));
+    return box;
+  });
 }
 
 function methodLabel(m, preset) {
@@ -212,7 +224,6 @@ function methodLabel(m, preset) {
     input.checked = false;
     label.classList.add("unavailable");
     label.setAttribute("aria-disabled", "true");
-    label.append(el("small", "reason", "does not apply: " + m.reason));
   }
   return label;
 }
@@ -228,7 +239,8 @@ async function loadMethods() {
   box.textContent = "";
   const usable = methods.filter((m) => m.applies !== false).map((m) => m.name);
   const preset = usable.includes("gradcam") ? "gradcam" : usable[0];
-  for (const m of methodOrder(methods)) box.append(methodLabel(m, preset));
+  for (const m of methods.filter((x) => x.applies !== false)) box.append(methodLabel(m, preset));
+  box.append(...unavailableGroups(methods, preset));
   updateCosts();
 }
 
