@@ -8,6 +8,7 @@ model (the counts do not depend on the model)::
 
     python benchmarks/serve_request_trace.py            # Grad-CAM
     python benchmarks/serve_request_trace.py scorecam   # another method (or several: a,b)
+    python benchmarks/serve_request_trace.py scorecam '{"top_k": 4}'   # with options
 """
 
 from __future__ import annotations
@@ -85,6 +86,6 @@ def trace_request(method: str = "gradcam", option_json: str | None = None) -> Co
 
 if __name__ == "__main__":
     name = sys.argv[1] if len(sys.argv) > 1 else "gradcam"
-    counted = trace_request(name)
+    counted = trace_request(name, sys.argv[2] if len(sys.argv) > 2 else None)
     shown = ", ".join(f"{k} {counted[k]}" for k in WATCHED.values())
     print(f"one POST /api/explain of {name!r}: {shown}")

@@ -293,7 +293,7 @@ def autograd_bytes(
     # only a duplicate while that tensor lives (tensors are not kept, so addresses are reused)
     keep = [*resident, leaf := x.detach().requires_grad_(True)]
     seen: dict[tuple[int, int], Callable[[], Tensor | None]] = {
-        _storage_key(t): (lambda t=t: t) for t in keep
+        _storage_key(t): _kept(t) for t in keep
     }
     total = 0
 
@@ -311,6 +311,11 @@ def autograd_bytes(
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         forward(leaf)
     return total
+
+
+def _kept(t: Tensor) -> Callable[[], Tensor | None]:
+    """A strong reference shaped like a weak one: ``_kept(t)()`` is ``t``."""
+    return lambda: t
 
 
 def _storage_key(t: Tensor) -> tuple[int, int]:

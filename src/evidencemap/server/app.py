@@ -130,6 +130,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
+    app.state.executor, app.state.costly_executor = service.cheap_lane, service.costly_lane
     app.add_middleware(BodyLimit, limit=config.max_upload_bytes + FORM_SLACK)
     app.add_middleware(Guard, allowed_origins=frozenset(config.allowed_origins))
     app.add_middleware(  # outermost: it sees the refusals of the two above as well

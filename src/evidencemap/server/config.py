@@ -178,8 +178,8 @@ class ServiceConfig:
             (``None``: its own name, or :data:`DEFAULT_MODEL`).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (:func:`check_device`); ``None``: the
             given model's own device (``cpu`` for a model loaded by name).
-        workers … costly_niceness: see :data:`SETTINGS` (``costly_workers`` ``None`` becomes
-            ``max(1, workers // 2)``).
+        workers … costly_niceness: see :data:`SETTINGS` (``costly_workers`` ``None``:
+            ``max(1, workers // 2)``, :attr:`costly_threads`).
         caps: the largest value of costly options: ``{"max_iterations": 200}`` for every
             method, ``{"fgvis.max_iterations": 200}`` for one (:func:`check_cap`).
         allowed_origins: other origins (``https://host:port``) whose pages may POST.
@@ -210,8 +210,6 @@ class ServiceConfig:
         checked: dict[str, Any] = {
             name: option.check(getattr(self, name)) for name, option in SETTINGS.items()
         }
-        if checked["costly_workers"] is None:
-            checked["costly_workers"] = max(1, checked["workers"] // 2)
         checked["device"] = check_device(self.device)
         caps = dict(self.caps or {})
         checked["caps"] = MappingProxyType({k: check_cap(k, v) for k, v in caps.items()})
@@ -221,6 +219,11 @@ class ServiceConfig:
         checked["allowed_origins"] = tuple(o.rstrip("/") for o in origins)
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+
+    @property
+    def costly_threads(self) -> int:
+        """Threads of the costly lane: ``costly_workers``, else ``max(1, workers // 2)``."""
+        return self.costly_workers or max(1, self.workers // 2)
 
     def replace(self, **settings: Any) -> ServiceConfig:
         """A copy with ``settings`` changed (checked again).

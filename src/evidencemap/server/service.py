@@ -187,7 +187,7 @@ class Service:
             max_workers=config.workers, thread_name_prefix="evidencemap-explain"
         )
         self.costly_lane = ThreadPoolExecutor(
-            max_workers=config.costly_workers or max(1, config.workers // 2),
+            max_workers=config.costly_threads,
             thread_name_prefix="evidencemap-costly",
             initializer=lower_thread_priority,
             initargs=(config.costly_niceness,),
