@@ -119,6 +119,23 @@ def test_page_explains_a_photo(page, lite0, tmp_path):
         page.goto(url + "/")
         page.wait_for_selector("input[name=method][value=gradcam]")
         assert page.is_checked("input[name=method][value=gradcam]")
+        # only the methods that apply to this CNN can be ticked: the attention methods come
+        # last, greyed out with the reason, never ticked
+        shown = page.eval_on_selector_all(
+            "#methods label.method",
+            "ls => ls.map(l => [l.dataset.method, l.querySelector('input').disabled])",
+        )
+        offered = [name for name, disabled in shown if not disabled]
+        refused = [name for name, disabled in shown if disabled]
+        assert sorted(refused) == ["attention_gradient", "attention_rollout"]
+        assert [name for name, _ in shown] == offered + refused
+        assert "gradcam" in offered
+        assert "transformer" in page.inner_text("#methods .unavailable-group .reason")
+        for name in refused:
+            assert not page.is_checked(f"input[name=method][value={name}]")
+            page.click(f"label.method[data-method={name}]", force=True)  # it stays unticked
+            assert not page.is_checked(f"input[name=method][value={name}]")
+        page.evaluate("() => window.scrollTo(0, 0)")
         # each method's expected cost is on the page before anything runs
         page.locator("label.method[data-method=fgvis] .cost").filter(has_text="passes").wait_for()
         assert "≤ 300 passes" in page.inner_text("label.method[data-method=fgvis] .cost")
@@ -228,7 +245,18 @@ def test_page_explains_a_photo(page, lite0, tmp_path):
         assert float(page.get_attribute("#progress", "value") or 0) > 0
         request_id = page.get_attribute("#run", "data-request-id")
         page.click("#cancel")
-        page.locator("#progress-text").filter(has_text="cancelled").wait_for(timeout=15_000)
+        # at once: "cancelling…" and a disabled button that says so, which no progress poll
+        # overwrites until the request has stopped
+        clicked = time.monotonic()
+        assert page.inner_text("#progress-text").startswith("cancelling…")
+        assert page.is_disabled("#cancel")
+        assert page.inner_text("#cancel") == "Cancelling…"
+        while (status := page.inner_text("#progress-text")) != "cancelled":
+            assert status.startswith("cancelling…"), status
+            assert time.monotonic() - clicked < 15, "the cancel never ended the request"
+            time.sleep(0.05)
+        assert time.monotonic() - clicked < 3.0
+        assert page.is_hidden("#cancel")
         assert page.is_hidden("#error")
         state = page.request.get(f"{url}/api/progress/{request_id}").json()
         assert state["state"] == "cancelled"

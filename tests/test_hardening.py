@@ -29,6 +29,7 @@ with warnings.catch_warnings():
 
 from evidencemap.server import create_app
 from evidencemap.server.app import ApiError
+from evidencemap.server.forms import ExplainRequest
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,28 @@ def test_checkpoint_is_free_outside_limits_and_stops_inside():
         with pytest.raises(runtime.RunCancelledError, match="time"):
             runtime.checkpoint()
     assert runtime.current() == runtime.Limits()  # restored
+
+
+def test_a_stoppable_chunked_run_keeps_its_chunks_short(monkeypatch):
+    """A run that can be cancelled (or has a deadline) is stopped only between chunks, so its
+    chunks last about CHUNK_SECONDS each: one item first, then as many as that time holds."""
+    sizes: list[int] = []
+
+    def step(start: int, stop: int) -> None:
+        sizes.append(stop - start)
+        time.sleep(0.02 * (stop - start))
+
+    runtime.run_chunked(40, 1, 40, step)  # no limits: the chunk asked for
+    assert sizes == [40]
+    monkeypatch.setattr(runtime, "CHUNK_SECONDS", 0.1)
+    for limits in ({"cancel": threading.Event()}, {"timeout": 60.0}):
+        sizes.clear()
+        with runtime.limits(**limits):
+            runtime.run_chunked(40, 1, 40, step)
+        assert sizes[0] == 1
+        assert sum(sizes) == 40
+        assert max(sizes) <= 5  # 0.1 s / 0.02 s per item
+        assert max(sizes) >= 2  # not one item at a time either
 
 
 def test_nested_limits_combine_to_the_tightest():
@@ -160,10 +183,10 @@ def test_hostile_options_are_refused_before_any_work(client, png, method, option
     ],
 )
 def test_bad_options_are_refused_before_the_image_is_decoded(client, monkeypatch, method, options):
-    import evidencemap.server.app as app_module
+    import evidencemap.server.service as service_module
 
     decoded = []
-    monkeypatch.setattr(app_module, "load_image_bytes", lambda *a, **k: decoded.append(a))
+    monkeypatch.setattr(service_module, "load_image_bytes", lambda *a, **k: decoded.append(a))
     garbage = b"\x89PNG not really" + bytes(2_000_000)  # undecodable, 2 MB
     began = time.perf_counter()
     response = client.post(
@@ -248,9 +271,9 @@ def test_cancel_event_stops_the_service_call(lite0, png):
     service = app.state.service
     event = threading.Event()
     event.set()
-    method = em.get_method("smoothgrad")
+    prepared = service.prepare(ExplainRequest((em.describe("smoothgrad"),)))
     with pytest.raises(ApiError) as err:
-        service.explain(png, [method], None, None, {"smoothgrad": {}}, event)
+        service.explain(png, prepared, event)
     assert err.value.status == 499
 
 

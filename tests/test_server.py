@@ -930,3 +930,239 @@ def test_serve_command_serves_a_python_module_model(tmp_path, chelsea_png, monke
     assert body["explanations"][0]["label"] == "class 1"
     assert body["explanations"][0]["layer"] == "1"
     assert_error(post(client, chelsea_png, target="2"), 400, "from 0 to 1")
+
+
+# --------------------------------------------------------------------------- the service's parts
+
+
+class _Small(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def count_calls(call, *functions):
+    """How often each of ``functions`` runs during ``call()``, on every thread started in it."""
+    import sys
+    from collections import Counter
+
+    codes = {f.__code__: f.__qualname__ for f in functions}
+    counts: Counter[str] = Counter()
+
+    def profile(frame, event, _arg):
+        if event == "call" and frame.f_code in codes:
+            counts[codes[frame.f_code]] += 1
+
+    threading.setprofile(profile)
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+        threading.setprofile(None)
+    return counts
+
+
+@pytest.mark.parametrize("methods", ["gradcam", "gradcam,scorecam,smoothgrad"])
+def test_each_method_is_described_and_checked_once_per_request(chelsea_png, methods):
+    """One request describes each of its methods once and checks their options once (it
+    described a Grad-CAM 7 times and checked its options twice before the service was split)."""
+    from evidencemap.methods import registry
+
+    client = TestClient(create_app(model=_Small().eval()))  # its lanes start inside the count
+    per_method = {"scorecam": {"top_k": 2}, "smoothgrad": {"samples": 2}}
+    options = json.dumps({k: v for k, v in per_method.items() if k in methods})
+
+    def request():
+        response = post(client, chelsea_png, method=methods, options=options)
+        assert response.status_code == 200, response.text
+
+    counts = count_calls(request, registry.describe, registry.check_options)
+    n = len(methods.split(","))
+    # SmoothGrad's wrapped method is described once more, to check the options it forwards
+    wrapped = "smoothgrad" in methods
+    assert counts["describe"] == n + wrapped, counts
+    assert counts["check_options"] == n + wrapped, counts
+
+
+def test_service_config_is_checked_once_and_frozen():
+    import dataclasses
+
+    from evidencemap.server import ServiceConfig
+
+    config = ServiceConfig(workers=4, caps={"scorecam.top_k": 8}, allowed_origins=["https://a/"])
+    assert (config.costly_workers, config.costly_threads) == (None, 2)  # workers // 2
+    assert config.allowed_origins == ("https://a",)
+    assert config.caps == {"scorecam.top_k": 8.0}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.workers = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.caps["x"] = 1  # type: ignore[index]
+    for bad, error, words in [
+        ({"workers": 0}, ValueError, "workers"),
+        ({"max_pixels": 1.5}, TypeError, "max_pixels"),
+        ({"refusal_delay": 61}, ValueError, "refusal_delay"),
+        ({"costly_niceness": 20}, ValueError, "costly_niceness"),
+        ({"time_limit": 0}, ValueError, "time_limit"),
+        ({"caps": {"sampels": 1}}, ValueError, "unknown option"),
+        ({"caps": {"nosuchcam.top_k": 1}}, ValueError, "unknown method"),
+        ({"device": "gpu"}, ValueError, "cpu, cuda, cuda:N or mps"),
+    ]:
+        with pytest.raises(error, match=words):
+            ServiceConfig(**bad)
+    with pytest.raises(TypeError, match="unknown service setting.*wrokers"):
+        config.replace(wrokers=2)
+    assert config.replace(workers=8).costly_threads == 4
+    assert config.replace(costly_workers=3).costly_threads == 3
+
+
+def test_create_app_takes_a_config(lite0):
+    from evidencemap.server import ServiceConfig
+
+    app = create_app(model=lite0, config=ServiceConfig(workers=3, display_size=224), workers=5)
+    service = app.state.service
+    assert (service.config.workers, service.config.display_size) == (5, 224)
+    assert TestClient(app).get("/health").json()["workers"] == 5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_devices_are_checked_with_a_clear_error(parser, capsys):
+    from evidencemap.server.config import check_device
+
+    assert check_device("CPU") == "cpu"
+    assert check_device(None) is None
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        check_device("cuda:1")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="mps.*not available"):
+            check_device("mps")
+    for bad in ("gpu", "cuda:x", "cuda:1"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", "--device", bad])
+    err = capsys.readouterr().err
+    assert "--device" in err
+    assert "cpu, cuda, cuda:N or mps" in err
+    assert "CUDA is not available" in err
+
+
+def test_cli_builds_the_service_config(parser):
+    from evidencemap.cli.serve import config_from_args
+    from evidencemap.server import ServiceConfig
+
+    args = parser.parse_args(
+        ["serve", "--workers", "4", "--max-upload-mb", "2", "--cap", "scorecam.top_k=8"]
+    )
+    config = config_from_args(args)
+    assert config == ServiceConfig(
+        model_name="efficientnet-lite0",
+        device="cpu",
+        workers=4,
+        max_upload_bytes=2 * 2**20,
+        caps={"scorecam.top_k": 8},
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--cap", "nosuchoption=3"])
+
+
+def test_methods_say_whether_they_apply_to_the_model(client):
+    from evidencemap.methods.registry import applicable_methods
+
+    body = {m["name"]: m for m in client.get("/api/methods").json()}
+    assert body["gradcam"]["applies"] is True
+    assert body["gradcam"]["reason"] is None
+    for name in ("attention_rollout", "attention_gradient"):
+        assert body[name]["applies"] is False
+        assert "transformer" in body[name]["reason"]
+    lite0 = client.app.state.service.model
+    assert {n: m["reason"] for n, m in body.items()} == applicable_methods(lite0)
+
+
+def test_a_method_that_does_not_apply_is_refused_before_any_work(client, monkeypatch):
+    import evidencemap.server.service as service_module
+
+    decoded = []
+    monkeypatch.setattr(service_module, "load_image_bytes", lambda *a, **k: decoded.append(a))
+    response = post(client, b"\x89PNG not really", method="gradcam,attention_rollout")
+    assert_error(response, 422, "attention_rollout", "transformer", "methods that apply: gradcam")
+    assert decoded == []
+    assert client.get("/health").json()["busy"] == 0
+
+
+def test_progress_says_cancelling_until_the_work_stops():
+    from evidencemap.server.progress import RequestProgress
+
+    progress = RequestProgress("abcdefgh", ["scorecam"])
+    progress.state = "running"
+    progress.report(3, 100, "scorecam")
+    progress.cancel.set()
+    state = progress.snapshot()
+    assert state["state"] == "cancelling"
+    assert state["step"] == {"desc": "scorecam", "done": 3, "total": 100}
+    progress.state = "cancelled"
+    assert progress.snapshot()["state"] == "cancelled"
+
+
+def test_a_score_cam_stops_within_a_second_or_two_of_a_cancel(lite0, chelsea_png):
+    """Chunks of 256 masked inputs took several seconds each, and a cancel waited for the
+    chunk to end (11 s on a loaded machine); a stoppable run now keeps its chunks to about
+    half a second. (The costly lane at normal priority: this measures the chunks, not how
+    the operating system treats a niced thread on a machine busy with other processes.)"""
+    client = TestClient(create_app(model=lite0, costly_niceness=0))
+    options = json.dumps({"internal_batch_size": 256})
+    answer: dict = {}
+
+    def score_cam():
+        answer["response"] = post(
+            client, chelsea_png, method="scorecam", options=options, request_id="cancel-soon"
+        )
+        answer["at"] = time.monotonic()
+
+    thread = threading.Thread(target=score_cam)
+    thread.start()
+
+    def started():
+        step = client.get("/api/progress/cancel-soon").json()["step"]
+        return step is not None and step["done"] >= 2
+
+    wait_for(started, 60, what="Score-CAM's second chunk")
+    cancelled_at = time.monotonic()
+    assert client.post("/api/cancel/cancel-soon").json()["state"] == "cancelling"
+    thread.join(60)
+    assert_error(answer["response"], 499, "cancelled")
+    assert answer["at"] - cancelled_at < 2.0
+    assert client.get("/api/progress/cancel-soon").json()["state"] == "cancelled"
+
+
+def test_npz_download_of_an_answer(client, chelsea_png):
+    response = post(client, chelsea_png, method="gradcam")
+    result = response.json()["explanations"][0]
+    body = {"map": result["map"], "raw": result["raw"], "target": result["target"]}
+    npz = client.post("/api/download/npz", json=body)
+    assert npz.status_code == 200, npz.text
+    with np.load(io.BytesIO(npz.content)) as arrays:
+        assert sorted(arrays.files) == ["map", "raw", "target"]
+        np.testing.assert_array_equal(arrays["map"], decode_array(result["map"]))
+        np.testing.assert_array_equal(arrays["raw"], decode_array(result["raw"][0]))
+        assert int(arrays["target"]) == result["target"]
+    bad = dict(body, map=dict(body["map"], shape=[3, 3]))
+    assert_error(client.post("/api/download/npz", json=bad), 400, "shape")
+
+
+def test_the_documented_example_route_works(lite0):
+    """docs/server.md's "Adding a route" example, as written there."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "server.md").read_text()
+    section = text.split("### Adding a route", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 12
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "docs/server.md", "exec"), namespace)
+    app = create_app(model=lite0)
+    app.include_router(namespace["router"])
+    answer = TestClient(app).get("/api/device").json()
+    assert answer == {"device": "cpu", "model": "efficientnet-lite0"}

@@ -19,7 +19,9 @@ and then
 * a chunk of ``k`` items of ``b`` bytes each is never larger than the budget:
   ``k = min(requested, ⌊budget / b⌋)``; an item that alone exceeds it raises
   :class:`BudgetExceededError` (a ``ValueError``: the request is too large, a 4xx, never an OOM);
-* past the deadline, or once ``cancel`` is set, the next checkpoint raises :class:`RunCancelledError`;
+* past the deadline, or once ``cancel`` is set, the next checkpoint raises :class:`RunCancelledError`
+  (:func:`run_chunked` then keeps its chunks to about :data:`CHUNK_SECONDS` each, so that
+  the next checkpoint comes soon);
 * ``progress(done, total, desc)`` is called at every checkpoint that reports a count;
 * ``pause()`` is called at every checkpoint first: a run of low priority waits there while
   more urgent work computes (the web service's costly lane yields the CPU to cheap requests).
@@ -48,6 +50,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "CHUNK_SECONDS",
     "BudgetExceededError",
     "Limits",
     "Progress",
@@ -60,6 +63,10 @@ __all__ = [
     "run_chunked",
     "size_text",
 ]
+
+CHUNK_SECONDS = 0.5
+"""Seconds a chunk of :func:`run_chunked` aims at when the run can be cancelled or has a
+deadline (those are checked between chunks)."""
 
 Progress = Callable[[int, int, str], None]
 """``progress(done, total, desc)``: ``done`` of ``total`` units of the step named ``desc``."""
@@ -227,22 +234,40 @@ def run_chunked(
     sized by the larger of that peak and ``per_item_bytes``, so that the activations and
     gradients an item costs count, not only its inputs.
 
+    A run that can be stopped (a cancel event or a deadline in force, :func:`limits`) also
+    bounds each chunk's time, since it is stopped only between chunks: the first chunk holds
+    one item, and each next one ``k = max(1, ⌊CHUNK_SECONDS / t⌋)`` items at most, ``t`` being
+    the seconds per item of the chunk before (:data:`CHUNK_SECONDS`). A cancel then ends the
+    run within about that long, also on a loaded machine where a chunk of ``requested``
+    items takes many seconds.
+
     Raises:
         BudgetExceededError: when one item needs more than the thread's budget (from the
             estimate before any work, or from the measured first item).
     """
     size = chunk_items(per_item_bytes, requested, what, budget)
+    now = current()
+    timed = bool(now.cancel) or now.deadline is not None
+    seconds: float | None = None  # one item's, on the latest chunk
     start = 0
-    if total > 0 and (budget is not None or current().memory_budget is not None):
+    if total > 0 and (budget is not None or now.memory_budget is not None):
         from evidencemap.memory import PeakMemory
 
+        began = time.perf_counter()
         with PeakMemory() as meter:
             step(0, 1)
+        seconds = time.perf_counter() - began
         size = chunk_items(max(per_item_bytes, meter.peak), requested, what, budget)
         start = 1
     while start < total:
-        stop = min(total, start + size)
+        chunk = size
+        if timed:  # a stoppable run: chunks of about CHUNK_SECONDS, the first of one item
+            chunk = 1 if seconds is None else int(CHUNK_SECONDS / max(seconds, 1e-9))
+            chunk = max(1, min(size, chunk))
+        stop = min(total, start + chunk)
+        began = time.perf_counter()
         step(start, stop)
+        seconds = (time.perf_counter() - began) / (stop - start)
         start = stop
 
 
@@ -268,7 +293,7 @@ def autograd_bytes(
     # only a duplicate while that tensor lives (tensors are not kept, so addresses are reused)
     keep = [*resident, leaf := x.detach().requires_grad_(True)]
     seen: dict[tuple[int, int], Callable[[], Tensor | None]] = {
-        _storage_key(t): (lambda t=t: t) for t in keep
+        _storage_key(t): _kept(t) for t in keep
     }
     total = 0
 
@@ -286,6 +311,11 @@ def autograd_bytes(
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         forward(leaf)
     return total
+
+
+def _kept(t: Tensor) -> Callable[[], Tensor | None]:
+    """A strong reference shaped like a weak one: ``_kept(t)()`` is ``t``."""
+    return lambda: t
 
 
 def _storage_key(t: Tensor) -> tuple[int, int]:

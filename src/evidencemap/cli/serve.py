@@ -21,7 +21,9 @@ from typing import Any
 
 from evidencemap.cli.common import CLIError, add_model_arguments, model_from_args, positive_int
 
-__all__ = ["register", "run"]
+__all__ = ["config_from_args", "register", "run"]
+
+MIB = 2**20
 
 
 def _port(text: str) -> int:
@@ -31,30 +33,22 @@ def _port(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+def _setting(name: str, unit: float = 1.0) -> Callable[[str], Any]:
+    """argparse type of the service setting ``name``: checked by the setting's own
+    description (:func:`evidencemap.server.config.parse_setting`), not here."""
 
+    def parse(text: str) -> Any:
+        try:
+            from evidencemap.server.config import parse_setting
+        except ImportError:  # no serve extra: run() says so
+            return text
+        try:
+            return parse_setting(name, text, unit)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
 
-def _niceness(text: str) -> int:
-    if not text.strip().isdigit() or not 0 <= int(text) <= 19:
-        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 19, got {text!r}")
-    return int(text)
-
-
-def _delay(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 60:
-        raise argparse.ArgumentTypeError(f"expected seconds from 0 to 60, got {text!r}")
-    return value
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
 
 
 def register(subparsers: Any) -> None:
@@ -68,21 +62,41 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     add_model_arguments(parser)
     parser.add_argument(
+        "--device",
+        type=_setting("device"),
+        default="cpu",
+        help="where the model runs: cpu, cuda, cuda:N or mps (default cpu); an error when this "
+        "machine does not have it",
+    )
+    _add_lane_arguments(parser)
+    _add_limit_arguments(parser)
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn log level (default info)",
+    )
+    parser.set_defaults(func=run)
+
+
+def _add_lane_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--workers``, ``--costly-workers``, ``--costly-niceness``, ``--torch-threads``."""
+    parser.add_argument(
         "--workers",
-        type=positive_int,
+        type=_setting("workers"),
         default=2,
         help="threads computing explanations concurrently (default 2)",
     )
     parser.add_argument(
         "--costly-workers",
-        type=positive_int,
+        type=_setting("costly_workers"),
         default=None,
         help="threads of the costly lane (FGVis, Score-CAM, Integrated Gradients, SmoothGrad), "
         "which pause while cheap requests compute (default: workers / 2, at least 1)",
     )
     parser.add_argument(
         "--costly-niceness",
-        type=_niceness,
+        type=_setting("costly_niceness"),
         default=19,
         metavar="N",
         help="niceness of the costly lane's threads, 0-19 (Linux): at 19 they run on the time "
@@ -94,11 +108,21 @@ def register(subparsers: Any) -> None:
         default=None,
         help="torch intra-op threads (default: CPU cores / workers, at least 1)",
     )
+
+
+def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The limits: upload, pixels, caps, memory, time, origins, refusals."""
     parser.add_argument(
-        "--max-upload-mb", type=_positive_float, default=10.0, help="largest file in MiB (10)"
+        "--max-upload-mb",
+        type=_setting("max_upload_bytes", MIB),
+        default=10.0,
+        help="largest file in MiB (10)",
     )
     parser.add_argument(
-        "--max-megapixels", type=_positive_float, default=40.0, help="largest image in MP (40)"
+        "--max-megapixels",
+        type=_setting("max_pixels", 1e6),
+        default=40.0,
+        help="largest image in MP (40)",
     )
     parser.add_argument(
         "--cap",
@@ -111,13 +135,13 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--memory-budget-mb",
-        type=_positive_float,
+        type=_setting("memory_budget", MIB),
         default=512.0,
         help="MiB one chunk of a method's computation may take per request (512)",
     )
     parser.add_argument(
         "--time-limit",
-        type=_positive_float,
+        type=_setting("time_limit"),
         default=120.0,
         help="seconds one request may compute before it is stopped (120)",
     )
@@ -131,7 +155,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--refusal-delay",
-        type=_delay,
+        type=_setting("refusal_delay"),
         default=0.5,
         metavar="SECONDS",
         help="seconds each refused request (400, 403, 413, 415, 422) waits once its client was "
@@ -140,30 +164,53 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--refusal-allowance",
-        type=positive_int,
+        type=_setting("refusal_allowance"),
         default=20,
         metavar="N",
         help="refusals per client address and 10 s answered at once (20)",
     )
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["critical", "error", "warning", "info", "debug"],
-        help="uvicorn log level (default info)",
-    )
-    parser.set_defaults(func=run)
 
 
 def _cap(text: str) -> tuple[str, float]:
-    """``[METHOD.]OPTION=VALUE`` → ``(key, value)``."""
+    """``[METHOD.]OPTION=VALUE`` → ``(key, value)``, checked by
+    :func:`evidencemap.server.config.check_cap`."""
     key, sep, raw = text.partition("=")
     try:
         value = float(raw)
     except ValueError:
-        value = -1.0
-    if not sep or not key.strip() or not value >= 0:
+        sep = ""
+    if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected [METHOD.]OPTION=NUMBER, got {text!r}")
-    return key.strip(), value
+    try:
+        from evidencemap.server.config import check_cap
+    except ImportError:  # no serve extra: run() says so
+        return key.strip(), value
+    try:
+        return key.strip(), check_cap(key.strip(), value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected [METHOD.]OPTION=NUMBER >= 0: {err}") from None
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~evidencemap.server.config.ServiceConfig` of the parsed flags (their values
+    were checked as they were read)."""
+    from evidencemap.server.config import ServiceConfig
+
+    return ServiceConfig(
+        model_name=args.model,
+        device=args.device,
+        workers=args.workers,
+        costly_workers=args.costly_workers,
+        max_upload_bytes=int(args.max_upload_mb * MIB),
+        max_pixels=int(args.max_megapixels * 1e6),
+        caps=dict(args.cap or []),
+        memory_budget=int(args.memory_budget_mb * MIB),
+        time_limit=args.time_limit,
+        allowed_origins=tuple(args.allow_origin or ()),
+        refusal_delay=args.refusal_delay,
+        refusal_allowance=args.refusal_allowance,
+        costly_niceness=args.costly_niceness,
+    )
 
 
 def torch_threads_for(workers: int, requested: int | None = None) -> int:
@@ -195,22 +242,9 @@ def run(args: argparse.Namespace) -> int:
     threads = torch_threads_for(args.workers, args.torch_threads)
     torch.set_num_threads(threads)
     try:
-        loaded = model_from_args(args, torch.device("cpu"))
-        app = create_app(
-            args.model,
-            model=loaded,
-            workers=args.workers,
-            costly_workers=args.costly_workers,
-            max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-            max_pixels=int(args.max_megapixels * 1_000_000),
-            caps=dict(args.cap or []),
-            memory_budget=int(args.memory_budget_mb * 2**20),
-            time_limit=args.time_limit,
-            allowed_origins=tuple(args.allow_origin or ()),
-            refusal_delay=args.refusal_delay,
-            refusal_allowance=args.refusal_allowance,
-            costly_niceness=args.costly_niceness,
-        )
+        config = config_from_args(args)  # before the model loads
+        loaded = model_from_args(args, torch.device(config.device or "cpu"))
+        app = create_app(model=loaded, config=config)
     except (TypeError, ValueError, CLIError) as err:
         print(f"evidencemap serve: {err}", file=sys.stderr)
         return 2
@@ -222,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         )
     print(
         f"evidencemap: {args.model} on http://{args.host}:{args.port}/ "
-        f"({args.workers} workers, {threads} torch threads)",
+        f"({args.workers} workers, {threads} torch threads, device {config.device or 'cpu'})",
         file=sys.stderr,
     )
     config = uvicorn.Config(
@@ -233,7 +267,12 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=3,
     )
     server = uvicorn.Server(config)
-    server.handle_exit = partial(_stop_work_first, app.state.service.shutdown, server.handle_exit)
+    # uvicorn's exit handler, preceded by the service's shutdown (an instance attribute)
+    setattr(  # noqa: B010
+        server,
+        "handle_exit",
+        partial(_stop_work_first, app.state.service.shutdown, server.handle_exit),
+    )
     server.run()
     return 0
 

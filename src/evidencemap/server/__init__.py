@@ -12,12 +12,16 @@ from evidencemap.server.app import (
     create_app,
     method_options,
 )
+from evidencemap.server.config import ServiceConfig
+from evidencemap.server.service import Service
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_UPLOAD_BYTES",
     "MAX_TOP_K",
     "ApiError",
+    "Service",
+    "ServiceConfig",
     "create_app",
     "method_options",
 ]

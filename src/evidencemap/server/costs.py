@@ -32,6 +32,7 @@ from evidencemap.capture import record_outputs
 from evidencemap.layers import resolve_layers
 from evidencemap.methods import build, describe
 from evidencemap.methods.passes import PASS_KINDS, PASS_UNITS
+from evidencemap.methods.registry import MethodSpec
 
 __all__ = ["PASS_KINDS", "Calibration", "CostBook", "pass_count"]
 
@@ -119,19 +120,23 @@ class CostBook:
         self._lock = threading.Lock()
         self._last: dict[str, _Run] = {}
 
-    def record(self, name: str, seconds: float, classes: int, options: dict[str, Any]) -> None:
-        """Note a finished run of ``name``: ``seconds`` for ``classes`` classes."""
-        spec = describe(name)
+    def record(
+        self, name: str | MethodSpec, seconds: float, classes: int, options: dict[str, Any]
+    ) -> None:
+        """Note a finished run of ``name`` (a method name or description): ``seconds`` for
+        ``classes`` classes."""
+        spec = name if isinstance(name, MethodSpec) else describe(name)
         work = options.get(spec.passes.option) if spec.passes.option else None
         with self._lock:
             self._last[spec.name] = _Run(seconds / max(1, classes), work)
 
     def cost(
-        self, name: str, calibration: tuple[dict[str, float], int | None] | None
+        self, name: str | MethodSpec, calibration: tuple[dict[str, float], int | None] | None
     ) -> dict[str, Any]:
-        """The ``cost`` entry of ``GET /api/methods`` (:class:`~.schemas.MethodCost`)."""
+        """The ``cost`` entry of ``GET /api/methods`` (:class:`~.schemas.MethodCost`) of a
+        method name or description."""
         channels = calibration[1] if calibration is not None else None
-        spec = describe(name)
+        spec = name if isinstance(name, MethodSpec) else describe(name)
         passes, kind, at_most = spec.pass_count(channels)
         per_pass = calibration[0][kind] if calibration is not None else None
         with self._lock:

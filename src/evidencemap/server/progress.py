@@ -65,7 +65,8 @@ class RequestProgress:
         methods: the method names of the request, in order.
         cancel: set to stop the request at its next checkpoint.
         state: ``"queued"`` (waiting for a worker), ``"running"``, ``"done"``, ``"failed"``
-            or ``"cancelled"``.
+            or ``"cancelled"`` (:meth:`snapshot` reports a queued or running request whose
+            ``cancel`` is set as ``"cancelling"``).
     """
 
     request_id: str
@@ -118,9 +119,12 @@ class RequestProgress:
                 fraction += min(1.0, step["done"] / step["total"]) / n
             if self.state == "done":
                 fraction = 1.0
+            state = self.state
+            if state in ("queued", "running") and self.cancel.is_set():
+                state = "cancelling"
             return {
                 "request_id": self.request_id,
-                "state": self.state,
+                "state": state,
                 "elapsed": end - self.started,
                 "methods": list(self.methods),
                 "method_index": index,

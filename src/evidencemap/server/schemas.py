@@ -16,6 +16,7 @@ __all__ = [
     "MethodCost",
     "MethodInfo",
     "ModelInfo",
+    "NpzRequest",
     "Prediction",
     "ProgressInfo",
     "ProgressStep",
@@ -200,6 +201,14 @@ class MethodInfo(BaseModel):
     cost: MethodCost | None = Field(
         default=None, description="Its expected cost per class on the served model."
     )
+    applies: bool = Field(
+        default=True,
+        description="Whether the method can explain the served model (a static check: e.g. "
+        "attention methods need a transformer, layer methods a model that is not TorchScript).",
+    )
+    reason: str | None = Field(
+        default=None, description="Why it cannot, when it cannot; null when it applies."
+    )
 
 
 class ModelInfo(BaseModel):
@@ -234,7 +243,8 @@ class ProgressInfo(BaseModel):
     request_id: str
     state: str = Field(
         description='"unknown" (not seen, or forgotten), "queued" (waiting for a worker), '
-        '"running", "done", "failed" or "cancelled".'
+        '"running", "cancelling" (cancelled, stopping at its next checkpoint), "done", '
+        '"failed" or "cancelled".'
     )
     elapsed: float = Field(description="Seconds since the service registered the request.")
     methods: list[str] = Field(description="The request's methods, in order.")
@@ -242,3 +252,12 @@ class ProgressInfo(BaseModel):
     method: str | None = Field(description="The method running now; null when none.")
     step: ProgressStep | None = Field(description="Its step; null for single-pass methods.")
     fraction: float = Field(description="Estimated fraction done, in [0, 1].")
+
+
+class NpzRequest(BaseModel):
+    """A map to download as ``.npz`` (``POST /api/download/npz``): the fields of one
+    :class:`ExplanationResult` that it holds."""
+
+    map: ArrayData = Field(description="The normalised map (ExplanationResult.map).")
+    raw: list[ArrayData] = Field(description="The raw maps (ExplanationResult.raw).")
+    target: int = Field(description="The class explained.")

@@ -67,92 +67,27 @@ function save(blob, name) {
 
 // ------------------------------------------------------------------ .npz files (NumPy)
 
-const CRC_TABLE = (() => {
-  const table = new Uint32Array(256);
-  for (let n = 0; n < 256; n++) {
-    let c = n;
-    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-    table[n] = c >>> 0;
-  }
-  return table;
-})();
-
-function crc32(bytes) {
-  let c = 0xffffffff;
-  for (let i = 0; i < bytes.length; i++) c = CRC_TABLE[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
-  return (c ^ 0xffffffff) >>> 0;
-}
-
-// One .npy file (format 1.0): magic, header dict padded to a multiple of 64 bytes, raw data.
-function npy(descr, shape, data) {
-  const dims = shape.length === 1 ? shape[0] + "," : shape.join(", ");
-  let header = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': (" + dims + "), }";
-  const pad = 64 - ((10 + header.length + 1) % 64);
-  header += " ".repeat(pad % 64) + "\n";
-  const out = new Uint8Array(10 + header.length + data.byteLength);
-  out.set([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 1, 0], 0);  // \x93NUMPY v1.0
-  out[8] = header.length & 0xff;
-  out[9] = header.length >> 8;
-  for (let i = 0; i < header.length; i++) out[10 + i] = header.charCodeAt(i);
-  out.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength), 10 + header.length);
-  return out;
-}
-
-// A zip archive of stored (uncompressed) entries: what numpy.savez writes and numpy.load reads.
-function zip(entries) {
-  const parts = [];
-  const central = [];
-  let offset = 0;
-  for (const [name, data] of entries) {
-    const nameBytes = new TextEncoder().encode(name);
-    const crc = crc32(data);
-    const local = new DataView(new ArrayBuffer(30));
-    local.setUint32(0, 0x04034b50, true);
-    local.setUint16(4, 20, true);
-    local.setUint16(12, 0x21, true);  // 1980-01-01
-    local.setUint32(14, crc, true);
-    local.setUint32(18, data.length, true);
-    local.setUint32(22, data.length, true);
-    local.setUint16(26, nameBytes.length, true);
-    parts.push(new Uint8Array(local.buffer), nameBytes, data);
-    const entry = new DataView(new ArrayBuffer(46));
-    entry.setUint32(0, 0x02014b50, true);
-    entry.setUint16(4, 20, true);
-    entry.setUint16(6, 20, true);
-    entry.setUint16(14, 0x21, true);
-    entry.setUint32(16, crc, true);
-    entry.setUint32(20, data.length, true);
-    entry.setUint32(24, data.length, true);
-    entry.setUint16(28, nameBytes.length, true);
-    entry.setUint32(42, offset, true);
-    central.push(new Uint8Array(entry.buffer), nameBytes);
-    offset += 30 + nameBytes.length + data.length;
-  }
-  const size = central.reduce((n, part) => n + part.length, 0);
-  const end = new DataView(new ArrayBuffer(22));
-  end.setUint32(0, 0x06054b50, true);
-  end.setUint16(8, entries.length, true);
-  end.setUint16(10, entries.length, true);
-  end.setUint32(12, size, true);
-  end.setUint32(16, offset, true);
-  return new Blob([...parts, ...central, new Uint8Array(end.buffer)], { type: "application/zip" });
-}
-
 function decodeArray(item) {
   const bytes = Uint8Array.from(atob(item.data), (c) => c.charCodeAt(0));
   return new Float32Array(bytes.buffer);
 }
 
-// map (input resolution, [0, 1]), raw (layer resolution; raw_0, raw_1 … for several layers),
-// target (the class index).
-function npzOf(result) {
-  const entries = [["map.npy", npy("<f4", result.map.shape, decodeArray(result.map))]];
-  result.raw.forEach((raw, i) => {
-    const name = result.raw.length === 1 ? "raw.npy" : "raw_" + i + ".npy";
-    entries.push([name, npy("<f4", raw.shape, decodeArray(raw))]);
-  });
-  entries.push(["target.npy", npy("<i4", [], new Int32Array([result.target]))]);
-  return zip(entries);
+// The service writes the file (POST /api/download/npz) from the arrays of the answer.
+async function downloadNpz(result, name) {
+  try {
+    const response = await fetch("/api/download/npz", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ map: result.map, raw: result.raw, target: result.target }),
+    });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      throw new Error(body.error || response.statusText);
+    }
+    save(await response.blob(), name);
+  } catch (error) {
+    showError("could not make the .npz file: " + error.message);
+  }
 }
 
 // ------------------------------------------------------------------ methods and their cost
@@ -230,12 +165,14 @@ function updateCosts() {
   const checked = [...document.querySelectorAll("input[name=method]:checked")].map((i) => i.value);
   for (const label of document.querySelectorAll("#methods label.method")) {
     const name = label.dataset.method;
-    const { short, long } = costText(name);
+    const info = methodInfo.get(name);
+    const { short, long } = info.applies === false ? { short: "", long: "" } : costText(name);
     const small = label.querySelector(".cost");
     small.textContent = short;
     const expected = expectedCost(name);
     small.classList.toggle("slow", !!expected && expected.seconds !== null && expected.seconds > SLOW_SECONDS);
-    label.title = methodInfo.get(name).summary + (long ? "\n" + long : "");
+    label.title = info.summary + (info.applies === false ? "\ndoes not apply to this model: " +
+      info.reason : "") + (long ? "\n" + long : "");
     if (checked.includes(name)) {
       if (expected && expected.seconds !== null) total += expected.seconds;
       else known = false;
@@ -249,6 +186,48 @@ function updateCosts() {
     : "";
 }
 
+// The methods that do not apply to the served model, after the others: greyed out, never
+// ticked, grouped under the reason they do not apply.
+function unavailableGroups(methods, preset) {
+  const byReason = new Map();
+  for (const m of methods.filter((x) => x.applies === false)) {
+    if (!byReason.has(m.reason)) byReason.set(m.reason, []);
+    byReason.get(m.reason).push(m);
+  }
+  return [...byReason].map(([reason, group]) => {
+    const box = el("div", "unavailable-group");
+    box.setAttribute("role", "group");
+    box.setAttribute("aria-label", "methods that do not apply to this model");
+    box.append(el("p", "reason", "not for this model: " + reason));
+    for (const m of group) box.append(methodLabel(m, preset));
+    return box;
+  });
+}
+
+function methodLabel(m, preset) {
+  const label = el("label", "method");
+  label.dataset.method = m.name;
+  const input = el("input");
+  input.type = "checkbox";
+  input.name = "method";
+  input.value = m.name;
+  input.checked = m.name === preset;
+  input.addEventListener("change", updateCosts);
+  const name = el("span", "name");
+  m.name.split("_").forEach((part, i) => {  // long names wrap at their underscores
+    if (i) name.append("_", el("wbr"));
+    name.append(part);
+  });
+  label.append(input, name, el("small", "cost"));
+  if (m.applies === false) {
+    input.disabled = true;
+    input.checked = false;
+    label.classList.add("unavailable");
+    label.setAttribute("aria-disabled", "true");
+  }
+  return label;
+}
+
 async function loadMethods() {
   const methods = await getJSON("/api/methods");
   methodInfo = new Map(methods.map((m) => [m.name, m]));
@@ -258,23 +237,10 @@ async function loadMethods() {
     return;
   }
   box.textContent = "";
-  for (const m of methods) {
-    const label = el("label", "method");
-    label.dataset.method = m.name;
-    const input = el("input");
-    input.type = "checkbox";
-    input.name = "method";
-    input.value = m.name;
-    input.checked = m.name === "gradcam";
-    input.addEventListener("change", updateCosts);
-    const name = el("span", "name");
-    m.name.split("_").forEach((part, i) => {  // long names wrap at their underscores
-      if (i) name.append("_", el("wbr"));
-      name.append(part);
-    });
-    label.append(input, name, el("small", "cost"));
-    box.append(label);
-  }
+  const usable = methods.filter((m) => m.applies !== false).map((m) => m.name);
+  const preset = usable.includes("gradcam") ? "gradcam" : usable[0];
+  for (const m of methods.filter((x) => x.applies !== false)) box.append(methodLabel(m, preset));
+  box.append(...unavailableGroups(methods, preset));
   updateCosts();
 }
 
@@ -411,7 +377,7 @@ function cell(r, photo, heat, side) {
   const links = el("div", "downloads");
   links.append(
     downloadLink("PNG", "png", () => canvas.toBlob((blob) => save(blob, stem + ".png"), "image/png")),
-    downloadLink(".npz", "npz", () => save(npzOf(r), stem + ".npz")),
+    downloadLink(".npz", "npz", () => downloadNpz(r, stem + ".npz")),
   );
   fig.append(links);
   panels.push(panel);
@@ -471,11 +437,18 @@ async function render(body) {
 
 // ------------------------------------------------------------------ running a request
 
-function setProgress(info) {
+function setProgress(info, cancelled) {
   const n = info.methods.length;
   const bar = $("progress");
   bar.value = info.fraction;
   let text = info.state;
+  if (cancelled || info.state === "cancelling") {
+    const step = info.step && info.step.total > 0
+      ? " (stopped at " + info.step.desc + " " + info.step.done + " / " + info.step.total + ")"
+      : "";
+    $("progress-text").textContent = "cancelling…" + step;
+    return;
+  }
   if (info.state === "queued") text = "waiting for a free worker";
   if (info.state === "running" && info.method) {
     text = info.method + " (" + (info.method_index + 1) + " of " + n + ")";
@@ -492,7 +465,7 @@ async function poll() {
   run.polling = true;
   try {
     const info = await getJSON("/api/progress/" + run.id);
-    if (running === run && info.state !== "unknown") setProgress(info);
+    if (running === run && info.state !== "unknown") setProgress(info, run.cancelled);
   } catch {
     // a missed poll is shown by the next one
   } finally {
@@ -513,6 +486,8 @@ function finishRun(text) {
   }
   running = null;
   $("cancel").hidden = true;
+  $("cancel").textContent = "Cancel";
+  $("run").classList.remove("cancelling");
   $("explain").disabled = false;
   $("progress-text").textContent = text;
 }
@@ -522,6 +497,8 @@ async function cancelRun() {
   if (!run || run.cancelled) return;
   run.cancelled = true;
   $("cancel").disabled = true;
+  $("cancel").textContent = "Cancelling…";
+  $("run").classList.add("cancelling");
   $("progress-text").textContent = "cancelling…";
   try {
     await fetch("/api/cancel/" + run.id, { method: "POST" });
