@@ -17,6 +17,7 @@ from PIL import Image
 from skimage import data
 
 import evidencemap as em
+from evidencemap.io import MAPS_VERSION, load_maps
 from evidencemap.methods import METHODS, Option, register
 from evidencemap.methods.gradients import SmoothGrad
 from server_helpers import decode_array, decode_png, photo_bytes
@@ -1140,14 +1141,20 @@ def test_a_score_cam_stops_within_a_second_or_two_of_a_cancel(lite0, chelsea_png
 def test_npz_download_of_an_answer(client, chelsea_png):
     response = post(client, chelsea_png, method="gradcam")
     result = response.json()["explanations"][0]
-    body = {"map": result["map"], "raw": result["raw"], "target": result["target"]}
+    fields = ("map", "raw", "target", "method", "score", "layer", "options")
+    body = {key: result[key] for key in fields}
     npz = client.post("/api/download/npz", json=body)
     assert npz.status_code == 200, npz.text
-    with np.load(io.BytesIO(npz.content)) as arrays:
-        assert sorted(arrays.files) == ["map", "raw", "target"]
-        np.testing.assert_array_equal(arrays["map"], decode_array(result["map"]))
-        np.testing.assert_array_equal(arrays["raw"], decode_array(result["raw"][0]))
-        assert int(arrays["target"]) == result["target"]
+    # The library's one maps schema, read back by its reader (the CLI writes the same).
+    saved = load_maps(io.BytesIO(npz.content))
+    assert saved.version == MAPS_VERSION
+    np.testing.assert_array_equal(saved.maps[0, 0], decode_array(result["map"]))
+    np.testing.assert_array_equal(saved.raw[0, 0], decode_array(result["raw"][0]))
+    assert saved.targets.tolist() == [result["target"]]
+    assert saved.scores[0] == pytest.approx(result["score"])
+    assert saved.method == "gradcam"
+    assert saved.layers == [result["layer"]]
+    assert saved.options == result["options"]
     bad = dict(body, map=dict(body["map"], shape=[3, 3]))
     assert_error(client.post("/api/download/npz", json=bad), 400, "shape")
 

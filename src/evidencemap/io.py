@@ -52,6 +52,8 @@ __all__ = [
     "load_image_bytes",
     "load_maps",
     "load_volume",
+    "maps_arrays",
+    "maps_npz_bytes",
     "normalise_volume",
     "save_explanation",
     "save_json",
@@ -804,26 +806,72 @@ def _npz_arrays(explanation: Explanation, rows: slice | Any) -> dict[str, np.nda
         picked = value.detach()[rows]
         return picked.cpu().to(torch.float32).numpy()
 
+    raw = explanation.raw
+    layer = explanation.layer
+    return maps_arrays(
+        rows_of(explanation.maps),
+        [rows_of(part) for part in raw] if isinstance(raw, list) else rows_of(raw),
+        scores=rows_of(explanation.scores).reshape(-1),
+        targets=None
+        if explanation.targets is None
+        else explanation.targets.detach()[rows].cpu().to(torch.int64).numpy(),
+        method=explanation.method,
+        label=explanation.label,
+        layers=[] if layer is None else [layer] if isinstance(layer, str) else list(layer),
+        options=explanation.options,
+    )
+
+
+def maps_arrays(
+    maps: np.ndarray,
+    raw: np.ndarray | list[np.ndarray],
+    *,
+    scores: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
+    method: str = "",
+    label: str = "",
+    layers: list[str] | tuple[str, ...] = (),
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """The arrays of one :data:`MAPS_SCHEMA` file from NumPy data (what
+    :func:`save_explanation` writes for an explanation, and the web page's download for the
+    arrays of an answer).
+
+    Args:
+        maps: ``(N, 1, *S)`` maps at input resolution.
+        raw: ``(N, 1, *s)`` raw maps, or one per layer.
+        scores / targets: ``(N,)`` target scores and classes (``None``: unknown / not a class).
+        method / label / layers / options: what computed them.
+    """
+    maps = np.asarray(maps, dtype=np.float32)
     arrays: dict[str, np.ndarray] = {
         "version": np.asarray(MAPS_VERSION, dtype=np.int64),
-        "maps": rows_of(explanation.maps),
-        "scores": rows_of(explanation.scores).reshape(-1),
+        "maps": maps,
+        "scores": np.full(maps.shape[0], np.nan, np.float32)
+        if scores is None
+        else np.asarray(scores, dtype=np.float32).reshape(-1),
     }
-    if isinstance(explanation.raw, list):
-        for j, part in enumerate(explanation.raw):
-            arrays[f"raw_{j}"] = rows_of(part)
+    if isinstance(raw, list):
+        for j, part in enumerate(raw):
+            arrays[f"raw_{j}"] = np.asarray(part, dtype=np.float32)
     else:
-        arrays["raw"] = rows_of(explanation.raw)
-    if explanation.targets is not None:
-        arrays["targets"] = explanation.targets.detach()[rows].cpu().to(torch.int64).numpy()
-    layer = explanation.layer
-    layers = [] if layer is None else [layer] if isinstance(layer, str) else list(layer)
-    arrays["method"] = np.asarray(explanation.method)
-    arrays["label"] = np.asarray(explanation.label)
-    arrays["layers"] = np.asarray(layers, dtype=str).reshape(len(layers))
-    options = json.dumps(to_jsonable(explanation.options), sort_keys=True, allow_nan=False)
-    arrays["options"] = np.asarray(options)
+        arrays["raw"] = np.asarray(raw, dtype=np.float32)
+    if targets is not None:
+        arrays["targets"] = np.asarray(targets, dtype=np.int64).reshape(-1)
+    arrays["method"] = np.asarray(method)
+    arrays["label"] = np.asarray(label)
+    arrays["layers"] = np.asarray(list(layers), dtype=str).reshape(len(layers))
+    text = json.dumps(to_jsonable(dict(options or {})), sort_keys=True, allow_nan=False)
+    arrays["options"] = np.asarray(text)
     return arrays
+
+
+def maps_npz_bytes(maps: np.ndarray, raw: np.ndarray | list[np.ndarray], **fields: Any) -> bytes:
+    """The bytes of a compressed :data:`MAPS_SCHEMA` ``.npz`` from NumPy data (the keywords of
+    :func:`maps_arrays`)."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **maps_arrays(maps, raw, **fields))  # type: ignore[arg-type]
+    return buffer.getvalue()
 
 
 def _rows(explanation: Explanation, rows: int | slice | None) -> slice:

@@ -8,7 +8,6 @@ the photo, the model's preprocessing) to the response models of
 from __future__ import annotations
 
 import base64
-import io
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,7 +31,6 @@ __all__ = [
     "display",
     "finite",
     "method_results",
-    "npz_bytes",
     "png_url",
 ]
 
@@ -142,14 +140,3 @@ def method_results(
             )
         )
     return results
-
-
-def npz_bytes(map_: np.ndarray, raw: Sequence[np.ndarray], target: int) -> bytes:
-    """The page's ``.npz`` download of one map: ``map`` (input resolution, [0, 1]), ``raw``
-    (layer resolution; ``raw_0``, ``raw_1`` … for several layers) and ``target``."""
-    arrays: dict[str, np.ndarray] = {"map": map_}
-    arrays.update({"raw": raw[0]} if len(raw) == 1 else {f"raw_{i}": r for i, r in enumerate(raw)})
-    arrays["target"] = np.asarray(target, dtype="<i4")
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)  # type: ignore[arg-type]
-    return buffer.getvalue()

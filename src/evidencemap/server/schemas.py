@@ -261,3 +261,11 @@ class NpzRequest(BaseModel):
     map: ArrayData = Field(description="The normalised map (ExplanationResult.map).")
     raw: list[ArrayData] = Field(description="The raw maps (ExplanationResult.raw).")
     target: int = Field(description="The class explained.")
+    method: str = Field("", description="The method (ExplanationResult.method).")
+    score: float | None = Field(None, description="The target score (ExplanationResult.score).")
+    layer: str | list[str] | None = Field(
+        None, description="The layer(s) (ExplanationResult.layer)."
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="The method's options (ExplanationResult.options)."
+    )

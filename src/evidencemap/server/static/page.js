@@ -78,7 +78,10 @@ async function downloadNpz(result, name) {
     const response = await fetch("/api/download/npz", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ map: result.map, raw: result.raw, target: result.target }),
+      body: JSON.stringify({
+        map: result.map, raw: result.raw, target: result.target, method: result.method,
+        score: result.score, layer: result.layer, options: result.options,
+      }),
     });
     if (!response.ok) {
       const body = await response.json().catch(() => ({}));
