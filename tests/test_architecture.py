@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -236,9 +237,7 @@ def shortest_cycle(graph: dict[str, dict[str, Import]], start: str, members: set
 
 
 def describe_cycle(graph: dict[str, dict[str, Import]], chain: list[str]) -> str:
-    steps = [
-        f"    {a} -> {b}  ({graph[a][b].where()})" for a, b in zip(chain, chain[1:], strict=False)
-    ]
+    steps = [f"    {a} -> {b}  ({graph[a][b].where()})" for a, b in pairwise(chain)]
     return " -> ".join(chain) + "\n" + "\n".join(steps)
 
 
@@ -364,11 +363,7 @@ def fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     files = {
         "__init__.py": "from evidencemap.a import f\n",
         "a.py": "def f():\n    from evidencemap import b\n    return b\n",
-        "b.py": (
-            "from typing import TYPE_CHECKING\n"
-            "if TYPE_CHECKING:\n"
-            "    from .sub import c\n"
-        ),
+        "b.py": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .sub import c\n"),
         "sub/__init__.py": "",
         "sub/c.py": "from ..a import f\nimport evidencemap.viz\n",
         "viz.py": "import importlib\nimportlib.import_module('evidencemap.cli.run')\n",
@@ -408,8 +403,9 @@ def test_checker_finds_cycles_through_function_and_type_checking_imports() -> No
     assert "(evidencemap/a.py:2)" in cycles[0]
     # engine imports cli.run, which first runs cli/__init__, which imports engine
     assert cycles[1].startswith("evidencemap.cli -> evidencemap.engine -> evidencemap.cli\n")
-    assert "(evidencemap/engine.py:1, importing evidencemap.cli.run runs its package first)" in (
-        cycles[1]
+    assert (
+        "(evidencemap/engine.py:1, importing evidencemap.cli.run runs its package first)"
+        in (cycles[1])
     )
     assert "also runs through: evidencemap.cli.run, evidencemap.viz" in cycles[1]
 
