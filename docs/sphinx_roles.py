@@ -37,15 +37,19 @@ LITERAL_BLOCK = re.compile(r"(?<=\S)::[ \t]*$", re.MULTILINE)
 SECTION = re.compile(r"^(\s*)(Args|Arguments|Parameters|Other Parameters|Attributes):\s*$")
 GROUP = re.compile(r"^(\s+)(\*{0,2}\w+(?:\s*[/,]\s*\*{0,2}\w+)+)(\s*\([^)]*\))?:(\s.*|)$")
 API_PAGES = Path(__file__).resolve().parent / "api"
-DIRECTIVE = re.compile(r"^:::\s+([\w.]+)", re.MULTILINE)
+DIRECTIVE = re.compile(r"^:::\s+([\w.]+)((?:\n[ \t]+\S.*)*)", re.MULTILINE)
 
 
-def rendered_modules() -> set[str]:
-    """The objects the API reference renders with ``::: path`` blocks."""
-    found: set[str] = set()
+def rendered_modules() -> tuple[set[str], set[str]]:
+    """The modules the API reference renders with ``::: path`` blocks: those rendered alone,
+    and those rendered with their submodules (``show_submodules: true``)."""
+    alone: set[str] = set()
+    with_submodules: set[str] = set()
     for page in API_PAGES.glob("*.md"):
-        found.update(DIRECTIVE.findall(page.read_text(encoding="utf-8")))
-    return found
+        for path, options in DIRECTIVE.findall(page.read_text(encoding="utf-8")):
+            tree = re.search(r"show_submodules:\s*true", options)
+            (with_submodules if tree else alone).add(path)
+    return alone, with_submodules
 
 
 def _is_private(path: str) -> bool:
@@ -112,7 +116,7 @@ class SphinxRoles(griffe.Extension):
 
     def __init__(self) -> None:
         super().__init__()
-        self.rendered = rendered_modules()
+        self.rendered, self.rendered_trees = rendered_modules()
         self.package: griffe.Module | None = None
         self.paths: dict[str, list[str]] = {}
 
@@ -122,6 +126,8 @@ class SphinxRoles(griffe.Extension):
         for obj in objects:
             self.paths.setdefault(obj.name, []).append(obj.path)
         for obj in objects:
+            if obj.is_module:
+                self._hide_reexports(obj)  # type: ignore[arg-type]
             if obj.docstring is not None:
                 obj.docstring.value = self.convert(obj.docstring.value, obj)
                 if _takes_var_keywords(obj):
@@ -130,6 +136,20 @@ class SphinxRoles(griffe.Extension):
                         "warn_unknown_params": False,
                         "warn_missing_types": False,
                     }
+
+    def _hide_reexports(self, module: griffe.Module) -> None:
+        """Render each object once, where it is defined: a module's imported names whose own
+        module the reference renders are not rendered again (``evidencemap.GradCAM`` is
+        documented as ``evidencemap.methods.cam.GradCAM``)."""
+        for member in module.members.values():
+            if not member.is_alias:
+                continue
+            try:
+                target = member.final_target.path  # type: ignore[union-attr]
+            except (griffe.AliasResolutionError, griffe.CyclicAliasError):
+                continue  # outside the package
+            if target != member.path and self._is_rendered(target):
+                member.public = False
 
     def _walk(self, obj: griffe.Object) -> Any:
         yield obj
@@ -208,6 +228,8 @@ class SphinxRoles(griffe.Extension):
         """A public object of a module (or the module itself) the API reference renders."""
         if _is_private(path):
             return False
+        if any(path == t or path.startswith(t + ".") for t in self.rendered_trees):
+            return True
         parts = path.split(".")
         for end in range(len(parts), 0, -1):
             head = ".".join(parts[:end])
