@@ -17,7 +17,6 @@ DIRECTIVE = re.compile(r"^:::\s+([\w.]+)", re.MULTILINE)
 # Top-level modules the API reference leaves out, each with its reason.
 NOT_IN_API_REFERENCE = {
     "evidencemap.__main__": "`python -m evidencemap`, the command line",
-    "evidencemap.cli": "the command line, documented by its guide (docs/cli.md) and --help",
 }
 
 
