@@ -268,8 +268,7 @@ def autograd_bytes(
     # only a duplicate while that tensor lives (tensors are not kept, so addresses are reused)
     keep = [*resident, leaf := x.detach().requires_grad_(True)]
     seen: dict[tuple[int, int], Callable[[], Tensor | None]] = {
-        _storage_key(t): weakref.ref(t)
-        for t in keep  # alive: `keep` holds them
+        _storage_key(t): (lambda t=t: t) for t in keep
     }
     total = 0
 
