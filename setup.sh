@@ -19,6 +19,9 @@ python3 -m venv .venv
 # facenet-pytorch and OpenCV, which would pull torchvision; only its weights file is read.
 .venv/bin/python -m pip install -q --no-deps "facial-emotion-recognition>=0.3.4"
 
+# The documentation tools (the [docs] extra): mkdocs build --strict builds the site in site/.
+.venv/bin/python -m pip install -q -e ".[docs]"
+
 if [ "$run" = 1 ]; then
   .venv/bin/evidencemap explain examples/chelsea.jpg --out evidencemap-out
   echo "Open evidencemap-out/ to see the overlay."

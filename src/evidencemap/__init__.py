@@ -10,6 +10,7 @@ reachable as attributes (``evidencemap.models.load(...)``) and imported on first
 """
 
 import importlib
+import importlib.metadata
 from typing import Any
 
 from evidencemap import runtime, targets
@@ -37,7 +38,11 @@ from evidencemap.methods.gradients import (
 )
 from evidencemap.methods.scorecam import ScoreCAM
 
-__version__ = "0.1.0"
+try:
+    # Written once, in pyproject.toml; read from the installed package's metadata.
+    __version__ = importlib.metadata.version("evidencemap")
+except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "CAM",

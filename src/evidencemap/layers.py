@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +31,9 @@ def layer_names(model: nn.Module) -> dict[nn.Module, str]:
     return {module: name for name, module in model.named_modules()}
 
 
-def _one(model: nn.Module, layer: str | nn.Module, names: dict[nn.Module, str]) -> nn.Module:
+def _one(
+    model: nn.Module, layer: str | nn.Module | Tokens, names: dict[nn.Module, str]
+) -> nn.Module:
     if isinstance(layer, str):
         try:
             return model.get_submodule(layer)
@@ -150,7 +153,7 @@ def _gradient_token_layer(
     if not _has_graph(output) or not usable:
         return wide[-1][0], wide[-1][1]
     grads = torch.autograd.grad(
-        output.float().pow(2).sum(),  # type: ignore[union-attr]
+        cast(Tensor, output).float().pow(2).sum(),
         [out for _m, out, _l in usable],
         allow_unused=True,
         retain_graph=True,

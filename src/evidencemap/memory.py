@@ -4,7 +4,7 @@
 block is counted once per storage (its ``nbytes``) until that storage is freed, on every
 device, so ``peak`` is the most memory the block's own tensors held at once — not the tensors
 that existed before it (the model's parameters, the inputs). The chunked methods measure their
-first item with it when a memory budget applies (:func:`evidencemap.runtime.chunk_ranges`), so
+first item with it when a memory budget applies (:func:`evidencemap.runtime.chunk_items`), so
 that chunks are sized by what an item really costs (activations and gradients included), not
 by its input alone.
 """

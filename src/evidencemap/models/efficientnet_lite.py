@@ -55,9 +55,9 @@ _BN_MOMENTUM = 0.01
 
 def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
     """Scale a channel count by ``width`` and round to a multiple of ``divisor`` (TF rule)."""
-    filters = filters * width
-    new = max(divisor, int(filters + divisor / 2) // divisor * divisor)
-    if new < 0.9 * filters:
+    scaled = filters * width
+    new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if new < 0.9 * scaled:
         new += divisor
     return int(new)
 
