@@ -51,6 +51,12 @@ BUILT_IN = {  # name: (passes with the default options, kind, work option, at mo
     "guided_gradcam": (2.0, "input", None, False),  # guided backprop and Grad-CAM
     "integrated_gradients": (50.0, "input", "steps", False),
     "smoothgrad": (25.0, "input", "samples", False),  # 25 noisy copies of saliency
+    "smoothgrad_sq": (25.0, "input", "samples", False),
+    "vargrad": (25.0, "input", "samples", False),
+    "input_x_gradient": (1.0, "input", None, False),
+    "deconvnet": (1.0, "input", None, False),
+    "deeplift": (2.0, "input", None, False),  # the inputs and their references: 2N
+    "gradient_shap": (5.0, "input", "samples", False),
 }
 SECONDS = {"layer": 0.5, "input": 0.25, "forward": 0.125}
 """A made-up calibration: seconds per pass of each kind."""

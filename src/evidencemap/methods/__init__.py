@@ -7,8 +7,11 @@ the one description of a method, its options (:class:`Option`) and its cost in m
 
 from evidencemap.methods import (
     attention,  # noqa: F401  (registers the attention methods)
+    attribution,  # noqa: F401  (Input x Gradient, GradientSHAP)
     cam,
     cfcam,
+    deconvnet,  # noqa: F401
+    deeplift,  # noqa: F401
     fgvis,
     gradients,
     scorecam,

@@ -13,7 +13,18 @@ saliency            ``|∂y/∂x|`` (``abs=False``: ``∂y/∂x``)      ``max_c 
 guided_backprop     guided gradient ``R`` (below)               ``max_c |R_c|``
 guided_gradcam      ``R ⊙ Up(Grad-CAM)``                        ``max_c |raw_c|``
 integrated_grad.    ``IG`` (below)                              ``ReLU(Σ_c IG_c)`` or ``|Σ_c IG_c|``
+smoothgrad          ``E_ε[raw_M(x + ε)]`` of a wrapped ``M``    ``M``'s map of that
+smoothgrad_sq       ``E_ε[raw_M(x + ε)²]``                      ``M``'s map of that
+vargrad             ``Var_ε[raw_M(x + ε)]``                     ``M``'s map of that
+input_x_gradient    ``x ⊙ ∂y/∂x``                               ``ReLU(Σ_c raw_c)`` or ``|Σ_c raw_c|``
+deconvnet           deconvnet gradient ``R`` (``max(R, 0)``)    ``max_c |R_c|``
+deeplift            ``(x − r) ⊙ ∂̃y/∂x`` (rescale rule)         ``ReLU(Σ_c raw_c)`` or ``|Σ_c raw_c|``
+gradient_shap       ``E[(x̃ − b) ⊙ ∇F(b + α(x̃ − b))]``         ``ReLU(Σ_c raw_c)`` or ``|Σ_c raw_c|``
 ==================  ==========================================  ===============================
+
+Input × Gradient and GradientSHAP are in :mod:`evidencemap.methods.attribution`, Deconvnet in
+:mod:`evidencemap.methods.deconvnet`, DeepLIFT in :mod:`evidencemap.methods.deeplift`. Signed
+attributions stay in ``raw``; only the map takes a sign or an absolute value.
 
 Guided backprop changes the backward rule per nonlinearity *call* through
 :class:`evidencemap.capture.NonlinearityInterceptor` and :class:`~evidencemap.capture.GradientGate`
@@ -30,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -60,6 +71,8 @@ __all__ = [
     "IntegratedGradients",
     "Saliency",
     "SmoothGrad",
+    "SmoothGradSquared",
+    "VarGrad",
     "copy_bytes",
     "guided",
     "guided_rule",
@@ -85,6 +98,8 @@ GUIDED_NONLINEARITIES: frozenset[str] = frozenset(
 )
 
 IG_RULES = ("trapezoid", "midpoint")
+AGGREGATES = ("mean", "square", "variance")
+"""SmoothGrad's aggregations of the noisy copies' ``raw``: SmoothGrad, SmoothGrad², VarGrad."""
 IG_SIGNS = ("positive", "absolute")
 
 
@@ -548,6 +563,10 @@ class SmoothGrad(Method):
         memory_budget: bytes one chunk may take: the noisy inputs and, for a wrapped method
             that backpropagates, what its backward pass holds (``None``: no limit of its own;
             the run's budget applies too, :func:`copy_bytes`).
+        aggregate: how the copies' ``raw`` are combined: ``"mean"`` (SmoothGrad,
+            ``E[raw]``), ``"square"`` (SmoothGrad², ``E[raw²]``) or ``"variance"`` (VarGrad,
+            ``E[raw²] − E[raw]²``, population variance); the map is made from the result as
+            from the mean. Registered as ``smoothgrad_sq`` and ``vargrad`` with that default.
 
     Raises:
         TypeError / ValueError: for a bad method, samples, sigma or a layer given to a method
@@ -580,6 +599,13 @@ class SmoothGrad(Method):
             cap=256,
         ),
         MEMORY_BUDGET,
+        Option(
+            "aggregate",
+            "str",
+            "mean",
+            "mean of the copies' raw, mean of its square (SmoothGrad²) or its variance (VarGrad)",
+            choices=AGGREGATES,
+        ),
     )
 
     def __init__(
@@ -594,6 +620,7 @@ class SmoothGrad(Method):
         seed: int | None = 0,
         internal_batch_size: int = 32,
         memory_budget: int | None = None,
+        aggregate: str = "mean",
         output_key: Any = None,
         eval_mode: bool = True,
         batch_size: int | None = None,
@@ -627,6 +654,7 @@ class SmoothGrad(Method):
         self.seed = self.option("seed", seed)
         self.internal_batch_size = self.option("internal_batch_size", internal_batch_size)
         self.memory_budget = self.option("memory_budget", memory_budget)
+        self.aggregate = self.option("aggregate", aggregate)
 
     @property
     def hooks_layers(self) -> bool:
@@ -647,6 +675,7 @@ class SmoothGrad(Method):
             "samples": self.samples,
             "sigma": self.sigma,
             "seed": self.seed,
+            "aggregate": self.aggregate,
         }
 
     def map_of(self, raw: Tensor | list[Tensor], x: Tensor) -> Tensor:
@@ -681,10 +710,11 @@ class SmoothGrad(Method):
         per_copy = copy_bytes(self, x, self.memory_budget, backward)
         draws = smoothgrad_noise(x, self.samples, noise_sigma, self.seed, 1)
         total: Any = None
+        squares: Any = None
         layer: str | list[str] | None = None
 
         def step(start: int, stop: int) -> None:
-            nonlocal total, layer
+            nonlocal total, squares, layer
             runtime.checkpoint(start, self.samples, "smoothgrad")
             k = stop - start
             eps = torch.cat([next(draws) for _ in range(k)])
@@ -698,6 +728,9 @@ class SmoothGrad(Method):
             layer = exp.layer
             summed = _sum_copies(exp.raw, k, n)
             total = summed if total is None else _add(total, summed)
+            if self.aggregate != "mean":
+                sq = _sum_copies(_square(exp.raw), k, n)
+                squares = sq if squares is None else _add(squares, sq)
 
         requested = max(1, self.internal_batch_size // n)
         runtime.run_chunked(
@@ -708,14 +741,66 @@ class SmoothGrad(Method):
             "noisy batches",
             self.memory_budget,
         )
-        mean = (
-            [t / self.samples for t in total] if isinstance(total, list) else total / self.samples
-        )
+        mean = _aggregate(total, squares, self.samples, self.aggregate)
         maps = self.map_of(mean, x)
         context = Context(self.model, x, output.detach(), resolved, None, self.forward)
         return self.finish(
             mean, maps, context, scores, layer=layer, extras={"noise_sigma": noise_sigma}
         )
+
+
+def _square(raw: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+    return [r * r for r in raw] if isinstance(raw, list) else raw * raw
+
+
+def _aggregate(total: Any, squares: Any, samples: int, aggregate: str) -> Any:
+    """``E[raw]``, ``E[raw²]`` or ``E[raw²] − E[raw]²`` (clamped at 0) from the sums."""
+    if isinstance(total, list):
+        parts = squares if squares is not None else [None] * len(total)
+        return [_aggregate(t, q, samples, aggregate) for t, q in zip(total, parts, strict=True)]
+    mean = total / samples
+    if aggregate == "mean":
+        return mean
+    if aggregate == "square":
+        return squares / samples
+    return (squares / samples - mean * mean).clamp(min=0)
+
+
+@register
+class SmoothGradSquared(SmoothGrad):
+    """SmoothGrad² (Hooker et al. 2019; Captum's ``NoiseTunnel(nt_type="smoothgrad_sq")``):
+    ``raw = (1/n) Σ_i raw(x + ε_i)²``, SmoothGrad with ``aggregate="square"`` (its docstring).
+    """
+
+    name = "smoothgrad_sq"
+    aliases: ClassVar[tuple[str, ...]] = ("smoothgrad2", "smoothgrad-sq", "smoothgrad_squared")
+    OPTIONS: ClassVar[tuple[Option, ...]] = tuple(
+        replace(o, default="square") if o.name == "aggregate" else o for o in SmoothGrad.OPTIONS
+    )
+
+    def __init__(
+        self, model: nn.Module, layer: LayerSpec = None, *, aggregate: str = "square", **kw: Any
+    ) -> None:
+        super().__init__(model, layer, aggregate=aggregate, **kw)
+
+
+@register
+class VarGrad(SmoothGrad):
+    """VarGrad (Adebayo et al. 2018; Captum's ``NoiseTunnel(nt_type="vargrad")``): the variance
+    over the noisy copies ``raw = (1/n) Σ_i raw(x + ε_i)² − ((1/n) Σ_i raw(x + ε_i))²``
+    (population variance, as Captum), SmoothGrad with ``aggregate="variance"``.
+    """
+
+    name = "vargrad"
+    aliases: ClassVar[tuple[str, ...]] = ("var-grad", "var_grad")
+    OPTIONS: ClassVar[tuple[Option, ...]] = tuple(
+        replace(o, default="variance") if o.name == "aggregate" else o for o in SmoothGrad.OPTIONS
+    )
+
+    def __init__(
+        self, model: nn.Module, layer: LayerSpec = None, *, aggregate: str = "variance", **kw: Any
+    ) -> None:
+        super().__init__(model, layer, aggregate=aggregate, **kw)
 
 
 def _sum_copies(raw: Tensor | list[Tensor], k: int, n: int) -> Tensor | list[Tensor]:
