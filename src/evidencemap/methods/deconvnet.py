@@ -40,7 +40,7 @@ NONLINEARITIES = Option(
 )
 
 
-def _deconv_backward(_u: Tensor, _h: Tensor, grad: Tensor) -> tuple[Tensor, None]:
+def _deconv_backward(grad: Tensor) -> tuple[Tensor, None]:
     return grad.clamp(min=0), None
 
 

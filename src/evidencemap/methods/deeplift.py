@@ -60,12 +60,13 @@ def rescale_rule(eps: float = DEEPLIFT_EPS) -> InputRule:
             hx, hr = h.detach().chunk(2)
             du = ux - ur
             near = du.abs() < eps
-            m = torch.where(near, torch.zeros_like(du), (hx - hr) / torch.where(near, 1.0, du))
-            m2 = torch.cat([m, m])
-            keep = torch.cat([near, near]).to(h.dtype)
+            m = (hx - hr).div_(du.masked_fill_(near, 1.0)).masked_fill_(near, 0.0)
+        # kept for the backward: m (N, …) and the near mask (bool), both applied to each half
+        # of [x; r] by broadcasting: ∂/∂u = g·m, and g·1[near] on through f'(u)
 
-        def backward(_u: Tensor, _h: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
-            return grad * m2, grad * keep
+        def backward(grad: Tensor) -> tuple[Tensor, Tensor]:
+            halves = grad.unflatten(0, (2, -1))
+            return (halves * m).flatten(0, 1), (halves * near).flatten(0, 1)
 
         return ReplaceGradient.apply(u, h, backward)
 

@@ -6,8 +6,10 @@ DeepLIFT replace that derivative: they need the call's *input* ``u`` as well as 
 ``h``. :class:`InputInterceptor` is the same per-call interceptor
 (:class:`~evidencemap.capture.NonlinearityInterceptor`: modules and functional calls alike,
 nothing patched) whose rule also receives ``u``; :class:`ReplaceGradient` is the identity on
-``h`` whose backward sends ``rule(u, h, g)`` to ``u`` directly and ``keep(u, h, g)`` through
-the nonlinearity's own derivative.
+``h`` whose backward splits the arriving gradient ``g`` into a part sent to ``u`` directly and
+a part sent on through the nonlinearity's own derivative. It saves no tensor of its own: what a
+rule needs in the backward pass it keeps itself (DeepLIFT: the multipliers), so the memory of
+the graph grows only by that.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ __all__ = ["InputInterceptor", "InputRule", "ReplaceGradient", "nonlinearity_nam
 
 InputRule = Callable[[str, Tensor, Tensor], Tensor]
 """``rule(name, u, h)`` → the tensor the forward pass continues with."""
-GradRule = Callable[[Tensor, Tensor, Tensor], "tuple[Tensor | None, Tensor | None]"]
-"""``backward(u, h, g)`` → (the gradient for ``u`` directly, the gradient kept for ``h``)."""
+GradRule = Callable[[Tensor], "tuple[Tensor | None, Tensor | None]"]
+"""``backward(g)`` → (the gradient for ``u`` directly, the gradient kept for ``h``)."""
 
 
 def nonlinearity_names() -> frozenset[str]:
@@ -35,7 +37,7 @@ def nonlinearity_names() -> frozenset[str]:
 
 
 class ReplaceGradient(torch.autograd.Function):
-    """``forward(u, h, backward) = h``; ``backward(g)`` = ``backward(u, h, g)`` for ``(u, h)``.
+    """``forward(u, h, backward) = h``; ``backward(g)`` = ``backward(g)`` for ``(u, h)``.
 
     The gradient returned for ``u`` reaches the nonlinearity's input directly; the one returned
     for ``h`` goes on through the nonlinearity's own derivative (``None``: nothing).
@@ -44,13 +46,11 @@ class ReplaceGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, u: Tensor, h: Tensor, backward: GradRule) -> Tensor:
         ctx.backward_rule = backward
-        ctx.save_for_backward(u, h)
         return h.view_as(h)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        u, h = ctx.saved_tensors
-        to_u, to_h = ctx.backward_rule(u, h, grad)
+        to_u, to_h = ctx.backward_rule(grad)
         return to_u, to_h, None
 
 
