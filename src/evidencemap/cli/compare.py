@@ -19,11 +19,17 @@ from evidencemap.cli.common import (
     method_type,
     model_from_args,
     setup_runtime,
-    top_predictions,
     unit_float,
+)
+from evidencemap.engine import (
+    check_request,
+    crop_region,
+    is_embedding,
+    output_bases,
+    prepare,
+    top_predictions,
     versions,
 )
-from evidencemap.cli.pipeline import crop_region, output_bases, prepare
 
 __all__ = ["DEFAULT_METHODS", "register", "run"]
 
@@ -77,15 +83,28 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """What can be checked before the model loads: ``--cmap``, ``--target``, the photo."""
+    try:
+        check_request(args.methods[0], cmap=args.cmap)
+    except ValueError as err:
+        raise CLIError(f"--cmap: {err}") from err
+    try:
+        check_request(args.methods[0], model=args.model, target=args.target, labels=args.labels)
+    except FileNotFoundError as err:
+        raise CLIError(f"--labels: {err}") from err
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"--target: {err}") from err
+    if not args.image.exists():
+        raise CLIError(f"{args.image}: no such file")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run every method on the photo with one target; write the grid, maps and manifest."""
-    from matplotlib import colormaps
-
-    if args.cmap not in colormaps:
-        raise CLIError(f"--cmap: unknown matplotlib colormap {args.cmap!r}")
     device = setup_runtime(args)
+    _check_args(args)
     loaded = model_from_args(args, device)
-    if loaded.kind != "image":
+    if loaded.kind != "image" or is_embedding(loaded):
         raise CLIError("compare works on photos; use 'evidencemap explain' for volumes")
     methods = {name: build_method(name, loaded, args.layer, {}) for name in args.methods}
     base = output_bases([args.image], args.out)[0]
