@@ -551,12 +551,19 @@ def output_stem(base: Path, settings: Settings) -> Path:
     return base.with_name(name)
 
 
+def _input_size(loaded: LoadedModel) -> Any:
+    """The model input's size: the volume size ``(D, H, W)`` or the photo crop's side."""
+    if loaded.input_size is not None:
+        return loaded.input_size
+    return getattr(loaded.preprocess, "size", None)
+
+
 def request_of(settings: Settings, loaded: LoadedModel) -> dict[str, Any]:
     """What was asked, as the manifest's ``request`` records it (JSON values)."""
     return _jsonable(
         {
             "model": loaded.name,
-            "input_size": loaded.input_size,
+            "input_size": _input_size(loaded),
             "method": settings.method_name,
             "target": settings.target_name,
             "top_k": settings.top_k,
@@ -649,7 +656,9 @@ def _prepare_volume(
 ) -> Item:
     volume, meta = _read_volume(path, frame)
     wanted = _input_channels(loaded)
-    if wanted is not None and volume.shape[0] != wanted:
+    # one channel is left to the model (some repeat it, like the inflated CT network); several
+    # that its first convolution does not take are frames or channels of a 4-D file
+    if wanted is not None and volume.shape[0] > 1 and volume.shape[0] != wanted:
         raise ValueError(
             f"{path}: its 4th axis has {volume.shape[0]} entries (frames or channels) but "
             f"{loaded.name} takes {wanted} channel{'s' if wanted != 1 else ''}: pick one frame "
