@@ -844,7 +844,8 @@ def _target_record(
     if cls is not None and not is_embedding(loaded):
         label = loaded.label(cls)
     else:
-        label = settings.target_name or "custom target"
+        # an embedding's default target is its norm (see _resolve_target)
+        label = settings.target_name or ("norm" if is_embedding(loaded) else "custom target")
     probs = batch.probs
     return {
         "class": cls if not is_embedding(loaded) else None,
