@@ -143,13 +143,14 @@ def test_top_k_explains_each_class_in_one_call(capsys, photos, tmp_path):
     )
     assert status == 0, stderr
     assert "(+2 more)" in stdout
-    manifest = _manifest(tmp_path / "a_chelsea_gradcam.json")
+    manifest = _manifest(tmp_path / "a_chelsea_gradcam_top3.json")
     top3 = [p["class"] for p in manifest["predictions"][:3]]
     assert [t["class"] for t in manifest["targets"]] == top3
     assert manifest["batch"] == {"inputs": 1, "maps": 3, "seconds": manifest["batch"]["seconds"]}
     for rank in (1, 2, 3):
-        assert (tmp_path / f"a_chelsea_gradcam_top{rank}.png").is_file()
-    with np.load(tmp_path / "a_chelsea_gradcam.npz") as saved:
+        assert (tmp_path / f"a_chelsea_gradcam_top3_{rank}.png").is_file()
+    assert not (tmp_path / "a_chelsea_gradcam.json").exists()  # the top class's own results
+    with np.load(tmp_path / "a_chelsea_gradcam_top3.npz") as saved:
         assert saved["maps"].shape == (3, 1, 224, 224)
         assert saved["targets"].tolist() == top3
         # different classes, different evidence

@@ -362,7 +362,7 @@ def test_ray_engine_with_a_user_model_top_k_and_half_cpu_actors(
     )
     assert status == 0, stderr
     assert stdout.rstrip().endswith("; engine ray, 2 actors × 0.5 CPU")
-    assert len(list((tmp_path / "ray").glob("*_top2.png"))) == 2
+    assert len(list((tmp_path / "ray").glob("*_top2_2.png"))) == 2
     assert_same_outputs(tmp_path / "local", tmp_path / "ray")
 
 

@@ -12,10 +12,12 @@ against its description, the colour map, the target's syntax and, for built-in m
 class range).
 
 Per input ``NAME`` and method ``M`` it writes, next to each other, under the *stem*
-``NAME_M`` (:func:`output_stem`; a target other than the top class adds ``_t<target>``, options,
+``NAME_M`` (:func:`output_stem`; ``top_k`` adds ``_topK``, a target other than the top class
+adds ``_t<target>``, options,
 layer, frame or window other than the defaults add ``_o<hash>`` of them):
 
-* ``STEM.png`` (or ``STEM_topK.png`` per class with ``top_k``): photos get the overlay on
+* ``STEM.png`` (with ``top_k``: the stem is ``NAME_M_topK`` and there is one picture per
+  class, ``STEM_1.png`` … ``STEM_K.png``): photos get the overlay on
   the original photo, coloured only where the model looked (its centre crop, dashed box), with a
   colour bar and the title ``"M — label probability"``; volumes get axial, coronal and sagittal
   slices through the map's maximum. When a method returns an explanation image (FGVis:
@@ -536,11 +538,14 @@ def _variant(settings: Settings) -> dict[str, Any]:
 
 
 def output_stem(base: Path, settings: Settings) -> Path:
-    """``base`` + ``_METHOD``, then ``_t<target>`` for a target other than the top class and
+    """``base`` + ``_METHOD``, then ``_topK`` with ``top_k``, ``_t<target>`` for a target other
+    than the top class and
     ``_o<6 hex digits>`` (a SHA-1 of the non-default options, layer, frame and window, as JSON)
     when those are not the defaults: ``chelsea_gradcam``, ``chelsea_gradcam_t281``,
     ``chelsea_gradcam_t281_o3fa9c1``. The manifest says what the suffixes stand for."""
     name = f"{base.name}_{settings.method_name}"
+    if settings.top_k is not None:
+        name += f"_top{settings.top_k}"
     if settings.target_name is not None:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", settings.target_name).strip("-")[:32]
         name += f"_t{slug}"
@@ -886,7 +891,7 @@ def _write_pictures(
     pictures: list[Path] = []
     for rank, row in enumerate(rows, start=1):
         target = _target_record(batch, row, loaded, settings)
-        suffix = f"_top{rank}" if settings.top_k is not None else ""
+        suffix = f"_{rank}" if settings.top_k is not None else ""
         png = stem.with_name(f"{stem.name}{suffix}.png")
         extra = _beside(batch.explanation, row, item, loaded, target)
         title = _title(settings.method_name, target)
