@@ -272,17 +272,62 @@ def test_load_volume_nifti_ras_axes(tmp_path):
 
 
 def test_load_volume_nifti_channels_and_scaling(tmp_path):
-    values = np.arange(4 * 5 * 6 * 2, dtype=np.int16).reshape(4, 5, 6, 2)
+    # NIfTI keeps channels on its 5th axis (x, y, z, t = 1, c); the 4th is time
+    values = np.arange(4 * 5 * 6 * 2, dtype=np.int16).reshape(4, 5, 6, 1, 2)
     image = nib.Nifti1Image(values, np.diag([-1.0, -1.0, 1.0, 1.0]))
     image.header.set_slope_inter(0.5, 10.0)
     path = tmp_path / "two_channels.nii.gz"
     nib.save(image, path)
 
-    volume, _ = load_volume(path)
+    volume, meta = load_volume(path)
 
     assert volume.shape == (2, 6, 5, 4)
-    expected = values[..., 1].astype(np.float32)[:, :, ::-1].transpose(2, 1, 0) * 0.5 + 10.0
+    assert meta["frames"] == 1
+    assert meta["frame"] is None
+    expected = values[..., 0, 1].astype(np.float32)[:, :, ::-1].transpose(2, 1, 0) * 0.5 + 10.0
     np.testing.assert_allclose(volume[1].numpy(), expected)
+
+
+EXAMPLE_4D = Path(nib.__file__).parent / "tests" / "data" / "example4d.nii.gz"
+
+
+def test_load_volume_4d_nifti_needs_a_frame_and_reads_the_one_chosen():
+    with pytest.raises(ValueError, match=r"4th axis \(time\) holds 2 frames") as caught:
+        load_volume(EXAMPLE_4D)
+    assert "frame=" in str(caught.value)
+    assert "--frame" in str(caught.value)
+
+    volume, meta = load_volume(EXAMPLE_4D, frame=1)
+
+    image = nib.load(EXAMPLE_4D)
+    assert image.shape == (128, 96, 24, 2)
+    assert volume.shape == (1, 24, 96, 128)  # one frame, one channel: (S→I, A→P, R→L)
+    assert meta["frame"] == 1
+    assert meta["frames"] == 2
+    assert meta["original_shape"] == (128, 96, 24, 2)
+    frame = image.get_fdata(dtype=np.float32)[..., 1]
+    to_file = np.linalg.inv(image.affine) @ np.asarray(meta["affine"])
+    for index in [(0, 0, 0), (12, 40, 70), (23, 95, 127)]:
+        i, j, k = np.rint(to_file @ (*index, 1.0))[:3].astype(int)
+        assert volume[(0, *index)].item() == pytest.approx(frame[i, j, k])
+    first, _ = load_volume(EXAMPLE_4D, frame=0)
+    assert not torch.equal(first, volume)
+
+
+def test_load_volume_frame_out_of_range_or_of_the_wrong_type(tmp_path):
+    with pytest.raises(ValueError, match="frame 2 is out of range"):
+        load_volume(EXAMPLE_4D, frame=2)
+    with pytest.raises(TypeError, match="frame must be an int"):
+        load_volume(EXAMPLE_4D, frame="1")  # type: ignore[arg-type]
+    path = tmp_path / "three_d.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((3, 4, 5), np.float32), np.eye(4)), path)
+    assert load_volume(path, frame=0)[0].shape == (1, 5, 4, 3)  # a 3-D volume is frame 0
+    with pytest.raises(ValueError, match=r"one frame \(frame 0\)"):
+        load_volume(path, frame=1)
+    array = tmp_path / "volume.npy"
+    np.save(array, np.ones((3, 4, 5), np.float32))
+    with pytest.raises(ValueError, match="out of range"):
+        load_volume(array, frame=3)
 
 
 def test_load_volume_nifti_needs_nibabel(tmp_path, monkeypatch):
@@ -319,6 +364,8 @@ def test_load_volume_npy_3d(tmp_path):
         "format": "npy",
         "original_shape": (3, 4, 5),
         "shape": (1, 3, 4, 5),
+        "frame": None,
+        "frames": 1,
         "spacing": None,
         "affine": None,
     }
@@ -586,3 +633,153 @@ def test_save_json_converts_tensors_and_numpy(tmp_path):
 def test_save_json_rejects_unknown_objects(tmp_path):
     with pytest.raises(TypeError, match="object"):
         save_json(tmp_path / "bad.json", {"thing": object()})
+
+
+# --------------------------------------------------------------------------- maps as NIfTI
+
+
+def test_save_nifti_keeps_the_inputs_affine_and_world_positions(tmp_path):
+    from evidencemap.io import save_nifti
+
+    volume, meta = load_volume(EXAMPLE_4D, frame=0)
+    peak = (10, 50, 60)
+    heat = torch.zeros(volume.shape[1:])
+    heat[peak] = 1.0
+
+    path = save_nifti(tmp_path / "frame0_gradcam", heat, meta["affine"])
+
+    assert path.name == "frame0_gradcam.nii.gz"
+    saved = nib.load(path)
+    np.testing.assert_allclose(saved.affine, np.asarray(meta["affine"]), atol=1e-5)
+    assert saved.header.get_sform(coded=True)[1] == 1
+    assert saved.get_data_dtype() == np.float32
+    # the hot voxel lies at the same point in millimetres as the input voxel it explains
+    original = nib.load(EXAMPLE_4D)
+    world = saved.affine @ (*np.argwhere(saved.get_fdata() == 1.0)[0], 1.0)
+    voxel = np.rint(np.linalg.inv(original.affine) @ world)[:3].astype(int)
+    expected = np.linalg.inv(original.affine) @ np.asarray(meta["affine"]) @ (*peak, 1.0)
+    np.testing.assert_array_equal(voxel, np.rint(expected[:3]).astype(int))
+    assert nib.aff2axcodes(saved.affine) == ("I", "P", "L")
+    # read back by the library itself: the same map, on the same grid
+    again, again_meta = load_volume(path)
+    torch.testing.assert_close(again[0], heat)
+    np.testing.assert_allclose(again_meta["affine"], meta["affine"], atol=1e-5)
+
+
+def test_save_nifti_resizes_a_model_resolution_map_to_the_volume(tmp_path):
+    from evidencemap.io import save_nifti
+
+    small = torch.rand(1, 4, 6, 8)
+    path = save_nifti(tmp_path / "map.nii", small, np.diag([2.0, 2.0, 2.0, 1.0]), shape=(8, 12, 16))
+    assert nib.load(path).shape == (8, 12, 16)
+    assert path.suffix == ".nii"
+    with pytest.raises(ValueError, match="affine must be an invertible"):
+        save_nifti(tmp_path / "bad", small, np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="volume_map must be"):
+        save_nifti(tmp_path / "bad", torch.rand(4, 6), np.eye(4))
+
+
+# --------------------------------------------------------------------------- maps as .npz
+
+
+def _explanation(layers: int = 1, targets: bool = True):
+    from evidencemap.explanation import Explanation
+
+    raw = torch.rand(3, 1, 4, 5)
+    return Explanation(
+        maps=torch.rand(3, 1, 16, 20),
+        raw=[raw, torch.rand(3, 1, 8, 10)] if layers == 2 else raw,
+        targets=torch.tensor([5, 1, 7]) if targets else None,
+        scores=torch.tensor([1.5, -0.5, 2.0]),
+        method="gradcam",
+        layer=["a.0", "b.1"] if layers == 2 else "a.0",
+        options={"relu": True, "counterfactual": True, "eval_mode": True},
+    )
+
+
+@pytest.mark.parametrize(("layers", "targets"), [(1, True), (2, True), (1, False)])
+def test_npz_schema_round_trips_through_the_reader(tmp_path, layers, targets):
+    from evidencemap.io import MAPS_SCHEMA, MAPS_VERSION, load_maps, save_explanation
+
+    explanation = _explanation(layers, targets)
+
+    path = save_explanation(tmp_path / "cat_gradcam", explanation)
+    saved = load_maps(path)
+
+    assert path is not None
+    assert path.name == "cat_gradcam.npz"
+    assert saved.version == MAPS_VERSION == 1
+    assert len(saved) == 3
+    np.testing.assert_array_equal(saved.maps, explanation.maps.numpy())
+    np.testing.assert_array_equal(saved.scores, explanation.scores.numpy())
+    assert saved.method == "gradcam"
+    assert saved.label == "counterfactual gradcam"
+    assert saved.options == explanation.options
+    if layers == 2:
+        assert saved.layers == ["a.0", "b.1"]
+        assert isinstance(saved.raw, list)
+        for got, want in zip(saved.raw, explanation.raw, strict=True):
+            np.testing.assert_array_equal(got, want.numpy())
+    else:
+        assert saved.layers == ["a.0"]
+        np.testing.assert_array_equal(saved.raw, explanation.raw.numpy())
+    if targets:
+        assert saved.targets.dtype == np.int64
+        assert saved.targets.tolist() == [5, 1, 7]
+    else:
+        assert saved.targets is None
+    with np.load(path) as data:  # plain arrays: no pickles needed
+        keys = set(data.files)
+        assert data["maps"].dtype == np.float32
+        assert data["scores"].dtype == np.float32
+        assert data["version"].shape == ()
+    documented = set(MAPS_SCHEMA) - {"raw"} - (set() if targets else {"targets"})
+    assert documented <= keys
+    assert "tensor(" not in repr(saved)
+
+
+def test_npz_bytes_of_one_sample_are_the_same_schema():
+    from evidencemap.io import explanation_npz_bytes, load_maps
+
+    explanation = _explanation()
+
+    data = explanation_npz_bytes(explanation, 1)
+    saved = load_maps(io.BytesIO(data))
+
+    assert data.startswith(b"PK")
+    assert saved.maps.shape == (1, 1, 16, 20)
+    np.testing.assert_array_equal(saved.maps[0], explanation.maps[1].numpy())
+    assert saved.targets.tolist() == [1]
+    with pytest.raises(ValueError, match="outside the batch"):
+        explanation_npz_bytes(explanation, 3)
+
+
+def test_load_maps_reads_the_two_older_layouts_and_refuses_newer(tmp_path):
+    from evidencemap.io import load_maps
+
+    cli = tmp_path / "cli.npz"
+    np.savez_compressed(
+        cli,
+        maps=np.zeros((2, 1, 4, 4), np.float32),
+        raw=np.ones((2, 1, 2, 2), np.float32),
+        scores=np.ones(2, np.float32),
+        targets=np.array([3, 4]),
+    )
+    page = tmp_path / "page.npz"
+    np.savez(page, map=np.zeros((4, 4), np.float32), raw=np.ones((2, 2), np.float32), target=7)
+    newer = tmp_path / "newer.npz"
+    np.savez(newer, version=np.asarray(2), maps=np.zeros((1, 1, 2, 2)))
+
+    old = load_maps(cli)
+    one = load_maps(page)
+
+    assert old.version == one.version == 0
+    assert old.targets.tolist() == [3, 4]
+    assert one.maps.shape == (1, 1, 4, 4)
+    assert one.raw.shape == (1, 1, 2, 2)
+    assert one.targets.tolist() == [7]
+    with pytest.raises(ValueError, match="version 2"):
+        load_maps(newer)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        load_maps(tmp_path / "junk.npz")

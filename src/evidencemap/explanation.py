@@ -1,16 +1,58 @@
-"""The result of every method: maps, their raw form, the targets and the model's scores."""
+"""The result of every method: maps, their raw form, the targets and the model's scores.
+
+The core never imports the edges (``io``, ``viz``, ``cli``, ``server``). The one deliberate
+exception is the notebook helpers :meth:`Explanation.plot`, :meth:`Explanation.show` and
+:meth:`Explanation._repr_png_`: they reach :mod:`evidencemap.viz` through
+:func:`importlib.import_module` by name when called, so importing the core never imports
+matplotlib and no import of ``viz`` appears in the core's code.
+"""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 
 __all__ = ["Explanation", "ExplanationImage"]
 
 
-@dataclass
+_VIZ = "evidencemap.viz"  # the edge module the notebook helpers draw with
+_REPR_ITEMS = 4  # per-sample values a repr lists before "…"
+_REPR_OPTIONS = 120  # characters of options a repr shows before "…"
+
+
+def _shape(value: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in value.shape) + ")"
+
+
+def _values(value: Tensor | None, integer: bool) -> str:
+    if value is None:
+        return "None"
+    flat = value.detach().flatten()
+    shown = flat[:_REPR_ITEMS].cpu().tolist()
+    text = ", ".join(str(int(v)) if integer else f"{float(v):.4g}" for v in shown)
+    return "[" + text + (", …" if flat.numel() > _REPR_ITEMS else "") + "]"
+
+
+def _options_text(options: dict[str, Any]) -> str:
+    text = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    if len(text) > _REPR_OPTIONS:
+        text = text[: _REPR_OPTIONS - 1].rstrip(", ") + "…"
+    return "{" + text + "}"
+
+
+def effective_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with those of a wrapped method merged in (SmoothGrad's ``method_options``),
+    the wrapper's own taking precedence."""
+    inner = options.get("method_options")
+    return {**inner, **options} if isinstance(inner, dict) else dict(options)
+
+
+@dataclass(repr=False)
 class ExplanationImage:
     """The image a method returns as its explanation (FGVis), for one sample.
 
@@ -28,8 +70,14 @@ class ExplanationImage:
     score: float | None
     top1: int | None
 
+    def __repr__(self) -> str:
+        return (
+            f"ExplanationImage(kind={self.kind!r}, image={_shape(self.image)}, "
+            f"score={self.score!r}, top1={self.top1!r})"
+        )
 
-@dataclass
+
+@dataclass(repr=False)
 class Explanation:
     """What a method found, on the inputs' device.
 
@@ -62,6 +110,96 @@ class Explanation:
 
     def __len__(self) -> int:
         return int(self.maps.shape[0])
+
+    def __repr__(self) -> str:
+        """One short line: method, layer, shapes, targets, scores and options; never a tensor's
+        values beyond the first few targets and scores."""
+        if isinstance(self.raw, list):
+            raw = "[" + ", ".join(_shape(r) for r in self.raw) + "]"
+        else:
+            raw = _shape(self.raw)
+        extras = f", extras={sorted(self.extras)}" if self.extras else ""
+        return (
+            f"Explanation(method={self.label!r}, layer={self.layer!r}, "
+            f"maps={_shape(self.maps)} {str(self.maps.dtype).replace('torch.', '')} "
+            f"on {self.maps.device}, raw={raw}, targets={_values(self.targets, True)}, "
+            f"scores={_values(self.scores, False)}, options={_options_text(self.options)}"
+            f"{extras})"
+        )
+
+    __str__ = __repr__
+
+    @property
+    def label(self) -> str:
+        """The method's name with the variant its options select, for titles and reports.
+
+        ``"counterfactual gradcam"`` (``counterfactual=True``: evidence *against* the target),
+        ``"gradcam (relu=False)"`` (signed map), ``"saliency (abs=False)"`` (signed gradient),
+        ``"integrated_gradients (sign='absolute')"``, ``"fgvis (deletion game)"``,
+        ``"smoothgrad of saliency"``; the plain name otherwise.
+        """
+        options = self.options
+        name = self.method
+        inner = options.get("method")
+        if isinstance(inner, str) and isinstance(options.get("method_options"), dict):
+            name = f"{name} of {inner}"
+        merged = effective_options(options)
+        if merged.get("counterfactual") is True:
+            name = f"counterfactual {name}"
+        notes = []
+        if merged.get("relu") is False:
+            notes.append("relu=False")
+        if merged.get("abs") is False:
+            notes.append("abs=False")
+        if merged.get("sign") == "absolute":
+            notes.append("sign='absolute'")
+        if merged.get("game") == "delete":
+            notes.append("deletion game")
+        return f"{name} ({', '.join(notes)})" if notes else name
+
+    def numpy(self, raw: bool = False) -> np.ndarray | list[np.ndarray]:
+        """The maps (or, with ``raw=True``, the raw maps) as float32 NumPy arrays on the CPU.
+
+        Returns:
+            ``maps``: ``(N, 1, *S)`` (``exp.numpy()[i, 0]`` is sample ``i``'s map); ``raw``:
+            ``(N, C, *s)``, or one array per layer for several layers.
+        """
+
+        def convert(value: Tensor) -> np.ndarray:
+            return value.detach().cpu().float().numpy()
+
+        if not raw:
+            return convert(self.maps)
+        if isinstance(self.raw, list):
+            return [convert(r) for r in self.raw]
+        return convert(self.raw)
+
+    # -- notebook helpers: drawn by evidencemap.viz, reached by name (see the module docstring)
+
+    @staticmethod
+    def _viz() -> ModuleType:
+        return importlib.import_module(_VIZ)
+
+    def plot(self, image: Any = None, **kwargs: Any) -> Any:
+        """Draw sample ``index`` (default 0) as the command line does, in one call: see
+        :func:`evidencemap.viz.plot` for the arguments (``image``, ``model``, ``ax``,
+        ``signed``, ``cmap``, …). Returns the matplotlib axes drawn on."""
+        return self._viz().plot(self, image, **kwargs)
+
+    def show(self, image: Any = None, **kwargs: Any) -> None:
+        """Show the figure of :meth:`plot` (inline in a notebook, else in the system's image
+        viewer); see :func:`evidencemap.viz.show`."""
+        self._viz().show(self, image, **kwargs)
+
+    def _repr_png_(self) -> bytes | None:
+        """The maps of the batch as a PNG, for Jupyter's rich display (``None`` when matplotlib
+        is missing)."""
+        try:
+            viz = self._viz()
+        except ImportError:
+            return None
+        png: bytes = viz.repr_png(self)
+        return png
 
     def explanation_image(self, index: int) -> ExplanationImage | None:
         """Sample ``index``'s explanation image and the model's score on it; ``None`` for

@@ -2,14 +2,16 @@
 
 The edge between the file system and the library: photos become RGB PIL images (which the
 models' preprocessors turn into tensors), volumes become float32 tensors ``(C, D, H, W)``, and
-maps and reports are written as ``.npz`` and JSON. The core library never imports this module.
+maps and reports are written as ``.npz`` (one schema, :data:`MAPS_SCHEMA`), NIfTI and JSON. The
+core library never imports this module.
 
 Volume axes. NIfTI and DICOM volumes are reoriented so that the returned axes are
 ``D`` = superior → inferior, ``H`` = anterior → posterior and ``W`` = patient right → left
 (the radiological display convention): ``volume[0, d]`` is an axial slice with the patient's
 front at the top and right on the left, ``volume[0, :, h]`` a coronal one and
 ``volume[0, :, :, w]`` a sagittal one. The returned ``affine`` maps ``(d, h, w, 1)`` to RAS+
-world millimetres. ``.npy`` arrays carry no geometry and are taken as ``(D, H, W)`` as they are.
+world millimetres. ``.npy`` arrays carry no geometry and are taken as ``(D, H, W)`` as they are. A 4-D NIfTI's
+fourth axis is time (frames, e.g. fMRI volumes): one frame is read, chosen with ``frame=``.
 """
 
 from __future__ import annotations
@@ -19,32 +21,42 @@ import json
 import math
 import os
 import warnings
+import zipfile
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from itertools import permutations
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from evidencemap.explanation import Explanation
 from evidencemap.models.preprocess import to_rgb_image
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MAPS_SCHEMA",
+    "MAPS_VERSION",
     "VOLUME_SUFFIXES",
     "ImageTooLargeError",
+    "SavedMaps",
     "UnsupportedImageError",
+    "explanation_npz_bytes",
     "find_inputs",
     "is_volume_path",
     "load_image",
     "load_image_bytes",
+    "load_maps",
     "load_volume",
     "normalise_volume",
+    "save_explanation",
     "save_json",
     "save_maps",
+    "save_nifti",
     "to_jsonable",
 ]
 
@@ -267,49 +279,66 @@ def find_inputs(directory: str | os.PathLike[str]) -> list[Path]:
 # --------------------------------------------------------------------------- volumes
 
 
-def load_volume(path: str | os.PathLike[str]) -> tuple[Tensor, dict[str, Any]]:
+def load_volume(
+    path: str | os.PathLike[str], *, frame: int | None = None
+) -> tuple[Tensor, dict[str, Any]]:
     """Read a 3-D volume as a float32 tensor ``(C, D, H, W)``.
 
     NIfTI (``.nii``, ``.nii.gz``; needs nibabel) and DICOM series (a folder; needs pydicom) are
     reoriented to the axes described in the module docstring; ``.npy`` arrays are taken as they
-    are. A 3-D array gives ``C = 1``; a 4-D array whose leading (preferred) or trailing axis has
-    at most 4 entries is read as channels. NIfTI intensity scaling and DICOM rescale
+    are. A 3-D array gives ``C = 1``; a 4-D ``.npy`` array whose leading (preferred) or trailing
+    axis has at most 4 entries is read as channels. A NIfTI file's 4th axis is time (the NIfTI
+    standard): a file with several frames there needs ``frame`` (only that frame is read from
+    disk); its 5th axis, if any, holds channels. NIfTI intensity scaling and DICOM rescale
     slope/intercept are applied.
 
     Args:
         path: a ``.nii``/``.nii.gz``/``.npy`` file or a folder of DICOM slices.
+        frame: the frame (0-based index along a 4-D NIfTI's 4th axis) to read; a volume
+            without frames has only frame 0. ``None``: the only frame, an error when there
+            are several.
 
     Returns:
         ``(volume, metadata)``. ``metadata`` has ``source`` (the path as a string), ``format``
         (``"nifti"``, ``"npy"`` or ``"dicom"``), ``original_shape`` (the array's shape in the
-        file), ``shape`` (the returned tensor's shape), ``spacing`` (voxel size in mm along
-        ``D, H, W``, or ``None``) and ``affine`` (4×4 nested list mapping ``(d, h, w, 1)`` to RAS+
-        mm, or ``None``).
+        file), ``shape`` (the returned tensor's shape), ``frame`` (the frame read, or ``None``
+        when the file has none), ``frames`` (how many the file has; 1 without a time axis),
+        ``spacing`` (voxel size in mm along ``D, H, W``, or ``None``) and ``affine`` (4×4
+        nested list mapping ``(d, h, w, 1)`` to RAS+ mm, or ``None``; :func:`save_nifti`
+        writes a map back with it).
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
         ImportError: when nibabel (NIfTI) or pydicom (DICOM) is needed but not installed; the
             message gives the ``pip install`` command.
+        TypeError: when ``frame`` is not an int.
         ValueError: for an unknown suffix, an unreadable file, an array that is not 3-D/4-D, one
-            with more than 4 channels, an empty, non-numeric or non-finite array, or a
-            DICOM folder with no slices, several series or slices of different sizes.
+            with more than 4 channels, an empty, non-numeric or non-finite array, a 4-D NIfTI
+            with several frames and no ``frame`` (the message names the 4th axis and how to
+            pick one), a frame out of range, or a DICOM folder with no slices, several series
+            or slices of different sizes.
     """
     path = Path(path)
+    if frame is not None and (isinstance(frame, bool) or not isinstance(frame, int)):
+        raise TypeError(f"frame must be an int or None, got {type(frame).__name__}")
     if not path.exists():
         raise FileNotFoundError(f"volume not found: {path}")
     affine: np.ndarray | None = None
+    frames = 1
     if path.is_dir():
         fmt = "dicom"
         data, affine = _read_dicom(path)
     elif _has_suffix(path, frozenset({".nii", ".nii.gz"})):
         fmt = "nifti"
-        data, affine = _read_nifti(path)
+        data, affine, frames, original_shape = _read_nifti(path, frame)
     elif path.suffix.lower() == ".npy":
         fmt = "npy"
         data = _read_npy(path)
     else:
         raise ValueError(f"{path} is not a volume: expected .nii, .nii.gz, .npy or a DICOM folder")
-    original_shape = tuple(int(s) for s in data.shape)
+    if fmt != "nifti":
+        original_shape = tuple(int(s) for s in data.shape)
+        _check_frame(frame, 1, path, original_shape)
     data = _channels_first(data, path, channels_last=fmt != "npy")
     if affine is not None:
         data, affine = _reorient(data, affine)
@@ -324,10 +353,28 @@ def load_volume(path: str | os.PathLike[str]) -> tuple[Tensor, dict[str, Any]]:
         "format": fmt,
         "original_shape": original_shape,
         "shape": tuple(volume.shape),
+        "frame": frame if frames > 1 else None,
+        "frames": frames,
         "spacing": spacing,
         "affine": None if affine is None else affine.tolist(),
     }
     return volume, metadata
+
+
+def _check_frame(frame: int | None, frames: int, path: Path, shape: tuple[int, ...]) -> int:
+    """The frame to read of ``frames``; ``None`` only when there is one."""
+    if frame is None:
+        if frames > 1:
+            raise ValueError(
+                f"{path} is a 4-D volume of shape {shape} whose 4th axis (time) holds {frames} "
+                f"frames; pick one with frame=i (load_volume(path, frame=0)) or, on the command "
+                f"line, --frame i, for i in 0 … {frames - 1}"
+            )
+        return 0
+    if not 0 <= frame < frames:
+        which = f"frames 0 … {frames - 1}" if frames > 1 else "one frame (frame 0)"
+        raise ValueError(f"frame {frame} is out of range: {path} of shape {shape} has {which}")
+    return frame
 
 
 def _read_npy(path: Path) -> np.ndarray:
@@ -348,7 +395,10 @@ def _check_numeric(data: np.ndarray, path: Path) -> np.ndarray:
     return data
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_nifti(
+    path: Path, frame: int | None
+) -> tuple[np.ndarray, np.ndarray, int, tuple[int, ...]]:
+    """``(data (x, y, z[, c]), affine, frames, shape in the file)``: one frame of the time axis."""
     try:
         import nibabel  # optional dependency, imported only when needed
     except ImportError as err:
@@ -356,25 +406,35 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"reading NIfTI volumes ({path}) needs nibabel: pip install nibabel "
             "(or pip install 'evidencemap[volumes]')"
         ) from err
-    try:
-        image = nibabel.load(path)
-        if image.get_data_dtype().kind not in "biuf":
-            raise ValueError(f"voxels of type {image.get_data_dtype()} are not real numbers")
-        scaled = image.get_fdata(dtype=np.float32)
-    except (
+    errors = (
         OSError,
         ValueError,
         EOFError,
         zlib.error,
         nibabel.filebasedimages.ImageFileError,
         nibabel.spatialimages.HeaderDataError,
-    ) as err:
+    )
+    try:
+        image: Any = nibabel.load(path)
+        if image.get_data_dtype().kind not in "biuf":
+            raise ValueError(f"voxels of type {image.get_data_dtype()} are not real numbers")
+        shape = tuple(int(s) for s in image.shape)
+    except errors as err:
+        raise ValueError(f"{path} is not a readable NIfTI file: {err}") from err
+    frames = shape[3] if len(shape) >= 4 else 1
+    chosen = _check_frame(frame, frames, path, shape)
+    try:
+        if len(shape) >= 4:  # read only the chosen frame; dataobj applies the scaling
+            scaled = np.asarray(image.dataobj[:, :, :, chosen], dtype=np.float32)
+        else:
+            scaled = image.get_fdata(dtype=np.float32)
+    except errors as err:
         raise ValueError(f"{path} is not a readable NIfTI file: {err}") from err
     scaled = _check_numeric(scaled, path)
-    # NIfTI keeps spatial axes first; drop singleton axes after the third (e.g. x, y, z, 1, c).
-    while scaled.ndim > 4 and 1 in scaled.shape[3:]:
+    # drop singleton axes after the third (e.g. x, y, z, c with c = 1)
+    while scaled.ndim > 3 and 1 in scaled.shape[3:]:
         scaled = np.squeeze(scaled, axis=3 + scaled.shape[3:].index(1))
-    return scaled, np.asarray(image.affine, dtype=np.float64)
+    return scaled, np.asarray(image.affine, dtype=np.float64), frames, shape
 
 
 def _channels_first(data: np.ndarray, path: Path, *, channels_last: bool) -> np.ndarray:
@@ -422,7 +482,7 @@ def _reorient(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndar
             to_old[axis, 3] = sizes[axis] - 1
         else:
             to_old[axis, new_axis] = 1.0
-    data = np.flip(data, axis=flips) if flips else data
+    data = np.flip(data, axis=tuple(flips)) if flips else data
     return np.transpose(data, (0, *order)), affine @ to_old
 
 
@@ -582,7 +642,7 @@ def save_maps(path: str | os.PathLike[str], **arrays: Tensor | np.ndarray) -> Pa
         else:
             raise TypeError(f"{name} must be a tensor or NumPy array, got {type(value).__name__}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out, **converted)
+    np.savez_compressed(out, **converted)  # type: ignore[arg-type]
     return out
 
 
@@ -637,3 +697,292 @@ def save_json(path: str | os.PathLike[str], obj: Any) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n", encoding="utf-8")
     return out
+
+
+# --------------------------------------------------------------------------- maps as NIfTI
+
+
+def save_nifti(
+    path: str | os.PathLike[str],
+    volume_map: Tensor | np.ndarray,
+    affine: Any,
+    *,
+    shape: tuple[int, int, int] | None = None,
+) -> Path:
+    """Write a 3-D map as NIfTI with the input volume's affine, so that it lies on the scan in
+    ITK-SNAP, 3D Slicer, FSLeyes or any NIfTI viewer (load it as an overlay/segmentation).
+
+    The map is in the axes of :func:`load_volume` (``D, H, W``) and ``affine`` is the
+    ``metadata["affine"]`` that :func:`load_volume` returned for the input (voxel
+    ``(d, h, w, 1)`` → RAS+ mm): the file stores the array in that order with that affine,
+    which viewers apply, so no reorientation back to the file's own order is needed. A map of
+    another size (the model's input size) is first resized trilinearly
+    (``align_corners=False``, as the input was resized) to ``shape``, the volume's ``(D, H, W)``.
+
+    Args:
+        path: the target; ``.nii.gz`` (compressed) or ``.nii``; another name gets ``.nii.gz``.
+        volume_map: ``(D, H, W)`` or ``(1, D, H, W)`` (also ``(1, 1, D, H, W)``), finite.
+        affine: 4×4 nested list or array (``metadata["affine"]``).
+        shape: the input volume's ``(D, H, W)`` (``metadata["shape"][1:]``); ``None``: as is.
+
+    Returns:
+        The path written (float32 voxels, ``qform``/``sform`` set to the affine, code 1
+        "scanner").
+
+    Raises:
+        ImportError: without nibabel.
+        ValueError: for a map that is not 3-D, non-finite values, an affine that is not an
+            invertible 4×4 matrix, or a bad ``shape``.
+    """
+    try:
+        import nibabel  # optional dependency, imported only when needed
+    except ImportError as err:
+        raise ImportError(
+            "writing NIfTI needs nibabel: pip install nibabel (or pip install 'evidencemap[volumes]')"
+        ) from err
+    values = (
+        volume_map.detach().cpu().float()
+        if isinstance(volume_map, Tensor)
+        else torch.as_tensor(np.asarray(volume_map, dtype=np.float32))
+    )
+    while values.ndim > 3 and values.shape[0] == 1:
+        values = values[0]
+    if values.ndim != 3 or values.numel() == 0:
+        raise ValueError(f"volume_map must be (D, H, W) or (1, D, H, W), got {tuple(values.shape)}")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("volume_map holds NaN or infinite values")
+    matrix = np.asarray(affine, dtype=np.float64)
+    if (
+        matrix.shape != (4, 4)
+        or not np.isfinite(matrix).all()
+        or abs(np.linalg.det(matrix)) < 1e-12
+    ):
+        raise ValueError(f"affine must be an invertible 4×4 matrix, got {matrix.tolist()}")
+    if shape is not None:
+        size = tuple(int(s) for s in shape)
+        if len(size) != 3 or min(size) < 1:
+            raise ValueError(f"shape must be the volume's (D, H, W), got {shape}")
+        if tuple(values.shape) != size:
+            values = torch.nn.functional.interpolate(
+                values[None, None], size=size, mode="trilinear", align_corners=False
+            )[0, 0]
+    out = Path(path)
+    if not out.name.lower().endswith((".nii", ".nii.gz")):
+        out = out.with_name(out.name + ".nii.gz")
+    image = nibabel.Nifti1Image(values.numpy().astype(np.float32), matrix)
+    image.set_qform(matrix, code=1)
+    image.set_sform(matrix, code=1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nibabel.save(image, out)
+    return out
+
+
+# --------------------------------------------------------------------------- maps as .npz
+
+MAPS_VERSION = 1
+"""The version of the ``.npz`` schema that :func:`save_explanation` writes."""
+
+MAPS_SCHEMA: dict[str, str] = {
+    "version": "int64, () — the schema version, 1",
+    "maps": "float32, (N, 1, *S) — the maps at input resolution, in [0, 1] (FGVis: its mask)",
+    "raw": "float32, (N, C, *s) — before normalisation, at the layer's resolution "
+    "(input-space methods: (N, C, *S) per channel); several layers: raw_0, raw_1, … instead",
+    "scores": "float32, (N,) — the model's target score on the inputs",
+    "targets": "int64, (N,) — the class indices; absent when the target was not a class",
+    "method": "str, () — the method's registered name",
+    "label": "str, () — the method with its variant, e.g. 'counterfactual gradcam'",
+    "layers": "str, (L,) — the explained layers' dotted names; (0,) for input-space methods",
+    "options": "str, () — the options the method ran with, as JSON",
+}
+"""The one ``.npz`` schema for saved maps: key → ``"dtype, shape — meaning"``. Every value is
+a plain array (``numpy.load(path)`` works without ``allow_pickle``); ``N`` samples, ``S``
+the input's spatial shape, ``s`` the layer's."""
+
+
+def _npz_arrays(explanation: Explanation, rows: slice | Any) -> dict[str, np.ndarray]:
+    def rows_of(value: Tensor) -> np.ndarray:
+        picked = value.detach()[rows]
+        return picked.cpu().to(torch.float32).numpy()
+
+    arrays: dict[str, np.ndarray] = {
+        "version": np.asarray(MAPS_VERSION, dtype=np.int64),
+        "maps": rows_of(explanation.maps),
+        "scores": rows_of(explanation.scores).reshape(-1),
+    }
+    if isinstance(explanation.raw, list):
+        for j, part in enumerate(explanation.raw):
+            arrays[f"raw_{j}"] = rows_of(part)
+    else:
+        arrays["raw"] = rows_of(explanation.raw)
+    if explanation.targets is not None:
+        arrays["targets"] = explanation.targets.detach()[rows].cpu().to(torch.int64).numpy()
+    layer = explanation.layer
+    layers = [] if layer is None else [layer] if isinstance(layer, str) else list(layer)
+    arrays["method"] = np.asarray(explanation.method)
+    arrays["label"] = np.asarray(explanation.label)
+    arrays["layers"] = np.asarray(layers, dtype=str).reshape(len(layers))
+    options = json.dumps(to_jsonable(explanation.options), sort_keys=True, allow_nan=False)
+    arrays["options"] = np.asarray(options)
+    return arrays
+
+
+def _rows(explanation: Explanation, rows: int | slice | None) -> slice:
+    count = len(explanation)
+    if rows is None:
+        return slice(0, count)
+    if isinstance(rows, bool) or not isinstance(rows, (int, slice)):
+        raise TypeError(f"rows must be an int, a slice or None, got {type(rows).__name__}")
+    if isinstance(rows, int):
+        if not -count <= rows < count:
+            raise ValueError(f"rows {rows} is outside the batch of {count}")
+        start = rows % count
+        return slice(start, start + 1)
+    if len(range(count)[rows]) == 0:
+        raise ValueError(f"rows {rows} selects no sample of the batch of {count}")
+    return rows
+
+
+def save_explanation(
+    path: str | os.PathLike[str] | IO[bytes],
+    explanation: Explanation,
+    rows: int | slice | None = None,
+) -> Path | None:
+    """Write an explanation's maps as a compressed ``.npz`` of the one schema,
+    :data:`MAPS_SCHEMA` (read it back with :func:`load_maps`).
+
+    The command line writes ``NAME_METHOD.npz`` with it and the web page's download is the same
+    file for one sample (:func:`explanation_npz_bytes`).
+
+    Args:
+        path: the target file (``.npz`` appended when missing; the folder is created) or a
+            binary file object (e.g. ``io.BytesIO``).
+        explanation: the result of a method.
+        rows: the samples to write: an index (kept as a batch of one), a slice, or ``None``
+            for all.
+
+    Returns:
+        The path written, or ``None`` for a file object.
+
+    Raises:
+        TypeError / ValueError: for ``rows`` that are not an int/slice or select nothing.
+    """
+    arrays = _npz_arrays(explanation, _rows(explanation, rows))
+    if not isinstance(path, (str, os.PathLike)):
+        np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
+        return None
+    out = Path(path)
+    if out.suffix.lower() != ".npz":
+        out = out.with_name(out.name + ".npz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, **arrays)  # type: ignore[arg-type]
+    return out
+
+
+def explanation_npz_bytes(explanation: Explanation, rows: int | slice | None = None) -> bytes:
+    """The bytes of :func:`save_explanation`'s ``.npz`` (e.g. a web download)."""
+    buffer = io.BytesIO()
+    save_explanation(buffer, explanation, rows)
+    return buffer.getvalue()
+
+
+@dataclass
+class SavedMaps:
+    """Maps read back by :func:`load_maps` (NumPy arrays; keys of :data:`MAPS_SCHEMA`).
+
+    ``raw`` is one array, or a list for several layers; ``targets`` is ``None`` when the
+    target was not a class; ``version`` is 0 for files written before the schema (the
+    command line's ``maps``/``raw``/``targets``/``scores`` files and the web page's
+    ``map``/``raw``/``target`` download), whose ``method``, ``label`` and ``options`` are not
+    known (``""``, ``""`` and ``{}``).
+    """
+
+    maps: np.ndarray
+    raw: np.ndarray | list[np.ndarray]
+    scores: np.ndarray | None
+    targets: np.ndarray | None
+    method: str = ""
+    label: str = ""
+    layers: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    version: int = MAPS_VERSION
+
+    def __len__(self) -> int:
+        return int(self.maps.shape[0])
+
+    def __repr__(self) -> str:
+        raw = [r.shape for r in self.raw] if isinstance(self.raw, list) else self.raw.shape
+        targets = None if self.targets is None else self.targets.tolist()[:4]
+        return (
+            f"SavedMaps(method={self.label or self.method!r}, layers={self.layers}, "
+            f"maps={self.maps.shape}, raw={raw}, targets={targets}, version={self.version})"
+        )
+
+
+def load_maps(path: str | os.PathLike[str] | IO[bytes]) -> SavedMaps:
+    """Read a maps ``.npz`` of :data:`MAPS_SCHEMA` (also the two older layouts, as version 0).
+
+    Args:
+        path: the file, or a binary file object.
+
+    Returns:
+        The :class:`SavedMaps`.
+
+    Raises:
+        ValueError: for a file that is not such an ``.npz`` or has a newer version.
+    """
+    name = path if isinstance(path, (str, os.PathLike)) else "maps data"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{name} is not a readable .npz file: {err}") from err
+    raws = sorted((k for k in arrays if k.startswith("raw_")), key=lambda k: int(k[4:]))
+    raw: np.ndarray | list[np.ndarray] | None = (
+        [arrays[k] for k in raws] if raws else arrays.get("raw")
+    )
+    if "version" not in arrays:
+        return _legacy_maps(arrays, raw, name)
+    version = int(arrays["version"])
+    if version > MAPS_VERSION:
+        raise ValueError(
+            f"{name} has maps schema version {version}; this reads up to {MAPS_VERSION}"
+        )
+    missing = [k for k in ("maps", "scores", "method", "options") if k not in arrays]
+    if missing or raw is None:
+        raise ValueError(f"{name} lacks {missing or ['raw']} of the maps schema")
+    return SavedMaps(
+        maps=arrays["maps"],
+        raw=raw,
+        scores=arrays["scores"],
+        targets=arrays.get("targets"),
+        method=str(arrays["method"]),
+        label=str(arrays.get("label", arrays["method"])),
+        layers=[str(v) for v in arrays.get("layers", np.asarray([], dtype=str))],
+        options=json.loads(str(arrays["options"])),
+        version=version,
+    )
+
+
+def _legacy_maps(
+    arrays: dict[str, np.ndarray], raw: np.ndarray | list[np.ndarray] | None, name: Any
+) -> SavedMaps:
+    """Version 0: the command line's ``maps``/``raw``/``scores``/``targets`` or the page's
+    ``map`` ``(H, W)``/``raw``/``target`` (one sample)."""
+    if "maps" in arrays and raw is not None:
+        return SavedMaps(
+            arrays["maps"], raw, arrays.get("scores"), arrays.get("targets"), version=0
+        )
+    if "map" in arrays and raw is not None:
+
+        def batch_of_one(value: np.ndarray) -> np.ndarray:
+            return value.reshape(1, 1, *value.shape)
+
+        target = arrays.get("target")
+        return SavedMaps(
+            batch_of_one(arrays["map"]),
+            [batch_of_one(r) for r in raw] if isinstance(raw, list) else batch_of_one(raw),
+            None,
+            None if target is None else np.asarray(target, dtype=np.int64).reshape(1),
+            version=0,
+        )
+    raise ValueError(f"{name} is not a maps .npz (no 'version', 'maps' or 'map' array)")
