@@ -790,8 +790,8 @@ def test_frame_of_a_4d_nifti(capsys, volumes, tmp_path):
     common = ("--model", f"{name}:build", "--out", out)
     status, _, stderr = _run(capsys, "explain", folder / "run.nii.gz", *common)
     assert status == 1
-    assert "its 4th axis has 2 entries (frames or channels)" in stderr
-    assert "--frame N" in stderr
+    assert "4th axis (time) holds 2 frames" in stderr
+    assert "--frame i" in stderr
     status, _, stderr = _run(capsys, "explain", folder / "run.nii.gz", "--frame", "1", *common)
     assert status == 0, stderr
     [manifest] = out.glob("run_gradcam_o*.json")
@@ -847,3 +847,69 @@ def test_ct_network_on_the_command_line_explains_the_embedding_norm(capsys, tmp_
     assert manifest["targets"][0]["label"] == "norm"
     assert manifest["targets"][0]["probability"] is None
     assert manifest["model_input_shape"] == [1, 64, 64, 48]
+
+
+# --------------------------------------------------------------------------- figures for papers
+
+
+def test_figure_format_dpi_size_and_bare_maps(capsys, photos, tmp_path):
+    chelsea = photos / "a_chelsea.jpg"
+
+    def explain(out: str, *more: str) -> dict:
+        status, stdout, stderr = _run(
+            capsys, "explain", chelsea, "--out", tmp_path / out, *TINY, *more
+        )
+        assert status == 0, stderr
+        return _manifest(tmp_path / out / "a_chelsea_gradcam.json")
+
+    pdf = explain("pdf", "--format", "pdf", "--dpi", "150", "--figsize", "4,3")
+    assert pdf["outputs"]["pictures"] == [str(tmp_path / "pdf" / "a_chelsea_gradcam.pdf")]
+    assert (tmp_path / "pdf" / "a_chelsea_gradcam.pdf").read_bytes().startswith(b"%PDF")
+    assert pdf["request"]["picture"] == {
+        "format": "pdf",
+        "bare": False,
+        "dpi": 150.0,
+        "figsize": [4.0, 3.0],
+    }
+    explain("svg", "--format", "svg")
+    assert b"<svg" in (tmp_path / "svg" / "a_chelsea_gradcam.svg").read_bytes()[:400]
+    explain("small", "--dpi", "50", "--figsize", "4,3")
+    assert Image.open(tmp_path / "small" / "a_chelsea_gradcam.png").size == (200, 150)
+    explain("bare", "--bare")
+    bare = Image.open(tmp_path / "bare" / "a_chelsea_gradcam_bare.png")
+    assert bare.size == Image.open(chelsea).size  # the photo's pixels, no title or colour bar
+    explain("tiff", "--bare", "--format", "tiff")
+    values = np.array(Image.open(tmp_path / "tiff" / "a_chelsea_gradcam_bare.tiff"))
+    with np.load(tmp_path / "tiff" / "a_chelsea_gradcam.npz") as saved:
+        expected = np.round(65535 * saved["maps"][0, 0])
+    assert values.shape == (32, 32)
+    assert np.abs(values.astype(np.float64) - expected).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--format", "tiff"], "--format: format tiff: figures are png, pdf or svg"),
+        (["--bare", "--format", "pdf"], "a bare map is written as png or tiff"),
+        (["--dpi", "5"], "--dpi: dpi must be a number in [10, 2400]"),
+        (["--figsize", "0.1,3"], "--figsize: figsize must be WIDTH,HEIGHT"),
+    ],
+)
+def test_bad_picture_settings_are_refused_before_the_model_loads(
+    capsys, no_loading, photos, tmp_path, argv, message
+):
+    status, _, stderr = _run(capsys, "explain", photos / "a_chelsea.jpg", "--out", tmp_path, *argv)
+    assert status == 2
+    assert message in stderr
+
+
+def test_compare_as_svg_and_as_bare_maps(capsys, photos, tmp_path):
+    common = ("compare", photos / "a_chelsea.jpg", "--methods", "gradcam,layercam", *TINY)
+    status, _, stderr = _run(capsys, *common, "--format", "svg", "--out", tmp_path / "svg")
+    assert status == 0, stderr
+    assert b"<svg" in (tmp_path / "svg" / "a_chelsea_compare.svg").read_bytes()[:400]
+    status, _, stderr = _run(capsys, *common, "--bare", "--out", tmp_path / "bare")
+    assert status == 0, stderr
+    manifest = _manifest(tmp_path / "bare" / "a_chelsea_compare.json")
+    names = [Path(p).name for p in manifest["outputs"]["pictures"]]
+    assert names == ["a_chelsea_compare_gradcam.png", "a_chelsea_compare_layercam.png"]

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from evidencemap.engine import (
+    DEFAULT_CMAP,
     Failure,
     Result,
     Settings,
@@ -111,6 +112,9 @@ class BatchSpec:
         options: method options (``--option KEY=VALUE``).
         game: FGVis's ``preserve`` or ``delete`` game.
         cmap / opacity: the picture's colormap and heat opacity.
+        dpi / figsize / format / bare: the picture's resolution, size in inches, format
+            (png, pdf, svg; bare maps png or tiff) and whether it is the bare map
+            (:class:`evidencemap.engine.Settings`).
         batch_size: inputs per call of the method.
         device: ``cpu`` or ``cuda`` (an actor with ``num_gpus`` sees its own GPUs as ``cuda``).
         threads: torch CPU threads per actor (``None``: torch's default in the actor, which
@@ -129,8 +133,12 @@ class BatchSpec:
     layer: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     game: str | None = None
-    cmap: str = "jet"
+    cmap: str = DEFAULT_CMAP
     opacity: float = 0.5
+    dpi: float = 100.0
+    figsize: tuple[float, float] | None = None
+    format: str = "png"
+    bare: bool = False
     batch_size: int = 16
     device: str = "cpu"
     threads: int | None = None
@@ -201,6 +209,10 @@ class BatchSpec:
             game=self.game,
             cmap=self.cmap,
             opacity=self.opacity,
+            dpi=self.dpi,
+            figsize=self.figsize,
+            format=self.format,
+            bare=self.bare,
             window=self.window,
             frame=self.frame,
             batch_size=self.batch_size,

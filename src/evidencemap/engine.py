@@ -13,29 +13,34 @@ class range).
 
 Per input ``NAME`` and method ``M`` it writes, next to each other, under the *stem*
 ``NAME_M`` (:func:`output_stem`; ``top_k`` adds ``_topK``, a target other than the top class
-adds ``_t<target>``, options,
-layer, frame or window other than the defaults add ``_o<hash>`` of them):
+adds ``_t<target>``, options, layer, frame or window other than the defaults add ``_o<hash>``
+of them):
 
-* ``STEM.png`` (with ``top_k``: the stem is ``NAME_M_topK`` and there is one picture per
-  class, ``STEM_1.png`` … ``STEM_K.png``): photos get the overlay on
-  the original photo, coloured only where the model looked (its centre crop, dashed box), with a
-  colour bar and the title ``"M — label probability"``; volumes get axial, coronal and sagittal
-  slices through the map's maximum. When a method returns an explanation image (FGVis:
-  ``extras["explanation"]``, or ``extras["deleted"]`` in the deletion game) it is shown beside
-  the model's view of the photo and the map.
-* ``STEM.npz``: ``maps`` ``(K, 1, *input)`` in [0, 1] at the model's input resolution,
-  ``raw`` (the unnormalised maps at the layer's resolution), ``targets``, ``scores``.
+* ``STEM.png`` (``.pdf`` / ``.svg`` with ``format``; with ``top_k`` one picture per class,
+  ``STEM_1.png`` … ``STEM_K.png``): photos get the overlay on the original photo, coloured
+  only where the model looked (its centre crop, dashed box), with a colour bar and the title
+  ``"LABEL — class probability"`` (``LABEL``: the method and the variant its options select,
+  :attr:`Explanation.label <evidencemap.explanation.Explanation.label>`); volumes get axial,
+  coronal and sagittal slices through the map's maximum. When a method returns an explanation
+  image (FGVis: ``extras["explanation"]``, or ``extras["deleted"]`` in the deletion game) it
+  is shown beside the model's view of the photo and the map. With ``bare``:
+  ``STEM_bare.png`` (the map over the photo, nothing else) or ``STEM_bare.tiff`` (16-bit
+  values at the model's input resolution).
+* ``STEM.npz``: the one maps schema (:func:`evidencemap.io.save_explanation`, read back with
+  :func:`evidencemap.io.load_maps`): ``maps`` ``(K, 1, *input)`` in [0, 1] at the model's
+  input resolution, ``raw`` (the unnormalised maps at the layer's resolution), ``targets``,
+  ``scores`` and what made them.
 * ``STEM.json``: the manifest, written last (atomically), so a manifest on disk means the
-  input is finished. Its ``request`` records what was asked (model, method, target, top_k,
-  options, layer, frame, window); :func:`already_done` compares it with a new request, so a
-  resumed ``batch`` skips only inputs computed with the same request.
+  input is finished. Its ``request`` records what was asked (model and its input size,
+  method, target, top_k, options, layer, frame, window, picture settings);
+  :func:`already_done` compares it with a new request, so a resumed ``batch`` skips only
+  inputs computed with the same request.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
-import inspect
 import json
 import os
 import platform
@@ -49,6 +54,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
@@ -59,6 +65,7 @@ from evidencemap.targets import Target
 
 __all__ = [
     "DEFAULT_CMAP",
+    "FORMATS",
     "Failure",
     "Item",
     "Result",
@@ -66,6 +73,7 @@ __all__ = [
     "TargetRequest",
     "already_done",
     "build_method",
+    "check_picture",
     "check_request",
     "crop_region",
     "explain_items",
@@ -83,11 +91,15 @@ __all__ = [
     "strip_suffix",
     "top_predictions",
     "versions",
+    "with_engine",
 ]
 
 _PREDICTIONS = 5  # classes listed in every manifest
-DEFAULT_CMAP = "jet"
-"""The colour map of the pictures unless one is given."""
+DEFAULT_CMAP = viz.DEFAULT_CMAP
+"""The colour map of the pictures unless one is given (perceptually uniform)."""
+FORMATS = ("png", "pdf", "svg", "tiff")
+"""Picture formats: figures as PNG, PDF or SVG; bare maps (``bare=True``) as PNG or 16-bit
+TIFF."""
 
 # ----------------------------------------------------------------------------- devices
 
@@ -322,6 +334,13 @@ class Settings:
         layer: the layer name(s) asked for, comma-separated, or ``None``.
         options: the method options asked for (as given).
         cmap / opacity: the picture's colour map and heat opacity.
+        dpi / figsize: the figure's pixels per inch and its size in inches (``None``: sized
+            by its panels).
+        format: ``png``, ``pdf`` or ``svg`` figures; with ``bare``: ``png`` or ``tiff``.
+        bare: write the map alone, without title, colour bar or axes (:func:`viz.save_map
+            <evidencemap.viz.save_map>`): photos as PNG over the photo, or 16-bit TIFF of the
+            map's values at the model's input resolution (volumes: TIFF only, one page per
+            axial slice).
         window: volumes: the intensity window ``(low, high)`` mapped to [0, 1] (``None``:
             z-score per volume).
         frame: volumes: the frame of a 4-D file to explain (``None``: the file must have the
@@ -338,6 +357,10 @@ class Settings:
     options: Mapping[str, Any] = field(default_factory=dict)
     cmap: str = DEFAULT_CMAP
     opacity: float = 0.5
+    dpi: float = 100.0
+    figsize: tuple[float, float] | None = None
+    format: str = "png"
+    bare: bool = False
     window: tuple[float, float] | None = None
     frame: int | None = None
     engine: str = "local"
@@ -348,6 +371,41 @@ def _method_options(method: str, options: Mapping[str, Any], game: str | None) -
     if game is not None:
         merged["game"] = game
     return merged
+
+
+def check_picture(
+    format: str = "png",
+    bare: bool = False,
+    dpi: float = 100.0,
+    figsize: Sequence[float] | None = None,
+    kind: str | None = None,
+) -> tuple[float, float] | None:
+    """Check the picture settings (``kind``: ``"image"`` or ``"volume"`` when known); returns
+    ``figsize`` as a pair.
+
+    Raises:
+        ValueError: for a format that is not in :data:`FORMATS` or does not go with ``bare``
+            (figures: png, pdf, svg; bare maps: png, tiff; bare volume maps: tiff), a ``dpi``
+            outside [10, 2400] or a ``figsize`` that is not two sides in [0.5, 100] inches.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if bare and format not in viz.MAP_FORMATS:
+        raise ValueError(f"format {format}: a bare map is written as png or tiff")
+    if not bare and format not in viz.FIGURE_FORMATS:
+        raise ValueError(f"format {format}: figures are png, pdf or svg (tiff: with bare)")
+    if bare and kind == "volume" and format != "tiff":
+        raise ValueError("a bare map of a volume is a 16-bit TIFF: give format tiff")
+    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not 10 <= dpi <= 2400:
+        raise ValueError(f"dpi must be a number in [10, 2400], got {dpi!r}")
+    if figsize is None:
+        return None
+    sides = tuple(float(v) for v in figsize)
+    if len(sides) != 2 or not all(0.5 <= v <= 100 for v in sides):
+        raise ValueError(
+            f"figsize must be WIDTH,HEIGHT in inches, each in [0.5, 100], got {figsize}"
+        )
+    return sides[0], sides[1]
 
 
 def check_request(
@@ -439,6 +497,10 @@ def make_settings(
     game: str | None = None,
     cmap: str = DEFAULT_CMAP,
     opacity: float = 0.5,
+    dpi: float = 100.0,
+    figsize: Sequence[float] | None = None,
+    format: str = "png",
+    bare: bool = False,
     window: tuple[float, float] | None = None,
     frame: int | None = None,
     batch_size: int = 16,
@@ -459,6 +521,7 @@ def make_settings(
         raise ValueError(f"top_k: {loaded.name} outputs an embedding, not classes")
     if not 0.0 <= opacity <= 1.0:
         raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+    size = check_picture(format, bare, dpi, figsize, loaded.kind)
     resolved, target_name = _resolve_target(request, loaded)
     method_options = {"batch_size": batch_size, **options} if top_k else options
     instance = build_method(method, loaded, layer, method_options)
@@ -472,6 +535,10 @@ def make_settings(
         options=options,
         cmap=cmap,
         opacity=opacity,
+        dpi=float(dpi),
+        figsize=size,
+        format=format,
+        bare=bare,
         window=None if window is None else (float(window[0]), float(window[1])),
         frame=frame,
         engine=engine,
@@ -572,6 +639,12 @@ def request_of(settings: Settings, loaded: LoadedModel) -> dict[str, Any]:
             "method": settings.method_name,
             "target": settings.target_name,
             "top_k": settings.top_k,
+            "picture": {
+                "format": settings.format,
+                "bare": settings.bare,
+                "dpi": settings.dpi,
+                "figsize": settings.figsize,
+            },
             **{"options": {}, "layer": None, "frame": None, "window": None},
             **_variant(settings),
         }
@@ -580,7 +653,8 @@ def request_of(settings: Settings, loaded: LoadedModel) -> dict[str, Any]:
 
 def already_done(base: Path, settings: Settings, loaded: LoadedModel) -> bool:
     """Whether the manifest of ``base`` exists and records this very request (model, method,
-    target, top_k, options, layer, frame, window): what a resumed ``batch`` skips."""
+    target, top_k, options, layer, frame, window, picture settings): what a resumed ``batch``
+    skips."""
     path = output_stem(base, settings)
     manifest = path.with_name(path.name + ".json")
     if not manifest.is_file():
@@ -637,21 +711,6 @@ def _input_channels(loaded: LoadedModel) -> int | None:
     return None
 
 
-def _read_volume(path: Path, frame: int | None) -> tuple[Tensor, dict[str, Any]]:
-    """``io.load_volume``, then the frame ``frame`` of the 4th axis when asked."""
-    if frame is not None and "frame" in inspect.signature(io.load_volume).parameters:
-        return io.load_volume(path, frame=frame)  # type: ignore[call-arg]
-    volume, meta = io.load_volume(path)
-    if frame is None:
-        return volume, meta
-    if not 0 <= frame < volume.shape[0]:
-        raise ValueError(
-            f"{path}: frame {frame} is out of range: the 4th axis has {volume.shape[0]} "
-            f"entr{'y' if volume.shape[0] == 1 else 'ies'} (0 to {volume.shape[0] - 1})"
-        )
-    return volume[frame : frame + 1], {**meta, "shape": [1, *volume.shape[1:]]}
-
-
 def _prepare_volume(
     path: Path,
     base: Path,
@@ -659,22 +718,19 @@ def _prepare_volume(
     window: tuple[float, float] | None,
     frame: int | None,
 ) -> Item:
-    volume, meta = _read_volume(path, frame)
+    volume, meta = io.load_volume(path, frame=frame)
     wanted = _input_channels(loaded)
-    # one channel is left to the model (some repeat it, like the inflated CT network); several
-    # that its first convolution does not take are frames or channels of a 4-D file
+    # one channel is left to the model (some repeat it, like the inflated CT network)
     if wanted is not None and volume.shape[0] > 1 and volume.shape[0] != wanted:
         raise ValueError(
-            f"{path}: its 4th axis has {volume.shape[0]} entries (frames or channels) but "
-            f"{loaded.name} takes {wanted} channel{'s' if wanted != 1 else ''}: pick one frame "
-            "(frame=N; --frame N on the command line)"
+            f"{path}: {volume.shape[0]} channels, but {loaded.name} takes {wanted} "
+            f"channel{'s' if wanted != 1 else ''}"
         )
     x = io.normalise_volume(volume, window)
     if loaded.input_size is not None and tuple(x.shape[1:]) != loaded.input_size:
         x = F.interpolate(x[None], size=loaded.input_size, mode="trilinear", align_corners=False)[0]
-    meta = {k: meta[k] for k in ("format", "original_shape", "shape", "spacing") if k in meta}
-    if frame is not None:
-        meta["frame"] = frame
+    kept = ("format", "original_shape", "shape", "spacing", "frame", "frames")
+    meta = {k: meta[k] for k in kept if k in meta}
     meta["model_input_shape"] = list(x.shape)
     return Item(path, base, "volume", x, volume=volume, meta=meta)
 
@@ -692,7 +748,8 @@ def prepare(
     Raises:
         FileNotFoundError: when it does not exist.
         ValueError: when it cannot be read, is a photo for a volume model or the reverse, or a
-            volume whose 4th axis does not match the model's channels.
+            4-D file without ``frame`` (the message names the 4th axis), or a volume whose
+            channels the model does not take.
         ImportError: when a volume format needs a package that is missing.
     """
     if not path.exists():
@@ -755,21 +812,31 @@ def _title(method: str, target: dict[str, Any]) -> str:
     return f"{method} — {target['label']} (score {target['score']:.3g})"
 
 
-def _picture(
+def _figure(
     item: Item,
     loaded: LoadedModel,
     settings: Settings,
     heat: Tensor,
     title: str,
     explanation: tuple[str, Tensor] | None,
-) -> Image.Image:
-    """The PNG for one map ``heat`` ``(1, *input)`` of ``item``."""
+) -> Figure:
+    """The figure for one map ``heat`` ``(1, *input)`` of ``item``."""
     cmap, alpha = settings.cmap, settings.opacity
+    dpi, figsize = settings.dpi, settings.figsize
     if item.kind == "volume":
         if item.volume is None:
             raise ValueError(f"{item.path}: a volume item without its volume")
         spacing = item.meta.get("spacing")
-        return viz.montage(item.volume[0], heat, cmap, alpha, title=title, spacing=spacing)
+        return viz.montage_plot(
+            item.volume[0],
+            heat,
+            cmap,
+            alpha,
+            title=title,
+            spacing=spacing,
+            dpi=dpi,
+            figsize=figsize,
+        )
     pre = loaded.preprocess
     if pre is None or item.photo is None:
         raise ValueError(f"{item.path}: a photo needs the photo and an image model")
@@ -777,13 +844,54 @@ def _picture(
         seen = pre.to_pixels(item.tensor.to(heat.device)) / 255.0
         label, image = explanation
         shown = (pre.to_pixels(image.to(heat.device)) / 255.0).clamp(0, 1)
-        return viz.grid(
-            seen, [(title, heat)], cmap=cmap, alpha=alpha, extra_images=[(label, shown)]
+        return viz.grid_plot(
+            seen,
+            [(title, heat)],
+            cmap=cmap,
+            alpha=alpha,
+            extra_images=[(label, shown)],
+            dpi=dpi,
+            figsize=figsize,
         )
     width, height = item.photo.size
     on_photo = pre.to_original(heat[None], width, height)[0].clamp(0, 1)
     region = crop_region(loaded, width, height)
-    return viz.overlay_figure(item.photo, on_photo, title, cmap, alpha, region=region)
+    return viz.overlay_plot(
+        item.photo, on_photo, title, cmap, alpha, region=region, dpi=dpi, figsize=figsize
+    )
+
+
+def _save_picture(
+    item: Item,
+    loaded: LoadedModel,
+    settings: Settings,
+    heat: Tensor,
+    path: Path,
+    figure: Callable[[], Figure],
+) -> Path:
+    """Write the picture of ``heat`` to ``path`` + the format's suffix: the ``figure`` or,
+    with ``settings.bare``, the map alone (``path`` + ``_bare`` + the suffix)."""
+    bare = "_bare" if settings.bare else ""
+    target = path.with_name(f"{path.name}{bare}.{settings.format}")
+    if not settings.bare:
+        return viz.save_figure(figure(), target, settings.format, settings.dpi)
+    if settings.format == "tiff" or item.kind == "volume":
+        return viz.save_map(heat, target, format="tiff")
+    pre = loaded.preprocess
+    if pre is None or item.photo is None:
+        raise ValueError(f"{item.path}: a photo needs the photo and an image model")
+    width, height = item.photo.size
+    on_photo = pre.to_original(heat[None], width, height)[0].clamp(0, 1)
+    region = crop_region(loaded, width, height)
+    return viz.save_map(
+        on_photo,
+        target,
+        image=item.photo,
+        cmap=settings.cmap,
+        alpha=settings.opacity,
+        region=region,
+        format="png",
+    )
 
 
 def _save_json_atomic(path: Path, obj: Any) -> Path:
@@ -892,31 +1000,33 @@ def _write_pictures(
     for rank, row in enumerate(rows, start=1):
         target = _target_record(batch, row, loaded, settings)
         suffix = f"_{rank}" if settings.top_k is not None else ""
-        png = stem.with_name(f"{stem.name}{suffix}.png")
         extra = _beside(batch.explanation, row, item, loaded, target)
-        title = _title(settings.method_name, target)
-        viz.save_png(_picture(item, loaded, settings, batch.shown[row], title, extra), png)
-        target["picture"] = str(png)
+        title = _title(batch.explanation.label, target)
+        heat = batch.shown[row]
+        picture = _save_picture(
+            item,
+            loaded,
+            settings,
+            heat,
+            stem.with_name(f"{stem.name}{suffix}"),
+            lambda: _figure(item, loaded, settings, heat, title, extra),  # noqa: B023
+        )
+        target["picture"] = str(picture)
         chosen.append(target)
-        pictures.append(png)
+        pictures.append(picture)
     return chosen, pictures
 
 
 def _write_maps(explanation: Explanation, rows: range, stem: Path) -> Path:
-    """The ``.npz`` of ``rows``: ``maps``, ``scores``, ``raw`` (``raw_J`` per layer), ``targets``."""
-    arrays: dict[str, Any] = {
-        "maps": explanation.maps[rows.start : rows.stop],
-        "scores": explanation.scores[rows.start : rows.stop],
-    }
-    raw = explanation.raw
-    if isinstance(raw, list):
-        for j, part in enumerate(raw):
-            arrays[f"raw_{j}"] = part[rows.start : rows.stop]
-    else:
-        arrays["raw"] = raw[rows.start : rows.stop]
-    if explanation.targets is not None:
-        arrays["targets"] = explanation.targets[rows.start : rows.stop]
-    return io.save_maps(stem.with_name(stem.name + ".npz"), **arrays)
+    """The ``.npz`` of ``rows`` in the one schema (:func:`evidencemap.io.save_explanation`:
+    ``maps``, ``scores``, ``raw`` / ``raw_J`` per layer, ``targets``, method, label, layers,
+    options; read it back with :func:`evidencemap.io.load_maps`)."""
+    written = io.save_explanation(
+        stem.with_name(stem.name + ".npz"), explanation, slice(rows.start, rows.stop)
+    )
+    if written is None:  # only for file objects
+        raise ValueError(f"{stem}.npz was not written")
+    return written
 
 
 def _write_item(

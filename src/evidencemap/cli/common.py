@@ -10,8 +10,16 @@ from typing import Any
 
 import torch
 
+from evidencemap.engine import (
+    DEFAULT_CMAP,
+    FORMATS,
+    check_picture,
+    probabilities,
+    resolve_device,
+    top_predictions,
+    versions,
+)
 from evidencemap.engine import build_method as engine_build_method
-from evidencemap.engine import probabilities, resolve_device, top_predictions, versions
 from evidencemap.models.loading import LoadedModel, load_model
 
 __all__ = [
@@ -19,12 +27,14 @@ __all__ = [
     "DEFAULT_OUT",
     "CLIError",
     "add_model_arguments",
+    "add_picture_arguments",
     "add_runtime_arguments",
     "build_method",
     "method_type",
     "model_from_args",
     "parse_option",
     "parse_options",
+    "picture_settings",
     "positive_int",
     "probabilities",
     "setup_runtime",
@@ -198,6 +208,61 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="volumes: intensity window LOW,HIGH mapped to [0, 1] (default: z-score per volume)",
     )
+
+
+def add_picture_arguments(parser: argparse.ArgumentParser, *, bare: bool = True) -> None:
+    """``--cmap``, ``--opacity``, ``--dpi``, ``--figsize``, ``--format`` (and ``--bare``)."""
+    group = parser.add_argument_group("pictures")
+    group.add_argument(
+        "--cmap",
+        default=DEFAULT_CMAP,
+        help=f"matplotlib colormap (default: {DEFAULT_CMAP}, perceptually uniform)",
+    )
+    group.add_argument(
+        "--opacity", type=unit_float, default=0.5, help="heat-map opacity in [0, 1] (0.5)"
+    )
+    group.add_argument(
+        "--dpi", type=float, default=100.0, help="pixels per inch of the figure (default 100)"
+    )
+    group.add_argument(
+        "--figsize",
+        type=float_list(2),
+        default=None,
+        metavar="W,H",
+        help="figure size in inches (default: sized by its panels)",
+    )
+    formats = FORMATS if bare else tuple(f for f in FORMATS if f != "tiff")
+    group.add_argument(
+        "--format",
+        choices=formats,
+        default="png",
+        help="png, pdf or svg figures"
+        + ("; with --bare: png or tiff (16-bit values)" if bare else "")
+        + " (default: png)",
+    )
+    if bare:
+        group.add_argument(
+            "--bare",
+            action="store_true",
+            help="the map alone, no title, colour bar or axes: PNG over the photo, or "
+            "--format tiff for the values (volumes: tiff only)",
+        )
+
+
+def picture_settings(args: argparse.Namespace, kind: str | None = None) -> dict[str, Any]:
+    """The picture arguments as keywords of :func:`evidencemap.engine.make_settings`, checked.
+
+    Raises:
+        CLIError: for a format that does not go with ``--bare``, a bad ``--dpi`` or ``--figsize``.
+    """
+    bare = bool(getattr(args, "bare", False))
+    try:
+        figsize = check_picture(args.format, bare, args.dpi, args.figsize, kind)
+    except ValueError as err:
+        text = str(err)
+        flag = next((f for f in ("dpi", "figsize") if text.startswith(f)), "format")
+        raise CLIError(f"--{flag}: {text}") from err
+    return {"dpi": args.dpi, "figsize": figsize, "format": args.format, "bare": bare}
 
 
 # --------------------------------------------------------------------------- set-up

@@ -11,14 +11,15 @@ from evidencemap.cli.common import (
     DEFAULT_OUT,
     CLIError,
     add_model_arguments,
+    add_picture_arguments,
     add_runtime_arguments,
     method_type,
     model_from_args,
     parse_option,
     parse_options,
+    picture_settings,
     positive_int,
     setup_runtime,
-    unit_float,
 )
 from evidencemap.cli.progress import method_progress
 from evidencemap.engine import (
@@ -47,6 +48,8 @@ EXAMPLES = """examples:
   evidencemap explain examples/chelsea.jpg --out evidencemap-out
   evidencemap explain photo.jpg --method gradcam++ --top-k 3
   evidencemap explain photo.jpg --target "tiger cat" --option counterfactual=true
+  evidencemap explain photo.jpg --format pdf --dpi 300 --figsize 4,3
+  evidencemap explain photo.jpg --bare --format tiff
   evidencemap explain scan.nii.gz --model mynet:build --window -1000,400
   evidencemap explain fmri.nii.gz --model ct-i3resnet152 --frame 0 --input-size 64,64,48
 """
@@ -100,15 +103,12 @@ def add_explain_arguments(parser: argparse.ArgumentParser, *, default_batch: int
     )
     parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output folder")
     parser.add_argument(
-        "--opacity", type=unit_float, default=0.5, help="heat-map opacity in [0, 1] (0.5)"
-    )
-    parser.add_argument("--cmap", default="jet", help="matplotlib colormap (default: jet)")
-    parser.add_argument(
         "--batch-size",
         type=positive_int,
         default=default_batch,
         help=f"inputs per explain call (default: {default_batch})",
     )
+    add_picture_arguments(parser)
     add_model_arguments(parser)
     add_runtime_arguments(parser)
 
@@ -177,6 +177,7 @@ def check_args(args: argparse.Namespace, inputs: list[Path]) -> None:
     except (TypeError, ValueError) as err:
         flag = "--top-k" if "top_k" in str(err) else "--target"
         raise CLIError(f"{flag}: {err}") from err
+    picture_settings(args)
     missing = [str(p) for p in inputs if not p.exists()]
     if missing and len(missing) == len(inputs):
         raise CLIError(f"no such file: {', '.join(missing)}")
@@ -200,6 +201,7 @@ def settings_from_args(args: argparse.Namespace, loaded: Any) -> Settings:
             game=args.game,
             cmap=args.cmap,
             opacity=args.opacity,
+            **picture_settings(args, loaded.kind),
             window=args.window,
             frame=getattr(args, "frame", None),
             batch_size=args.batch_size,
