@@ -856,7 +856,7 @@ def test_figure_format_dpi_size_and_bare_maps(capsys, photos, tmp_path):
     chelsea = photos / "a_chelsea.jpg"
 
     def explain(out: str, *more: str) -> dict:
-        status, stdout, stderr = _run(
+        status, _, stderr = _run(
             capsys, "explain", chelsea, "--out", tmp_path / out, *TINY, *more
         )
         assert status == 0, stderr
