@@ -801,6 +801,12 @@ def test_frame_of_a_4d_nifti(capsys, volumes, tmp_path):
     with np.load(manifest.with_suffix(".npz")) as saved:
         maps = torch.from_numpy(saved["maps"])
     torch.testing.assert_close(maps, _expected_volume_map(folder / "second.nii.gz"))
+    # the map as NIfTI on the input's grid, with its affine, for a viewer
+    [nifti] = recorded["outputs"]["nifti"]
+    image = nib.load(nifti)
+    assert list(image.shape) == recorded["shape"][1:]
+    np.testing.assert_allclose(image.affine, np.array(recorded["affine"]))
+    np.testing.assert_allclose(np.asarray(image.dataobj), maps[0, 0].numpy(), atol=1e-6)
     status, _, stderr = _run(capsys, "explain", folder / "run.nii.gz", "--frame", "2", *common)
     assert status == 1
     assert "frame 2 is out of range" in stderr

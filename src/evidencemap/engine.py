@@ -30,6 +30,8 @@ of them):
   :func:`evidencemap.io.load_maps`): ``maps`` ``(K, 1, *input)`` in [0, 1] at the model's
   input resolution, ``raw`` (the unnormalised maps at the layer's resolution), ``targets``,
   ``scores`` and what made them.
+* ``STEM.nii.gz`` for volumes read with an affine (NIfTI, DICOM): the map on the input's grid
+  with its affine (:func:`evidencemap.io.save_nifti`), to lay over the scan in a viewer.
 * ``STEM.json``: the manifest, written last (atomically), so a manifest on disk means the
   input is finished. Its ``request`` records what was asked (model and its input size,
   method, target, top_k, options, layer, frame, window, picture settings);
@@ -729,7 +731,7 @@ def _prepare_volume(
     x = io.normalise_volume(volume, window)
     if loaded.input_size is not None and tuple(x.shape[1:]) != loaded.input_size:
         x = F.interpolate(x[None], size=loaded.input_size, mode="trilinear", align_corners=False)[0]
-    kept = ("format", "original_shape", "shape", "spacing", "frame", "frames")
+    kept = ("format", "original_shape", "shape", "spacing", "affine", "frame", "frames")
     meta = {k: meta[k] for k in kept if k in meta}
     meta["model_input_shape"] = list(x.shape)
     return Item(path, base, "volume", x, volume=volume, meta=meta)
@@ -873,6 +875,8 @@ def _save_picture(
     with ``settings.bare``, the map alone (``path`` + ``_bare`` + the suffix)."""
     bare = "_bare" if settings.bare else ""
     target = path.with_name(f"{path.name}{bare}.{settings.format}")
+    if not settings.bare and settings.format == "png":  # RGB, rendered at the figure's dpi
+        return viz.save_png(viz.render(figure()), target)
     if not settings.bare:
         return viz.save_figure(figure(), target, settings.format, settings.dpi)
     if settings.format == "tiff" or item.kind == "volume":
@@ -1029,6 +1033,22 @@ def _write_maps(explanation: Explanation, rows: range, stem: Path) -> Path:
     return written
 
 
+def _write_nifti(item: Item, rows: range, explanation: Explanation, stem: Path) -> list[Path]:
+    """The maps of a volume with an affine (NIfTI, DICOM) as NIfTI on the input's grid
+    (:func:`evidencemap.io.save_nifti`): ``STEM.nii.gz`` (``STEM_1.nii.gz`` … with top_k), to
+    open over the scan in ITK-SNAP, 3D Slicer or FSLeyes."""
+    affine = item.meta.get("affine")
+    if item.kind != "volume" or affine is None or item.volume is None:
+        return []
+    shape = (int(item.volume.shape[1]), int(item.volume.shape[2]), int(item.volume.shape[3]))
+    written = []
+    for rank, row in enumerate(rows, start=1):
+        suffix = f"_{rank}" if len(rows) > 1 else ""
+        path = stem.with_name(f"{stem.name}{suffix}.nii.gz")
+        written.append(io.save_nifti(path, explanation.maps[row], affine, shape=shape))
+    return written
+
+
 def _write_item(
     i: int, item: Item, batch: _Batch, n_items: int, loaded: LoadedModel, settings: Settings
 ) -> Result:
@@ -1038,6 +1058,7 @@ def _write_item(
     stem = output_stem(item.base, settings)
     chosen, pictures = _write_pictures(item, rows, batch, loaded, settings, stem)
     npz = _write_maps(explanation, rows, stem)
+    nifti = _write_nifti(item, rows, explanation, stem)
     notes = list(item.warnings)
     notes += [w for r in rows if (w := explanation.warning(r))]
     notes += batch.warnings
@@ -1058,6 +1079,7 @@ def _write_item(
         "outputs": {
             "pictures": [str(p) for p in pictures],
             "maps": str(npz),
+            **({"nifti": [str(p) for p in nifti]} if nifti else {}),
             "manifest": str(manifest_path),
         },
         "seconds": batch.seconds / n_items,

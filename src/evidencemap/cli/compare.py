@@ -144,6 +144,8 @@ def _write_pictures(
             figsize=picture["figsize"],
         )
         path = base.with_name(f"{base.name}_compare.{picture['format']}")
+        if picture["format"] == "png":  # RGB, rendered at the figure's dpi
+            return [viz.save_png(viz.render(figure), path)]
         return [viz.save_figure(figure, path, picture["format"], picture["dpi"])]
     written = []
     for name, heat in panels:
