@@ -862,9 +862,7 @@ def test_figure_format_dpi_size_and_bare_maps(capsys, photos, tmp_path):
     chelsea = photos / "a_chelsea.jpg"
 
     def explain(out: str, *more: str) -> dict:
-        status, _, stderr = _run(
-            capsys, "explain", chelsea, "--out", tmp_path / out, *TINY, *more
-        )
+        status, _, stderr = _run(capsys, "explain", chelsea, "--out", tmp_path / out, *TINY, *more)
         assert status == 0, stderr
         return _manifest(tmp_path / out / "a_chelsea_gradcam.json")
 
@@ -919,3 +917,48 @@ def test_compare_as_svg_and_as_bare_maps(capsys, photos, tmp_path):
     manifest = _manifest(tmp_path / "bare" / "a_chelsea_compare.json")
     names = [Path(p).name for p in manifest["outputs"]["pictures"]]
     assert names == ["a_chelsea_compare_gradcam.png", "a_chelsea_compare_layercam.png"]
+
+
+def test_a_target_function_by_its_import_string(capsys, photos, tmp_path):
+    folder = tmp_path / "targets"
+    folder.mkdir()
+    (folder / "cli_targets.py").write_text("def second(output):\n    return output[:, 1]\n")
+    out = tmp_path / "out"
+    with on_sys_path(folder):
+        status, stdout, stderr = _run(
+            capsys,
+            "explain",
+            photos / "a_chelsea.jpg",
+            "--target",
+            "cli_targets:second",
+            "--out",
+            out,
+            *TINY,
+        )
+    assert status == 0, stderr
+    assert ": cli_targets:second (score " in stdout
+    manifest = _manifest(out / "a_chelsea_gradcam_tcli-targets-second.json")
+    assert manifest["targets"][0]["label"] == "cli_targets:second"
+    assert manifest["targets"][0]["probability"] is None
+    # the same score as class 1's logit: the same map
+    status, _, stderr = _run(
+        capsys, "explain", photos / "a_chelsea.jpg", "--target", "1", "--out", out, *TINY
+    )
+    assert status == 0, stderr
+    with (
+        np.load(out / "a_chelsea_gradcam_tcli-targets-second.npz") as a,
+        np.load(out / "a_chelsea_gradcam_t1.npz") as b,
+    ):
+        np.testing.assert_allclose(a["maps"], b["maps"], atol=1e-6)
+    status, _, stderr = _run(
+        capsys,
+        "explain",
+        photos / "a_chelsea.jpg",
+        "--target",
+        "no_such_mod:f",
+        "--out",
+        out,
+        *TINY,
+    )
+    assert status == 2
+    assert "cannot import 'no_such_mod'" in stderr

@@ -47,6 +47,7 @@ import json
 import os
 import platform
 import re
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -236,7 +237,7 @@ def parse_target(text: str | int) -> TargetRequest:
         return TargetRequest("class", index)
     if text.lower() == "norm":
         return TargetRequest("norm", "norm")
-    if (_IMPORT_TARGET.match(text) and "." in text.partition(":")[0]) or _IMPORT_TARGET.match(text):
+    if _IMPORT_TARGET.match(text):
         return TargetRequest("callable", text)
     return TargetRequest("label", text)
 
@@ -285,10 +286,17 @@ def _probe(labels: list[str]) -> LoadedModel:
 
 def _import_target(text: str) -> Callable[[Tensor], Tensor]:
     module_name, _, attribute = text.partition(":")
+    folder = os.getcwd()  # found from the current folder, like a model's import string
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"target {text!r}: cannot import {module_name!r}: {err}") from err
+    finally:
+        if added:
+            sys.path.remove(folder)
     function = getattr(module, attribute, None)
     if not callable(function):
         raise ValueError(f"target {text!r}: {module_name} has no function {attribute!r}")
@@ -368,7 +376,8 @@ class Settings:
     engine: str = "local"
 
 
-def _method_options(method: str, options: Mapping[str, Any], game: str | None) -> dict[str, Any]:
+def _method_options(options: Mapping[str, Any], game: str | None) -> dict[str, Any]:
+    """``options`` with FGVis's ``game`` when given."""
     merged = dict(options)
     if game is not None:
         merged["game"] = game
@@ -517,7 +526,7 @@ def make_settings(
         ValueError / TypeError: for a bad target, colour map, option or layer (the message
             names it).
     """
-    options = _method_options(method, options or {}, game)
+    options = _method_options(options or {}, game)
     request = check_request(method, options, target=target, top_k=top_k, cmap=cmap, frame=frame)
     if top_k is not None and is_embedding(loaded):
         raise ValueError(f"top_k: {loaded.name} outputs an embedding, not classes")
