@@ -877,11 +877,13 @@ def _save_picture(
     loaded: LoadedModel,
     settings: Settings,
     heat: Tensor,
+    values: Tensor,
     path: Path,
     figure: Callable[[], Figure],
 ) -> Path:
-    """Write the picture of ``heat`` to ``path`` + the format's suffix: the ``figure`` or,
-    with ``settings.bare``, the map alone (``path`` + ``_bare`` + the suffix)."""
+    """Write the picture of ``heat`` (the map as displayed) to ``path`` + the format's suffix:
+    the ``figure`` or, with ``settings.bare``, the map alone (``path`` + ``_bare`` + the
+    suffix): over the photo as PNG, or the method's map ``values`` as 16-bit TIFF."""
     bare = "_bare" if settings.bare else ""
     target = path.with_name(f"{path.name}{bare}.{settings.format}")
     if not settings.bare and settings.format == "png":  # RGB, rendered at the figure's dpi
@@ -889,7 +891,7 @@ def _save_picture(
     if not settings.bare:
         return viz.save_figure(figure(), target, settings.format, settings.dpi)
     if settings.format == "tiff" or item.kind == "volume":
-        return viz.save_map(heat, target, format="tiff")
+        return viz.save_map(values, target, format="tiff")
     pre = loaded.preprocess
     if pre is None or item.photo is None:
         raise ValueError(f"{item.path}: a photo needs the photo and an image model")
@@ -1021,6 +1023,7 @@ def _write_pictures(
             loaded,
             settings,
             heat,
+            batch.explanation.maps[row],
             stem.with_name(f"{stem.name}{suffix}"),
             lambda: _figure(item, loaded, settings, heat, title, extra),  # noqa: B023
         )

@@ -124,11 +124,13 @@ def _write_pictures(
     item: Any,
     loaded: Any,
     panels: list[tuple[str, torch.Tensor]],
+    values: list[torch.Tensor],
     title: str,
     picture: dict[str, Any],
 ) -> list[Path]:
     """The grid figure (``NAME_compare.FORMAT``) or, with ``--bare``, one bare map per method
-    (``NAME_compare_METHOD.png`` over the photo, or ``.tiff`` of the values)."""
+    (``NAME_compare_METHOD.png`` over the photo, or ``.tiff`` of the method's map ``values``
+    at the model's input resolution)."""
     base = item.base
     width, height = item.photo.size
     region = crop_region(loaded, width, height)
@@ -148,11 +150,11 @@ def _write_pictures(
             return [viz.save_png(viz.render(figure), path)]
         return [viz.save_figure(figure, path, picture["format"], picture["dpi"])]
     written = []
-    for name, heat in panels:
+    for (name, heat), value in zip(panels, values, strict=True):
         safe = re.sub(r"[^A-Za-z0-9+_-]+", "_", name).strip("_")
         path = base.with_name(f"{base.name}_compare_{safe}.{picture['format']}")
         if picture["format"] == "tiff":
-            written.append(viz.save_map(heat, path, format="tiff"))
+            written.append(viz.save_map(value, path, format="tiff"))
         else:
             written.append(
                 viz.save_map(
@@ -199,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     label = loaded.label(target)
     panels, maps, timings, layers = _explain_all(methods, x, target, loaded, item)
     title = f"{label} {probability:.2f} (class {target})"
-    pictures = _write_pictures(args, item, loaded, panels, title, picture)
+    pictures = _write_pictures(args, item, loaded, panels, list(maps.values()), title, picture)
     npz = io.save_maps(
         base.with_name(base.name + "_compare.npz"),
         **{name.replace("+", "p").replace("-", "_"): m for name, m in maps.items()},
