@@ -175,8 +175,10 @@ def check_args(args: argparse.Namespace, inputs: list[Path]) -> None:
     except FileNotFoundError as err:
         raise CLIError(f"--labels: {err}") from err
     except (TypeError, ValueError) as err:
-        flag = "--top-k" if "top_k" in str(err) else "--target"
-        raise CLIError(f"{flag}: {err}") from err
+        text = str(err)
+        if text.startswith("top_k: "):
+            raise CLIError(f"--top-k: {text[len('top_k: ') :]}") from err
+        raise CLIError(f"--target: {text}") from err
     picture_settings(args)
     missing = [str(p) for p in inputs if not p.exists()]
     if missing and len(missing) == len(inputs):
