@@ -116,7 +116,8 @@ class BatchSpec:
             (png, pdf, svg; bare maps png or tiff) and whether it is the bare map
             (:class:`evidencemap.engine.Settings`).
         batch_size: inputs per call of the method.
-        device: ``cpu`` or ``cuda`` (an actor with ``num_gpus`` sees its own GPUs as ``cuda``).
+        device: ``cpu``, ``cuda`` (an actor with ``num_gpus`` sees its own GPUs as ``cuda``),
+            ``cuda:N`` or ``mps`` (:func:`evidencemap.engine.resolve_device`).
         threads: torch CPU threads per actor (``None``: torch's default in the actor, which
             Ray sets from the actor's ``num_cpus``).
         labels / input_size / resize / mean / std / window: user model preprocessing, as on the
