@@ -118,7 +118,7 @@ def test_crop_geometry_by_hand(width, height, size, resize, resized, corner, reg
 
 
 def test_every_crop_is_the_preprocessing_geometry(lite0):
-    from evidencemap.cli.pipeline import crop_region
+    from evidencemap.engine import crop_region
     from evidencemap.models import FERPreprocessor
 
     assert crop_region(lite0, 451, 300) == lite0.preprocess.crop_box(451, 300).region()
