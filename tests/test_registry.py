@@ -2,7 +2,8 @@
 
 Nothing here lists methods by hand: a method registered with ``@register`` is checked for its
 option description, for leaving the model exactly as found, for 2-D and 3-D inputs, for the
-memory budget and for the factory's errors.
+memory budget and for the factory's errors. :class:`MaxGradCAM` below is a new method written
+in this file only (one class, one decorator): it is checked with the built-in ones.
 """
 
 from __future__ import annotations
@@ -10,14 +11,48 @@ from __future__ import annotations
 import inspect
 import re
 import threading
+from typing import Any, ClassVar
 
 import pytest
 import torch
+from torch import Tensor, nn
 
 import evidencemap as em
 from evidencemap import runtime
-from evidencemap.methods import OptionError, describe
+from evidencemap.cli import main
+from evidencemap.methods import METHODS, Context, LayerMethod, Option, OptionError, describe
+from evidencemap.methods.base import gradients_of
+from evidencemap.methods.options import reported_options
+from evidencemap.methods.registry import register
 from tiny import ConvGapFc, assert_unchanged, seeded, snapshot
+
+
+@register
+class MaxGradCAM(LayerMethod):
+    """Max-gradient CAM (a new method, defined in this test file only): ``L = ReLU(Σ_k w_k A_k)``
+    with ``w_k = scale · max_ij g_k,ij``."""
+
+    name = "maxgradcam"
+    aliases: ClassVar[tuple[str, ...]] = ("max-grad-cam",)
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option("scale", "float", 1.0, "factor of the channel weights", low=0.0, low_open=True),
+    )
+
+    def __init__(
+        self, model: nn.Module, layer: Any = None, *, scale: float = 1.0, **kw: Any
+    ) -> None:
+        super().__init__(model, layer, **kw)
+        self.scale = self.option("scale", scale)
+
+    def channel_weights(self, acts: Tensor, grads: Tensor | None, context: Context) -> Tensor:
+        return self.scale * gradients_of(grads).flatten(2).amax(2)
+
+
+def teardown_module() -> None:
+    """The method defined here leaves the registry with this file's tests."""
+    for name in (MaxGradCAM.name, *MaxGradCAM.aliases):
+        METHODS.pop(name, None)
+
 
 CNN_METHODS = [n for n in em.methods() if not getattr(describe(n).cls, "needs_attention", False)]
 
@@ -245,3 +280,52 @@ def test_every_method_explains_a_batch_in_budget_chunks_as_a_whole(name):
     else:
         assert starts == []  # … unless an input's result depends on its batch (noise)
     assert_same_explanation(chunked, whole, name)
+
+
+# ----------------------------------------------------------------- a method defined in a test
+
+
+def test_a_method_defined_in_a_test_file_is_found_everywhere(capsys):
+    assert "maxgradcam" in em.methods()
+    assert "maxgradcam" in CNN_METHODS  # so the whole invariant suite above runs on it
+    spec = em.describe("max-grad-cam")
+    assert spec.cls is MaxGradCAM
+    assert spec.kind == "layer"
+    assert spec.options["scale"].default == 1.0
+    assert spec.summary.startswith("Max-gradient CAM")
+    status = main(["methods"])
+    lines = capsys.readouterr().out.splitlines()
+    assert status == 0
+    line = next(line for line in lines if line.startswith("maxgradcam "))
+    assert "[layer]" in line
+    assert "1 layer pass" in line
+    assert "max-grad-cam" in line
+    assert main(["methods", "maxgradcam"]) == 0
+    assert "scale" in capsys.readouterr().out
+
+
+def test_a_method_defined_in_a_test_file_explains_by_its_formula():
+    model = seeded(ConvGapFc())
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    exp = em.explain(model, x, "maxgradcam", scale=2.0, target=[1, 2])
+    # the formula, computed here: w_k = 2 · max_ij ∂y_c/∂A_k,ij at the last conv block
+    acts = model.features(x).detach().requires_grad_(True)
+    logits = model.fc(model.pool(acts).flatten(1))
+    (grads,) = torch.autograd.grad(logits[[0, 1], [1, 2]].sum(), acts)
+    weights = 2.0 * grads.flatten(2).amax(2)
+    expected = (weights[:, :, None, None] * acts.detach()).sum(1, keepdim=True).clamp(min=0)
+    torch.testing.assert_close(exp.raw, expected)
+    assert exp.layer == "features.3"
+    assert exp.options == {"output_key": None, "eval_mode": True, "relu": True, "scale": 2.0}
+
+
+@pytest.mark.parametrize("name", CNN_METHODS)
+def test_the_options_report_is_derived_from_the_declared_options(name):
+    """Each reported option is one declared with ``reported=True`` (SmoothGrad adds its wrapped
+    method's report); batch sizes, memory budgets and progress callbacks are not reported."""
+    method = em.build(name, seeded(ConvGapFc()), **fast_options(name))
+    report = method.options()
+    declared = {o.name for o in reported_options(type(method))}
+    assert set(report) - {"method_options"} <= declared
+    assert not {"batch_size", "memory_budget", "internal_batch_size", "progress"} & set(report)
+    assert {"output_key", "eval_mode"} <= set(report)

@@ -16,12 +16,13 @@ from evidencemap import runtime, targets
 from evidencemap.api import build, describe, explain, get_method, methods
 from evidencemap.explanation import Explanation
 from evidencemap.methods import METHODS
-from evidencemap.methods.base import InputMethod, LayerMethod, Method
+from evidencemap.methods.base import FlatMapWarning, InputMethod, LayerMethod, Method
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Explanation",
+    "FlatMapWarning",
     "InputMethod",
     "LayerMethod",
     "Method",

@@ -15,7 +15,7 @@ is imported here, so a new method module registers itself by being in the folder
 import importlib
 import pkgutil
 
-from evidencemap.methods.base import Context, InputMethod, LayerMethod, Method
+from evidencemap.methods.base import Context, FlatMapWarning, InputMethod, LayerMethod, Method
 from evidencemap.methods.options import Option, OptionError, options_of
 from evidencemap.methods.passes import PASS_KINDS, PassCount, Passes
 from evidencemap.methods.registry import (
@@ -32,6 +32,7 @@ __all__ = [
     "METHODS",
     "PASS_KINDS",
     "Context",
+    "FlatMapWarning",
     "InputMethod",
     "LayerMethod",
     "Method",

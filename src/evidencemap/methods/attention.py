@@ -63,7 +63,6 @@ class _AttentionMethod(Method):
     uses_layer: ClassVar[bool] = False
     needs_gradients: ClassVar[bool] = False
     needs_attention: ClassVar[bool] = True
-    """Explains models with attention layers only (the registry tests run them on ViTs)."""
     pass_kind: ClassVar[str] = "layer"
     """Counted as one Grad-CAM call: one forward recording the attention maps (and, for the
     gradient rollout, a backward to them)."""

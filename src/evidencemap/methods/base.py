@@ -93,6 +93,9 @@ class Method(MethodCall):
     """The method reads a layer (its constructor takes ``layer``)."""
     needs_gradients: ClassVar[bool] = True
     """The method backpropagates through the model."""
+    needs_attention: ClassVar[bool] = False
+    """The method reads a transformer's attention (it explains models with attention layers
+    only; the registry tests run it on ViTs)."""
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option(
             "output_key",

@@ -147,9 +147,10 @@ def cluster_channels(acts: Tensor, important: Tensor, q: float = 25.0) -> Channe
     from sklearn.cluster import DBSCAN
 
     n, k = acts.shape[:2]
-    flat = acts.detach().flatten(2).double()
+    # On the CPU in float64 (DBSCAN runs there anyway; devices such as MPS have no float64).
+    flat = acts.detach().flatten(2).cpu().double()
     # Exact pairwise distances (no matrix-product shortcut: identical points stay at 0).
-    dist = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist").cpu()
+    dist = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist")
     rest_mask = ~important.cpu()
     labels = torch.full((n, k), IMPORTANT, dtype=torch.long)
     eps = torch.zeros(n, dtype=torch.float64)

@@ -388,8 +388,9 @@ class IntegratedGradients(InputMethod):
         shape = (-1, *([1] * x.ndim))
         diff = x - base
         total = torch.zeros_like(x)
-        alphas = self.alphas.to(device=x.device, dtype=x.dtype)
-        weights = self.weights.to(device=x.device, dtype=x.dtype)
+        # cast on the CPU first: devices such as MPS have no float64
+        alphas = self.alphas.to(x.dtype).to(x.device)
+        weights = self.weights.to(x.dtype).to(x.device)
 
         def step(start: int, stop: int) -> None:
             runtime.checkpoint(start, self.steps, "integrated_gradients")

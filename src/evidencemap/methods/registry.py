@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -135,6 +135,13 @@ class MethodSpec:
         passes: its declared cost in model passes (:mod:`evidencemap.methods.passes`).
     """
 
+    KINDS: ClassVar[dict[str, str]] = {
+        "layer": "explains a layer's activations",
+        "input": "works on the input",
+        "attention": "reads a transformer's token attention",
+        "wrapper": "wraps another method",
+    }
+
     name: str
     aliases: tuple[str, ...]
     cls: type[Method]
@@ -143,6 +150,17 @@ class MethodSpec:
     options: dict[str, Option]
     forwards_to: str = ""
     passes: Passes = field(default_factory=Passes)
+
+    @property
+    def kind(self) -> str:
+        """What the method reads, from its declared capabilities (a key of :attr:`KINDS`):
+        ``"wrapper"`` (it forwards options to a wrapped method), ``"attention"``
+        (``needs_attention``), ``"layer"`` (``uses_layer``) or ``"input"``."""
+        if self.forwards_to:
+            return "wrapper"
+        if self.cls.needs_attention:
+            return "attention"
+        return "layer" if self.uses_layer else "input"
 
     def pass_count(self, channels: int | None = None) -> PassCount:
         """Model passes per class with the default options, derived from :attr:`passes`.
@@ -188,6 +206,7 @@ class MethodSpec:
             "summary": self.summary,
             "options": {name: option.describe() for name, option in self.options.items()},
             "forwards_to": self.forwards_to,
+            "kind": self.kind,
             "passes": self.passes.to_json(),
         }
 
