@@ -329,3 +329,90 @@ def test_the_options_report_is_derived_from_the_declared_options(name):
     assert set(report) - {"method_options"} <= declared
     assert not {"batch_size", "memory_budget", "internal_batch_size", "progress"} & set(report)
     assert {"output_key", "eval_mode"} <= set(report)
+
+
+# ------------------------------------------------------------------------------ import cycles
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every import of the package's modules, read from the source (module-level, inside
+    functions and under ``TYPE_CHECKING`` alike): module → the package modules it imports.
+    ``from package import submodule`` counts as importing the submodule."""
+    import ast
+    from pathlib import Path
+
+    root = Path(em.__file__).parent
+    modules: dict[str, tuple[Path, bool]] = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        package = parts[-1] == "__init__"
+        modules[".".join(parts[:-1] if package else parts)] = (path, package)
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, (path, package) in modules.items():
+        here = name if package else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = here.split(".")[: len(here.split(".")) - node.level + 1]
+                    base = ".".join([*parent, *([node.module] if node.module else [])])
+                subs = [f"{base}.{alias.name}" for alias in node.names]
+                found = [s for s in subs if s in modules]
+                if len(found) < len(subs):
+                    found.append(base)
+            else:
+                continue
+            graph[name] |= {f for f in found if f in modules and f != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(component)
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_through_the_methods_and_methods_never_import_the_model_zoo():
+    graph = _import_graph()
+    assert "evidencemap.methods.call" in graph  # the graph is read
+    assert "evidencemap.methods.registry" in graph["evidencemap.methods.fgvis.method"]
+    through_methods = [
+        sorted(c) for c in _cycles(graph) if any(m.startswith("evidencemap.methods") for m in c)
+    ]
+    assert through_methods == []
+    into_models = {
+        (a, b)
+        for a, imported in graph.items()
+        if a.startswith("evidencemap.methods")
+        for b in imported
+        if b.startswith("evidencemap.models")
+    }
+    assert into_models == set()

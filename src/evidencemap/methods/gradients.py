@@ -602,7 +602,7 @@ class SmoothGrad(Method):
         # method's backward pass saves, counted before any work by one forward pass under a
         # budget; the first copy's peak is measured as well), ≤ internal_batch_size inputs,
         # ≤ the memory budget
-        backward = getattr(self.method, "needs_gradients", True)
+        backward = self.method.needs_gradients
         per_copy = copy_bytes(self, x, self.memory_budget, backward)
         draws = smoothgrad_noise(x, self.samples, noise_sigma, self.seed, 1)
         total: Any = None
