@@ -253,7 +253,7 @@ def copy_bytes(method: Method, x: Tensor, budget: int | None, backward: bool = T
     ``2·|x|`` (the perturbed inputs and their noise, path step or gradient) plus, when
     ``backward`` and a memory budget is in force (the run's or ``budget``), what autograd saves
     for the backward pass of one copy: ``N`` times that of one input
-    (:func:`evidencemap.methods.chunking.graph_bytes`: one extra forward pass of one input, only
+    (:func:`evidencemap.methods.call.graph_bytes`: one extra forward pass of one input, only
     made when a budget needs the number, once per model and input shape). On a deep network
     the latter dominates: 175 MB against 1.5 MB for a 64×64×48 volume through a 3-D ResNet-152.
     """
