@@ -3,7 +3,9 @@
 Nothing here lists methods by hand: a method registered with ``@register`` is checked for its
 option description, for leaving the model exactly as found, for 2-D and 3-D inputs, for the
 memory budget and for the factory's errors. :class:`MaxGradCAM` below is a new method written
-in this file only (one class, one decorator): it is checked with the built-in ones.
+in this file only (one class, one decorator): it is checked with the built-in ones. Like a
+user's method it stays registered for the session (so a list derived from the registry at
+collection time never names a method that is gone when its test runs).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 import evidencemap as em
 from evidencemap import runtime
 from evidencemap.cli import main
-from evidencemap.methods import METHODS, Context, LayerMethod, Option, OptionError, describe
+from evidencemap.methods import Context, LayerMethod, Option, OptionError, describe
 from evidencemap.methods.base import gradients_of
 from evidencemap.methods.options import reported_options
 from evidencemap.methods.registry import register
@@ -46,12 +48,6 @@ class MaxGradCAM(LayerMethod):
 
     def channel_weights(self, acts: Tensor, grads: Tensor | None, context: Context) -> Tensor:
         return self.scale * gradients_of(grads).flatten(2).amax(2)
-
-
-def teardown_module() -> None:
-    """The method defined here leaves the registry with this file's tests."""
-    for name in (MaxGradCAM.name, *MaxGradCAM.aliases):
-        METHODS.pop(name, None)
 
 
 CNN_METHODS = [n for n in em.methods() if not getattr(describe(n).cls, "needs_attention", False)]
