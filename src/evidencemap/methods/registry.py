@@ -13,6 +13,7 @@ line, the web service, the evaluation and SmoothGrad's wrapped method all call:
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -85,17 +86,29 @@ _TRANSFER_SOURCES: list[TransferModels] = []
 
 
 def register_transfer_models(source: TransferModels) -> TransferModels:
-    """Add a source of the models FGVis' ``transfer="installed"`` checks a mask against
-    (:mod:`evidencemap.models` adds its built-in EfficientNet-Lite1/Lite2 when their weights are
-    installed). Methods never import the model zoo: it fills this registry when imported."""
+    """Add a source of the models FGVis' ``transfer="installed"`` checks a mask against.
+
+    Packages declare theirs as an entry point of the group :data:`TRANSFER_ENTRY_POINTS`
+    (evidencemap itself: :func:`evidencemap.models.installed_transfer_models`, the built-in
+    EfficientNet-Lite1/Lite2 when their weights are installed); this adds one at run time.
+    Methods never import the model zoo.
+    """
     if source not in _TRANSFER_SOURCES:
         _TRANSFER_SOURCES.append(source)
     return source
 
 
+TRANSFER_ENTRY_POINTS = "evidencemap.transfer_models"
+"""The entry-point group of functions ``() -> [(name, module)]`` giving transfer models."""
+
+
 def installed_transfer_models() -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every registered transfer-model source, in registration order."""
-    return [found for source in _TRANSFER_SOURCES for found in source()]
+    """``(name, module)`` of every transfer-model source: the entry points of the group
+    :data:`TRANSFER_ENTRY_POINTS` (loaded on first use), then those added with
+    :func:`register_transfer_models`."""
+    declared = importlib.metadata.entry_points(group=TRANSFER_ENTRY_POINTS)
+    sources = [*(ep.load() for ep in declared), *_TRANSFER_SOURCES]
+    return [found for source in dict.fromkeys(sources) for found in source()]
 
 
 def method_names() -> list[str]:
