@@ -35,13 +35,16 @@ from evidencemap.methods.gradients import (
     Saliency,
     SmoothGrad,
 )
+from evidencemap.methods.perturbation import RISE, Occlusion
 from evidencemap.methods.scorecam import ScoreCAM
+from evidencemap.methods.surrogate import KernelShap, Lime
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CAM",
     "CFCAM",
+    "RISE",
     "AttentionGradient",
     "AttentionRollout",
     "EigenCAM",
@@ -53,9 +56,12 @@ __all__ = [
     "GuidedGradCAM",
     "HiResCAM",
     "IntegratedGradients",
+    "KernelShap",
     "LayerCAM",
     "LayerMethod",
+    "Lime",
     "Method",
+    "Occlusion",
     "Saliency",
     "ScoreCAM",
     "SmoothGrad",

@@ -11,7 +11,9 @@ from evidencemap.methods import (
     cfcam,
     fgvis,
     gradients,
+    perturbation,
     scorecam,
+    surrogate,
 )
 from evidencemap.methods.base import METHODS, Context, LayerMethod, Method, register
 from evidencemap.methods.options import Option, OptionError, options_of
@@ -38,6 +40,8 @@ __all__ = [
     "gradients",
     "method_names",
     "options_of",
+    "perturbation",
     "register",
     "scorecam",
+    "surrogate",
 ]
