@@ -253,18 +253,13 @@ def _check_sizes(value: Any, name: str) -> int | tuple[int, ...]:
     return _per_axis(value, 1, name)[0]
 
 
-def occlusion_starts(size: int, window: int, stride: int, cover_edges: bool) -> list[int]:
-    """Start positions of the windows along one axis of ``size`` elements.
-
-    ``0, stride, 2·stride, …`` while the window fits (``window`` clamped to ``size``), as
-    Captum's ``Occlusion``; with ``cover_edges`` one more window ending at the last element when
-    those leave a trailing band uncovered.
-    """
+def occlusion_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start positions of the windows along one axis of ``size`` elements, as Captum's
+    ``Occlusion``: ``0, stride, …, ⌈(size − window)/stride⌉·stride`` (``window`` clamped to
+    ``size``); a last window that runs past the end is cut there, so every element is covered
+    when ``stride ≤ window``."""
     window = min(window, size)
-    starts = list(range(0, size - window + 1, stride))
-    if cover_edges and starts[-1] + window < size:
-        starts.append(size - window)
-    return starts
+    return [i * stride for i in range(math.ceil((size - window) / stride) + 1)]
 
 
 def _box_masks(
@@ -295,16 +290,15 @@ class Occlusion(PerturbationMethod):
     A box of ``window`` elements per spatial axis slides with ``stride``; for each position
     ``w`` the box ``1_w`` (every channel) is replaced by the baseline and
     ``Δ_w = f(x) − f(b + (1 − 1_w) ⊙ (x − b))``. Each element gets the mean drop of the windows
-    that cover it: ``raw = Σ_w Δ_w 1_w / Σ_w 1_w`` ``(N, 1, *S)`` (0 where no window covers,
-    which ``cover_edges`` avoids); the map is ``ReLU(raw)``. With ``cover_edges=False`` this is
-    Captum's ``Occlusion`` with ``sliding_window_shapes=(C, *window)``, ``strides=(C, *stride)``
-    on every channel. Passes: ``Π_a (⌊(S_a − w_a)/s_a⌋ + 1)`` windows (+1 per axis with
-    ``cover_edges``), 169 at 224 × 224 with the defaults.
+    that cover it: ``raw = Σ_w Δ_w 1_w / Σ_w 1_w`` ``(N, 1, *S)`` (0 where no window covers:
+    only with ``stride > window``); the map is ``ReLU(raw)``. This is Captum's ``Occlusion``
+    with ``sliding_window_shapes=(C, *window)``, ``strides=(C, *stride)`` on every channel
+    (:func:`occlusion_starts`). Passes: ``Π_a (⌈(S_a − w_a)/s_a⌉ + 1)`` windows, 169 at
+    224 × 224 with the defaults.
 
     Args:
         window: box size, an int (every spatial axis) or one per axis (clamped to the input).
         stride: step between boxes, an int or one per axis.
-        cover_edges: add a last window flush with the end of an axis the strides miss.
         baseline / blur_sigma / score / internal_batch_size / memory_budget: see
             :class:`PerturbationMethod`.
     """
@@ -317,7 +311,6 @@ class Occlusion(PerturbationMethod):
         Option(
             "stride", "int", 16, "step between boxes per spatial axis", low=1, other="one per axis"
         ),
-        Option("cover_edges", "bool", True, "add a window flush with the end of each axis"),
         _score_option("logit"),
     )
 
@@ -327,14 +320,12 @@ class Occlusion(PerturbationMethod):
         *,
         window: int | Sequence[int] = 32,
         stride: int | Sequence[int] = 16,
-        cover_edges: bool = True,
         score: str = "logit",
         **kw: Any,
     ) -> None:
         super().__init__(model, **kw)
         self.window = _check_sizes(self.option("window", window), "window")
         self.stride = _check_sizes(self.option("stride", stride), "stride")
-        self.cover_edges = self.option("cover_edges", cover_edges)
         self.score = self.option("score", score)
 
     def options(self) -> dict[str, Any]:
@@ -342,7 +333,6 @@ class Occlusion(PerturbationMethod):
             **super().options(),
             "window": self.window,
             "stride": self.stride,
-            "cover_edges": self.cover_edges,
         }
 
     def attribute(
@@ -353,7 +343,7 @@ class Occlusion(PerturbationMethod):
         strides = _per_axis(self.stride, len(sizes), "stride")
         windows = tuple(min(w, s) for w, s in zip(windows, sizes, strict=True))
         starts = [
-            torch.tensor(occlusion_starts(s, w, st, self.cover_edges))
+            torch.tensor(occlusion_starts(s, w, st))
             for s, w, st in zip(sizes, windows, strides, strict=True)
         ]
         total = math.prod(len(s) for s in starts)
@@ -416,7 +406,7 @@ def rise_masks(grids: Tensor, shifts: Tensor, cells: int, size: Sequence[int]) -
         shape[2 + axis] = size[axis]
         idx = idx.view(shape).expand(*up.shape[: 2 + axis], size[axis], *up.shape[3 + axis :])
         up = up.gather(2 + axis, idx)
-    return up
+    return up.clamp_(0.0, 1.0)  # interpolation rounding
 
 
 @register
