@@ -54,11 +54,13 @@ def test_occlusion_windows_cover_the_edges():
 
 def test_rise_masks_are_smooth_shifted_grids_with_the_right_density():
     grids, shifts = rise_grids(400, 4, 2, 0.3, seed=5)
-    assert grids.shape == (400, 16) and shifts.shape == (400, 2)
+    assert grids.shape == (400, 16)
+    assert shifts.shape == (400, 2)
     assert abs(float(grids.float().mean()) - 0.3) < 0.03
     masks = rise_masks(grids, shifts, 4, (20, 24))
     assert masks.shape == (400, 1, 20, 24)
-    assert float(masks.min()) >= 0 and float(masks.max()) <= 1
+    assert float(masks.min()) >= 0
+    assert float(masks.max()) <= 1
     assert abs(float(masks.mean()) - 0.3) < 0.04
     # an all-ones grid is all ones; one kept cell of a 1-cell grid too
     ones = rise_masks(torch.ones(1, 16, dtype=torch.bool), torch.zeros(1, 2), 4, (20, 24))
@@ -118,9 +120,11 @@ def test_kernel_shap_of_a_linear_model_gives_the_exact_shapley_values():
 
 def test_kernel_shap_samples_follow_the_shapley_kernel():
     z = kernel_shap_samples(6, 4000, torch.Generator().manual_seed(0))
-    assert z[0].all() and not z[1].any()
+    assert z[0].all()
+    assert not z[1].any()
     k = z[2:].sum(1)
-    assert int(k.min()) >= 1 and int(k.max()) <= 5
+    assert int(k.min()) >= 1
+    assert int(k.max()) <= 5
     probs = torch.tensor([5 / (j * (6 - j)) for j in range(1, 6)])
     probs /= probs.sum()
     freq = torch.bincount(k, minlength=6)[1:].float() / len(k)
@@ -130,7 +134,9 @@ def test_kernel_shap_samples_follow_the_shapley_kernel():
 def test_grid_features_cover_2d_and_3d():
     ids = grid_features((4, 6), 2)
     assert ids.unique().tolist() == [0, 1, 2, 3]
-    assert ids[0, 0] == 0 and ids[3, 5] == 3 and ids[0, 5] == 1
+    assert ids[0, 0] == 0
+    assert ids[3, 5] == 3
+    assert ids[0, 5] == 1
     assert grid_features((4, 4, 4), 2).unique().numel() == 8
 
 

@@ -9,8 +9,8 @@ with ``z_f = 1`` and shows the baseline ``b`` on the others: ``x_z = b + M(z) �
     ``(β₀, β) = argmin Σ_s π_s (y_s − β₀ − z_s·β)² + α ‖β‖²``
 
 solved in closed form per input (weighted centring as scikit-learn does: ``z̄ = Σπz/Σπ``,
-``ȳ = Σπy/Σπ``; ``α > 0``: the normal equations; ``α = 0``: the minimum-norm least-squares
-solution), in float64; ``raw = β[feature of each element]`` ``(N, 1, *S)``, the map its positive
+``ȳ = Σπy/Σπ``; the normal equations; ``α = 0``: with a vanishing ridge of 1e-9 of the mean diagonal, which
+gives the minimum-norm least-squares solution continuously in ``y``), in float64; ``raw = β[feature of each element]`` ``(N, 1, *S)``, the map its positive
 part. ``extras``: ``intercept`` ``(N,)`` (``β₀``) and ``features`` ``(N, 1, *S)`` (feature ids).
 
 =============  =================================================  ================================
@@ -134,11 +134,13 @@ def solve_weighted(z: Tensor, y: Tensor, w: Tensor, alpha: float) -> tuple[Tenso
     root = w.sqrt()
     a = (z - zbar) * root.unsqueeze(2)  # (N, S, F)
     b = ((y - ybar) * root).unsqueeze(2)  # (N, S, 1)
-    if alpha > 0:
-        eye = torch.eye(z.shape[2], dtype=z.dtype)
-        coef = torch.linalg.solve(a.transpose(1, 2) @ a + alpha * eye, a.transpose(1, 2) @ b)
-    else:
-        coef = torch.linalg.lstsq(a, b, driver="gelsd").solution
+    gram = a.transpose(1, 2) @ a
+    eye = torch.eye(z.shape[2], dtype=z.dtype)
+    # α = 0: a vanishing ridge (1e-9 of the mean diagonal) picks the minimum-norm solution of
+    # an under-determined system continuously in y (a rank cut-off would not)
+    scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-300).view(-1, 1, 1)
+    ridge = alpha * eye if alpha > 0 else 1e-9 * scale * eye
+    coef = torch.linalg.solve(gram + ridge, a.transpose(1, 2) @ b)
     coef = coef.squeeze(2)
     intercept = ybar.squeeze(1) - (zbar.squeeze(1) * coef).sum(1)
     return coef, intercept
