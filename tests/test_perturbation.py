@@ -221,23 +221,36 @@ def test_kernel_shap_solves_the_same_model_as_captum_on_the_same_samples():
 # ------------------------------------------------------------------------------ real photo
 
 
+CAT_BOX = (slice(56, 168), slice(0, 112))
+"""Where the cat goes: chelsea's crop (a cat's face that fills the photo) is shrunk to 112 × 112
+and put on the left of a 224 × 224 canvas of the data mean (0 in the model's input space)."""
+
+
+def cat_on_canvas(photo: torch.Tensor) -> torch.Tensor:
+    canvas = torch.zeros(1, *photo.shape)
+    small = torch.nn.functional.interpolate(photo[None], size=(112, 112), mode="area")
+    canvas[0, :, CAT_BOX[0], CAT_BOX[1]] = small[0]
+    return canvas
+
+
 def cat_box_energy(maps: torch.Tensor) -> float:
-    """Share of the map's mass inside the cat's head and body box of chelsea at 224 × 224
-    (rows 20–200, columns 40–180, about half the image)."""
+    """Share of the map's mass inside the cat's box (a quarter of the canvas)."""
     m = maps[0, 0]
-    return float(m[20:200, 40:180].sum() / m.sum().clamp(min=1e-12))
+    return float(m[CAT_BOX].sum() / m.sum().clamp(min=1e-12))
 
 
 @pytest.mark.parametrize(
-    ("name", "options", "passes"),
+    ("name", "options", "passes", "energy"),
     [
-        ("occlusion", {"window": 56, "stride": 56}, 16),
-        ("rise", {"masks": 64}, 64),
-        ("lime", {"samples": 48}, 48),
+        ("occlusion", {"window": 56, "stride": 56}, 16, 0.5),
+        # 64 masks are a noisy estimate (the paper uses thousands): more mass on the cat than
+        # its share of the area, no more
+        ("rise", {"masks": 64}, 64, 0.25),
+        ("lime", {"samples": 48}, 48, 0.5),
     ],
 )
-def test_the_real_model_points_at_the_cat(lite0, photos, name, options, passes):
-    cat = photos[:1]
+def test_the_real_model_points_at_the_cat(lite0, photos, name, options, passes, energy):
+    cat = cat_on_canvas(photos[0])
     start = time.perf_counter()
     with torch.no_grad():
         lite0.module(cat.expand(8, -1, -1, -1))
@@ -245,6 +258,6 @@ def test_the_real_model_points_at_the_cat(lite0, photos, name, options, passes):
     start = time.perf_counter()
     exp = em.explain(lite0.module, cat, name, **options)
     elapsed = time.perf_counter() - start
-    area = 180 * 140 / 224**2
-    assert cat_box_energy(exp.maps) > area + 0.05, cat_box_energy(exp.maps)
+    assert int(exp.targets[0]) in range(281, 286)  # still a cat
+    assert cat_box_energy(exp.maps) > energy, cat_box_energy(exp.maps)  # the box: 0.25
     assert elapsed < 3 * (passes + 2) * one + 1.0  # its passes and little else
