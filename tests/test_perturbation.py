@@ -101,8 +101,8 @@ def test_surrogate_regression_recovers_a_linear_score_exactly():
     y = 0.25 + z[0] @ beta
     w = torch.rand(1, 60, generator=gen, dtype=torch.float64)
     coef, intercept = solve_weighted(z, y.unsqueeze(0), w, alpha=0.0)
-    assert torch.allclose(coef[0], beta, atol=1e-9)
-    assert torch.allclose(intercept, torch.tensor([0.25], dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(coef[0], beta, atol=1e-7)  # the vanishing ridge: 1e-9 relative
+    assert torch.allclose(intercept, torch.tensor([0.25], dtype=torch.float64), atol=1e-7)
 
 
 def test_kernel_shap_of_a_linear_model_gives_the_exact_shapley_values():

@@ -94,6 +94,17 @@ INTERNAL_BATCH = Option(
 )
 
 
+def _channels_last(x: Tensor) -> Tensor:
+    """``x`` in the channels-last memory format for 2-D and 3-D batches (same values): CPU
+    convolutions run it faster (Lite0, 16 images of 224², 2 threads: 6.8 s against 9.4 s);
+    the first convolution converts the layout once and the rest of the network keeps it."""
+    if x.ndim == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    if x.ndim == 5:
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
 class PerturbationMethod(Method):
     """Base of the perturbation methods: the shared masked-forward loop and packaging.
 
@@ -197,7 +208,7 @@ class PerturbationMethod(Method):
             g = stop - start
             keep = masks if masks.ndim == x.ndim + 1 else masks.unsqueeze(1)
             inputs = torch.addcmul(base.unsqueeze(0), keep, diff.unsqueeze(0))
-            out = self.forward(inputs.reshape(g * n, *x.shape[1:]))
+            out = self.forward(_channels_last(inputs.reshape(g * n, *x.shape[1:])))
             consume(start, stop, masks, score(out).view(g, n), inputs)
 
         runtime.run_chunked(
