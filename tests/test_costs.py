@@ -52,6 +52,10 @@ BUILT_IN = {  # name: (passes with the default options, kind, work option, at mo
     "guided_gradcam": (2.0, "input", None, False),  # guided backprop and Grad-CAM
     "integrated_gradients": (50.0, "input", "steps", False),
     "smoothgrad": (25.0, "input", "samples", False),  # 25 noisy copies of saliency
+    "occlusion": (169.0, "forward", None, False),  # 13 × 13 windows at 224 × 224
+    "rise": (4000.0, "forward", "masks", False),
+    "lime": (1000.0, "forward", "samples", False),
+    "kernel_shap": (1000.0, "forward", "samples", False),
 }
 SECONDS = {"layer": 0.5, "input": 0.25, "forward": 0.125}
 """A made-up calibration: seconds per pass of each kind."""
