@@ -23,16 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from evidencemap import runtime
-from evidencemap.methods.base import register
-from evidencemap.methods.gradients import (
-    IG_SIGNS,
-    Attribution,
-    InputMethod,
-    _slice_scores,
-    copy_bytes,
-)
-from evidencemap.methods.options import Option
-from evidencemap.methods.scorecam import MEMORY_BUDGET
+from evidencemap.methods.base import Attribution, InputMethod
+from evidencemap.methods.gradients import IG_SIGNS, _slice_scores, copy_bytes
+from evidencemap.methods.options import MEMORY_BUDGET, Option
+from evidencemap.methods.registry import register
 from evidencemap.references import REFERENCES, check_reference, reference_image
 from evidencemap.targets import Target, resolve
 
@@ -68,9 +62,6 @@ class InputXGradient(InputMethod):
     def __init__(self, model: nn.Module, *, sign: str = "positive", **kw: Any) -> None:
         super().__init__(model, **kw)
         self.sign = self.option("sign", sign)
-
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "sign": self.sign}
 
     def reduce(self, raw: Tensor) -> Tensor:
         return signed_sum(raw, self.sign)
@@ -138,6 +129,7 @@ class GradientShap(InputMethod):
 
     name = "gradient_shap"
     aliases: ClassVar[tuple[str, ...]] = ("gradientshap", "gradient-shap", "expected_gradients")
+    sizes_own_chunks: ClassVar[bool] = True
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option(
             "baselines",
@@ -170,6 +162,7 @@ class GradientShap(InputMethod):
             low=1,
             cost="chunk",
             cap=256,
+            reported=False,
         ),
         MEMORY_BUDGET,
         SIGN,
@@ -198,18 +191,6 @@ class GradientShap(InputMethod):
         self.internal_batch_size = self.option("internal_batch_size", internal_batch_size)
         self.memory_budget = self.option("memory_budget", memory_budget)
         self.sign = self.option("sign", sign)
-
-    def options(self) -> dict[str, Any]:
-        baselines = "tensor" if isinstance(self.baselines, Tensor) else self.baselines
-        return {
-            **super().options(),
-            "baselines": baselines,
-            "samples": self.samples,
-            "sigma": self.sigma,
-            "seed": self.seed,
-            "blur_sigma": self.blur_sigma,
-            "sign": self.sign,
-        }
 
     def reduce(self, raw: Tensor) -> Tensor:
         return signed_sum(raw, self.sign)

@@ -15,19 +15,14 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
-from evidencemap.methods.base import register
-from evidencemap.methods.gradients import (
-    GUIDED_NONLINEARITIES,
-    Attribution,
-    InputMethod,
-    _check_nonlinearities,
-)
+from evidencemap.methods.base import Attribution, InputMethod
+from evidencemap.methods.gradients import GUIDED_NONLINEARITIES, _check_nonlinearities
 from evidencemap.methods.options import Option
+from evidencemap.methods.registry import register
 from evidencemap.methods.rules import ReplaceGradient, replaced
-from evidencemap.targets import Target, resolve
+from evidencemap.targets import Target
 
 __all__ = ["Deconvnet", "deconvnet_rule"]
 
@@ -78,15 +73,5 @@ class Deconvnet(InputMethod):
         super().__init__(model, **kw)
         self.nonlinearities = _check_nonlinearities(nonlinearities)
 
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "nonlinearities": sorted(self.nonlinearities)}
-
     def attribute(self, x: Tensor, target: Target) -> Attribution:
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            with replaced(deconvnet_rule, self.nonlinearities):
-                output = self.forward(x)
-            resolved = resolve(target, output)
-            scores = resolved.score(output)
-            (grads,) = torch.autograd.grad(scores.sum(), x)
-        return Attribution(grads, output.detach(), resolved, scores.detach())
+        return self.input_gradients(x, target, replaced(deconvnet_rule, self.nonlinearities))

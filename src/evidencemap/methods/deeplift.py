@@ -35,9 +35,10 @@ from torch import Tensor, nn
 
 from evidencemap.maps import FLAT_EPS
 from evidencemap.methods.attribution import SIGN, signed_sum
-from evidencemap.methods.base import register
-from evidencemap.methods.gradients import Attribution, InputMethod, _check_nonlinearities
+from evidencemap.methods.base import Attribution, InputMethod
+from evidencemap.methods.gradients import _check_nonlinearities
 from evidencemap.methods.options import Option
+from evidencemap.methods.registry import register
 from evidencemap.methods.rules import InputRule, ReplaceGradient, nonlinearity_names, replaced
 from evidencemap.references import REFERENCES, check_reference, reference_image
 from evidencemap.targets import Target, resolve
@@ -134,16 +135,6 @@ class DeepLift(InputMethod):
         self.blur_sigma = self.option("blur_sigma", blur_sigma)
         self.nonlinearities = _check_nonlinearities(nonlinearities)
         self.sign = self.option("sign", sign)
-
-    def options(self) -> dict[str, Any]:
-        baseline = "tensor" if isinstance(self.baseline, Tensor) else self.baseline
-        return {
-            **super().options(),
-            "baseline": baseline,
-            "blur_sigma": self.blur_sigma,
-            "nonlinearities": sorted(self.nonlinearities),
-            "sign": self.sign,
-        }
 
     def input_bytes(self, x: Tensor) -> int:
         """Twice a saliency pass: the input and its reference run as one batch."""
