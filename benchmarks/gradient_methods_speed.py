@@ -37,6 +37,7 @@ import evidencemap as em
 from evidencemap import models
 
 REPEATS = int(os.environ.get("REPEATS", "5"))
+"""Timed pairs per row of several copies; single-pass rows take ``3 × REPEATS`` (cheap, noisier)."""
 SAMPLES = 8
 TARGET = 282
 
@@ -77,20 +78,22 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def compare(ours: Callable[[], object], theirs: Callable[[], object]) -> tuple[float, float, float]:
-    """Medians of ours and theirs, and the median of the per-pair ratios (load on a shared
+def compare(
+    ours: Callable[[], object], theirs: Callable[[], object], repeats: int
+) -> tuple[float, float, list[float]]:
+    """Medians of ours and theirs, and the quartiles of the per-pair ratios (load on a shared
     machine that changes over seconds moves both members of a pair)."""
     ours(), theirs()  # warm-up
     a, b = [], []
-    for i in range(REPEATS):  # alternate which goes first
+    for i in range(repeats):  # alternate which goes first
         if i % 2:
             b.append(timed(theirs))
             a.append(timed(ours))
         else:
             a.append(timed(ours))
             b.append(timed(theirs))
-    ratio = statistics.median(p / q for p, q in zip(a, b, strict=True))
-    return statistics.median(a), statistics.median(b), ratio
+    ratios = [p / q for p, q in zip(a, b, strict=True)]
+    return statistics.median(a), statistics.median(b), statistics.quantiles(ratios, n=4)
 
 
 def main() -> None:
@@ -165,15 +168,22 @@ def main() -> None:
     print("# Gradient methods: evidencemap against Captum\n")
     print(
         f"EfficientNet-Lite0, 224×224, chelsea, batch 1, {threads} torch threads, "
-        f"median of {REPEATS} alternating calls after a warm-up (ratio: median of the per-pair ratios); torch {torch.__version__}, "
+        f"medians of alternating calls after a warm-up (ratio: per pair of consecutive calls); torch {torch.__version__}, "
         f"captum {captum.__version__}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs (shared machine).\n"
     )
-    print("| evidencemap | Captum | ours (s) | Captum (s) | median ratio ours / Captum |")
-    print("|---|---|---:|---:|---:|")
+    print(
+        "| evidencemap | Captum | pairs | ours (s) | Captum (s) | ratio ours / Captum: "
+        "median [quartiles] |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
     for ours_name, their_name, ours, theirs in rows:
-        a, b, ratio = compare(ours, theirs)
-        print(f"| {ours_name} | {their_name} | {a:.3f} | {b:.3f} | {ratio:.2f} |")
+        repeats = REPEATS if "copies" in ours_name else 3 * REPEATS
+        a, b, (q1, q2, q3) = compare(ours, theirs, repeats)
+        print(
+            f"| {ours_name} | {their_name} | {repeats} | {a:.3f} | {b:.3f} | "
+            f"{q2:.2f} [{q1:.2f}, {q3:.2f}] |"
+        )
         sys.stdout.flush()
 
 
