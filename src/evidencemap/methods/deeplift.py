@@ -62,12 +62,15 @@ def rescale_rule(eps: float = DEEPLIFT_EPS) -> InputRule:
             du = ux - ur
             near = du.abs() < eps
             m = (hx - hr).div_(du.masked_fill_(near, 1.0)).masked_fill_(near, 0.0)
-        # kept for the backward: m (N, …) and the near mask (bool), both applied to each half
-        # of [x; r] by broadcasting: ∂/∂u = g·m, and g·1[near] on through f'(u)
+            keep = near if bool(near.any()) else None
+        # kept for the backward: m (N, …) and the near mask (bool, only when some unit has
+        # u_x = u_r), both applied to each half of [x; r] by broadcasting: ∂/∂u = g·m, and
+        # g·1[near] on through f'(u) (skipped, with f's own backward, when no unit is near)
 
-        def backward(grad: Tensor) -> tuple[Tensor, Tensor]:
+        def backward(grad: Tensor) -> tuple[Tensor, Tensor | None]:
             halves = grad.unflatten(0, (2, -1))
-            return (halves * m).flatten(0, 1), (halves * near).flatten(0, 1)
+            to_h = None if keep is None else (halves * keep).flatten(0, 1)
+            return (halves * m).flatten(0, 1), to_h
 
         return ReplaceGradient.apply(u, h, backward)
 
