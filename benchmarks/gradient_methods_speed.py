@@ -9,8 +9,9 @@ whose ``nn.ReLU6`` are an ``nn.ReLU`` subclass computing ``relu6`` (the same fun
 it Captum returns the plain gradient). Captum's ``DeepLift`` looks modules up by exact type in
 its rule table, which has no ``nn.ReLU6``; the row "ReLU6 registered" adds ``nn.ReLU6`` to that
 table with Captum's own rescale rule (then it computes the same DeepLIFT); the row "as shipped"
-is Captum unchanged, which applies no rule to the ReLU6 (not DeepLIFT, less work). GradientSHAP and the noise-tunnel variants use the same number
-of copies in one batch (Captum's ``nt_samples_batch_size=None``; ours ``internal_batch_size``
+is Captum unchanged, which applies no rule to the ReLU6 (not DeepLIFT, less work). GradientSHAP gives Captum our draws (baselines, noise, path
+points: the same inputs); it and the noise-tunnel variants use the same number of copies in
+one batch (Captum's ``nt_samples_batch_size=None``; ours ``internal_batch_size``
 at least the number of copies).
 
 Run: ``python benchmarks/gradient_methods_speed.py > benchmarks/results/gradient_methods_speed.md``
@@ -70,6 +71,29 @@ def deeplift_relu6(
         return DeepLift(model).attribute(x, baselines=zero, target=target)
     finally:
         del table[nn.ReLU6]
+
+
+def captum_gradient_shap(
+    model: nn.Module, x: torch.Tensor, bases: torch.Tensor, target: torch.Tensor
+) -> object:
+    """Captum's GradientShap given our draws (the same path points: their cost depends on them,
+    points near a constant baseline make subnormal activations, slow on a CPU)."""
+    import numpy as np
+
+    from evidencemap.methods.attribution import gradient_shap_draws
+
+    span = x.flatten(1).amax(1) - x.flatten(1).amin(1)
+    ((eps, index, alpha),) = gradient_shap_draws(x, SAMPLES, len(bases), 0.05 * span, 0, SAMPLES)
+    normal, choice, uniform = torch.normal, np.random.choice, np.random.uniform
+    torch.normal = lambda *a, **k: eps.reshape(-1, *x.shape[1:]).clone()  # type: ignore[assignment]
+    np.random.choice = lambda *a, **k: index.numpy()  # type: ignore[assignment]
+    np.random.uniform = lambda *a, **k: alpha.double().numpy()  # type: ignore[assignment]
+    try:
+        return GradientShap(model).attribute(
+            x, baselines=bases, target=target, n_samples=SAMPLES, stdevs=1.0
+        )
+    finally:
+        torch.normal, np.random.choice, np.random.uniform = normal, choice, uniform
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -142,9 +166,7 @@ def main() -> None:
                 samples=SAMPLES,
                 sigma=0.05,
             ),
-            lambda: GradientShap(model).attribute(
-                x, baselines=bases, target=target, n_samples=SAMPLES, stdevs=0.2
-            ),
+            lambda: captum_gradient_shap(model, x, bases, target),
         ),
         (
             f"vargrad, {SAMPLES} copies",
