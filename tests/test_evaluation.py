@@ -507,16 +507,21 @@ def _docs_row(text: str, setting: str) -> str:
 
 
 def test_quick_settings_are_the_documented_ones():
-    from evidencemap.evaluation import _settings
+    from evidencemap.evaluation import METRIC_NAMES, evaluation_settings
 
-    quick = _settings(True, 0, 32)
+    quick = evaluation_settings(list(METRIC_NAMES), quick=True)
     text = DOCS.read_text(encoding="utf-8")
-    assert _docs_row(text, "deletion / insertion steps") == str(quick["curve_steps"]) == "16"
-    levels = ", ".join(str(p) for p in quick["road_percentiles"])
+    assert _docs_row(text, "deletion / insertion steps") == str(quick["deletion"]["steps"]) == "16"
+    assert quick["insertion"]["steps"] == 16
+    levels = ", ".join(str(p) for p in quick["road"]["percentiles"])
     assert _docs_row(text, "ROAD levels") == levels == "25, 75"
-    assert float(_docs_row(text, "ROAD imputation tolerance")) == quick["road_tol"]
-    assert _docs_row(text, "randomisation stages") == str(quick["sanity_stages"]) == "2"
-    assert _docs_row(text, "max-sensitivity samples") == str(quick["sensitivity_samples"]) == "2"
+    assert float(_docs_row(text, "ROAD imputation tolerance")) == quick["road"]["tol"]
+    assert _docs_row(text, "randomisation stages") == str(quick["sanity"]["stages"]) == "2"
+    samples = quick["max_sensitivity"]["samples"]
+    assert _docs_row(text, "max-sensitivity samples") == str(samples) == "2"
+    full = evaluation_settings(list(METRIC_NAMES), quick=False)
+    assert full["deletion"]["steps"] == 224 and full["sanity"]["stages"] == 10
+    assert full["road"]["tol"] == 1e-5 and full["max_sensitivity"]["samples"] == 10
     assert QUICK_METHOD_OPTIONS["fgvis"] == {"max_iterations": 40}
     assert QUICK_METHOD_OPTIONS["scorecam"] == {"top_k": 32}
     parser = argparse.ArgumentParser()
