@@ -329,7 +329,9 @@ def line_style(index: int) -> dict[str, Any]:
 
 
 def _legend_below(ax: Any, entries: int) -> None:
-    """The legend under the axes, 3 columns, so it covers no curve."""
+    """The legend under the axes, 3 columns, so it covers no curve (none on empty axes)."""
+    if not ax.get_legend_handles_labels()[0]:
+        return
     ax.legend(
         fontsize=7,
         loc="upper center",
