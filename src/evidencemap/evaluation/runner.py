@@ -168,13 +168,31 @@ def evaluate(
     explainers = {m: make_explainer(model, m, options[m]) for m in run}
     columns = [c for m in metrics for c in get_metric(m).titles]
     results = EvaluationResults([], [], {}, settings, [], columns, skipped=skipped, failed=failed)
+    _run_all(results, model, explainers, images, tools, boxes_by, device, progress)
+    if out_dir is not None:
+        results.write(out_dir)
+    return results
+
+
+def _run_all(
+    results: EvaluationResults,
+    model: nn.Module,
+    explainers: Mapping[str, Explainer],
+    images: list[tuple[str, Tensor]],
+    tools: Mapping[str, Metric],
+    boxes: Mapping[str, Mapping[int, list[list[float]]]],
+    device: torch.device,
+    progress: bool,
+) -> None:
+    """Every method in turn into ``results``; a method that raises goes to ``results.failed``."""
+    run = list(explainers)
     bar = tqdm(total=len(run) * len(images), disable=not progress, desc="evaluate", unit="map")
     try:
         for method in run:
             start = bar.n
             try:
                 collected = _run_method(
-                    model, method, explainers[method], images, tools, boxes_by, device, bar
+                    model, method, explainers[method], images, tools, boxes, device, bar
                 )
             except _STOP:
                 raise
@@ -190,9 +208,6 @@ def evaluate(
             results.warnings.extend(collected.warnings)
     finally:
         bar.close()
-    if out_dir is not None:
-        results.write(out_dir)
-    return results
 
 
 def _check_boxes(
