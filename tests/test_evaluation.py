@@ -800,3 +800,9 @@ def test_command_default_methods_on_a_cnn(tmp_path, capsys):
     assert "| gradcam |" in captured.out
     assert "| fgvis |" in captured.out
     assert (out / "summary.md").is_file()
+
+
+def test_every_curve_has_its_own_colour_and_dash():
+    styles = [evidencemap.evaluation.line_style(i) for i in range(80)]
+    assert len({(tuple(s["color"]), s["linestyle"]) for s in styles}) == 80
+    assert len({tuple(s["color"]) for s in styles[:20]}) == 20  # 20 methods: 20 colours

@@ -10,6 +10,7 @@ out (with the reason); one that fails is reported in the results and the others 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -198,7 +199,11 @@ def _run_all(
                 raise
             except Exception as err:  # reported in the results; the other methods go on
                 results.failed[method] = f"{type(err).__name__}: {err}"
-                bar.write(f"evaluate: {method} failed ({results.failed[method]}); going on")
+                if progress:
+                    bar.write(
+                        f"evaluate: {method} failed ({results.failed[method]}); going on",
+                        file=sys.stderr,
+                    )
                 bar.update(start + len(images) - bar.n)
                 continue
             results.methods.append(method)
