@@ -60,21 +60,25 @@ from evidencemap.methods.fgvis.defence import DefenceRule, NonlinearityBounds, r
 from evidencemap.methods.fgvis.diagnostics import (
     DEGENERATE_SPREAD,
     FGVisDegenerateWarning,
+    FGVisWarning,
     map_spread,
 )
-from evidencemap.methods.fgvis.games import FGVIS_GAMES, FGVIS_SIMILARITIES
-from evidencemap.methods.fgvis.method import FGVIS_SCHEDULES, FGVis, Progress
+from evidencemap.methods.fgvis.games import FGVIS_GAMES, FGVIS_SIMILARITIES, NOISE_FLOOR
+from evidencemap.methods.fgvis.method import FGVIS_MASK_CHANNELS, FGVIS_SCHEDULES, FGVis, Progress
 from evidencemap.methods.fgvis.reference import FGVIS_REFERENCES, gaussian_blur
 
 __all__ = [
     "DEGENERATE_SPREAD",
     "FGVIS_GAMES",
+    "FGVIS_MASK_CHANNELS",
     "FGVIS_REFERENCES",
     "FGVIS_SCHEDULES",
     "FGVIS_SIMILARITIES",
+    "NOISE_FLOOR",
     "DefenceRule",
     "FGVis",
     "FGVisDegenerateWarning",
+    "FGVisWarning",
     "NonlinearityBounds",
     "Progress",
     "gaussian_blur",
