@@ -784,7 +784,8 @@ def test_auto_schedule_takes_the_localising_one_where_offsets_starve_the_defence
     assert "additive offsets (convolution biases, batch-norm shifts)" in e["schedule_reason"][0]
     assert exp.warning(0).startswith("FGVis schedule 'coarse'")
     # the two stages share max_iterations
-    assert bool((e["iterations"] <= 30).all()) and e["loss_history"].shape == (2, 30)
+    assert bool((e["iterations"] <= 30).all())
+    assert e["loss_history"].shape == (2, 30)
     fine = em.explain(model, x, "fgvis", schedule="fine", **FAST).extras
     assert fine["schedule"] == ["fine", "fine"]
     assert "as requested" in fine["schedule_reason"][0]
@@ -819,7 +820,8 @@ def test_a_reference_that_alone_keeps_the_class_is_reported_as_a_trivial_game():
         exp = em.explain(BiasedCorner(), x, "fgvis", target=0, **FAST)
     e = exp.extras
     assert float(e["reference_score"]) == pytest.approx(torch.sigmoid(torch.tensor(10.0)).item())
-    assert bool(e["trivial"].all()) and bool(e["satisfied"].all())
+    assert bool(e["trivial"].all())
+    assert bool(e["satisfied"].all())
     assert not bool(e["degenerate"].any())
     assert int(e["iterations"]) == 0
     assert torch.equal(e["mask"], torch.zeros_like(x))
@@ -941,6 +943,7 @@ def test_a_deletion_that_misses_its_criterion_says_so():
             max_iterations=2,
         )  # fmt: skip
     e = exp.extras
-    assert not bool(e["satisfied"].any()) and not bool(e["trivial"].any())
+    assert not bool(e["satisfied"].any())
+    assert not bool(e["trivial"].any())
     assert "the deletion game did not reach p(e) ≤ 0.6·p(x) on sample(s) 0, 1" in e["warning"]
     assert "did not reach" in exp.warning(0)
