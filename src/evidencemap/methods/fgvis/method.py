@@ -126,12 +126,19 @@ class FGVis(Method):
             with ``info`` = ``{"loss", "score", "lambda", "mask_mean", "active"}`` ``(N,)`` tensors.
         blur_sigma: σ in pixels of ``reference="blur"``.
         optimizer: ``"sgd"`` (normalised SGD with momentum) or ``"adam"``.
-        schedule: ``"fine"`` (the paper: one full-resolution, per-channel mask) or
-            ``"coarse"`` (experimental, see :mod:`evidencemap.methods.fgvis`): first a
-            single-channel mask on a ``coarse_size``-cells-per-axis grid, bilinearly upsampled
-            and optimised *without* the gate (the low resolution is the guard) against noise
-            on ``e`` (σ = ``noise``, or 0.1 when ``noise=0``), then the full-resolution mask
-            refined from it with ``defence`` and ``noise`` as set.
+        schedule: ``"auto"`` (per sample: ``"fine"`` where the defence passes at least
+            ``STARVED_SHARE`` of the gradient at 0.1 % dimming, in the generation game and
+            without the defence; ``"coarse"`` where it starves), ``"fine"`` (the paper: one
+            full-resolution mask) or ``"coarse"`` (the localising schedule, see
+            :mod:`evidencemap.methods.fgvis`): ``max_iterations`` shared by a single-channel
+            mask on a ``coarse_size``-cells-per-axis grid, bilinearly upsampled and optimised
+            *without* the gate (the low resolution is the guard) against noise on ``e``
+            (σ = ``noise``, or 0.1 when ``noise=0``), then the full-resolution mask refined
+            from it with ``defence`` as set against the same noise; in the preservation game
+            a kept iterate must also keep ``NOISE_FLOOR·p(x)`` under that noise.
+        mask_channels: ``"separate"`` (one mask value per pixel and channel, the paper),
+            ``"shared"`` (one per pixel) or ``"auto"`` (shared when every input's channels are
+            equal, e.g. greyscale exports).
         coarse_size: cells per spatial axis of the coarse stage (≥ 1).
         transfer: models for the coarse schedule's cross-model check: ``"installed"`` (the
             built-in EfficientNet-Lite1/Lite2 whose weights are installed), ``"none"``, or a
@@ -145,18 +152,25 @@ class FGVis(Method):
 
     * ``mask`` ``m``, ``explanation`` ``e``, ``deleted`` ``x ⊙ (1 − m) + r ⊙ m`` (``(N, C, *S)``);
     * ``score`` ``p(e)`` and ``top1`` on ``e`` from the unmodified model (no interceptor);
-    * ``image_score`` ``p(x)``; ``lambda`` the λ of the returned iterate; ``satisfied`` whether
-      it meets the game's criterion (``lam="auto"``; with a fixed λ whether it does anyway);
+    * ``image_score`` ``p(x)``; ``reference_score`` ``p(r)``; ``lambda`` the λ of the returned
+      iterate; ``satisfied`` whether it meets the game's criterion (``lam="auto"``; with a
+      fixed λ whether it does anyway);
     * ``iterations`` steps run per sample; ``loss_history`` ``(N, max_iterations)`` (entries
       after a sample stopped repeat its last loss; ``(N, 2·max_iterations)`` with the coarse
-      schedule: coarse stage, then refinement); ``mask_mean`` the mean of ``m``;
+      schedule: coarse stage, then refinement); ``mask_mean`` the mean of ``m`` over the
+      positions that can change ``e`` (``x ≠ r``; elsewhere ``m`` is 0 in the preservation game,
+      1 in the deletion game), ``free_fraction`` their share, ``shared_mask``;
     * diagnostics (:mod:`~evidencemap.methods.fgvis.diagnostics`), ``(N,)``:
-      ``defence_pass_share`` and ``units_out_of_bounds`` (defended runs only), ``map_spread``,
-      ``degenerate``; and ``warning``, a string: ``""`` when no map is degenerate, else the
-      message also issued as :class:`FGVisDegenerateWarning`;
-    * with ``schedule="coarse"``: ``noise_ratio`` ``p(e + ε)/p(x)`` (mean of 8 draws ``ε ~ N(0, 0.1²)``, fixed
-      seed) and ``transfer_ratio`` ``(N, K)`` ``p_k(e)/p_k(x)`` of each transfer model
-      (``K = 0`` when none), ``transfer_models`` their names.
+      ``defence_pass_share`` and ``units_out_of_bounds`` (defended runs), ``likely_adversarial``
+      (undefended runs), ``map_spread``, ``degenerate``, ``trivial``, ``generation``,
+      ``coarse``, ``noise_ratio`` ``p(e + ε)/p(x)`` (mean of 8 draws ``ε ~ N(0, 0.1²)``, fixed
+      seed); ``schedule`` / ``schedule_reason`` / ``notes`` (lists of strings per sample: the
+      schedule that ran, why, and that plus any problem — what :meth:`Explanation.warning`
+      returns); and ``warning``, a string: ``""`` when no sample has a problem, else the
+      messages also issued as :class:`FGVisWarning` (:class:`FGVisDegenerateWarning` for a flat
+      map);
+    * with ``schedule="coarse"``: ``transfer_ratio`` ``(N, K)`` ``p_k(e)/p_k(x)`` of each
+      transfer model (``K = 0`` when none), ``transfer_models`` their names.
 
     Raises:
         TypeError / ValueError: for bad options (at construction) or a target that is not a
