@@ -116,6 +116,19 @@ class MaskState:
         m = self.method
         return criterion(m.game, score, image_score, m.tolerance, m.delete_to)
 
+    def _start_lambda(self, idx: Tensor, weight: Tensor, grad_phi: Tensor, lam: Tensor) -> Tensor:
+        """λ of the samples ``idx``, set at their first step: where the sparsity gradient λ·w
+        equals the mean ``|∂φ/∂m|``, both over the entries that carry a cost."""
+        fresh = ~self.lam_ready[idx]
+        if not bool(fresh.any()):
+            return lam
+        costly = (weight > 0).flatten(1)
+        count = costly.sum(1).clamp(min=1)
+        g_mean = (grad_phi.flatten(1).abs() * costly).sum(1) / count
+        w_mean = weight.flatten(1).sum(1) / count
+        self.lam_ready[idx] = True
+        return torch.where(fresh, g_mean / w_mean.clamp(min=1e-30), lam)
+
     def step(
         self,
         it: int,
@@ -138,17 +151,7 @@ class MaskState:
         mean = (mask * weight).flatten(1).sum(1)
         lam = self.lam[idx]
         if self.auto:
-            # λ starts where the sparsity gradient λ·w equals the mean |∂φ/∂m| of the first
-            # step, both over the entries that carry a cost.
-            fresh = ~self.lam_ready[idx]
-            if bool(fresh.any()):
-                costly = (weight > 0).flatten(1)
-                count = costly.sum(1).clamp(min=1)
-                g_mean = (grad_phi.flatten(1).abs() * costly).sum(1) / count
-                w_mean = weight.flatten(1).sum(1) / count
-                start = g_mean / w_mean.clamp(min=1e-30)
-                lam = torch.where(fresh, start, lam)
-                self.lam_ready[idx] = True
+            lam = self._start_lambda(idx, weight, grad_phi, lam)
         sign = 1.0 if self.preserve else -1.0
         # The kept iterate: the sparsest (preserve) / least removed (delete) one that satisfies
         # the criterion; with a fixed λ, the last one (tracked by its loss for stopping).
