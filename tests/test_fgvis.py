@@ -947,3 +947,18 @@ def test_a_deletion_that_misses_its_criterion_says_so():
     assert not bool(e["trivial"].any())
     assert "the deletion game did not reach p(e) ≤ 0.6·p(x) on sample(s) 0, 1" in e["warning"]
     assert "did not reach" in exp.warning(0)
+
+
+def test_the_noise_floor_of_the_localising_schedule():
+    """0.5·p(x), or half of what the image itself keeps under the check's noise when that is
+    less (NoiseFragile: σ(6 − 10) instead of σ(6)), so the floor can always be met."""
+    from evidencemap.methods.fgvis.diagnostics import noise_check, noise_floor
+
+    x = torch.ones(1, 3, 8, 8)
+    c = torch.zeros(1, dtype=torch.long)
+    for model in (CornerMean(), NoiseFragile()):
+        p = model(x).softmax(1)[:, 0]
+        q = noise_check(model, x, c, torch.ones(1))
+        expected = 0.5 * p if bool(q >= 0.5 * p) else 0.5 * q
+        assert torch.allclose(noise_floor(model, x, c, p), expected)
+    assert float(noise_floor(NoiseFragile(), x, c, NoiseFragile()(x).softmax(1)[:, 0])) < 0.1

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from evidencemap.capture import NonlinearityInterceptor
 from evidencemap.methods.fgvis.defence import DefenceRule, NonlinearityBounds
-from evidencemap.methods.fgvis.games import phi
+from evidencemap.methods.fgvis.games import NOISE_FLOOR, phi
 
 __all__ = [
     "CHECK_DRAWS",
@@ -59,6 +59,7 @@ __all__ = [
     "describe",
     "map_spread",
     "noise_check",
+    "noise_floor",
     "transfer_check",
 ]
 
@@ -208,6 +209,18 @@ def noise_check(
             noise = torch.randn(e.shape, generator=generator, device=e.device, dtype=e.dtype)
             total += phi(forward(e + CHECK_NOISE * noise), classes, "prob")[1]
     return total / CHECK_DRAWS / image_score.clamp(min=1e-30)
+
+
+def noise_floor(
+    forward: Callable[[Tensor], Tensor], x: Tensor, classes: Tensor, image_score: Tensor
+) -> Tensor:
+    """The localising schedule's floor ``(N,)``: the score a kept preservation iterate must
+    keep under noise, ``NOISE_FLOOR·p(x)``; or ``NOISE_FLOOR·q(x)`` where the image itself keeps
+    less than that under the noise check's noise (``q(x) = mean_j p(x + ε_j)``), so that the
+    floor can be met."""
+    q = noise_check(forward, x, classes, torch.ones_like(image_score))
+    wanted = NOISE_FLOOR * image_score
+    return torch.where(q >= wanted, wanted, NOISE_FLOOR * q)
 
 
 def transfer_check(models: Sequence[nn.Module], x: Tensor, e: Tensor, classes: Tensor) -> Tensor:

@@ -39,6 +39,7 @@ from evidencemap.methods.fgvis.diagnostics import (
     describe,
     map_spread,
     noise_check,
+    noise_floor,
     transfer_check,
 )
 from evidencemap.methods.fgvis.games import FGVIS_GAMES, FGVIS_SIMILARITIES, NOISE_FLOOR, phi
@@ -623,12 +624,17 @@ class FGVis(Method):
         sigma = torch.full((n,), self.noise, device=x.device)
         start = x.new_ones(n, mask_channels, *x.shape[2:])
         lam = torch.full((n,), math.nan, device=x.device)
+        floor = torch.zeros(n, device=x.device)
+        if two and self.game == "preserve":
+            floor[rows_c] = noise_floor(
+                self.forward, x[rows_c], classes[rows_c], image_score[rows_c]
+            )
         iterations = torch.zeros(n, dtype=torch.long, device=x.device)
         try:
             if two:
                 c_state, up = self._coarse_stage(
                     x[rows_c], ref[rows_c], classes[rows_c], image_score[rows_c],
-                    weight_full[rows_c], k1, total, bar,
+                    weight_full[rows_c], floor[rows_c], k1, total, bar,
                 )  # fmt: skip
                 result = up(c_state.result_mask()).clamp(0, 1)
                 start[rows_c] = result.expand(-1, mask_channels, *x.shape[2:])
@@ -637,9 +643,8 @@ class FGVis(Method):
                 sigma[rows_c] = max(self.noise, CHECK_NOISE)
             weight = _adjoint(fine_expand, start, weight_full)
             limit = torch.where(plan.coarse, k2, self.max_iterations)
-            robust = plan.coarse & (self.game == "preserve")
             state = MaskState(
-                start, self, start=start, lam=lam, weight=weight, robust=robust, limit=limit
+                start, self, start=start, lam=lam, weight=weight, floor=floor, limit=limit
             )
             if self.game == "preserve":
                 state.settle(plan.trivial.nonzero().squeeze(1), 0.0)
@@ -737,6 +742,7 @@ class FGVis(Method):
         classes: Tensor,
         image_score: Tensor,
         weight_full: Tensor,
+        floor: Tensor,
         steps: int,
         total: int,
         bar: Progress | None,
@@ -759,8 +765,7 @@ class FGVis(Method):
 
         theta = x.new_ones(x.shape[0], 1, *grid)
         weight = _adjoint(expand, theta, weight_full)
-        robust = torch.full((x.shape[0],), self.game == "preserve", device=x.device)
-        state = MaskState(theta, self, weight=weight, robust=robust)
+        state = MaskState(theta, self, weight=weight, floor=floor)
         # Trained against noise (σ = `noise`, or CHECK_NOISE when 0): a mask that keeps the
         # class only at a few per cent of contrast is brittle.
         sigma = torch.full((x.shape[0],), self.noise if self.noise > 0 else CHECK_NOISE)
@@ -786,7 +791,7 @@ class FGVis(Method):
         """Run ``state``'s steps: the mask ``m = expand(θ)`` (``θ`` itself when ``None``), the
         gate on every nonlinearity call when ``bounds`` is not empty, ``noise`` = ``(generator,
         σ per sample)`` added to ``e`` in the gradient passes (the criterion then judged
-        without it; the noisy score goes to the robust samples' noise floor); ``count`` =
+        without it; the noisy score is held to the state's floor); ``count`` =
         ``(offset, steps, total)``: this stage's first step number in the whole run, its
         number of steps and the run's."""
         offset, steps, total = count

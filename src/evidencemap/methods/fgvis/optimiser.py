@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from evidencemap.methods.fgvis.games import NOISE_FLOOR, criterion
+from evidencemap.methods.fgvis.games import criterion
 
 if TYPE_CHECKING:
     from evidencemap.methods.fgvis.method import FGVis
@@ -48,8 +48,8 @@ class MaskState:
         weight: the sparsity cost's weights ``w ≥ 0`` of the mask's shape, summing to 1 per
             sample: ``‖m‖ = Σ w·m`` (default uniform, ``1/numel``: the mean). Entries with
             ``w = 0`` (positions where ``x`` equals the reference) carry no cost.
-        robust: ``(N,)`` samples whose kept iterate must also pass the noise floor (see
-            :meth:`step`).
+        floor: ``(N,)`` score a kept iterate must also keep under the noise of its gradient
+            pass (see :meth:`step`; default 0: no floor).
         limit: ``(N,)`` steps each sample may take at most (default ``max_iterations``).
     """
 
@@ -60,7 +60,7 @@ class MaskState:
         start: Tensor | None = None,
         lam: Tensor | None = None,
         weight: Tensor | None = None,
-        robust: Tensor | None = None,
+        floor: Tensor | None = None,
         limit: Tensor | None = None,
     ) -> None:
         n = x.shape[0]
@@ -71,9 +71,7 @@ class MaskState:
         if weight is None:
             weight = torch.full_like(x, 1.0 / self.numel)
         self.weight = weight.detach()
-        self.robust = (
-            torch.zeros(n, dtype=torch.bool, device=x.device) if robust is None else robust
-        )
+        self.floor = torch.zeros(n, device=x.device) if floor is None else floor
         self.mask = torch.ones_like(x) if start is None else start.detach().clone()
         self.velocity = torch.zeros_like(x)
         self.sq = torch.zeros_like(x) if method.optimizer == "adam" else self.velocity
@@ -141,8 +139,8 @@ class MaskState:
     ) -> None:
         """One update of the samples ``rows`` given ``±∂φ/∂m`` and their current ``p``, ``φ``.
 
-        ``noisy``: ``p(e + ε)`` of this step's gradient pass; for the ``robust`` samples an
-        iterate meets the criterion only if also ``noisy ≥ NOISE_FLOOR · p(x)``.
+        ``noisy``: ``p(e + ε)`` of this step's gradient pass; an iterate meets the criterion
+        only if also ``noisy ≥ floor``.
         """
         idx = torch.arange(self.mask.shape[0], device=p.device) if rows is None else rows
         method = self.method
@@ -159,8 +157,7 @@ class MaskState:
         if self.auto:
             ok = self.criterion(p, image_score[idx])
             if noisy is not None:
-                floor = noisy >= NOISE_FLOOR * image_score[idx]
-                ok = ok & (floor | ~self.robust[idx])
+                ok = ok & (noisy >= self.floor[idx])
             value = mean if self.preserve else 1 - mean
             better = ok & (value < self.best_value[idx] - method.converge_tol)
             keep = ok & (value < self.best_value[idx])
