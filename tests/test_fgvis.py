@@ -124,7 +124,10 @@ def test_memory_layout_does_not_change_the_run(lite0, photos):
     """
     x = photos[:1, :, ::2, ::2].contiguous()
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    runs = [em.explain(lite0, t, "fgvis", max_iterations=3, patience=3) for t in (x, x_cl)]
+    runs = [
+        em.explain(lite0, t, "fgvis", schedule="fine", max_iterations=3, patience=3)
+        for t in (x, x_cl)
+    ]
     assert torch.equal(runs[0].extras["mask"], runs[1].extras["mask"])
     assert torch.equal(runs[0].extras["lambda"], runs[1].extras["lambda"])
 
@@ -447,7 +450,7 @@ def tiny_photos(photos):
 def test_real_preservation_small(lite0, tiny_photos):
     """60 steps on both photos at once: ≥ 95 % of p(x) kept (the criterion is 99 %) by less
     than half of the mask, top-1 unchanged, scores recomputed by the unmodified model."""
-    keep = em.explain(lite0, tiny_photos, "fgvis", max_iterations=60)
+    keep = em.explain(lite0, tiny_photos, "fgvis", schedule="fine", max_iterations=60)
     k = keep.extras
     with torch.no_grad():
         probs = lite0(k["explanation"]).softmax(1)
