@@ -1,5 +1,5 @@
 """What every FGVis result says about itself: how much gradient the defence let through, how
-spread the map is, whether it degenerated, and (for the experimental coarse schedule) whether
+spread the map is, whether it degenerated, and whether
 its explanation survives noise and other models.
 
 Definitions (all ``(N,)``, per sample):

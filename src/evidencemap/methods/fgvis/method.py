@@ -157,8 +157,8 @@ class FGVis(Method):
       iterate; ``satisfied`` whether it meets the game's criterion (``lam="auto"``; with a
       fixed λ whether it does anyway);
     * ``iterations`` steps run per sample; ``loss_history`` ``(N, max_iterations)`` (entries
-      after a sample stopped repeat its last loss; ``(N, 2·max_iterations)`` with the coarse
-      schedule: coarse stage, then refinement); ``mask_mean`` the mean of ``m`` over the
+      after a sample stopped repeat its last loss; with the localising schedule the coarse
+      stage, then the refinement); ``mask_mean`` the mean of ``m`` over the
       positions that can change ``e`` (``x ≠ r``; elsewhere ``m`` is 0 in the preservation game,
       1 in the deletion game), ``free_fraction`` their share, ``shared_mask``;
     * diagnostics (:mod:`~evidencemap.methods.fgvis.diagnostics`), ``(N,)``:
