@@ -835,6 +835,10 @@ def test_a_reference_that_alone_keeps_the_class_is_reported_as_a_trivial_game():
     # the same reference in the deletion game: removing everything does not delete the class
     dele = em.explain(BiasedCorner(), x, "fgvis", target=0, game="delete", **FAST).extras
     assert "removing everything does not delete the class" in dele["warning"]
+    # raising a class (the generation game) is never trivial, whatever the reference scores
+    gen = em.explain(BiasedCorner(), x, "fgvis", target=0, lam=0.0, **FAST).extras
+    assert not bool(gen["trivial"].any())
+    assert int(gen["iterations"]) > 0
     assert "did not reach" not in dele["warning"]
 
 

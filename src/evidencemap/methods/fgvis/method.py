@@ -563,6 +563,8 @@ class FGVis(Method):
             generation = classes != output.argmax(dim=1)
             if self.lam == 0:
                 generation[:] = True
+            # Raising a class is a game even where the reference already scores it higher.
+            trivial = trivial & ~generation
         share = outside = None
         if self.defence:
             share, outside = defence_check(self.forward, x, ref, classes, bounds, self.similarity)
