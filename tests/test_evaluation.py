@@ -806,3 +806,27 @@ def test_every_curve_has_its_own_colour_and_dash():
     styles = [evidencemap.evaluation.line_style(i) for i in range(80)]
     assert len({(tuple(s["color"]), s["linestyle"]) for s in styles}) == 80
     assert len({tuple(s["color"]) for s in styles[:20]}) == 20  # 20 methods: 20 colours
+
+
+def test_command_prints_each_warning_once_on_one_line(photos, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(METHODS, _WarningGradCAM.name, _WarningGradCAM)
+    status = main(
+        [
+            "evaluate",
+            str(photos / "chelsea.png"),
+            "--methods",
+            _WarningGradCAM.name,
+            "--metrics",
+            "adcc,cost",
+            "--quick",
+            "--quiet",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert status == 0, err
+    lines = [line for line in err.splitlines() if "test warning" in line]
+    assert lines == [lines[0]]  # once, though both metrics call the method
+    assert lines[0].startswith("evidencemap evaluate: warning: UserWarning: ")
+    assert "warnings.warn" not in err  # no Python source line under it

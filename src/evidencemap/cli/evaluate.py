@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +266,18 @@ def _metrics(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, dict
     return metrics, options
 
 
+def _print_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """A method's warning as one line on stderr, without Python's source-line dump."""
+    print(f"evidencemap evaluate: warning: {category.__name__}: {message}", file=sys.stderr)
+
+
 def _report(results: Any) -> int:
     """Print the table and what was left out or failed; the exit status."""
     print(results.to_markdown(), end="")
@@ -315,7 +328,12 @@ def run(args: argparse.Namespace) -> int:
         sizes[path.name] = (path, photo.size)
         images.append((path.name, loaded.preprocess(photo).to(device)))
     boxes = None if args.boxes is None else load_boxes(args.boxes, sizes, loaded)
-    with method_progress(False if args.quiet else None):  # FGVis iterations, Score-CAM chunks
+    with (
+        method_progress(False if args.quiet else None),  # FGVis iterations, Score-CAM chunks
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("always")  # the runner issues each distinct one once per image
+        warnings.showwarning = _print_warning
         results = evaluate(
             loaded.module,
             images,
