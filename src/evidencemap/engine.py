@@ -99,7 +99,8 @@ __all__ = [
 
 _PREDICTIONS = 5  # classes listed in every manifest
 DEFAULT_CMAP = viz.DEFAULT_CMAP
-"""The colour map of the pictures unless one is given (perceptually uniform)."""
+"""The colour map of unsigned maps' pictures unless one is given (perceptually uniform);
+signed maps get :data:`viz.SIGNED_CMAP <evidencemap.viz.SIGNED_CMAP>`."""
 FORMATS = ("png", "pdf", "svg", "tiff")
 """Picture formats: figures as PNG, PDF or SVG; bare maps (``bare=True``) as PNG or 16-bit
 TIFF."""
@@ -244,18 +245,14 @@ def parse_target(text: str | int) -> TargetRequest:
 
 def known_labels(model: str, labels: str | os.PathLike[str] | None = None) -> list[str] | None:
     """The class names of model spec ``model`` without loading it: a ``labels`` file, or a
-    built-in classifier's; ``None`` when they are only known once it is loaded (or for an
+    built-in classifier's (:func:`evidencemap.models.builtin_labels`, for every name of the
+    built-in model table); ``None`` when they are only known once it is loaded (or for an
     embedding model)."""
     if labels is not None:
         return read_labels(labels)
     from evidencemap import models
-    from evidencemap.models.fer import FER_LABELS
 
-    if model == "fer":
-        return list(FER_LABELS)
-    if model in models.builtin_names() and model.startswith("efficientnet-"):
-        return models.labels()
-    return None
+    return models.builtin_labels(model)
 
 
 def _check_target(request: TargetRequest, model: str, labels: list[str] | None) -> None:
@@ -343,7 +340,11 @@ class Settings:
         top_k: explain each of the K top classes instead (then ``target`` is ``None``).
         layer: the layer name(s) asked for, comma-separated, or ``None``.
         options: the method options asked for (as given).
-        cmap / opacity: the picture's colour map and heat opacity.
+        cmap: the pictures' colour map; ``None``: chosen by the map's sign, as
+            :func:`viz.figure <evidencemap.viz.figure>` does (:data:`DEFAULT_CMAP` on [0, 1],
+            or :data:`viz.SIGNED_CMAP <evidencemap.viz.SIGNED_CMAP>` on a symmetric scale
+            for signed maps, :func:`viz.is_signed <evidencemap.viz.is_signed>`).
+        opacity: the heat colours' weight.
         dpi / figsize: the figure's pixels per inch and its size in inches (``None``: sized
             by its panels).
         format: ``png``, ``pdf`` or ``svg`` figures; with ``bare``: ``png`` or ``tiff``.
@@ -365,7 +366,7 @@ class Settings:
     top_k: int | None = None
     layer: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
-    cmap: str = DEFAULT_CMAP
+    cmap: str | None = None
     opacity: float = 0.5
     dpi: float = 100.0
     figsize: tuple[float, float] | None = None
@@ -427,7 +428,7 @@ def check_request(
     target: str | int | None = None,
     top_k: int | None = None,
     labels: str | os.PathLike[str] | None = None,
-    cmap: str = DEFAULT_CMAP,
+    cmap: str | None = None,
     frame: int | None = None,
 ) -> TargetRequest | None:
     """Check what can be checked without the model: the method's options against its
@@ -443,7 +444,7 @@ def check_request(
     from evidencemap.methods.registry import check_options
 
     check_options(describe(method), dict(options or {}))
-    if cmap not in colormaps:
+    if cmap is not None and cmap not in colormaps:
         raise ValueError(f"unknown matplotlib colormap {cmap!r} (e.g. jet, viridis, inferno)")
     if frame is not None and (not isinstance(frame, int) or frame < 0):
         raise ValueError(f"frame must be an index >= 0, got {frame!r}")
@@ -506,7 +507,7 @@ def make_settings(
     layer: str | None = None,
     options: Mapping[str, Any] | None = None,
     game: str | None = None,
-    cmap: str = DEFAULT_CMAP,
+    cmap: str | None = None,
     opacity: float = 0.5,
     dpi: float = 100.0,
     figsize: Sequence[float] | None = None,
@@ -827,48 +828,34 @@ def _figure(
     item: Item,
     loaded: LoadedModel,
     settings: Settings,
-    heat: Tensor,
+    explanation: Explanation,
+    row: int,
     title: str,
-    explanation: tuple[str, Tensor] | None,
 ) -> Figure:
-    """The figure for one map ``heat`` ``(1, *input)`` of ``item``."""
-    cmap, alpha = settings.cmap, settings.opacity
-    dpi, figsize = settings.dpi, settings.figsize
+    """The figure of map ``row`` of ``explanation`` for ``item``: :func:`viz.figure
+    <evidencemap.viz.figure>` on the original photo (crop outlined; FGVis' explanation image
+    beside) or the volume (slices through the peak), coloured as it decides — signed maps
+    (:func:`viz.is_signed <evidencemap.viz.is_signed>`) with a diverging colour map on a
+    symmetric scale, the others on [0, 1] — unless ``settings.cmap`` names the colour map."""
     if item.kind == "volume":
         if item.volume is None:
             raise ValueError(f"{item.path}: a volume item without its volume")
-        spacing = item.meta.get("spacing")
-        return viz.montage_plot(
-            item.volume[0],
-            heat,
-            cmap,
-            alpha,
-            title=title,
-            spacing=spacing,
-            dpi=dpi,
-            figsize=figsize,
-        )
-    pre = loaded.preprocess
-    if pre is None or item.photo is None:
+        image: Any = item.volume[0]
+    elif loaded.preprocess is None or item.photo is None:
         raise ValueError(f"{item.path}: a photo needs the photo and an image model")
-    if explanation is not None:
-        seen = pre.to_pixels(item.tensor.to(heat.device)) / 255.0
-        label, image = explanation
-        shown = (pre.to_pixels(image.to(heat.device)) / 255.0).clamp(0, 1)
-        return viz.grid_plot(
-            seen,
-            [(title, heat)],
-            cmap=cmap,
-            alpha=alpha,
-            extra_images=[(label, shown)],
-            dpi=dpi,
-            figsize=figsize,
-        )
-    width, height = item.photo.size
-    on_photo = pre.to_original(heat[None], width, height)[0].clamp(0, 1)
-    region = crop_region(loaded, width, height)
-    return viz.overlay_plot(
-        item.photo, on_photo, title, cmap, alpha, region=region, dpi=dpi, figsize=figsize
+    else:
+        image = item.photo
+    return viz.figure(
+        explanation,
+        image,
+        index=row,
+        model=loaded if loaded.preprocess is not None else None,
+        cmap=settings.cmap,
+        alpha=settings.opacity,
+        title=title,
+        spacing=item.meta.get("spacing") if item.kind == "volume" else None,
+        dpi=settings.dpi,
+        figsize=settings.figsize,
     )
 
 
@@ -876,14 +863,15 @@ def _save_picture(
     item: Item,
     loaded: LoadedModel,
     settings: Settings,
-    heat: Tensor,
-    values: Tensor,
+    explanation: Explanation,
+    row: int,
     path: Path,
     figure: Callable[[], Figure],
 ) -> Path:
-    """Write the picture of ``heat`` (the map as displayed) to ``path`` + the format's suffix:
-    the ``figure`` or, with ``settings.bare``, the map alone (``path`` + ``_bare`` + the
-    suffix): over the photo as PNG, or the method's map ``values`` as 16-bit TIFF."""
+    """Write the picture of map ``row`` to ``path`` + the format's suffix: the ``figure`` or,
+    with ``settings.bare``, the map alone (``path`` + ``_bare`` + the suffix): over the photo
+    as PNG (coloured as in the figure, :func:`viz.look <evidencemap.viz.look>`), or the
+    method's map (``explanation.maps[row]``) as 16-bit TIFF."""
     bare = "_bare" if settings.bare else ""
     target = path.with_name(f"{path.name}{bare}.{settings.format}")
     if not settings.bare and settings.format == "png":  # RGB, rendered at the figure's dpi
@@ -891,20 +879,24 @@ def _save_picture(
     if not settings.bare:
         return viz.save_figure(figure(), target, settings.format, settings.dpi)
     if settings.format == "tiff" or item.kind == "volume":
-        return viz.save_map(values, target, format="tiff")
+        return viz.save_map(explanation.maps[row], target, format="tiff")
     pre = loaded.preprocess
     if pre is None or item.photo is None:
         raise ValueError(f"{item.path}: a photo needs the photo and an image model")
+    look = viz.look(explanation, row, cmap=settings.cmap)
     width, height = item.photo.size
-    on_photo = pre.to_original(heat[None], width, height)[0].clamp(0, 1)
+    on_photo = pre.to_original(look.heat[None].float(), width, height)[0]
+    low, high = look.scale if look.scale is not None else (None, None)
     region = crop_region(loaded, width, height)
     return viz.save_map(
-        on_photo,
+        on_photo if look.signed else on_photo.clamp(0, 1),
         target,
         image=item.photo,
-        cmap=settings.cmap,
+        cmap=look.cmap,
         alpha=settings.opacity,
         region=region,
+        vmin=low,
+        vmax=high,
         format="png",
     )
 
@@ -959,7 +951,6 @@ class _Batch:
     device: torch.device
     predictions: list[list[dict[str, Any]]]
     probs: Tensor | None
-    shown: Tensor
     warnings: list[str]
 
 
@@ -983,27 +974,24 @@ def _target_record(
     }
 
 
-def _beside(
+def _record_beside(
     explanation: Explanation, row: int, item: Item, loaded: LoadedModel, target: dict[str, Any]
-) -> tuple[str, Tensor] | None:
-    """The explanation image shown beside the map of ``row`` (FGVis), recorded in ``target``."""
+) -> None:
+    """Record in ``target`` the explanation image the figure shows beside map ``row`` (FGVis)
+    and the model's score and top class on it."""
     shown_image = explanation.explanation_image(row)
     if shown_image is None or shown_image.image.ndim != item.tensor.ndim:
-        return None
-    label = "explanation" if shown_image.kind == "explanation" else "deleted evidence"
+        return
     target["shown_beside"] = shown_image.kind
     if shown_image.score is not None:
         # the explanation is a model input: the model's score on it is reported
         # (deletion game: on the image with the evidence removed)
         target["explanation_score"] = shown_image.score
-        text = "p" if shown_image.kind == "explanation" else "p without it"
-        label = f"{label}, {text} {shown_image.score:.2f}"
     if shown_image.top1 is not None:
         target["explanation_top1"] = {
             "class": shown_image.top1,
             "label": loaded.label(shown_image.top1),
         }
-    return label, shown_image.image
 
 
 def _write_pictures(
@@ -1015,17 +1003,16 @@ def _write_pictures(
     for rank, row in enumerate(rows, start=1):
         target = _target_record(batch, row, loaded, settings)
         suffix = f"_{rank}" if settings.top_k is not None else ""
-        extra = _beside(batch.explanation, row, item, loaded, target)
+        _record_beside(batch.explanation, row, item, loaded, target)
         title = _title(batch.explanation.label, target)
-        heat = batch.shown[row]
         picture = _save_picture(
             item,
             loaded,
             settings,
-            heat,
-            batch.explanation.maps[row],
+            batch.explanation,
+            row,
             stem.with_name(f"{stem.name}{suffix}"),
-            lambda: _figure(item, loaded, settings, heat, title, extra),  # noqa: B023
+            lambda: _figure(item, loaded, settings, batch.explanation, row, title),  # noqa: B023
         )
         target["picture"] = str(picture)
         chosen.append(target)
@@ -1135,7 +1122,6 @@ def explain_items(items: Sequence[Item], loaded: LoadedModel, settings: Settings
         device=device,
         predictions=top_predictions(output[::k], loaded, _PREDICTIONS),
         probs=None if is_embedding(loaded) else probabilities(output),
-        shown=viz.for_display(explanation.maps, explanation.raw),
         warnings=messages,
     )
     return [
