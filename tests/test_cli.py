@@ -620,10 +620,11 @@ def test_every_builtin_model_has_classes_known_before_loading(monkeypatch, capsy
         assert all(isinstance(label, str) and label for label in labels)
     assert len(engine.known_labels("efficientnet-lite1")) == 1000
     assert engine.known_labels("fer") == list(models.fer.FER_LABELS)
+    assert engine.known_labels("vgg16-brain-mri") == list(models.vgg16_mri.VGG16_MRI_LABELS)
     assert engine.known_labels("ct-i3resnet152") is None
     assert engine.known_labels("mynet:build") is None
     # a built-in added to the model table gets the range check, without the engine knowing it
-    monkeypatch.setitem(models._BUILTIN_LABELS, "toy-net", lambda: ("no", "yes"))
+    monkeypatch.setitem(models.builtin._BUILTIN_LABELS, "toy-net", lambda: ("no", "yes"))
     assert engine.known_labels("toy-net") == ["no", "yes"]
     with pytest.raises(ValueError, match="out of range: the model has 2 classes"):
         engine.check_request("gradcam", model="toy-net", target=2)

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from evidencemap.models import builtin
 from evidencemap.models.preprocess import ImagePreprocessor
 
 __all__ = [
@@ -378,9 +379,7 @@ def _load_timm(name: str) -> tuple[nn.Module, ImagePreprocessor, list[str] | Non
     size = int(config["input_size"][-1])
     resize = round(size / float(config.get("crop_pct", 0.875)))
     preprocess = _image_preprocess(size, resize, config["mean"], config["std"])
-    from evidencemap.models import labels as imagenet_labels
-
-    labels = imagenet_labels() if getattr(model, "num_classes", None) == 1000 else None
+    labels = builtin.labels() if getattr(model, "num_classes", None) == 1000 else None
     return model, preprocess, labels
 
 
@@ -464,8 +463,6 @@ def _from_spec(
     the form brings its own). ``preprocessing_given`` names the preprocessing options given:
     built-in image models refuse them all, the built-in volume models all but ``input_size``
     (the size every volume is resampled to)."""
-    from evidencemap import models as builtin
-
     path = Path(spec).expanduser()
     if spec in builtin.builtin_names() or spec in builtin.CT_MODELS:
         refused = [

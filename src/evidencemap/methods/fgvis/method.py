@@ -22,7 +22,7 @@ from evidencemap import runtime
 from evidencemap.capture import NonlinearityInterceptor, eval_mode
 from evidencemap.checks import check_model
 from evidencemap.explanation import Explanation
-from evidencemap.methods.base import Context, Method, register
+from evidencemap.methods.base import Context, Method
 from evidencemap.methods.fgvis.defence import DefenceRule, NonlinearityBounds, record_bounds
 from evidencemap.methods.fgvis.diagnostics import (
     CHECK_NOISE,
@@ -38,6 +38,7 @@ from evidencemap.methods.fgvis.games import FGVIS_GAMES, FGVIS_SIMILARITIES, phi
 from evidencemap.methods.fgvis.optimiser import MaskState, take
 from evidencemap.methods.fgvis.reference import FGVIS_REFERENCES, reference_for
 from evidencemap.methods.options import Option, warn_renamed
+from evidencemap.methods.registry import installed_transfer_models, register
 from evidencemap.targets import OutputKey, Target, resolve
 
 __all__ = ["FGVIS_SCHEDULES", "FGVis", "Progress"]
@@ -45,8 +46,6 @@ __all__ = ["FGVIS_SCHEDULES", "FGVis", "Progress"]
 FGVIS_SCHEDULES = ("fine", "coarse")
 
 Progress = Callable[[int, dict[str, Tensor]], None]
-
-_TRANSFER_MODELS = ("efficientnet-lite1", "efficientnet-lite2")
 
 
 @register
@@ -236,6 +235,7 @@ class FGVis(Method):
             "a tqdm bar (True) or progress(iteration, info)",
             nullable=True,
             other="true, false or a callable",
+            reported=False,
         ),
         Option(
             "blur_sigma", "float", 10.0, "σ in pixels of reference='blur'", low=0.0, low_open=True
@@ -415,13 +415,9 @@ class FGVis(Method):
     def transfer_models(self) -> list[tuple[str, nn.Module]]:
         """``(name, model)`` of the cross-model check (loaded once, built-ins on the CPU)."""
         if self._transfer_models is None:
-            if self.transfer == "none":
-                found: list[tuple[str, nn.Module]] = []
-            elif self.transfer == "installed":
-                from evidencemap import models
-
-                installed = models.available()
-                found = [(n, models.load(n).module) for n in _TRANSFER_MODELS if n in installed]
+            found: list[tuple[str, nn.Module]]
+            if isinstance(self.transfer, str):  # "installed" or "none"
+                found = installed_transfer_models() if self.transfer == "installed" else []
             else:
                 found = [(type(m).__name__, m) for m in self.transfer]
             self._transfer_models = found

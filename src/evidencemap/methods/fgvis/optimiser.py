@@ -16,17 +16,32 @@ An entry pushed past 0 or 1 stops there and loses its momentum.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from evidencemap.methods.fgvis.games import criterion
 
-if TYPE_CHECKING:
-    from evidencemap.methods.fgvis.method import FGVis
 
-__all__ = ["MaskState", "take"]
+class MaskOptions(Protocol):
+    """The options of :class:`~evidencemap.methods.fgvis.method.FGVis` that the optimiser reads
+    (a protocol: this module does not import the method)."""
+
+    game: str
+    lam: str | float
+    lr: float
+    momentum: float
+    max_iterations: int
+    patience: int
+    converge_tol: float
+    lam_rate: float
+    tolerance: float
+    delete_to: float
+    optimizer: str
+
+
+__all__ = ["MaskOptions", "MaskState", "take"]
 
 # λ falls this many times faster (in log scale) than it rises: a violated criterion is corrected
 # before the mask has moved far past the boundary.
@@ -50,7 +65,7 @@ class MaskState:
     def __init__(
         self,
         x: Tensor,
-        method: FGVis,
+        method: MaskOptions,
         start: Tensor | None = None,
         lam: Tensor | None = None,
     ) -> None:
