@@ -859,7 +859,7 @@ def test_a_method_warning_is_reported_once_without_a_python_warning(capsys, phot
     import warnings
 
     from cli_helpers import InputGradient
-    from evidencemap.methods.base import METHODS
+    from evidencemap.methods.registry import METHODS
 
     class FlatGradient(InputGradient):
         name = "test-flat-gradient"
