@@ -29,10 +29,12 @@ __all__ = [
     "OptionError",
     "PassCount",
     "Passes",
+    "ablationcam",
     "build",
     "cam",
     "cfcam",
     "describe",
+    "elementwise",
     "fgvis",
     "get_method",
     "gradients",
@@ -40,4 +42,8 @@ __all__ = [
     "options_of",
     "register",
     "scorecam",
+    "smoothcams",
 ]
+
+# The CAM variants register after the rest (the order methods are listed in).
+from evidencemap.methods import ablationcam, elementwise, smoothcams
