@@ -221,3 +221,102 @@ def test_ablation_passes_run_only_the_network_after_the_layer(lite0, photos):
     start = time.perf_counter()
     em.explain(lite0.module, cat, "ablationcam")  # chunks of 256: 5 passes, a probe, a capture
     assert time.perf_counter() - start < 100 * forward
+
+
+# -- SS-CAM and IS-CAM ----------------------------------------------------------------------------
+
+
+def sampled_weights(model: ConvGapFc, x: Tensor, cls: int, inputs_of) -> Tensor:
+    """``softmax_k(mean_t y_c(x̃_{k,t}) − y_c(x))`` over non-constant channels, by a plain loop
+    (``inputs_of(i, k, mask)`` → the list of perturbed inputs of image ``i``, channel ``k``)."""
+    from evidencemap.maps import normalize, upsample
+
+    acts = model.features(x).detach()
+    base = model(x).detach()[:, cls]
+    weights = torch.zeros(acts.shape[:2])
+    for i in range(len(x)):
+        valid, changes = [], []
+        for k in range(acts.shape[1]):
+            a = acts[i, k]
+            if float(a.max() - a.min()) <= 1e-12:
+                continue
+            mask = normalize(upsample(a[None, None], x.shape[2:]))[0]
+            ys = [float(model(xt[None])[0, cls].detach()) for xt in inputs_of(i, k, mask)]
+            valid.append(k)
+            changes.append(sum(ys) / len(ys) - float(base[i]))
+        weights[i, valid] = torch.tensor(changes).softmax(0)
+    return weights
+
+
+def test_iscam_matches_its_formula_by_a_loop(case):
+    model, x = case
+    exp = em.explain(model, x, "iscam", target=1, samples=3, relu=False, internal_batch_size=4)
+    coeffs = [0.5 / 3 * t * (t + 1) for t in (1, 2, 3)]  # t(t+1)/(2T): 1/3, 1, 2
+    w = sampled_weights(model, x, 1, lambda i, k, m: [c * x[i] * m for c in coeffs])
+    acts = model.features(x).detach()
+    want = (w.view(*w.shape, *([1] * (acts.ndim - 2))) * acts).sum(1, keepdim=True)
+    assert torch.allclose(exp.raw, want, atol=1e-5)
+
+
+def test_sscam_matches_its_formula_by_a_loop_with_the_same_noise(case):
+    model, x = case
+    n, spatial = len(x), x.shape[2:]
+    exp = em.explain(model, x, "sscam", target=0, samples=2, noise=0.5, noise_seed=7, relu=False)
+    acts = model.features(x).detach()
+    flat = acts.flatten(2)
+    order = flat.var(2).where(flat.amax(2) - flat.amin(2) > 1e-12, float("-inf"))
+    order = order.argsort(1, descending=True)
+
+    def noisy(i: int, k: int, mask: Tensor) -> list[Tensor]:
+        slot = int((order[i] == k).nonzero())
+        return [
+            x[i]
+            * (
+                mask
+                + 0.5
+                * torch.randn(
+                    (n, 1, *spatial), generator=torch.Generator().manual_seed(7 + slot * 2 + t)
+                )[i]
+            )
+            for t in range(2)
+        ]
+
+    w = sampled_weights(model, x, 0, noisy)
+    want = (w.view(*w.shape, *([1] * (acts.ndim - 2))) * acts).sum(1, keepdim=True)
+    assert torch.allclose(exp.raw, want, atol=1e-5)
+    again = em.explain(
+        model,
+        x,
+        "sscam",
+        target=0,
+        samples=2,
+        noise=0.5,
+        noise_seed=7,
+        relu=False,
+        internal_batch_size=1,
+    )
+    assert torch.allclose(again.raw, exp.raw, atol=1e-6)  # the chunks do not change the noise
+
+
+def torchcam_maps(extractor_cls, model: nn.Module, x: Tensor, cls: int, **kw) -> Tensor:
+    with extractor_cls(model, "features.3", input_shape=tuple(x.shape[1:]), **kw) as extractor:
+        with torch.no_grad():
+            model(x)
+        return extractor(class_idx=cls)[0]
+
+
+@pytest.mark.parametrize("name", ["iscam", "sscam"])
+def test_iscam_and_sscam_agree_with_torchcam(name):
+    # A layer at input resolution: the masks need no upsampling, so TorchCAM's (normalise, then
+    # upsample) and ours (upsample, then normalise) are the same masks. SS-CAM at a noise of
+    # 1e-6 (TorchCAM's Normal needs σ > 0): Score-CAM's weights, averaged T times.
+    torchcam = pytest.importorskip("torchcam.methods")
+    model = seeded(ConvGapFc(width=5), seed=5)
+    x = torch.randn(2, 3, 7, 8, generator=torch.Generator().manual_seed(3))
+    if name == "iscam":
+        theirs = torchcam_maps(torchcam.ISCAM, model, x, 2, num_samples=4)
+        ours = em.explain(model, x, "iscam", target=2, samples=4, layer="features.3")
+    else:
+        theirs = torchcam_maps(torchcam.SSCAM, model, x, 2, num_samples=2, std=1e-6)
+        ours = em.explain(model, x, "sscam", target=2, samples=2, noise=0.0, layer="features.3")
+    assert torch.allclose(ours.maps[:, 0], theirs, atol=1e-4)
