@@ -23,7 +23,8 @@ all ``N`` images; fewer under a memory budget), with a progress checkpoint per c
 TorchCAM loops over samples in Python and regenerates every channel's mask per sample.
 
 SS-CAM's noise comes from a generator seeded per (channel slot, sample) item from
-``noise_seed`` (``None``: one seed drawn from torch's global generator per call), so the chunk
+``noise_seed`` (default 0, as SmoothGrad's seed: a call is repeatable; ``None``: one seed drawn
+from torch's global generator per call), so the chunk
 size and the memory budget do not change the result; a batch is not split by the budget (its
 noise maps cover every image of the item at once).
 """
@@ -164,7 +165,7 @@ class SSCAM(SampledScoreCAM):
     """SS-CAM: Score-CAM weights averaged over noisy masks ``x ⊙ (M_k + δ)``, ``δ ~ N(0, σ²)``.
 
     See the module docstring for the formula. Args: ``samples`` (T, default 35), ``noise``
-    (σ, default 2.0), ``noise_seed``, ``internal_batch_size``, ``memory_budget``, ``top_k``.
+    (σ, default 2.0), ``noise_seed`` (default 0), ``internal_batch_size``, ``memory_budget``, ``top_k``.
     """
 
     name = "sscam"
@@ -182,6 +183,13 @@ class SSCAM(SampledScoreCAM):
             cap=200,
         ),
         Option("noise", "float", 2.0, "σ of the Gaussian noise added to each mask", low=0.0),
+        Option(
+            "noise_seed",
+            "int",
+            0,
+            "seed of the mask noise (None: one drawn from torch's generator per call)",
+            nullable=True,
+        ),
         _batch_option(32),
         MEMORY_BUDGET,
         _top_k_option(),
@@ -194,6 +202,7 @@ class SSCAM(SampledScoreCAM):
         *,
         samples: int = 35,
         noise: float = 2.0,
+        noise_seed: int | None = 0,
         internal_batch_size: int = 32,
         memory_budget: int | None = None,
         top_k: int | None = None,
@@ -206,6 +215,7 @@ class SSCAM(SampledScoreCAM):
             internal_batch_size=internal_batch_size,
             memory_budget=memory_budget,
             top_k=top_k,
+            noise_seed=self.option("noise_seed", noise_seed),
             **kw,
         )
         self.noise = float(self.option("noise", noise))
