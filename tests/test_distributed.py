@@ -168,6 +168,41 @@ def test_batch_spec_checks_its_fields():
         BatchSpec(model=None)  # type: ignore[arg-type]
 
 
+def test_batch_spec_builds_the_engine_settings_without_the_command_line(monkeypatch, tmp_path):
+    from evidencemap.engine import Settings, output_stem
+
+    (tmp_path / "tinynets.py").write_text(TINY_NETS)
+    monkeypatch.chdir(tmp_path)
+    spec = BatchSpec(
+        model="tinynets:build", input_size=(32,), target="1", options={"relu": False}, frame=None
+    )
+    loaded = spec.load()
+    settings = spec.settings(loaded, engine="ray")
+    assert isinstance(settings, Settings)
+    assert (settings.target, settings.target_name, settings.engine) == (1, "1", "ray")
+    assert dict(settings.options) == {"relu": False}
+    with pytest.raises(AttributeError):
+        settings.engine = "local"  # type: ignore[misc]  # frozen
+    assert output_stem(Path("out/cat"), settings).name.startswith("cat_gradcam_t1_o")
+    with pytest.raises(ValueError, match="frame must be an index >= 0"):
+        BatchSpec(frame=-1)
+    with pytest.raises(ValueError, match="--device|device cuda:7"):
+        BatchSpec(model="tinynets:build", device="cuda:7").load()
+
+
+def test_the_library_never_imports_the_command_line():
+    """The engine and the Ray module are library code: no import of evidencemap.cli, even
+    inside functions (the import cycle cli ↔ distributed is gone)."""
+    import ast
+
+    for name in ("engine.py", "distributed.py"):
+        tree = ast.parse((SRC / "evidencemap" / name).read_text(encoding="utf-8"))
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not [m for m in imported if m and m.startswith("evidencemap.cli")], name
+        assert "argparse" not in imported, name
+
+
 def test_engine_ray_without_ray_is_one_line_naming_the_extra(capsys, monkeypatch, photos, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
     status, _, stderr = _run(capsys, "batch", photos, "--out", tmp_path, "--engine", "ray")
@@ -251,7 +286,10 @@ def test_the_actor_code_writes_what_the_local_engine_writes(
     explainer = Explainer(spec, out="actor", root="in")
     rows = explainer({"path": np.array(["in/a_chelsea.jpg", "in/b_coffee.jpg"], dtype=object)})
     assert list(rows["status"]) == ["done", "done"]
-    assert list(rows["manifest"]) == [f"actor/{n}_{method}.json" for n in ("a_chelsea", "b_coffee")]
+    # the names the local engine gave (with _o… for options other than the defaults)
+    local_names = [f"actor/{p.name}" for p in sorted((tmp_path / "local").glob("*.json"))]
+    assert list(rows["manifest"]) == local_names
+    assert all(name.startswith(f"actor/a_chelsea_{method}") for name in local_names[:1])
     assert rows["label"][0].startswith("class ")  # no labels: classes are "class N"
     assert 0 < rows["probability"][0] <= 1
     assert_same_outputs(tmp_path / "local", tmp_path / "actor")
@@ -324,7 +362,7 @@ def test_ray_engine_with_a_user_model_top_k_and_half_cpu_actors(
     )
     assert status == 0, stderr
     assert stdout.rstrip().endswith("; engine ray, 2 actors × 0.5 CPU")
-    assert len(list((tmp_path / "ray").glob("*_top2.png"))) == 2
+    assert len(list((tmp_path / "ray").glob("*_top2_2.png"))) == 2
     assert_same_outputs(tmp_path / "local", tmp_path / "ray")
 
 

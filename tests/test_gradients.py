@@ -15,12 +15,19 @@ from torch import nn
 
 import evidencemap as em
 from evidencemap.filters import gaussian_filter
+from evidencemap.methods import InputMethod
 from evidencemap.methods.gradients import path_points, smoothgrad_noise
 from gradients_helpers import SmallNet, captum_compatible, load_photos
 from tiny import assert_unchanged, seeded, snapshot
 
-INPUT_METHODS = ["saliency", "guided_backprop", "integrated_gradients", "smoothgrad"]
-ALL_METHODS = [*INPUT_METHODS, "guided_gradcam"]
+# From the registry: the built-in input-space methods (InputMethod) and the method wrappers.
+ALL_METHODS = [
+    n
+    for n in em.methods()
+    if em.describe(n).cls.__module__.startswith("evidencemap.")
+    and (issubclass(em.describe(n).cls, InputMethod) or em.describe(n).forwards_to)
+]
+INPUT_METHODS = [n for n in ALL_METHODS if em.describe(n).kind != "layer"]
 
 
 @pytest.fixture(scope="module")

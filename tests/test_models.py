@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -118,7 +121,7 @@ def test_crop_geometry_by_hand(width, height, size, resize, resized, corner, reg
 
 
 def test_every_crop_is_the_preprocessing_geometry(lite0):
-    from evidencemap.cli.pipeline import crop_region
+    from evidencemap.engine import crop_region
     from evidencemap.models import FERPreprocessor
 
     assert crop_region(lite0, 451, 300) == lite0.preprocess.crop_box(451, 300).region()
@@ -274,3 +277,18 @@ def test_the_package_never_imports_torchvision_or_timm():
     lines = done.stdout.splitlines()
     assert "tried []" in lines  # not even attempted (a guarded import would be found here)
     assert lines[-1] == "ok False False"
+
+
+def test_fgvis_transfer_models_are_found_without_importing_the_model_zoo():
+    """FGVis' transfer="installed" reads the models' entry point; the methods never import
+    evidencemap.models (a fresh interpreter that imports only the registry)."""
+    code = (
+        "import sys\n"
+        "from evidencemap.methods.registry import installed_transfer_models\n"
+        "assert 'evidencemap.models' not in sys.modules\n"
+        "print([name for name, module in installed_transfer_models()])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.strip() == "['efficientnet-lite1', 'efficientnet-lite2']"

@@ -11,17 +11,15 @@ from torch import nn
 
 import evidencemap as em
 from evidencemap import targets as T
+from evidencemap.methods import LayerMethod
 from tiny import MLP, ConvGapFc, TinySegmenter, TupleOut, assert_unchanged, seeded, snapshot
 
+# From the registry: every built-in layer method (the CAM family).
 ALL_LAYER_METHODS = [
-    "cam",
-    "gradcam",
-    "gradcam++",
-    "xgradcam",
-    "layercam",
-    "hirescam",
-    "eigencam",
-    "scorecam",
+    n
+    for n in em.methods()
+    if issubclass(em.describe(n).cls, LayerMethod)
+    and em.describe(n).cls.__module__.startswith("evidencemap.")
 ]
 
 
@@ -243,3 +241,84 @@ def test_repeated_calls_do_not_grow_memory(model):
     gc.collect()
     grown = _rss_bytes() - start
     assert grown < 16 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 300 calls"
+
+
+# ------------------------------------------------------------------ state, devices, targets
+
+
+class BatchNormNet(nn.Module):
+    """conv → BatchNorm → ReLU → GAP → linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "saliency", "scorecam"])
+def test_eval_mode_false_leaves_batchnorm_statistics_as_found(method):
+    model = seeded(BatchNormNet()).train()
+    bn = model.features[1]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    exp = em.explain(model, x, method, eval_mode=False)
+    assert torch.isfinite(exp.maps).all()
+    after = model.state_dict()
+    for key, value in before.items():  # running mean, variance and batch count included
+        assert torch.equal(after[key], value), key
+    assert model.training
+    assert bn.training
+    with torch.no_grad():  # the run did use batch statistics: a forward in train mode moves them
+        model(x)
+    assert not torch.equal(bn.running_mean, before["features.1.running_mean"])
+
+
+def test_inputs_on_another_device_than_the_model_are_refused_naming_both():
+    model = ConvGapFc().to("meta")
+    with pytest.raises(
+        ValueError, match=r"inputs are on device cpu but the model's parameters are on meta"
+    ):
+        em.explain(model, torch.randn(1, 3, 8, 8), "gradcam")
+
+
+class ClassifierOutputTarget:
+    """pytorch-grad-cam's target: the score of ``category`` in one sample's output row."""
+
+    def __init__(self, category: int) -> None:
+        self.category = category
+
+    def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
+        if model_output.ndim == 1:
+            return model_output[self.category]
+        return model_output[:, self.category]
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "saliency", "integrated_gradients"])
+def test_a_list_of_per_sample_callables_is_a_target(model, x, method):
+    classes = list(range(x.shape[0]))
+    classes = [c % 4 for c in classes]
+    opts = {"steps": 4} if method == "integrated_gradients" else {}
+    by_callables = em.explain(
+        model, x, method, target=[ClassifierOutputTarget(c) for c in classes], **opts
+    )
+    by_indices = em.explain(model, x, method, target=classes, **opts)
+    torch.testing.assert_close(by_callables.maps, by_indices.maps)
+    torch.testing.assert_close(by_callables.scores, by_indices.scores)
+    # split by batch_size too: each chunk gets its rows' callables
+    chunked = em.explain(
+        model, x, method, target=[ClassifierOutputTarget(c) for c in classes], batch_size=1, **opts
+    )
+    torch.testing.assert_close(chunked.maps, by_indices.maps)
+
+
+def test_per_sample_callable_targets_errors(model, x):
+    n = x.shape[0]
+    with pytest.raises(TypeError, match="one callable per sample, not a mix"):
+        em.explain(model, x, "gradcam", target=[ClassifierOutputTarget(0), *([1] * (n - 1))])
+    with pytest.raises(ValueError, match=f"target has 1 callables but the batch has {n} samples"):
+        em.explain(model, x, "gradcam", target=[ClassifierOutputTarget(0)])
+    with pytest.raises(ValueError, match="must return one score"):
+        em.explain(model, x, "gradcam", target=[lambda row: row] * n)

@@ -2,7 +2,10 @@
 
 Nothing here lists methods by hand: a method registered with ``@register`` is checked for its
 option description, for leaving the model exactly as found, for 2-D and 3-D inputs, for the
-memory budget and for the factory's errors.
+memory budget and for the factory's errors. :class:`MaxGradCAM` below is a new method written
+in this file only (one class, one decorator): it is checked with the built-in ones. Like a
+user's method it stays registered for the session (so a list derived from the registry at
+collection time never names a method that is gone when its test runs).
 """
 
 from __future__ import annotations
@@ -10,14 +13,42 @@ from __future__ import annotations
 import inspect
 import re
 import threading
+from typing import Any, ClassVar
 
 import pytest
 import torch
+from torch import Tensor, nn
 
 import evidencemap as em
 from evidencemap import runtime
-from evidencemap.methods import OptionError, describe
+from evidencemap.cli import main
+from evidencemap.methods import Context, LayerMethod, Option, OptionError, describe
+from evidencemap.methods.base import gradients_of
+from evidencemap.methods.options import reported_options
+from evidencemap.methods.registry import register
 from tiny import ConvGapFc, assert_unchanged, seeded, snapshot
+
+
+@register
+class MaxGradCAM(LayerMethod):
+    """Max-gradient CAM (a new method, defined in this test file only): ``L = ReLU(Σ_k w_k A_k)``
+    with ``w_k = scale · max_ij g_k,ij``."""
+
+    name = "maxgradcam"
+    aliases: ClassVar[tuple[str, ...]] = ("max-grad-cam",)
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
+        Option("scale", "float", 1.0, "factor of the channel weights", low=0.0, low_open=True),
+    )
+
+    def __init__(
+        self, model: nn.Module, layer: Any = None, *, scale: float = 1.0, **kw: Any
+    ) -> None:
+        super().__init__(model, layer, **kw)
+        self.scale = self.option("scale", scale)
+
+    def channel_weights(self, acts: Tensor, grads: Tensor | None, context: Context) -> Tensor:
+        return self.scale * gradients_of(grads).flatten(2).amax(2)
+
 
 CNN_METHODS = [n for n in em.methods() if not getattr(describe(n).cls, "needs_attention", False)]
 
@@ -245,3 +276,139 @@ def test_every_method_explains_a_batch_in_budget_chunks_as_a_whole(name):
     else:
         assert starts == []  # … unless an input's result depends on its batch (noise)
     assert_same_explanation(chunked, whole, name)
+
+
+# ----------------------------------------------------------------- a method defined in a test
+
+
+def test_a_method_defined_in_a_test_file_is_found_everywhere(capsys):
+    assert "maxgradcam" in em.methods()
+    assert "maxgradcam" in CNN_METHODS  # so the whole invariant suite above runs on it
+    spec = em.describe("max-grad-cam")
+    assert spec.cls is MaxGradCAM
+    assert spec.kind == "layer"
+    assert spec.options["scale"].default == 1.0
+    assert spec.summary.startswith("Max-gradient CAM")
+    status = main(["methods"])
+    lines = capsys.readouterr().out.splitlines()
+    assert status == 0
+    line = next(line for line in lines if line.startswith("maxgradcam "))
+    assert "[layer]" in line
+    assert "1 layer pass" in line
+    assert "max-grad-cam" in line
+    assert main(["methods", "maxgradcam"]) == 0
+    assert "scale" in capsys.readouterr().out
+
+
+def test_a_method_defined_in_a_test_file_explains_by_its_formula():
+    model = seeded(ConvGapFc())
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    exp = em.explain(model, x, "maxgradcam", scale=2.0, target=[1, 2])
+    # the formula, computed here: w_k = 2 · max_ij ∂y_c/∂A_k,ij at the last conv block
+    acts = model.features(x).detach().requires_grad_(True)
+    logits = model.fc(model.pool(acts).flatten(1))
+    (grads,) = torch.autograd.grad(logits[[0, 1], [1, 2]].sum(), acts)
+    weights = 2.0 * grads.flatten(2).amax(2)
+    expected = (weights[:, :, None, None] * acts.detach()).sum(1, keepdim=True).clamp(min=0)
+    torch.testing.assert_close(exp.raw, expected)
+    assert exp.layer == "features.3"
+    assert exp.options == {"output_key": None, "eval_mode": True, "relu": True, "scale": 2.0}
+
+
+@pytest.mark.parametrize("name", CNN_METHODS)
+def test_the_options_report_is_derived_from_the_declared_options(name):
+    """Each reported option is one declared with ``reported=True`` (SmoothGrad adds its wrapped
+    method's report); batch sizes, memory budgets and progress callbacks are not reported."""
+    method = em.build(name, seeded(ConvGapFc()), **fast_options(name))
+    report = method.options()
+    declared = {o.name for o in reported_options(type(method))}
+    assert set(report) - {"method_options"} <= declared
+    assert not {"batch_size", "memory_budget", "internal_batch_size", "progress"} & set(report)
+    assert {"output_key", "eval_mode"} <= set(report)
+
+
+# ------------------------------------------------------------------------------ import cycles
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every import of the package's modules, read from the source (module-level, inside
+    functions and under ``TYPE_CHECKING`` alike): module → the package modules it imports.
+    ``from package import submodule`` counts as importing the submodule."""
+    import ast
+    from pathlib import Path
+
+    root = Path(em.__file__).parent
+    modules: dict[str, tuple[Path, bool]] = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        package = parts[-1] == "__init__"
+        modules[".".join(parts[:-1] if package else parts)] = (path, package)
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, (path, package) in modules.items():
+        here = name if package else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = here.split(".")[: len(here.split(".")) - node.level + 1]
+                    base = ".".join([*parent, *([node.module] if node.module else [])])
+                subs = [f"{base}.{alias.name}" for alias in node.names]
+                found = [s for s in subs if s in modules]
+                if len(found) < len(subs):
+                    found.append(base)
+            else:
+                continue
+            graph[name] |= {f for f in found if f in modules and f != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(component)
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_through_the_methods_and_methods_never_import_the_model_zoo():
+    graph = _import_graph()
+    assert "evidencemap.methods.call" in graph  # the graph is read
+    assert "evidencemap.methods.registry" in graph["evidencemap.methods.fgvis.method"]
+    through_methods = [
+        sorted(c) for c in _cycles(graph) if any(m.startswith("evidencemap.methods") for m in c)
+    ]
+    assert through_methods == []
+    into_models = {
+        (a, b)
+        for a, imported in graph.items()
+        if a.startswith("evidencemap.methods")
+        for b in imported
+        if b.startswith("evidencemap.models")
+    }
+    assert into_models == set()

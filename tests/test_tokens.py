@@ -9,11 +9,19 @@ from torch import Tensor, nn
 
 import evidencemap as em
 from evidencemap.capture import AttentionRecorder
+from evidencemap.methods import LayerMethod
 from evidencemap.methods.attention import gradient_rollout, rollout
 from evidencemap.tokens import Tokens, infer_grid, resolve_layout, to_grid, tokens_to_grid
 from vit_helpers import digits, train_vit
 
-CAMS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam", "eigencam", "cfcam"]
+# From the registry: every built-in layer method but CAM (which needs conv → GAP → linear).
+CAMS = [
+    n
+    for n in em.methods()
+    if issubclass(em.describe(n).cls, LayerMethod)
+    and em.describe(n).cls.__module__.startswith("evidencemap.")
+    and n != "cam"
+]
 
 
 @pytest.fixture(scope="module")

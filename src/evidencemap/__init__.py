@@ -16,27 +16,8 @@ from typing import Any
 from evidencemap import runtime, targets
 from evidencemap.api import build, describe, explain, get_method, methods
 from evidencemap.explanation import Explanation
-from evidencemap.methods.attention import AttentionGradient, AttentionRollout
-from evidencemap.methods.base import LayerMethod, Method
-from evidencemap.methods.cam import (
-    CAM,
-    EigenCAM,
-    GradCAM,
-    GradCAMPlusPlus,
-    HiResCAM,
-    LayerCAM,
-    XGradCAM,
-)
-from evidencemap.methods.cfcam import CFCAM
-from evidencemap.methods.fgvis import FGVis
-from evidencemap.methods.gradients import (
-    GuidedBackprop,
-    GuidedGradCAM,
-    IntegratedGradients,
-    Saliency,
-    SmoothGrad,
-)
-from evidencemap.methods.scorecam import ScoreCAM
+from evidencemap.methods import METHODS
+from evidencemap.methods.base import FlatMapWarning, InputMethod, LayerMethod, Method
 
 try:
     # Written once, in pyproject.toml; read from the installed package's metadata.
@@ -45,26 +26,11 @@ except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, ne
     __version__ = "0+unknown"
 
 __all__ = [
-    "CAM",
-    "CFCAM",
-    "AttentionGradient",
-    "AttentionRollout",
-    "EigenCAM",
     "Explanation",
-    "FGVis",
-    "GradCAM",
-    "GradCAMPlusPlus",
-    "GuidedBackprop",
-    "GuidedGradCAM",
-    "HiResCAM",
-    "IntegratedGradients",
-    "LayerCAM",
+    "FlatMapWarning",
+    "InputMethod",
     "LayerMethod",
     "Method",
-    "Saliency",
-    "ScoreCAM",
-    "SmoothGrad",
-    "XGradCAM",
     "__version__",
     "build",
     "describe",
@@ -78,19 +44,31 @@ __all__ = [
     "runtime",
     "targets",
     "viz",
+    *sorted({cls.__name__ for cls in METHODS.values() if cls.__module__.startswith(__name__)}),
 ]
 
 _LAZY = ("models", "metrics", "evaluation", "viz", "io", "training", "distributed")
 
 
+def _method_classes() -> dict[str, type[Method]]:
+    """The built-in method classes by class name (``evidencemap.GradCAM`` …), from the registry."""
+    return {
+        cls.__name__: cls for cls in METHODS.values() if cls.__module__.startswith(f"{__name__}.")
+    }
+
+
 def __getattr__(name: str) -> Any:
-    """Import the subpackages of :data:`_LAZY` on first access (keeps ``import`` fast)."""
+    """Import the subpackages of :data:`_LAZY` on first access (keeps ``import`` fast); the
+    built-in method classes come from the registry (``from evidencemap import GradCAM``)."""
     if name in _LAZY:
         module = importlib.import_module(f"evidencemap.{name}")
         globals()[name] = module
         return module
+    cls = _method_classes().get(name)
+    if cls is not None:
+        return cls
     raise AttributeError(f"module 'evidencemap' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_method_classes()))

@@ -38,8 +38,9 @@ def explain(
             or the :class:`~evidencemap.models.LoadedModel` of ``evidencemap.models.load``.
         inputs: the normalised model inputs.
         method: a name from :func:`methods` (e.g. ``"gradcam"``, ``"scorecam"``, ``"fgvis"``).
-        target: ``None`` (top-1 per sample), an int, ``N`` class indices, or a callable from the
-            model output to ``N`` scores (see :mod:`evidencemap.targets`).
+        target: ``None`` (top-1 per sample), an int, ``N`` class indices, a callable from the
+            model output to ``N`` scores, or ``N`` callables, one per sample, each from that
+            sample's output row to a scalar (see :mod:`evidencemap.targets`).
         layer: for layer methods, a module, dotted name or list of them; ``None`` picks the last
             spatial layer automatically.
         **options: the method's options (``describe(method).options`` lists them).

@@ -41,8 +41,21 @@ __all__ = [
 
 @contextmanager
 def eval_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
-    """Put every module of ``model`` in eval mode; restore each module's flag afterwards."""
+    """Put every module of ``model`` in eval mode; restore each module's flag afterwards.
+
+    With ``enabled=False`` the modules keep their modes, and the buffers of those in training
+    mode (BatchNorm's running mean, variance and batch count) are copied first and written
+    back afterwards, so a forward pass in training mode leaves the model as found too.
+    """
     flags = [(m, m.training) for m in model.modules()]
+    saved: list[tuple[Tensor, Tensor]] = []
+    if not enabled:
+        saved = [
+            (b, b.detach().clone())
+            for m, training in flags
+            if training
+            for b in m.buffers(recurse=False)
+        ]
     try:
         if enabled:
             model.eval()
@@ -50,6 +63,10 @@ def eval_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     finally:
         for module, flag in flags:
             module.training = flag
+        if saved:
+            with torch.inference_mode(False), torch.no_grad():
+                for buffer, copy in saved:
+                    buffer.copy_(copy)
 
 
 @contextmanager

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["check_inputs", "check_model", "check_positive_int"]
+__all__ = ["ModelLike", "check_inputs", "check_model", "check_positive_int"]
 
 
-def check_model(model: Any) -> nn.Module:
+class ModelLike(Protocol):
+    """What the library takes besides an ``nn.Module``: an object holding one in ``module``
+    (:class:`~evidencemap.models.LoadedModel`; the core never imports the model zoo)."""
+
+    @property
+    def module(self) -> nn.Module:
+        """The model's module."""
+        ...
+
+
+def check_model(model: nn.Module | ModelLike | Any) -> nn.Module:
     """The module of ``model``: ``model`` itself if it is an ``nn.Module``, ``model.module`` if it
     is a :class:`~evidencemap.models.LoadedModel` (what ``evidencemap.models.load`` returns).
 

@@ -5,7 +5,7 @@ Two pieces:
 * :class:`Explainer`, a callable class for ``ray.data.Dataset.map_batches``: each actor builds
   the model and the method once, from a :class:`BatchSpec` (the model spec string and the
   options, never a pickled model), and then explains the photo or volume paths of every batch
-  it is given with the local engine's own code (:func:`evidencemap.cli.pipeline.run_inputs`),
+  it is given with the local engine's own code (:func:`evidencemap.engine.run_inputs`),
   writing the same overlay PNG, ``.npz`` and manifest per input. Drop it into your own pipeline::
 
       import ray
@@ -37,19 +37,29 @@ on a batch directly.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
+import torch
 
-from evidencemap.cli.pipeline import Failure, Result, Settings, output_bases, run_inputs
+from evidencemap.engine import (
+    DEFAULT_CMAP,
+    Failure,
+    Result,
+    Settings,
+    make_settings,
+    output_bases,
+    resolve_device,
+    run_inputs,
+)
+from evidencemap.models.loading import LoadedModel, load_model
 
 __all__ = [
     "RAY_MISSING",
@@ -83,7 +93,9 @@ def import_ray() -> ModuleType:
 
 @dataclass(frozen=True)
 class BatchSpec:
-    """What every actor builds and how it explains: the ``evidencemap batch`` options as data.
+    """What every actor builds and how it explains: the ``evidencemap batch`` options as data,
+    from which each actor builds the engine's :class:`~evidencemap.engine.Settings`
+    (:meth:`settings`).
 
     The model is named by its spec string (:func:`evidencemap.models.loading.load_model`: a
     built-in name, a model file, ``package.module:factory``…), so each actor loads it itself; a
@@ -92,18 +104,25 @@ class BatchSpec:
     Attributes:
         model: the ``--model`` spec.
         method: a registered method name (``evidencemap methods``).
-        target: the class to explain (an index or an exact label); ``None``: the top class.
+        target: what to explain (:func:`evidencemap.engine.parse_target`: a class index or an
+            exact label, ``norm``, ``package.module:function``); ``None``: the top class (the
+            norm for embedding models).
         top_k: explain each of the K top classes instead (exclusive with ``target``).
         layer: layer name(s) for layer methods, comma-separated.
         options: method options (``--option KEY=VALUE``).
         game: FGVis's ``preserve`` or ``delete`` game.
         cmap / opacity: the picture's colormap and heat opacity.
+        dpi / figsize / format / bare: the picture's resolution, size in inches, format
+            (png, pdf, svg; bare maps png or tiff) and whether it is the bare map
+            (:class:`evidencemap.engine.Settings`).
         batch_size: inputs per call of the method.
-        device: ``cpu`` or ``cuda`` (an actor with ``num_gpus`` sees its own GPUs as ``cuda``).
+        device: ``cpu``, ``cuda`` (an actor with ``num_gpus`` sees its own GPUs as ``cuda``),
+            ``cuda:N`` or ``mps`` (:func:`evidencemap.engine.resolve_device`).
         threads: torch CPU threads per actor (``None``: torch's default in the actor, which
             Ray sets from the actor's ``num_cpus``).
         labels / input_size / resize / mean / std / window: user model preprocessing, as on the
             command line.
+        frame: volumes: the frame of 4-D files to explain.
         workdir: the folder relative paths (inputs, model files, import strings) are read from;
             the actor changes into it. ``None``: the actor's own working folder.
     """
@@ -115,8 +134,12 @@ class BatchSpec:
     layer: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     game: str | None = None
-    cmap: str = "jet"
+    cmap: str = DEFAULT_CMAP
     opacity: float = 0.5
+    dpi: float = 100.0
+    figsize: tuple[float, float] | None = None
+    format: str = "png"
+    bare: bool = False
     batch_size: int = 16
     device: str = "cpu"
     threads: int | None = None
@@ -126,6 +149,7 @@ class BatchSpec:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     window: tuple[float, float] | None = None
+    frame: int | None = None
     workdir: str | None = None
 
     def __post_init__(self) -> None:
@@ -134,6 +158,8 @@ class BatchSpec:
         if not isinstance(self.model, str) or not self.model:
             raise TypeError(f"model must be a model spec string, got {self.model!r}")
         object.__setattr__(self, "method", get_method(self.method).name)
+        if self.frame is not None and (not isinstance(self.frame, int) or self.frame < 0):
+            raise ValueError(f"frame must be an index >= 0, got {self.frame!r}")
         for name in ("batch_size", "top_k", "threads", "resize"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -144,39 +170,55 @@ class BatchSpec:
             raise TypeError(f"options must be a mapping, got {type(self.options).__name__}")
         object.__setattr__(self, "options", dict(self.options))
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, **changes: Any) -> BatchSpec:
-        """The spec of parsed ``evidencemap batch`` arguments (``changes`` override fields)."""
-        values: dict[str, Any] = {
-            "model": args.model,
-            "method": args.method,
-            "target": args.target,
-            "top_k": args.top_k,
-            "layer": args.layer,
-            "options": dict(args.option or []),
-            "game": args.game,
-            "cmap": args.cmap,
-            "opacity": args.opacity,
-            "batch_size": args.batch_size,
-            "device": args.device,
-            "threads": args.threads,
-            "labels": None if args.labels is None else str(args.labels),
-            "input_size": args.input_size,
-            "resize": args.resize,
-            "mean": args.mean,
-            "std": args.std,
-            "window": args.window,
-        }
-        values.update(changes)
-        return cls(**values)
+    def load(self) -> LoadedModel:
+        """The model on this spec's device, with its preprocessing (``threads`` applied).
 
-    def namespace(self) -> argparse.Namespace:
-        """The spec as the parsed arguments the command line's builders take."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values["option"] = list(values.pop("options").items())
-        values["target"] = None if self.target is None else str(self.target)
-        values["labels"] = None if self.labels is None else Path(self.labels)
-        return argparse.Namespace(**values)
+        Raises:
+            ValueError: for a device that is not available or a model that cannot be loaded.
+        """
+        device = resolve_device(self.device)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        size = self.input_size
+        try:
+            return load_model(
+                self.model,
+                device,
+                input_size=None if size is None else (size[0] if len(size) == 1 else size),
+                resize=self.resize,
+                mean=self.mean,
+                std=self.std,
+                labels=self.labels,
+            )
+        except (TypeError, FileNotFoundError) as err:
+            raise ValueError(str(err)) from err
+
+    def settings(self, loaded: LoadedModel, engine: str = "ray") -> Settings:
+        """The engine's settings for ``loaded`` (:func:`evidencemap.engine.make_settings`).
+
+        Raises:
+            ValueError / TypeError: for a target, option, layer or colour map the model or the
+                method refuses.
+        """
+        return make_settings(
+            loaded,
+            self.method,
+            target=self.target,
+            top_k=self.top_k,
+            layer=self.layer,
+            options=self.options,
+            game=self.game,
+            cmap=self.cmap,
+            opacity=self.opacity,
+            dpi=self.dpi,
+            figsize=self.figsize,
+            format=self.format,
+            bare=self.bare,
+            window=self.window,
+            frame=self.frame,
+            batch_size=self.batch_size,
+            engine=engine,
+        )
 
 
 class Explainer:
@@ -205,9 +247,6 @@ class Explainer:
         root: str | os.PathLike[str] | None = None,
         engine: str = "ray",
     ) -> None:
-        from evidencemap.cli.common import CLIError, model_from_args, setup_runtime
-        from evidencemap.cli.explain import settings_from_args
-
         if not isinstance(spec, BatchSpec):
             raise TypeError(f"spec must be a BatchSpec, got {type(spec).__name__}")
         if spec.workdir is not None and os.path.realpath(spec.workdir) != os.path.realpath(
@@ -222,14 +261,8 @@ class Explainer:
         self.spec = spec
         self.out = None if out is None else Path(out)
         self.root = None if root is None else Path(root)
-        args = spec.namespace()
-        try:
-            device = setup_runtime(args)
-            self.loaded = model_from_args(args, device)
-            self.settings: Settings = settings_from_args(args, self.loaded)
-        except CLIError as err:
-            raise ValueError(str(err)) from err
-        self.settings.engine = engine
+        self.loaded = spec.load()
+        self.settings: Settings = spec.settings(self.loaded, engine)
 
     def _bases(self, paths: list[Path], batch: Mapping[str, Any]) -> list[Path]:
         if "base" in batch:

@@ -46,10 +46,13 @@ def check_sigma(value: object, name: str, *, allow_zero: bool = False) -> float:
 def gaussian_kernel1d(
     sigma: float, radius: int, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
-    """``k_i = exp(−i²/(2σ²)) / Σ_j exp(−j²/(2σ²))`` for ``i = −radius … radius``."""
-    i = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
+    """``k_i = exp(−i²/(2σ²)) / Σ_j exp(−j²/(2σ²))`` for ``i = −radius … radius``.
+
+    Computed in float64 on the CPU (devices such as MPS have no float64), then moved.
+    """
+    i = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-(i**2) / (2 * sigma**2))
-    return (k / k.sum()).to(dtype)
+    return (k / k.sum()).to(dtype).to(device)
 
 
 def mirror_indices(length: int, radius: int, device: torch.device | None = None) -> Tensor:

@@ -1,8 +1,10 @@
 """Targets: what score of the model an explanation explains, one score per sample.
 
 A target is ``None`` (the top-1 class of each sample), an ``int`` (one class for all), a
-sequence / 1-D tensor of ``N`` class indices, or any callable from the model output to an
-``(N,)`` tensor of scores. Ready-made callables cover class logits and probabilities,
+sequence / 1-D tensor of ``N`` class indices, any callable from the model output to an
+``(N,)`` tensor of scores, or a sequence of ``N`` callables, one per sample, each taking that
+sample's output row (``output[i]``) to a scalar (pytorch-grad-cam's habit:
+``[ClassifierOutputTarget(281), …]``; :class:`PerSample`). Ready-made callables cover class logits and probabilities,
 counterfactual explanations, segmentation regions and embedding similarity.
 
 Model outputs may be a tensor, a tuple/list (first element unless told otherwise) or a mapping
@@ -24,6 +26,7 @@ __all__ = [
     "ClassProbability",
     "Counterfactual",
     "EmbeddingSimilarity",
+    "PerSample",
     "ResolvedTarget",
     "SegmentationRegion",
     "Target",
@@ -33,7 +36,7 @@ __all__ = [
 ]
 
 ScoreFn = Callable[[Tensor], Tensor]
-Target = None | int | Sequence[int] | Tensor | ScoreFn
+Target = None | int | Sequence[int] | Tensor | ScoreFn | Sequence[ScoreFn]
 OutputKey = int | str | None
 
 
@@ -189,6 +192,56 @@ class EmbeddingSimilarity:
 
 
 @dataclass(frozen=True)
+class PerSample:
+    """One score function per sample: score ``i`` is ``fns[i](output[i])``, a scalar.
+
+    What a sequence of callables passed as ``target`` becomes (pytorch-grad-cam's
+    ``targets=[ClassifierOutputTarget(281), …]``: each callable sees its own sample's output row,
+    ``(K,)`` for a classifier, and returns a 0-d or one-element tensor).
+    """
+
+    fns: tuple[ScoreFn, ...]
+
+    def __call__(self, output: Tensor) -> Tensor:
+        if len(self.fns) != output.shape[0]:
+            raise ValueError(
+                f"target has {len(self.fns)} callables but the batch has {output.shape[0]} samples"
+            )
+        scores = []
+        for i, fn in enumerate(self.fns):
+            value = fn(output[i])
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(
+                    f"target callable {i} must return one score (a scalar tensor) for its "
+                    f"sample's output row {tuple(output[i].shape)}; got {shape}"
+                )
+            scores.append(value.reshape(()))
+        return torch.stack(scores)
+
+
+def _callables(target: Any) -> tuple[ScoreFn, ...] | None:
+    """The callables of a sequence of per-sample targets, or ``None`` for a sequence without
+    any (class indices).
+
+    Raises:
+        TypeError: for a sequence that mixes callables with other values.
+    """
+    if isinstance(target, Tensor) or not isinstance(target, Sequence) or isinstance(target, str):
+        return None
+    found = [callable(t) and not isinstance(t, Tensor) for t in target]
+    if not any(found):
+        return None
+    if not all(found):
+        kinds = sorted({type(t).__name__ for t, ok in zip(target, found, strict=True) if not ok})
+        raise TypeError(
+            "target must be class indices or one callable per sample, not a mix: got "
+            f"callables with {', '.join(kinds)}"
+        )
+    return tuple(target)
+
+
+@dataclass(frozen=True)
 class ResolvedTarget:
     """A target made concrete for one batch: its score function and class indices if any."""
 
@@ -227,6 +280,11 @@ def resolve(target: Target, output: Tensor) -> ResolvedTarget:
         )
     if callable(target) and not isinstance(target, Tensor):
         return ResolvedTarget(_checked(target, n), None)
+    fns = _callables(target)
+    if fns is not None:
+        if len(fns) != n:
+            raise ValueError(f"target has {len(fns)} callables but the batch has {n} samples")
+        return ResolvedTarget(_checked(PerSample(fns), n), None)
     idx = _class_indices(target, output, "target")  # type: ignore[arg-type]
     return ResolvedTarget(_checked(ClassLogit(idx), n), idx)
 
@@ -277,11 +335,17 @@ def target_rows(target: Target, n: int, spatial_ndim: int) -> Rows | None:
             return None
         return lambda start, stop: target[start:stop]
     if isinstance(target, (ClassLogit, ClassProbability)):
-        inner = target_rows(target.classes, n, spatial_ndim)  # type: ignore[arg-type]
+        inner = target_rows(target.classes, n, spatial_ndim)
         if inner is None:
             return None
         kind = type(target)
-        return lambda start, stop: kind(inner(start, stop))  # type: ignore[arg-type]
+        classes_of: Rows = inner
+        return lambda start, stop: kind(classes_of(start, stop))  # type: ignore[arg-type]
+    if isinstance(target, PerSample):
+        fns = target.fns
+        if len(fns) != n:
+            return None
+        return lambda start, stop: PerSample(fns[start:stop])
     if isinstance(target, Counterfactual):
         inner = target_rows(target.target, n, spatial_ndim)
         if inner is None:

@@ -14,9 +14,14 @@ from tqdm import tqdm
 
 from evidencemap import io
 from evidencemap.cli.common import CLIError, model_from_args, positive_int, setup_runtime
-from evidencemap.cli.explain import add_explain_arguments, failure_text, settings_from_args
-from evidencemap.cli.pipeline import Failure, output_bases, run_inputs
+from evidencemap.cli.explain import (
+    add_explain_arguments,
+    check_args,
+    failure_text,
+    settings_from_args,
+)
 from evidencemap.cli.progress import method_progress
+from evidencemap.engine import Failure, Settings, already_done, output_bases, run_inputs
 
 __all__ = ["register", "run"]
 
@@ -27,9 +32,11 @@ EXAMPLES = """examples:
   evidencemap batch /shared/photos --out /shared/maps --engine ray --address auto
   evidencemap batch /shared/photos --out /shared/maps --engine ray --gpus-per-actor 0.5
 
-Outputs mirror the input folder. An input whose manifest (NAME_METHOD.json) is already in the
-output folder is skipped, so an interrupted run continues where it stopped. Unreadable files are
-reported on stderr and skipped; the exit status is 1 when some failed.
+Outputs mirror the input folder. An input whose manifest (NAME_METHOD.json, with _tTARGET and
+_oHASH suffixes for a target or options other than the defaults) is already in the output
+folder and records the same request (model, method, target, options) is skipped, so an
+interrupted run continues where it stopped and a run with other settings computes anew.
+Unreadable files are reported on stderr and skipped; the exit status is 1 when some failed.
 
 --engine ray (pip install 'evidencemap[ray]') runs the same batches on a Ray cluster with the
 same outputs: a local one unless --address names one; inputs and outputs must then be on
@@ -139,10 +146,30 @@ def _run_on_ray(
     """Explain ``todo`` with ``--engine ray``; the description of the actor pool."""
     from evidencemap.distributed import BatchSpec, run_on_ray
 
-    spec = BatchSpec.from_args(
-        args,
+    spec = BatchSpec(
+        model=args.model,
+        method=args.method,
+        target=args.target,
+        top_k=args.top_k,
+        layer=args.layer,
+        options=dict(args.option or []),
+        game=args.game,
+        cmap=args.cmap,
+        opacity=args.opacity,
+        dpi=args.dpi,
+        figsize=args.figsize,
+        format=args.format,
+        bare=args.bare,
+        batch_size=args.batch_size,
         device="cuda" if args.gpus_per_actor > 0 else "cpu",
         threads=args.threads or max(1, int(args.cpus_per_actor)),
+        labels=None if args.labels is None else str(args.labels),
+        input_size=args.input_size,
+        resize=args.resize,
+        mean=args.mean,
+        std=args.std,
+        window=args.window,
+        frame=args.frame,
         workdir=os.getcwd(),
     )
     try:
@@ -169,8 +196,9 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.folder} is not a folder")
     _check_engine(args)
     device = setup_runtime(args)
+    check_args(args, [args.folder])
     loaded = model_from_args(args, device)
-    settings = settings_from_args(args, loaded)
+    settings: Settings = settings_from_args(args, loaded)
     results_folder = args.out.resolve()
     found = [  # results written inside the input folder are not inputs
         p for p in io.find_inputs(args.folder) if not p.resolve().is_relative_to(results_folder)
@@ -182,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     bases = output_bases(wanted, args.out, root=args.folder)
     todo, todo_bases, skipped = [], [], 0
     for path, base in zip(wanted, bases, strict=True):
-        if base.with_name(f"{base.name}_{settings.method_name}.json").exists():
+        if already_done(base, settings, loaded):
             skipped += 1
         else:
             todo.append(path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +10,16 @@ from typing import Any
 
 import torch
 
-from evidencemap.methods.registry import check_method_supports
+from evidencemap.engine import (
+    DEFAULT_CMAP,
+    FORMATS,
+    check_picture,
+    probabilities,
+    resolve_device,
+    top_predictions,
+    versions,
+)
+from evidencemap.engine import build_method as engine_build_method
 from evidencemap.models.loading import LoadedModel, load_model
 
 __all__ = [
@@ -19,12 +27,14 @@ __all__ = [
     "DEFAULT_OUT",
     "CLIError",
     "add_model_arguments",
+    "add_picture_arguments",
     "add_runtime_arguments",
     "build_method",
     "method_type",
     "model_from_args",
     "parse_option",
     "parse_options",
+    "picture_settings",
     "positive_int",
     "probabilities",
     "setup_runtime",
@@ -147,7 +157,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--device",
         default="cpu",
-        help="cpu, cuda or cuda:N (default: cpu); an error when CUDA is not available",
+        help="cpu, cuda, cuda:N or mps (default: cpu); an error says what exists when the "
+        "device is not available",
     )
     group.add_argument(
         "--threads", type=positive_int, default=None, help="CPU threads torch may use"
@@ -160,7 +171,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"built-in name, model file (TorchScript or pickled), package.module:factory, "
+        help=f"built-in name, model file (TorchScript or pickled), module:factory (e.g. "
+        f"mynet:build for mynet.py in this folder, or path/to/mynet.py:build), "
         f"torchvision:NAME or timm:NAME (default: {DEFAULT_MODEL}; see 'evidencemap models')",
     )
     group.add_argument(
@@ -198,30 +210,77 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_picture_arguments(parser: argparse.ArgumentParser, *, bare: bool = True) -> None:
+    """``--cmap``, ``--opacity``, ``--dpi``, ``--figsize``, ``--format`` (and ``--bare``)."""
+    group = parser.add_argument_group("pictures")
+    group.add_argument(
+        "--cmap",
+        default=DEFAULT_CMAP,
+        help=f"matplotlib colormap (default: {DEFAULT_CMAP}, perceptually uniform)",
+    )
+    group.add_argument(
+        "--opacity", type=unit_float, default=0.5, help="heat-map opacity in [0, 1] (0.5)"
+    )
+    group.add_argument(
+        "--dpi", type=float, default=100.0, help="pixels per inch of the figure (default 100)"
+    )
+    group.add_argument(
+        "--figsize",
+        type=float_list(2),
+        default=None,
+        metavar="W,H",
+        help="figure size in inches (default: sized by its panels)",
+    )
+    formats = FORMATS if bare else tuple(f for f in FORMATS if f != "tiff")
+    group.add_argument(
+        "--format",
+        choices=formats,
+        default="png",
+        help="png, pdf or svg figures"
+        + ("; with --bare: png or tiff (16-bit values)" if bare else "")
+        + " (default: png)",
+    )
+    if bare:
+        group.add_argument(
+            "--bare",
+            action="store_true",
+            help="the map alone, no title, colour bar or axes: PNG over the photo, or "
+            "--format tiff for the values (volumes: tiff only)",
+        )
+
+
+def picture_settings(args: argparse.Namespace, kind: str | None = None) -> dict[str, Any]:
+    """The picture arguments as keywords of :func:`evidencemap.engine.make_settings`, checked.
+
+    Raises:
+        CLIError: for a format that does not go with ``--bare``, a bad ``--dpi`` or ``--figsize``.
+    """
+    bare = bool(getattr(args, "bare", False))
+    try:
+        figsize = check_picture(args.format, bare, args.dpi, args.figsize, kind)
+    except ValueError as err:
+        text = str(err)
+        flag = next((f for f in ("dpi", "figsize") if text.startswith(f)), "format")
+        raise CLIError(f"--{flag}: {text}") from err
+    return {"dpi": args.dpi, "figsize": figsize, "format": args.format, "bare": bare}
+
+
 # --------------------------------------------------------------------------- set-up
 
 
 def setup_runtime(args: argparse.Namespace) -> torch.device:
-    """Apply ``--threads`` and check ``--device``.
+    """Apply ``--threads`` and check ``--device`` (:func:`evidencemap.engine.resolve_device`).
 
     Raises:
-        CLIError: for a malformed device or CUDA that is not available.
+        CLIError: for a malformed device, or CUDA / MPS that is not available (what exists is
+            said).
     """
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    text = str(getattr(args, "device", "cpu")).strip().lower()
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise CLIError(f"--device must be cpu, cuda or cuda:N, got {text!r}")
-    if text.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CLIError(
-                f"--device {text}: CUDA is not available here (torch {torch.__version__}, "
-                f"built for CUDA {torch.version.cuda or 'none'}); use --device cpu"
-            )
-        index = int(text.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise CLIError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
-    return torch.device(text)
+    try:
+        return resolve_device(getattr(args, "device", "cpu"))
+    except ValueError as err:
+        raise CLIError(f"--{err}") from None
 
 
 def model_from_args(args: argparse.Namespace, device: torch.device) -> LoadedModel:
@@ -253,76 +312,13 @@ def build_method(
     caps: dict[str, float] | None = None,
 ) -> Any:
     """An instance of method ``name`` for ``loaded.module`` with ``options``
-    (:func:`evidencemap.methods.build`).
-
-    ``layer`` may name several layers separated by commas (their maps are averaged).
+    (:func:`evidencemap.engine.build_method`).
 
     Raises:
         CLIError: for an option the method does not take or rejects, a layer for an
-            input-space method, or a method that hooks layers on a TorchScript model.
+            input-space method, or a method that cannot explain this model.
     """
-    from evidencemap.methods import build, describe
-
-    spec = describe(name)
-    layers: str | list[str] | None = None
-    if layer:
-        parts = [p.strip() for p in layer.split(",") if p.strip()]
-        layers = parts[0] if len(parts) == 1 else parts
-    if layers is not None and not spec.uses_layer:
-        raise CLIError(f"method {spec.name!r} works in input space and takes no --layer")
     try:
-        method = build(spec.cls, loaded.module, layers, caps=caps, **options)
-        check_method_supports(loaded, method)
+        return engine_build_method(name, loaded, layer, options, caps)
     except (TypeError, ValueError) as err:
-        text = str(err)
-        raise CLIError(
-            text if text.startswith("method ") else f"method {spec.name!r}: {text}"
-        ) from err
-    return method
-
-
-# --------------------------------------------------------------------------- results
-
-
-def probabilities(output: torch.Tensor) -> torch.Tensor | None:
-    """Softmax over classes of an ``(N, K)`` output with ``K > 1``; ``None`` otherwise."""
-    if output.ndim == 2 and output.shape[1] > 1:
-        return torch.softmax(output.detach().float(), dim=1)
-    return None
-
-
-def top_predictions(
-    output: torch.Tensor, loaded: LoadedModel, k: int = 5
-) -> list[list[dict[str, Any]]]:
-    """Per sample, the ``k`` highest classes: ``{"class", "label", "probability", "logit"}``.
-
-    Outputs that are not ``(N, K)`` class scores give empty lists.
-    """
-    probs = probabilities(output)
-    if probs is None:
-        return [[] for _ in range(output.shape[0])]
-    values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
-    logits = output.detach().float().gather(1, indices)
-    return [
-        [
-            {
-                "class": int(c),
-                "label": loaded.label(int(c)),
-                "probability": float(p),
-                "logit": float(z),
-            }
-            for c, p, z in zip(ci.tolist(), pi.tolist(), zi.tolist(), strict=True)
-        ]
-        for ci, pi, zi in zip(indices, values, logits, strict=True)
-    ]
-
-
-def versions() -> dict[str, str]:
-    """Versions of evidencemap, torch and Python (written into every manifest)."""
-    import evidencemap
-
-    return {
-        "evidencemap": evidencemap.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+        raise CLIError(str(err).replace("takes no layer", "takes no --layer")) from err

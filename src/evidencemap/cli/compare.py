@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -14,16 +15,23 @@ from evidencemap.cli.common import (
     DEFAULT_OUT,
     CLIError,
     add_model_arguments,
+    add_picture_arguments,
     add_runtime_arguments,
     build_method,
     method_type,
     model_from_args,
+    picture_settings,
     setup_runtime,
+)
+from evidencemap.engine import (
+    check_request,
+    crop_region,
+    is_embedding,
+    output_bases,
+    prepare,
     top_predictions,
-    unit_float,
     versions,
 )
-from evidencemap.cli.pipeline import crop_region, output_bases, prepare
 
 __all__ = ["DEFAULT_METHODS", "register", "run"]
 
@@ -68,47 +76,35 @@ def register(subparsers: Any) -> None:
         "--layer", default=None, help="layer name(s) for the layer methods, comma-separated"
     )
     parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output folder")
-    parser.add_argument(
-        "--opacity", type=unit_float, default=0.5, help="heat-map opacity in [0, 1] (0.5)"
-    )
-    parser.add_argument("--cmap", default="jet", help="matplotlib colormap (default: jet)")
+    add_picture_arguments(parser)
     add_model_arguments(parser)
     add_runtime_arguments(parser)
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run every method on the photo with one target; write the grid, maps and manifest."""
-    from matplotlib import colormaps
+def _check_args(args: argparse.Namespace) -> None:
+    """What can be checked before the model loads: ``--cmap``, ``--target``, the photo."""
+    try:
+        check_request(args.methods[0], cmap=args.cmap)
+    except ValueError as err:
+        raise CLIError(f"--cmap: {err}") from err
+    try:
+        check_request(args.methods[0], model=args.model, target=args.target, labels=args.labels)
+    except FileNotFoundError as err:
+        raise CLIError(f"--labels: {err}") from err
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"--target: {err}") from err
+    picture_settings(args)
+    if not args.image.exists():
+        raise CLIError(f"{args.image}: no such file")
 
-    if args.cmap not in colormaps:
-        raise CLIError(f"--cmap: unknown matplotlib colormap {args.cmap!r}")
-    device = setup_runtime(args)
-    loaded = model_from_args(args, device)
-    if loaded.kind != "image":
-        raise CLIError("compare works on photos; use 'evidencemap explain' for volumes")
-    methods = {name: build_method(name, loaded, args.layer, {}) for name in args.methods}
-    base = output_bases([args.image], args.out)[0]
-    item = prepare(args.image, base, loaded)
-    x = item.tensor[None].to(device)
-    with torch.no_grad():
-        output = next(iter(methods.values())).forward(x)
-    if args.target is not None:
-        try:
-            target = loaded.class_index(args.target)
-        except ValueError as err:
-            raise CLIError(f"--target: {err}") from err
-    else:
-        if output.ndim != 2:
-            raise CLIError("the model output is not (N, classes): give --target")
-        target = int(output.argmax(dim=1)[0])
-    predictions = top_predictions(output, loaded)[0]
-    probability = float(torch.softmax(output.float(), dim=1)[0, target])
-    label = loaded.label(target)
 
+def _explain_all(
+    methods: dict[str, Any], x: torch.Tensor, target: int, loaded: Any, item: Any
+) -> tuple[list[tuple[str, torch.Tensor]], dict[str, torch.Tensor], dict[str, float], dict]:
+    """Each method's map on the photo: the panels (maps on the original photo), the maps at
+    the model's resolution, the seconds and the layer of each."""
     pre = loaded.preprocess
-    if pre is None or item.photo is None:
-        raise CLIError("compare needs an image model with preprocessing")
     width, height = item.photo.size
     panels, maps, timings, layers = [], {}, {}, {}
     for name, method in methods.items():
@@ -119,17 +115,93 @@ def run(args: argparse.Namespace) -> int:
         layers[name] = explanation.layer
         shown = viz.for_display(explanation.maps[:1], explanation.raw[:1])
         on_photo = pre.to_original(shown, width, height)[0].clamp(0, 1)
-        panels.append((name, on_photo))
+        panels.append((explanation.label, on_photo))
+    return panels, maps, timings, layers
+
+
+def _write_pictures(
+    args: argparse.Namespace,
+    item: Any,
+    loaded: Any,
+    panels: list[tuple[str, torch.Tensor]],
+    values: list[torch.Tensor],
+    title: str,
+    picture: dict[str, Any],
+) -> list[Path]:
+    """The grid figure (``NAME_compare.FORMAT``) or, with ``--bare``, one bare map per method
+    (``NAME_compare_METHOD.png`` over the photo, or ``.tiff`` of the method's map ``values``
+    at the model's input resolution)."""
+    base = item.base
+    width, height = item.photo.size
+    region = crop_region(loaded, width, height)
+    if not picture["bare"]:
+        figure = viz.grid_plot(
+            item.photo,
+            panels,
+            title=title,
+            cmap=args.cmap,
+            alpha=args.opacity,
+            region=region,
+            dpi=picture["dpi"],
+            figsize=picture["figsize"],
+        )
+        path = base.with_name(f"{base.name}_compare.{picture['format']}")
+        if picture["format"] == "png":  # RGB, rendered at the figure's dpi
+            return [viz.save_png(viz.render(figure), path)]
+        return [viz.save_figure(figure, path, picture["format"], picture["dpi"])]
+    written = []
+    for (name, heat), value in zip(panels, values, strict=True):
+        safe = re.sub(r"[^A-Za-z0-9+_-]+", "_", name).strip("_")
+        path = base.with_name(f"{base.name}_compare_{safe}.{picture['format']}")
+        if picture["format"] == "tiff":
+            written.append(viz.save_map(value, path, format="tiff"))
+        else:
+            written.append(
+                viz.save_map(
+                    heat,
+                    path,
+                    image=item.photo,
+                    cmap=args.cmap,
+                    alpha=args.opacity,
+                    region=region,
+                    format="png",
+                )
+            )
+    return written
+
+
+def _target_of(args: argparse.Namespace, loaded: Any, output: torch.Tensor) -> int:
+    if args.target is not None:
+        try:
+            return int(loaded.class_index(args.target))
+        except ValueError as err:
+            raise CLIError(f"--target: {err}") from err
+    if output.ndim != 2:
+        raise CLIError("the model output is not (N, classes): give --target")
+    return int(output.argmax(dim=1)[0])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run every method on the photo with one target; write the grid, maps and manifest."""
+    device = setup_runtime(args)
+    _check_args(args)
+    loaded = model_from_args(args, device)
+    if loaded.kind != "image" or is_embedding(loaded) or loaded.preprocess is None:
+        raise CLIError("compare works on photos; use 'evidencemap explain' for volumes")
+    picture = picture_settings(args, loaded.kind)
+    methods = {name: build_method(name, loaded, args.layer, {}) for name in args.methods}
+    base = output_bases([args.image], args.out)[0]
+    item = prepare(args.image, base, loaded)
+    x = item.tensor[None].to(device)
+    with torch.no_grad():
+        output = next(iter(methods.values())).forward(x)
+    target = _target_of(args, loaded, output)
+    predictions = top_predictions(output, loaded)[0]
+    probability = float(torch.softmax(output.float(), dim=1)[0, target])
+    label = loaded.label(target)
+    panels, maps, timings, layers = _explain_all(methods, x, target, loaded, item)
     title = f"{label} {probability:.2f} (class {target})"
-    picture = viz.grid(
-        item.photo,
-        panels,
-        title=title,
-        cmap=args.cmap,
-        alpha=args.opacity,
-        region=crop_region(loaded, width, height),
-    )
-    png = viz.save_png(picture, base.with_name(base.name + "_compare.png"))
+    pictures = _write_pictures(args, item, loaded, panels, list(maps.values()), title, picture)
     npz = io.save_maps(
         base.with_name(base.name + "_compare.npz"),
         **{name.replace("+", "p").replace("-", "_"): m for name, m in maps.items()},
@@ -148,10 +220,16 @@ def run(args: argparse.Namespace) -> int:
                 {"method": name, "layer": layers[name], "seconds": timings[name]}
                 for name in methods
             ],
-            "outputs": {"picture": str(png), "maps": str(npz), "manifest": str(manifest_path)},
+            "warnings": item.warnings,
+            "outputs": {
+                "picture": str(pictures[0]),
+                "pictures": [str(p) for p in pictures],
+                "maps": str(npz),
+                "manifest": str(manifest_path),
+            },
             "device": str(device),
             "versions": versions(),
         },
     )
-    print(f"{args.image}: {label} ({probability:.2f}) → {png}")
+    print(f"{args.image}: {label} ({probability:.2f}) → {pictures[0]}")
     return 0

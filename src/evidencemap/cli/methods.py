@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["cost_text", "describe", "options_text", "register", "run"]
+__all__ = ["cost_text", "describe", "kind_label", "options_text", "register", "run"]
 
 HELP = "list the methods, one line each"
 
@@ -78,9 +78,23 @@ def options_text(name: str) -> list[str]:
     return lines
 
 
+def kind_label(name: str) -> str:
+    """``[layer]``, ``[input]``, ``[attention]`` or ``[wraps METHOD]`` (the wrapped method's
+    default) for method ``name``, from its declared capabilities
+    (:attr:`evidencemap.methods.MethodSpec.kind`)."""
+    from evidencemap.methods import describe as describe_method
+
+    spec = describe_method(name)
+    if spec.kind == "wrapper":
+        default = spec.options[spec.forwards_to].default
+        return f"[wraps {default if isinstance(default, str) else 'a method'}]"
+    return f"[{spec.kind}]"
+
+
 def run(args: argparse.Namespace) -> int:
-    """Print ``name  [layer|input]  passes  description  (aliases)`` per method, or with
-    ``args.names`` each named method's options (an unknown name: exit status 2)."""
+    """Print ``name  [kind]  passes  description  (aliases)`` per method (kind: layer, input,
+    attention, or ``wraps METHOD``), or with ``args.names`` each named method's options (an
+    unknown name: exit status 2)."""
     from evidencemap.api import get_method, methods
 
     if getattr(args, "names", None):
@@ -96,9 +110,13 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(n) for n in names)
     costs = {name: cost_text(name) for name in names}
     cost_width = max(len(text) for text in costs.values())
+    kinds = {name: kind_label(name) for name in names}
+    kind_width = max(len(text) for text in kinds.values())
     for name in names:
         cls = get_method(name)
-        where = "layer" if cls.uses_layer else "input"
         aliases = f"  (also: {', '.join(cls.aliases)})" if cls.aliases else ""
-        print(f"{name:<{width}}  [{where}]  {costs[name]:<{cost_width}}  {describe(cls)}{aliases}")
+        print(
+            f"{name:<{width}}  {kinds[name]:>{kind_width}}  {costs[name]:<{cost_width}}  "
+            f"{describe(cls)}{aliases}"
+        )
     return 0

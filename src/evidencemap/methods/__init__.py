@@ -3,25 +3,37 @@
 :func:`build` is the one factory (name, model, layer, options → instance), :func:`describe`
 the one description of a method, its options (:class:`Option`) and its cost in model passes
 (:class:`Passes`, :mod:`evidencemap.methods.passes`).
+
+Layout: :mod:`~evidencemap.methods.registry` (names, :func:`register`, the factory),
+:mod:`~evidencemap.methods.call` (the call path: chunks, memory budget, packaging),
+:mod:`~evidencemap.methods.base` (the templates :class:`Method`, :class:`LayerMethod`,
+:class:`InputMethod`), :mod:`~evidencemap.methods.options` (option descriptions and shared
+options), and one module per family of methods. Every module and subpackage of this package
+is imported here, so a new method module registers itself by being in the folder.
 """
 
-from evidencemap.methods import (
-    attention,  # noqa: F401  (registers the attention methods)
-    cam,
-    cfcam,
-    fgvis,
-    gradients,
-    scorecam,
-)
-from evidencemap.methods.base import METHODS, Context, LayerMethod, Method, register
+import importlib
+import pkgutil
+
+from evidencemap.methods.base import Context, FlatMapWarning, InputMethod, LayerMethod, Method
 from evidencemap.methods.options import Option, OptionError, options_of
 from evidencemap.methods.passes import PASS_KINDS, PassCount, Passes
-from evidencemap.methods.registry import MethodSpec, build, describe, get_method, method_names
+from evidencemap.methods.registry import (
+    METHODS,
+    MethodSpec,
+    build,
+    describe,
+    get_method,
+    method_names,
+    register,
+)
 
 __all__ = [
     "METHODS",
     "PASS_KINDS",
     "Context",
+    "FlatMapWarning",
+    "InputMethod",
     "LayerMethod",
     "Method",
     "MethodSpec",
@@ -29,21 +41,14 @@ __all__ = [
     "OptionError",
     "PassCount",
     "Passes",
-    "ablationcam",
     "build",
-    "cam",
-    "cfcam",
     "describe",
-    "elementwise",
-    "fgvis",
     "get_method",
-    "gradients",
     "method_names",
     "options_of",
     "register",
-    "scorecam",
-    "smoothcams",
 ]
 
-# The CAM variants register after the rest (the order methods are listed in).
-from evidencemap.methods import ablationcam, elementwise, smoothcams
+# The method modules register their classes on import (sorted by name: registration order).
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -48,9 +48,9 @@ from torch import Tensor, nn
 
 from evidencemap import runtime
 from evidencemap.maps import FLAT_EPS
-from evidencemap.methods.base import Context, LayerMethod, register
-from evidencemap.methods.options import Option
-from evidencemap.methods.scorecam import MEMORY_BUDGET
+from evidencemap.methods.base import Context, LayerMethod
+from evidencemap.methods.options import MEMORY_BUDGET, Option
+from evidencemap.methods.registry import register
 
 __all__ = ["WHOLE_MODEL_CHUNK", "AblationCAM", "objectness_scores"]
 

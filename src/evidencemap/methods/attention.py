@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from evidencemap.capture import AttentionRecorder
 from evidencemap.explanation import Explanation
 from evidencemap.maps import upsample
-from evidencemap.methods.base import Context, Method, register
+from evidencemap.methods.base import Context, Method
 from evidencemap.methods.options import Option
+from evidencemap.methods.registry import register
 from evidencemap.targets import Target, resolve
 from evidencemap.tokens import Tokens, resolve_layout, tokens_to_grid
 
@@ -62,11 +63,10 @@ class _AttentionMethod(Method):
     uses_layer: ClassVar[bool] = False
     needs_gradients: ClassVar[bool] = False
     needs_attention: ClassVar[bool] = True
-    """Explains models with attention layers only (the registry tests run them on ViTs)."""
     pass_kind: ClassVar[str] = "layer"
     """Counted as one Grad-CAM call: one forward recording the attention maps (and, for the
     gradient rollout, a backward to them)."""
-    OPTIONS_BASE = (
+    OPTIONS_BASE: ClassVar[tuple[Option, ...]] = (
         Option(
             "prefix_tokens",
             "int",
@@ -86,7 +86,7 @@ class _AttentionMethod(Method):
             other="a tuple of positive ints",
         ),
     )
-    OPTIONS = OPTIONS_BASE
+    OPTIONS: ClassVar[tuple[Option, ...]] = OPTIONS_BASE
 
     def __init__(
         self,
@@ -99,10 +99,8 @@ class _AttentionMethod(Method):
         super().__init__(model, **kw)
         self.OPTIONS_BASE[0].check(prefix_tokens, self.name)
         self._spec = Tokens("", layout="tokens", prefix=prefix_tokens, grid=grid)
-
-    def options(self) -> dict[str, Any]:
-        grid = None if self._spec.grid is None else list(self._spec.grid)
-        return {**super().options(), "prefix_tokens": self._spec.prefix, "grid": grid}
+        self.prefix_tokens = self._spec.prefix
+        self.grid = self._spec.grid
 
     @classmethod
     def unsupported(cls, model: nn.Module, *, compiled: bool = False) -> str | None:
@@ -188,16 +186,13 @@ class AttentionRollout(_AttentionMethod):
 
     name = "attention_rollout"
     aliases = ("rollout",)
-    OPTIONS = (
+    OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("head_fusion", "str", "mean", "how heads are fused per block", choices=HEAD_FUSIONS),
     )
 
     def __init__(self, model: nn.Module, *, head_fusion: str = "mean", **kw: Any) -> None:
         super().__init__(model, **kw)
         self.head_fusion = self.OPTIONS[0].check(head_fusion, self.name)
-
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "head_fusion": self.head_fusion}
 
     def relevance(self, recorder: AttentionRecorder, scores: Tensor) -> Tensor:
         return rollout([a.detach() for a in recorder.maps], self.head_fusion)

@@ -1,58 +1,63 @@
-"""The pipeline every method shares, and the registry of method names.
+"""The three templates of a method: :class:`Method`, :class:`LayerMethod`, :class:`InputMethod`.
 
 A method is a small class that supplies one thing:
 
 * :class:`LayerMethod` subclasses (the CAM family) implement :meth:`LayerMethod.layer_map`, the
   map at the layer's resolution from its activations ``A`` (and gradients ``∂y/∂A`` when
   ``needs_gradients``); most only supply channel weights through :meth:`channel_weights`.
-* :class:`Method` subclasses that work in input space implement :meth:`Method.explain_batch`.
+* :class:`InputMethod` subclasses (gradient methods in input space) implement
+  :meth:`InputMethod.attribute`, per-channel attributions ``(N, C, *S)``.
+* Other :class:`Method` subclasses implement :meth:`Method.explain_batch`.
+
+What a method declares instead of code: its options (``OPTIONS``, a tuple of
+:class:`~evidencemap.methods.options.Option`, which also make its report,
+:meth:`Method.options`) and its capabilities as class attributes (``uses_layer``,
+``needs_gradients``, ``sizes_own_chunks``, ``forwards_options_to``, ``wrap_aliases``,
+``pass_kind``, ``passes_per_call``). It is registered by name with
+:func:`evidencemap.methods.registry.register`.
 
 The pipeline owns everything else: validation, eval mode restored afterwards, hooks for one
 call, target resolution, ``torch.autograd.grad`` to the layer tensors only (no parameter
-``.grad`` is touched), ReLU, N-d upsampling, fusion of several layers and normalisation.
+``.grad`` is touched), ReLU, N-d upsampling, fusion of several layers and normalisation; the
+call itself (chunks, memory budget, packaging) is :mod:`evidencemap.methods.call`.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+import warnings
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
 
-from evidencemap.capture import eval_mode, record_outputs
-from evidencemap.checks import check_inputs, check_model
+from evidencemap.capture import record_outputs
+from evidencemap.checks import ModelLike, check_model
 from evidencemap.explanation import Explanation
 from evidencemap.layers import LayerSpec, find_spatial_layer, layer_names, resolve_layers
-from evidencemap.maps import normalize, upsample
-from evidencemap.methods.chunking import explain_in_chunks, graph_bytes, one_run
-from evidencemap.methods.options import Option, options_of
-from evidencemap.targets import OutputKey, ResolvedTarget, Target, resolve, select_output
+from evidencemap.maps import FLAT_EPS, normalize, upsample
+from evidencemap.methods.call import Context, MethodCall, graph_bytes
+from evidencemap.methods.options import Option, options_of, report_value, reported_options
+from evidencemap.targets import OutputKey, ResolvedTarget, Target, resolve
 from evidencemap.tokens import GridLayout, resolve_layout, to_grid
 
 __all__ = [
-    "METHODS",
+    "Attribution",
     "Context",
+    "FlatMapWarning",
+    "InputMethod",
     "LayerMethod",
     "Method",
     "gradients_of",
-    "register",
     "weighted_sum",
 ]
 
-METHODS: dict[str, type[Method]] = {}
 
-
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make ``cls`` available under ``cls.name`` (and its aliases)."""
-    for name in (cls.name, *cls.aliases):
-        if name in METHODS and METHODS[name] is not cls:
-            raise ValueError(f"method name {name!r} is registered twice")
-        METHODS[name] = cls
-    return cls
+class FlatMapWarning(UserWarning):
+    """A map came out flat (the same value everywhere, all zeros after ReLU): it shows nothing."""
 
 
 def gradients_of(grads: Tensor | None) -> Tensor:
@@ -68,42 +73,29 @@ def weighted_sum(acts: Tensor, weights: Tensor) -> Tensor:
     return (w * acts).sum(dim=1, keepdim=True)
 
 
-@dataclass
-class Context:
-    """What a method may need beyond activations and gradients, for one batch.
-
-    Attributes:
-        model: the model (in eval mode while the method runs).
-        inputs: ``(N, C, *S)`` inputs, detached.
-        output: the model's output on ``inputs`` (the selected tensor), detached.
-        target: the resolved target (score function and class indices).
-        layer: the module whose activations are explained (layer methods only).
-        forward: ``forward(x)`` → the selected output tensor of the model on ``x``.
-    """
-
-    model: nn.Module
-    inputs: Tensor
-    output: Tensor
-    target: ResolvedTarget
-    layer: nn.Module | None
-    forward: Callable[[Tensor], Tensor]
-
-
-class Method:
+class Method(MethodCall):
     """Base of every method: ``Method(model, **options)(inputs, target=None) -> Explanation``.
 
     Args:
-        model: any ``nn.Module`` taking ``(N, C, *S)`` inputs.
+        model: any ``nn.Module`` taking ``(N, C, *S)`` inputs (or a
+            :class:`~evidencemap.models.LoadedModel`: its module).
         output_key: which element of a tuple/list/mapping output to explain (default: the
             first element / ``logits``).
-        eval_mode: run the model in eval mode (every module's flag restored afterwards).
+        eval_mode: run the model in eval mode (every module's flag restored afterwards; with
+            ``False``, BatchNorm running statistics are restored too).
         batch_size: explain at most this many inputs at a time (``None``: all at once, or as
-            many as the run's memory budget holds, :mod:`evidencemap.methods.chunking`).
+            many as the run's memory budget holds, :mod:`evidencemap.methods.call`).
     """
 
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
     uses_layer: ClassVar[bool] = False
+    """The method reads a layer (its constructor takes ``layer``)."""
+    needs_gradients: ClassVar[bool] = True
+    """The method backpropagates through the model."""
+    needs_attention: ClassVar[bool] = False
+    """The method reads a transformer's attention (it explains models with attention layers
+    only; the registry tests run it on ViTs)."""
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option(
             "output_key",
@@ -122,6 +114,7 @@ class Method:
             low=1,
             nullable=True,
             cost="chunk",
+            reported=False,
         ),
     )
     pass_kind: ClassVar[str] = "input"
@@ -134,6 +127,10 @@ class Method:
     """The option naming a wrapped method (SmoothGrad's ``method``), or ``""``: the method
     also takes that method's options, and each counted pass calls it once (its passes multiply
     the count, its kind replaces ``pass_kind``)."""
+    wrap_aliases: ClassVar[tuple[str, ...]] = ()
+    """Other options that name the wrapped method too (SmoothGrad's ``wrap``, for
+    :func:`evidencemap.explain` whose own ``method`` argument names SmoothGrad); a value given
+    to one of them replaces :attr:`forwards_options_to`'s."""
 
     @classmethod
     def unsupported(cls, model: nn.Module, *, compiled: bool = False) -> str | None:
@@ -154,7 +151,7 @@ class Method:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | ModelLike,
         *,
         output_key: OutputKey = None,
         eval_mode: bool = True,
@@ -180,86 +177,30 @@ class Method:
         TorchScript models, whose submodules run compiled code)."""
         return self.uses_layer
 
-    # -- options --------------------------------------------------------------------------
     def options(self) -> dict[str, Any]:
-        """The options this method runs with (reported in :class:`Explanation`)."""
-        return {"output_key": self.output_key, "eval_mode": self.eval_mode}
+        """The options this method runs with (reported in :class:`Explanation`).
 
-    def forward(self, x: Tensor) -> Tensor:
-        """The model's selected output tensor on ``x``."""
-        return select_output(self.model(x), self.output_key)
-
-    # -- the call ---------------------------------------------------------------------------
-    def __call__(self, inputs: Tensor, target: Target = None) -> Explanation:
-        """Explain ``inputs`` ``(N, C, *S)`` for ``target`` (see :func:`evidencemap.explain`).
-
-        Inputs of another floating dtype than the model's parameters (float64 photos, say) are
-        cast to the parameters' dtype first; the maps come back in that dtype. The batch is
-        explained in chunks of at most ``batch_size`` inputs and, under a memory budget
-        (:func:`evidencemap.runtime.limits`), of as many as the budget holds
-        (:mod:`evidencemap.methods.chunking`); the result is the same.
+        Derived from the declarations: every option an ``OPTIONS`` of the class or a base
+        describes with ``reported=True`` (:attr:`Option.reported`), base classes first, each
+        read from the instance's attribute of the same name and written by
+        :func:`~evidencemap.methods.options.report_value` (a tensor as ``"tensor"``, a set as a
+        sorted list). Override to report differently.
 
         Raises:
-            BudgetExceededError: under a budget, when one input is estimated (before any work)
-                or measured over it.
+            AttributeError: for a reported option the instance keeps no attribute of.
         """
-        x = check_inputs(inputs)
-        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
-        if dtype is not None and x.dtype != dtype:
-            x = x.to(dtype)
-        return explain_in_chunks(self, x, target)
-
-    @property
-    def batch_independent(self) -> bool:
-        """Whether each input's explanation is independent of the rest of its batch, so that
-        the batch may be split into chunks by a memory budget without changing any result
-        (not so where noise is drawn per batch)."""
-        return True
-
-    def input_bytes(self, x: Tensor) -> int:
-        """The memory a run takes for one input shaped like ``x[0]``, estimated before any work
-        (under a memory budget only, with the model in the run's mode): for a method that
-        backpropagates through the model, what autograd saves for the backward pass of one
-        input (:func:`evidencemap.methods.chunking.graph_bytes`: one forward pass of one input,
-        cached per model); the input itself is not counted (as in
-        :func:`evidencemap.runtime.autograd_bytes`). It is a lower bound of what the run takes
-        (its temporaries come on top): an input estimated over the budget is refused before the
-        run, and the first input of a split batch is measured as well."""
-        return graph_bytes(self, x, ("input",), self.forward)
-
-    def _run(self, x: Tensor, target: Target) -> Explanation:
-        with eval_mode(self.model, self.eval_mode), torch.inference_mode(False), one_run():
-            x = x.detach().clone()
-            return self.explain_batch(x, target)
-
-    def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
-        """Explain one batch (already validated, detached, model in eval mode)."""
-        raise NotImplementedError
-
-    def finish(
-        self,
-        raw: Tensor | list[Tensor],
-        maps: Tensor,
-        context: Context,
-        scores: Tensor,
-        layer: str | list[str] | None = None,
-        extras: dict[str, Any] | None = None,
-        normalise: bool = True,
-    ) -> Explanation:
-        """Package a result; ``maps`` at input resolution are min-max normalised here unless
-        ``normalise=False`` (maps that already are in [0, 1] with a meaning of their own, e.g.
-        FGVis' mask)."""
-        return Explanation(
-            maps=normalize(maps.detach()) if normalise else maps.detach(),
-            raw=[r.detach() for r in raw] if isinstance(raw, list) else raw.detach(),
-            targets=context.target.classes,
-            scores=scores.detach(),
-            method=self.name,
-            layer=layer,
-            options=self.options(),
-            output=context.output,
-            extras=extras or {},
-        )
+        found: dict[str, Any] = {}
+        for option in reported_options(type(self)):
+            try:
+                value = getattr(self, option.name)
+            except AttributeError:
+                raise AttributeError(
+                    f"method {self.name!r} declares option {option.name!r} but keeps no "
+                    f"attribute {option.name!r}: set it in __init__, declare the option with "
+                    "reported=False, or override options()"
+                ) from None
+            found[option.name] = report_value(value)
+        return found
 
 
 class LayerMethod(Method):
@@ -316,10 +257,43 @@ class LayerMethod(Method):
         self.relu = self.option("relu", relu)
 
     def options(self) -> dict[str, Any]:
-        options = {**super().options(), "relu": self.relu}
-        if self.gradient_noise:
-            options.update(gradient_noise=self.gradient_noise, noise_seed=self.noise_seed)
+        """The declared options (:meth:`Method.options`); the gradient noise and its seed only
+        when noise is added."""
+        options = super().options()
+        if not self.gradient_noise:
+            options.pop("gradient_noise", None)
+            options.pop("noise_seed", None)
         return options
+
+    def flat_map_reason(self) -> str:
+        """Why this method's map may come out flat, for :class:`FlatMapWarning` (a method with
+        a variant that often does, e.g. counterfactual Grad-CAM, says so)."""
+        if self.relu:
+            return (
+                "every position of the layer map is <= 0, which ReLU sets to 0 (no positive "
+                "evidence for the target at this layer)"
+            )
+        return "the layer map is constant"
+
+    def check_result(self, explanation: Explanation) -> None:
+        """Warn (:class:`FlatMapWarning`) when a sample's map is flat, and record it as FGVis
+        does: ``extras["degenerate"]`` ``(N,)`` flags and ``extras["warning"]`` the message
+        (:meth:`~evidencemap.Explanation.warning`). A flat map normalises to all zeros and
+        shows nothing."""
+        maps = explanation.maps.flatten(1)
+        flat = (maps.amax(1) - maps.amin(1)) <= FLAT_EPS
+        if not bool(flat.any()):
+            return
+        rows = [int(i) for i in flat.nonzero().flatten()]
+        tries = "relu=False (the signed map), another layer" if self.relu else "another layer"
+        message = (
+            f"{self.name}: the map of sample{'s' if len(rows) > 1 else ''} "
+            f"{', '.join(map(str, rows))} is flat (all zeros): {self.flat_map_reason()}; "
+            f"try {tries} or another target"
+        )
+        explanation.extras.setdefault("degenerate", flat)
+        explanation.extras.setdefault("warning", message)
+        warnings.warn(message, FlatMapWarning, stacklevel=3)
 
     @property
     def batch_independent(self) -> bool:
@@ -372,7 +346,16 @@ class LayerMethod(Method):
         With one known layer and gradients needed, the part of the network before the layer
         runs without an autograd graph: the layer's output becomes a leaf that requires grad,
         so the backward pass and the graph's memory cover only what follows the layer.
+
+        Raises:
+            ValueError: for a layer whose output has neither the inputs' spatial axes nor a
+                token grid (:mod:`evidencemap.tokens`).
         """
+        output, modules, acts, _ = self._capture(x)
+        return output, modules, acts
+
+    def _capture(self, x: Tensor) -> tuple[Tensor, list[nn.Module], list[Tensor], list[GridLayout]]:
+        """:meth:`capture` and the layout of each layer's output, worked out once."""
         modules = self._layers_for(x)
         if not modules:
             box: list[Tensor] = []
@@ -399,8 +382,7 @@ class LayerMethod(Method):
                     f"layer {type(missing[0]).__name__} did not produce a tensor in the forward pass"
                 )
             acts = [recorded[m] for m in modules]
-        self._grid_layouts(x, modules, acts)
-        return output, modules, acts
+        return output, modules, acts, self._grid_layouts(x, modules, acts)
 
     def _grid_layouts(
         self, x: Tensor, modules: list[nn.Module], acts: list[Tensor]
@@ -408,7 +390,7 @@ class LayerMethod(Method):
         """The layout of each layer's output (:mod:`evidencemap.tokens`): named through
         ``Tokens`` in ``layer=``, else detected."""
         named = getattr(self.layers, "layouts", {})
-        found = []
+        found: list[GridLayout] = []
         for module, act in zip(modules, acts, strict=True):
             layout = resolve_layout(tuple(act.shape), tuple(x.shape), named.get(module))
             if layout is None:
@@ -423,27 +405,28 @@ class LayerMethod(Method):
     def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
         x = inputs.requires_grad_(self.needs_gradients)
         with torch.set_grad_enabled(self.needs_gradients):
-            output, modules, acts = self.capture(x)
+            output, modules, acts, layouts = self._capture(x)
             resolved = resolve(target, output)
             scores = resolved.score(output)
             grads: list[Tensor | None] = [None] * len(acts)
             if self.needs_gradients:
                 got = torch.autograd.grad(scores.sum(), acts, allow_unused=True)
-                grads = [
+                found = [
                     torch.zeros_like(a) if g is None else g for a, g in zip(acts, got, strict=False)
                 ]
                 if self.gradient_noise:
-                    grads = _add_noise(grads, self.gradient_noise, self.noise_seed)
+                    found = _add_noise(found, self.gradient_noise, self.noise_seed)
+                grads = list(found)
         # Token / channels-last outputs as (N, C, *grid); the gradients (taken w.r.t. the real
         # outputs) go through the same linear index map, so they stay exact.
-        layouts = self._grid_layouts(x, modules, acts)
         acts = [to_grid(a, lay) for a, lay in zip(acts, layouts, strict=True)]
         grads = [
             None if g is None else to_grid(g, lay) for g, lay in zip(grads, layouts, strict=True)
         ]
         converted = [lay.describe() for lay in layouts if lay.kind != "channels_first"]
         context = Context(self.model, x.detach(), output.detach(), resolved, None, self.forward)
-        raws, ups = [], []
+        raws: list[Tensor] = []
+        ups: list[Tensor] = []
         for module, act, grad in zip(modules, acts, grads, strict=False):
             context.layer = module
             raw = self.layer_map(act.detach(), None if grad is None else grad.detach(), context)
@@ -454,10 +437,9 @@ class LayerMethod(Method):
         maps = ups[0] if len(ups) == 1 else torch.stack([normalize(u) for u in ups]).mean(0)
         names = layer_names(self.model)
         layer: str | list[str] = [names[m] for m in modules]
+        raws_out: Tensor | list[Tensor] = raws
         if len(modules) == 1:
             layer, raws_out = layer[0], raws[0]
-        else:
-            raws_out = raws
         extras = (
             {"tokens": converted[0] if len(converted) == 1 else converted} if converted else None
         )
@@ -519,3 +501,66 @@ def _add_noise(grads: list[Tensor], sigma: float, seed: int | None) -> list[Tens
     return [
         g + sigma * torch.randn(g.shape, generator=gen, dtype=g.dtype).to(g.device) for g in grads
     ]
+
+
+@dataclass
+class Attribution:
+    """What an input-space method computed for one batch, before the shared packaging.
+
+    Attributes:
+        raw: ``(N, C, *S)`` per-channel attributions.
+        output: the model's output on the inputs (detached).
+        target: the resolved target.
+        scores: ``(N,)`` the target's scores on the inputs.
+        extras: method-specific results.
+        layer: the layer a hybrid method (Guided Grad-CAM) read, or ``None``.
+    """
+
+    raw: Tensor
+    output: Tensor
+    target: ResolvedTarget
+    scores: Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+    layer: str | list[str] | None = None
+
+
+class InputMethod(Method):
+    """A method whose ``raw`` is per-channel attributions ``(N, C, *S)`` in input space.
+
+    The template: a subclass implements :meth:`attribute` (the attributions and the target it
+    resolved on the way) and may override :meth:`reduce` (the channel reduction of the map);
+    :meth:`explain_batch` packages the result the same way for all of them.
+    """
+
+    pass_kind: ClassVar[str] = "input"
+
+    def attribute(self, x: Tensor, target: Target) -> Attribution:
+        """The attributions of ``x`` ``(N, C, *S)`` for ``target``."""
+        raise NotImplementedError
+
+    def reduce(self, raw: Tensor) -> Tensor:
+        """The map ``(N, 1, *S)`` of ``raw``; default ``max_c |raw_c|``."""
+        return raw.abs().amax(dim=1, keepdim=True)
+
+    def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
+        x = inputs.detach()
+        got = self.attribute(x, target)
+        context = Context(self.model, x, got.output, got.target, None, self.forward)
+        return self.finish(
+            got.raw, self.reduce(got.raw), context, got.scores, layer=got.layer, extras=got.extras
+        )
+
+    def input_gradients(
+        self, x: Tensor, target: Target, rule: AbstractContextManager[Any] | None = None
+    ) -> Attribution:
+        """``∂y/∂x`` with the target it resolved; the forward pass runs inside ``rule`` when one
+        is given (a context that changes backward rules, e.g.
+        :func:`evidencemap.methods.gradients.guided`)."""
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            with rule if rule is not None else nullcontext():
+                output = self.forward(x)
+            resolved = resolve(target, output)
+            scores = resolved.score(output)
+            (grads,) = torch.autograd.grad(scores.sum(), x)
+        return Attribution(grads, output.detach(), resolved, scores.detach())

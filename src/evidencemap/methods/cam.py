@@ -13,8 +13,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from evidencemap.methods.base import Context, LayerMethod, gradients_of, register
+from evidencemap.methods.base import Context, LayerMethod, gradients_of
 from evidencemap.methods.options import Option
+from evidencemap.methods.registry import register
 
 __all__ = ["CAM", "EigenCAM", "GradCAM", "GradCAMPlusPlus", "HiResCAM", "LayerCAM", "XGradCAM"]
 
@@ -44,8 +45,13 @@ class GradCAM(LayerMethod):
         super().__init__(model, layer, **kw)
         self.counterfactual = self.option("counterfactual", counterfactual)
 
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "counterfactual": self.counterfactual}
+    def flat_map_reason(self) -> str:
+        if self.counterfactual and self.relu:
+            return (
+                "counterfactual=True keeps negative evidence only (regions whose removal raises "
+                "the target's score), and this layer has none for the target"
+            )
+        return super().flat_map_reason()
 
     def channel_weights(self, acts: Tensor, grads: Tensor | None, context: Context) -> Tensor:
         weights = gradients_of(grads).flatten(2).mean(2)
@@ -129,6 +135,7 @@ class CAM(LayerMethod):
             "the final linear layer (default: the model's last nn.Linear)",
             other="an nn.Linear",
             nullable=True,
+            reported=False,
         ),
     )
 

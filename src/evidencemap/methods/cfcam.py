@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from evidencemap.filters import check_sigma, gaussian_filter
-from evidencemap.methods.base import Context, LayerMethod, gradients_of, register
+from evidencemap.methods.base import Context, LayerMethod, gradients_of
 from evidencemap.methods.options import Option
+from evidencemap.methods.registry import register
 
 __all__ = [
     "CFCAM",
@@ -146,9 +147,10 @@ def cluster_channels(acts: Tensor, important: Tensor, q: float = 25.0) -> Channe
     from sklearn.cluster import DBSCAN
 
     n, k = acts.shape[:2]
-    flat = acts.detach().flatten(2).double()
+    # On the CPU in float64 (DBSCAN runs there anyway; devices such as MPS have no float64).
+    flat = acts.detach().flatten(2).cpu().double()
     # Exact pairwise distances (no matrix-product shortcut: identical points stay at 0).
-    dist = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist").cpu()
+    dist = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist")
     rest_mask = ~important.cpu()
     labels = torch.full((n, k), IMPORTANT, dtype=torch.long)
     eps = torch.zeros(n, dtype=torch.float64)
@@ -185,7 +187,7 @@ def released_filter(maps: Tensor, sigma_spatial: float = 5.0, sigma_range: float
     j, spatial = maps.shape[0], maps.shape[1:]
     axes = [torch.arange(n, dtype=maps.dtype, device=maps.device) - n / 2 for n in spatial]
     grids = torch.meshgrid(*axes, indexing="ij")
-    spatial_w = torch.exp(-sum(g**2 for g in grids) / (2 * sigma_spatial**2))
+    spatial_w = torch.exp(-torch.stack([g**2 for g in grids]).sum(0) / (2 * sigma_spatial**2))
     dev = maps - maps.flatten(1).mean(1).view(j, *([1] * len(spatial)))
     kernel = spatial_w * torch.exp(-(dev**2) / (2 * sigma_range**2))
     kernel = kernel / (kernel.flatten(1).sum(1).view(j, *([1] * len(spatial))) + RELEASED_NORM_EPS)
@@ -353,18 +355,6 @@ class CFCAM(LayerMethod):
                     f"temperature must be a positive number or 'auto', got {temperature!r}"
                 )
         self.temperature: float | str = temperature if temperature == "auto" else float(temperature)
-
-    def options(self) -> dict[str, Any]:
-        return {
-            **super().options(),
-            "filter": self.filter,
-            "sigma": self.sigma,
-            "sigma_spatial": self.sigma_spatial,
-            "sigma_range": self.sigma_range,
-            "important_percentile": self.important_percentile,
-            "eps_percentile": self.eps_percentile,
-            "temperature": self.temperature,
-        }
 
     def filter_maps(self, maps: Tensor) -> Tensor:
         """Apply the chosen filter to averaged cluster gradients ``(J, *s)``."""

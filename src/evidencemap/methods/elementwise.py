@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from evidencemap.methods.base import Context, LayerMethod, gradients_of, register
+from evidencemap.methods.base import Context, LayerMethod, gradients_of
+from evidencemap.methods.registry import register
 
 __all__ = ["GradCAMElementWise"]
 

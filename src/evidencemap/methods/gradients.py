@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -42,11 +41,11 @@ from evidencemap.checks import check_positive_int
 from evidencemap.explanation import Explanation
 from evidencemap.layers import LayerSpec
 from evidencemap.maps import FLAT_EPS, normalize, upsample
-from evidencemap.methods.base import Context, LayerMethod, Method, register
+from evidencemap.methods.base import Attribution, Context, InputMethod, LayerMethod, Method
+from evidencemap.methods.call import graph_bytes
 from evidencemap.methods.cam import GradCAM
-from evidencemap.methods.chunking import graph_bytes
-from evidencemap.methods.options import Option
-from evidencemap.methods.scorecam import MEMORY_BUDGET
+from evidencemap.methods.options import MEMORY_BUDGET, Option
+from evidencemap.methods.registry import build, register
 from evidencemap.references import REFERENCES, check_reference, reference_image
 from evidencemap.targets import ResolvedTarget, Target, resolve
 
@@ -133,70 +132,6 @@ NONLINEARITIES_OPTION = Option(
 )
 
 
-@dataclass
-class Attribution:
-    """What an input-space method computed for one batch, before the shared packaging.
-
-    Attributes:
-        raw: ``(N, C, *S)`` per-channel attributions.
-        output: the model's output on the inputs (detached).
-        target: the resolved target.
-        scores: ``(N,)`` the target's scores on the inputs.
-        extras: method-specific results.
-        layer: the layer a hybrid method (Guided Grad-CAM) read, or ``None``.
-    """
-
-    raw: Tensor
-    output: Tensor
-    target: ResolvedTarget
-    scores: Tensor
-    extras: dict[str, Any] = field(default_factory=dict)
-    layer: str | list[str] | None = None
-
-
-class InputMethod(Method):
-    """A method whose ``raw`` is per-channel attributions ``(N, C, *S)`` in input space.
-
-    The template: a subclass implements :meth:`attribute` (the attributions and the target it
-    resolved on the way) and may override :meth:`reduce` (the channel reduction of the map);
-    :meth:`explain_batch` packages the result the same way for all of them.
-    """
-
-    pass_kind: ClassVar[str] = "input"
-
-    def attribute(self, x: Tensor, target: Target) -> Attribution:
-        """The attributions of ``x`` ``(N, C, *S)`` for ``target``."""
-        raise NotImplementedError
-
-    def reduce(self, raw: Tensor) -> Tensor:
-        """The map ``(N, 1, *S)`` of ``raw``; default ``max_c |raw_c|``."""
-        return raw.abs().amax(dim=1, keepdim=True)
-
-    def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
-        x = inputs.detach()
-        got = self.attribute(x, target)
-        context = Context(self.model, x, got.output, got.target, None, self.forward)
-        return self.finish(
-            got.raw, self.reduce(got.raw), context, got.scores, layer=got.layer, extras=got.extras
-        )
-
-    def input_gradients(
-        self, x: Tensor, target: Target, nonlinearities: Collection[str] | None = None
-    ) -> Attribution:
-        """``∂y/∂x`` (guided when ``nonlinearities`` is given), with the target it resolved."""
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            if nonlinearities is None:
-                output = self.forward(x)
-            else:
-                with guided(nonlinearities):
-                    output = self.forward(x)
-            resolved = resolve(target, output)
-            scores = resolved.score(output)
-            (grads,) = torch.autograd.grad(scores.sum(), x)
-        return Attribution(grads, output.detach(), resolved, scores.detach())
-
-
 @register
 class Saliency(InputMethod):
     """Vanilla gradient (Simonyan et al. 2014): ``raw = |∂y/∂x|``, ``map = max_c |∂y/∂x_c|``.
@@ -215,9 +150,6 @@ class Saliency(InputMethod):
     def __init__(self, model: nn.Module, *, abs: bool = True, **kw: Any) -> None:
         super().__init__(model, **kw)
         self.abs = self.option("abs", abs)
-
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "abs": self.abs}
 
     def attribute(self, x: Tensor, target: Target) -> Attribution:
         got = self.input_gradients(x, target)
@@ -249,11 +181,8 @@ class GuidedBackprop(InputMethod):
         super().__init__(model, **kw)
         self.nonlinearities = _check_nonlinearities(nonlinearities)
 
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "nonlinearities": sorted(self.nonlinearities)}
-
     def attribute(self, x: Tensor, target: Target) -> Attribution:
-        return self.input_gradients(x, target, self.nonlinearities)
+        return self.input_gradients(x, target, guided(self.nonlinearities))
 
 
 @register
@@ -284,11 +213,8 @@ class GuidedGradCAM(InputMethod):
         self.nonlinearities = _check_nonlinearities(nonlinearities)
         self.gradcam = GradCAM(model, layer, output_key=self.output_key, eval_mode=self.eval_mode)
 
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "nonlinearities": sorted(self.nonlinearities)}
-
     def attribute(self, x: Tensor, target: Target) -> Attribution:
-        got = self.input_gradients(x, target, self.nonlinearities)
+        got = self.input_gradients(x, target, guided(self.nonlinearities))
         cam_target = got.target.classes if got.target.classes is not None else target
         cam = self.gradcam.explain_batch(x.detach().clone(), cam_target)
         cam_map = cam.maps if isinstance(cam.raw, list) else upsample(cam.raw, x.shape[2:])
@@ -327,7 +253,7 @@ def copy_bytes(method: Method, x: Tensor, budget: int | None, backward: bool = T
     ``2·|x|`` (the perturbed inputs and their noise, path step or gradient) plus, when
     ``backward`` and a memory budget is in force (the run's or ``budget``), what autograd saves
     for the backward pass of one copy: ``N`` times that of one input
-    (:func:`evidencemap.methods.chunking.graph_bytes`: one extra forward pass of one input, only
+    (:func:`evidencemap.methods.call.graph_bytes`: one extra forward pass of one input, only
     made when a budget needs the number, once per model and input shape). On a deep network
     the latter dominates: 175 MB against 1.5 MB for a 64×64×48 volume through a 3-D ResNet-152.
     """
@@ -375,6 +301,7 @@ class IntegratedGradients(InputMethod):
 
     name = "integrated_gradients"
     aliases: ClassVar[tuple[str, ...]] = ("ig", "integrated-gradients")
+    sizes_own_chunks: ClassVar[bool] = True
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option(
             "baseline",
@@ -407,6 +334,7 @@ class IntegratedGradients(InputMethod):
             low=1,
             cost="chunk",
             cap=256,
+            reported=False,
         ),
         MEMORY_BUDGET,
         Option("sign", "str", "positive", "map of ReLU(ΣIG) or |ΣIG|", choices=IG_SIGNS),
@@ -436,17 +364,6 @@ class IntegratedGradients(InputMethod):
         self.memory_budget = self.option("memory_budget", memory_budget)
         self.sign = self.option("sign", sign)
 
-    def options(self) -> dict[str, Any]:
-        baseline = "tensor" if isinstance(self.baseline, Tensor) else self.baseline
-        return {
-            **super().options(),
-            "baseline": baseline,
-            "steps": self.steps,
-            "rule": self.rule,
-            "blur_sigma": self.blur_sigma,
-            "sign": self.sign,
-        }
-
     def reduce(self, raw: Tensor) -> Tensor:
         total = raw.sum(dim=1, keepdim=True)
         return total.clamp(min=0) if self.sign == "positive" else total.abs()
@@ -471,8 +388,9 @@ class IntegratedGradients(InputMethod):
         shape = (-1, *([1] * x.ndim))
         diff = x - base
         total = torch.zeros_like(x)
-        alphas = self.alphas.to(device=x.device, dtype=x.dtype)
-        weights = self.weights.to(device=x.device, dtype=x.dtype)
+        # cast on the CPU first: devices such as MPS have no float64
+        alphas = self.alphas.to(x.dtype).to(x.device)
+        weights = self.weights.to(x.dtype).to(x.device)
 
         def step(start: int, stop: int) -> None:
             runtime.checkpoint(start, self.steps, "integrated_gradients")
@@ -558,6 +476,8 @@ class SmoothGrad(Method):
     aliases: ClassVar[tuple[str, ...]] = ("smooth-grad",)
     uses_layer: ClassVar[bool] = True
     forwards_options_to: ClassVar[str] = "method"
+    wrap_aliases: ClassVar[tuple[str, ...]] = ("wrap",)
+    sizes_own_chunks: ClassVar[bool] = True
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option(
             "method",
@@ -566,7 +486,15 @@ class SmoothGrad(Method):
             "the method averaged over noisy copies (its options are accepted too)",
             other="a Method instance",
         ),
-        Option("wrap", "str", None, "the same as method", other="a Method instance", nullable=True),
+        Option(
+            "wrap",
+            "str",
+            None,
+            "the same as method",
+            other="a Method instance",
+            nullable=True,
+            reported=False,
+        ),
         Option("samples", "int", 25, "noisy copies", low=1, cost="work", cap=200, passes=True),
         Option("sigma", "float", 0.15, "noise σ as a fraction of the input's range", low=0.0),
         Option("seed", "int", 0, "seed of the noise", nullable=True),
@@ -578,6 +506,7 @@ class SmoothGrad(Method):
             low=1,
             cost="chunk",
             cap=256,
+            reported=False,
         ),
         MEMORY_BUDGET,
     )
@@ -611,8 +540,6 @@ class SmoothGrad(Method):
                 raise ValueError("pass layer and options to the method instance, not to SmoothGrad")
             self.method = method
         elif isinstance(method, str):
-            from evidencemap.methods.registry import build
-
             common = {"output_key": output_key, "eval_mode": eval_mode, **method_options}
             self.method = build(method, model, layer, **common)
         else:
@@ -640,13 +567,11 @@ class SmoothGrad(Method):
         return self.method.batch_independent
 
     def options(self) -> dict[str, Any]:
+        """The declared options, with the wrapped method's name and its own report."""
         return {
             **super().options(),
             "method": self.method.name,
             "method_options": self.method.options(),
-            "samples": self.samples,
-            "sigma": self.sigma,
-            "seed": self.seed,
         }
 
     def map_of(self, raw: Tensor | list[Tensor], x: Tensor) -> Tensor:
@@ -677,7 +602,7 @@ class SmoothGrad(Method):
         # method's backward pass saves, counted before any work by one forward pass under a
         # budget; the first copy's peak is measured as well), ≤ internal_batch_size inputs,
         # ≤ the memory budget
-        backward = getattr(self.method, "needs_gradients", True)
+        backward = self.method.needs_gradients
         per_copy = copy_bytes(self, x, self.memory_budget, backward)
         draws = smoothgrad_noise(x, self.samples, noise_sigma, self.seed, 1)
         total: Any = None

@@ -18,6 +18,7 @@ description serves four readers:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -25,12 +26,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from torch import Tensor
+
 __all__ = [
+    "MEMORY_BUDGET",
     "OPTION_KINDS",
     "Option",
     "OptionError",
     "options_of",
     "rename_deprecated",
+    "report_value",
+    "reported_options",
     "warn_renamed",
 ]
 
@@ -69,6 +75,9 @@ class Option:
             skip some).
         passes_if_none: with ``passes``: what ``None`` counts — ``"channels"``, one pass per
             channel of the explained layer — or ``""`` (unknown).
+        reported: whether :meth:`~evidencemap.methods.Method.options` (the options an
+            :class:`~evidencemap.Explanation` records) lists the option; ``False`` for those that
+            cannot change a result (chunk sizes, memory budgets, progress callbacks).
     """
 
     name: str
@@ -88,6 +97,7 @@ class Option:
     passes: bool = False
     at_most: bool = False
     passes_if_none: str = ""
+    reported: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in OPTION_KINDS:
@@ -220,6 +230,19 @@ class Option:
         }
 
 
+MEMORY_BUDGET = Option(
+    "memory_budget",
+    "int",
+    None,
+    "bytes one chunk of perturbed inputs may take (None: no limit of its own)",
+    low=1,
+    nullable=True,
+    reported=False,
+)
+"""The ``memory_budget`` option of the methods that size their own chunks (Score-CAM,
+Integrated Gradients, SmoothGrad: :attr:`~evidencemap.methods.Method.sizes_own_chunks`)."""
+
+
 def options_of(cls: type) -> dict[str, Option]:
     """Every option of method class ``cls``: its ``OPTIONS`` and its bases', subclass first.
 
@@ -228,7 +251,15 @@ def options_of(cls: type) -> dict[str, Option]:
     written outside the library that lists none) is described from the signature alone, as
     kind ``"any"`` with its default, so that it still can be passed. A parameter that keeps a
     renamed option's former name (:attr:`Option.renamed_from`) is not an option of its own.
+
+    Worked out once per class (the result is a fresh copy of the cached description).
     """
+    return dict(_options_of(cls))
+
+
+@functools.cache
+def _options_of(cls: type) -> dict[str, Option]:
+    """:func:`options_of`, cached per class (classes are hashable; callers must not mutate)."""
     found: dict[str, Option] = {}
     for klass in cls.__mro__:
         for option in klass.__dict__.get("OPTIONS", ()):
@@ -238,6 +269,37 @@ def options_of(cls: type) -> dict[str, Option]:
         if name not in found and name not in former:
             found[name] = Option(name, "any", default, "(not described)", other="a value")
     return found
+
+
+def reported_options(cls: type) -> tuple[Option, ...]:
+    """The options of ``cls`` that its report lists (:attr:`Option.reported`): those described in
+    an ``OPTIONS`` of the class or a base (not the signature-only ones), base classes first, in
+    the order each ``OPTIONS`` lists them (worked out once per class)."""
+    return _reported_options(cls)
+
+
+@functools.cache
+def _reported_options(cls: type) -> tuple[Option, ...]:
+    final = _options_of(cls)
+    found: dict[str, Option] = {}
+    for klass in reversed(cls.__mro__):
+        for option in klass.__dict__.get("OPTIONS", ()):
+            current = final.get(option.name)
+            if current is not None and current.reported and option.name not in found:
+                found[option.name] = current
+    return tuple(found.values())
+
+
+def report_value(value: Any) -> Any:
+    """An option's value as a report lists it: a tensor as ``"tensor"``, a set as its sorted
+    list, a tuple as a list; anything else as it is."""
+    if isinstance(value, Tensor):
+        return "tensor"
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 def _signature_options(cls: type) -> dict[str, Any]:

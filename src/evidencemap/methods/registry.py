@@ -13,16 +13,18 @@ line, the web service, the evaluation and SmoothGrad's wrapped method all call:
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
+from evidencemap.checks import ModelLike
 from evidencemap.layers import LayerSpec
-from evidencemap.methods.base import METHODS, Method
+from evidencemap.methods.base import Method
 from evidencemap.methods.options import (
     Option,
     OptionError,
@@ -32,19 +34,81 @@ from evidencemap.methods.options import (
 )
 from evidencemap.methods.passes import PassCount, Passes, declared_passes
 
-if TYPE_CHECKING:
-    from evidencemap.models.loading import LoadedModel
-
 __all__ = [
+    "METHODS",
     "MethodSpec",
+    "TransferModels",
     "applicable_methods",
     "build",
     "check_method_supports",
     "describe",
     "get_method",
+    "installed_transfer_models",
     "method_names",
+    "register",
+    "register_transfer_models",
     "unsupported_reason",
 ]
+
+METHODS: dict[str, type[Method]] = {}
+"""Every registered method class by name and alias (lower case), in registration order."""
+
+M = TypeVar("M", bound=type[Method])
+
+
+def register(cls: M) -> M:
+    """Class decorator: make ``cls`` available under ``cls.name`` (and its aliases).
+
+    That is all a new method needs: :func:`evidencemap.methods`, :func:`describe`,
+    :func:`build`, :func:`evidencemap.explain`, the command line and the web service find it
+    here (built-in method modules in :mod:`evidencemap.methods` are imported automatically).
+
+    Raises:
+        TypeError: for a class that is not a :class:`Method` or has no ``name``.
+        ValueError: for a name or alias another class already holds.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"register takes a Method subclass, got {cls!r}")
+    if not cls.name:
+        raise TypeError(f"method class {cls.__name__} needs a name (the class attribute name)")
+    for name in (cls.name, *cls.aliases):
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"method name {name!r} is registered twice")
+    for name in (cls.name, *cls.aliases):
+        METHODS[name] = cls
+    return cls
+
+
+TransferModels = Callable[[], list[tuple[str, nn.Module]]]
+"""A source of FGVis' transfer models: ``() → [(name, module), …]``."""
+
+_TRANSFER_SOURCES: list[TransferModels] = []
+
+
+def register_transfer_models(source: TransferModels) -> TransferModels:
+    """Add a source of the models FGVis' ``transfer="installed"`` checks a mask against.
+
+    Packages declare theirs as an entry point of the group :data:`TRANSFER_ENTRY_POINTS`
+    (evidencemap itself: :func:`evidencemap.models.installed_transfer_models`, the built-in
+    EfficientNet-Lite1/Lite2 when their weights are installed); this adds one at run time.
+    Methods never import the model zoo.
+    """
+    if source not in _TRANSFER_SOURCES:
+        _TRANSFER_SOURCES.append(source)
+    return source
+
+
+TRANSFER_ENTRY_POINTS = "evidencemap.transfer_models"
+"""The entry-point group of functions ``() -> [(name, module)]`` giving transfer models."""
+
+
+def installed_transfer_models() -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every transfer-model source: the entry points of the group
+    :data:`TRANSFER_ENTRY_POINTS` (loaded on first use), then those added with
+    :func:`register_transfer_models`."""
+    declared = importlib.metadata.entry_points(group=TRANSFER_ENTRY_POINTS)
+    sources = [*(ep.load() for ep in declared), *_TRANSFER_SOURCES]
+    return [found for source in dict.fromkeys(sources) for found in source()]
 
 
 def method_names() -> list[str]:
@@ -84,6 +148,13 @@ class MethodSpec:
         passes: its declared cost in model passes (:mod:`evidencemap.methods.passes`).
     """
 
+    KINDS: ClassVar[dict[str, str]] = {
+        "layer": "explains a layer's activations",
+        "input": "works on the input",
+        "attention": "reads a transformer's token attention",
+        "wrapper": "wraps another method",
+    }
+
     name: str
     aliases: tuple[str, ...]
     cls: type[Method]
@@ -92,6 +163,17 @@ class MethodSpec:
     options: dict[str, Option]
     forwards_to: str = ""
     passes: Passes = field(default_factory=Passes)
+
+    @property
+    def kind(self) -> str:
+        """What the method reads, from its declared capabilities (a key of :attr:`KINDS`):
+        ``"wrapper"`` (it forwards options to a wrapped method), ``"attention"``
+        (``needs_attention``), ``"layer"`` (``uses_layer``) or ``"input"``."""
+        if self.forwards_to:
+            return "wrapper"
+        if self.cls.needs_attention:
+            return "attention"
+        return "layer" if self.uses_layer else "input"
 
     def pass_count(self, channels: int | None = None) -> PassCount:
         """Model passes per class with the default options, derived from :attr:`passes`.
@@ -137,6 +219,7 @@ class MethodSpec:
             "summary": self.summary,
             "options": {name: option.describe() for name, option in self.options.items()},
             "forwards_to": self.forwards_to,
+            "kind": self.kind,
             "passes": self.passes.to_json(),
         }
 
@@ -184,8 +267,9 @@ def check_options(
     unknown = [name for name in options if name not in known]
     if spec.forwards_to and unknown:
         inner_name = options.get(spec.forwards_to) or known[spec.forwards_to].default
-        if isinstance(inner_name, str) and "wrap" in known and options.get("wrap"):
-            inner_name = options["wrap"]
+        for alias in spec.cls.wrap_aliases:
+            if isinstance(inner_name, str) and options.get(alias):
+                inner_name = options[alias]
         if isinstance(inner_name, str):
             inner = describe(inner_name)
             try:
@@ -217,7 +301,7 @@ def check_options(
 
 def build(
     method: str | type[Method],
-    model: nn.Module | LoadedModel,
+    model: nn.Module | ModelLike,
     layer: LayerSpec = None,
     *,
     caps: Mapping[str, float] | None = None,
@@ -241,15 +325,15 @@ def build(
     options = rename_deprecated(options, spec.options, f"method {spec.name!r}")
     check_options(spec, options, caps)
     if spec.uses_layer:
-        return spec.cls(model, layer, **options)  # type: ignore[call-arg]
+        return spec.cls(model, layer, **options)  # type: ignore[call-arg, arg-type]
     if layer is not None:
         raise ValueError(f"method {spec.name!r} works in input space and takes no layer")
     return spec.cls(model, **options)
 
 
-def _module_of(model: nn.Module | LoadedModel) -> tuple[nn.Module, bool]:
+def _module_of(model: nn.Module | ModelLike) -> tuple[nn.Module, bool]:
     """The bare module and whether it is compiled (TorchScript)."""
-    module = getattr(model, "module", model)
+    module = model if isinstance(model, nn.Module) else model.module
     compiled = getattr(model, "source", "") == "torchscript" or isinstance(
         module, torch.jit.ScriptModule
     )
@@ -257,7 +341,7 @@ def _module_of(model: nn.Module | LoadedModel) -> tuple[nn.Module, bool]:
 
 
 def unsupported_reason(
-    method: str | type[Method] | Method, model: nn.Module | LoadedModel
+    method: str | type[Method] | Method, model: nn.Module | ModelLike
 ) -> str | None:
     """Why ``method`` cannot explain ``model``, or ``None`` when it can (a static check).
 
@@ -273,13 +357,13 @@ def unsupported_reason(
     return get_method(method).unsupported(module, compiled=compiled)
 
 
-def applicable_methods(model: nn.Module | LoadedModel) -> dict[str, str | None]:
+def applicable_methods(model: nn.Module | ModelLike) -> dict[str, str | None]:
     """Every registered method → ``None`` when it applies to ``model``, else the reason why not."""
     return {name: unsupported_reason(name, model) for name in method_names()}
 
 
 def check_method_supports(
-    model: nn.Module | LoadedModel, method: str | type[Method] | Method
+    model: nn.Module | ModelLike, method: str | type[Method] | Method
 ) -> None:
     """Raise a clear error when ``method`` (a name, class or instance) cannot explain ``model``.
 

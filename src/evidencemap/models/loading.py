@@ -14,6 +14,8 @@
   be importable (the same module on ``sys.path``) when it is loaded;
 * an import string ``package.module:factory`` (the factory is called with no arguments) or
   ``package.module:attribute`` naming a module object; the current directory is searched too;
+  or a Python file and its factory, ``path/to/mynet.py:build`` (imported as ``mynet`` with its
+  folder on the path);
 * ``torchvision:NAME`` / ``timm:NAME`` when those packages are installed, with weights already
   in the local cache (nothing is ever downloaded).
 
@@ -39,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from evidencemap.models import builtin
 from evidencemap.models.preprocess import ImagePreprocessor
 
 __all__ = [
@@ -61,11 +64,13 @@ MODEL_FORMS: tuple[str, ...] = (
     "a TorchScript file (torch.jit.save)",
     "a pickled full model file (torch.save(model, path); trusted files only)",
     "an import string package.module:factory (called with no arguments) or package.module:model",
+    "a Python file and its factory, path/to/mynet.py:build",
     "torchvision:NAME or timm:NAME (locally cached weights only)",
 )
 """The accepted forms of a model spec, as listed in error messages and ``evidencemap models``."""
 
 _IMPORT_STRING = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_PY_FILE_SPEC = re.compile(r"^(.+\.py):([A-Za-z_][\w.]*)$")
 _VOLUME_LAYERS = frozenset(
     {
         "Conv3d",
@@ -264,11 +269,14 @@ def _volume_size(input_size: int | Sequence[int] | None) -> tuple[int, int, int]
     return sizes[0], sizes[1], sizes[2]
 
 
-def _import_object(spec: str) -> Any:
+def _import_object(spec: str, folder: str | None = None) -> Any:
+    """The module object, or what the factory returns, of ``module:attribute``, imported with
+    ``folder`` (default: the current one) on ``sys.path``."""
     module_name, _, attribute = spec.partition(":")
-    added = os.getcwd() not in sys.path
+    folder = os.getcwd() if folder is None else folder
+    added = folder not in sys.path
     if added:
-        sys.path.insert(0, os.getcwd())
+        sys.path.insert(0, folder)
     try:
         try:
             obj: Any = importlib.import_module(module_name)
@@ -285,7 +293,7 @@ def _import_object(spec: str) -> Any:
         model = obj()
     finally:
         if added:
-            sys.path.remove(os.getcwd())
+            sys.path.remove(folder)
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -371,9 +379,7 @@ def _load_timm(name: str) -> tuple[nn.Module, ImagePreprocessor, list[str] | Non
     size = int(config["input_size"][-1])
     resize = round(size / float(config.get("crop_pct", 0.875)))
     preprocess = _image_preprocess(size, resize, config["mean"], config["std"])
-    from evidencemap.models import labels as imagenet_labels
-
-    labels = imagenet_labels() if getattr(model, "num_classes", None) == 1000 else None
+    labels = builtin.labels() if getattr(model, "num_classes", None) == 1000 else None
     return model, preprocess, labels
 
 
@@ -419,8 +425,17 @@ def load_model(
     if isinstance(spec, nn.Module):
         module, source, spec = spec, "module", type(spec).__name__
     elif isinstance(spec, str):
-        own = any(v is not None for v in (input_size, resize, mean, std))
-        module, source, preprocess, names = _from_spec(spec, device, own)
+        given = tuple(
+            name
+            for name, value in (
+                ("input_size", input_size),
+                ("resize", resize),
+                ("mean", mean),
+                ("std", std),
+            )
+            if value is not None
+        )
+        module, source, preprocess, names = _from_spec(spec, device, given)
     else:
         raise TypeError(
             f"model must be a string spec or a torch.nn.Module, got {type(spec).__name__}"
@@ -442,18 +457,26 @@ def load_model(
 
 
 def _from_spec(
-    spec: str, device: torch.device, preprocessing_given: bool
+    spec: str, device: torch.device, preprocessing_given: Sequence[str]
 ) -> tuple[nn.Module, str, ImagePreprocessor | None, list[str] | None]:
     """``(module, source, preprocess, labels)`` of a string spec (the last two ``None`` unless
-    the form brings its own)."""
-    from evidencemap import models as builtin
-
+    the form brings its own). ``preprocessing_given`` names the preprocessing options given:
+    built-in image models refuse them all, the built-in volume models all but ``input_size``
+    (the size every volume is resampled to)."""
     path = Path(spec).expanduser()
     if spec in builtin.builtin_names() or spec in builtin.CT_MODELS:
-        if preprocessing_given:
+        refused = [
+            n for n in preprocessing_given if spec not in builtin.CT_MODELS or n != "input_size"
+        ]
+        if refused:
+            volume = spec in builtin.CT_MODELS
             raise ValueError(
-                f"{spec} brings its own preprocessing; input size, resize, mean and std apply "
-                "to user models only"
+                f"{spec} brings its own preprocessing; "
+                + (
+                    "of input size, resize, mean and std it takes only the input size (D, H, W)"
+                    if volume
+                    else "input size, resize, mean and std apply to user models only"
+                )
             )
         module, preprocess, names = builtin.build_builtin(spec, device)
         return module, "builtin", preprocess, names
@@ -462,6 +485,19 @@ def _from_spec(
         loader = _load_torchvision if source == "torchvision" else _load_timm
         module, preprocess, names = loader(name)
         return module, source, preprocess, names
+    file_spec = _PY_FILE_SPEC.match(spec)
+    if file_spec is not None and Path(file_spec.group(1)).expanduser().is_file():
+        script = Path(file_spec.group(1)).expanduser().resolve()
+        if not script.stem.isidentifier():
+            raise ValueError(f"model {spec!r}: {script.name} is not an importable module name")
+        return (
+            _import_object(f"{script.stem}:{file_spec.group(2)}", str(script.parent)),
+            "import",
+            None,
+            None,
+        )
+    if file_spec is not None:
+        raise ValueError(f"model file not found: {file_spec.group(1)} (from {spec!r})")
     if path.is_file():
         module, source = _load_file(path, device)
         return module, source, None, None
