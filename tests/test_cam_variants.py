@@ -320,3 +320,47 @@ def test_iscam_and_sscam_agree_with_torchcam(name):
         theirs = torchcam_maps(torchcam.SSCAM, model, x, 2, num_samples=2, std=1e-6)
         ours = em.explain(model, x, "sscam", target=2, samples=2, noise=0.0, layer="features.3")
     assert torch.allclose(ours.maps[:, 0], theirs, atol=1e-4)
+
+
+# -- Smooth Grad-CAM++ ------------------------------------------------------------------------------
+
+
+def smooth_gradcampp_by_hand(model: ConvGapFc, x: Tensor, cls: int, samples: int, sigma: float):
+    """The formula with a loop over samples and the library's noise (seed 0 + t)."""
+    layer = model.features[1]
+    acts = model.features[:2](x).detach()
+    g1, g2, g3 = (torch.zeros_like(acts) for _ in range(3))
+    for t in range(samples):
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(t))
+        a = layer(model.features[0](x + sigma * noise)).detach().requires_grad_(True)
+        y = model.fc(model.features[2:](a).mean((2, 3)))[:, cls].sum()
+        (g,) = torch.autograd.grad(y, a)
+        g1, g2, g3 = g1 + g / samples, g2 + g**2 / samples, g3 + g**3 / samples
+    denom = 2 * g2 + (acts * g3).sum((2, 3), keepdim=True)
+    alpha = torch.where(denom != 0, g2 / denom.where(denom != 0, 1.0), 0.0)
+    w = (alpha * g1.clamp(min=0)).sum((2, 3))
+    return (w[:, :, None, None] * acts).sum(1, keepdim=True).clamp(min=0)
+
+
+def test_smooth_gradcampp_by_a_loop():
+    model = seeded(ConvGapFc(), seed=2)
+    x = torch.randn(2, 3, 7, 8, generator=torch.Generator().manual_seed(5))
+    exp = em.explain(model, x, "smoothgradcam++", target=1, layer="features.1", samples=3)
+    want = smooth_gradcampp_by_hand(model, x, 1, 3, 0.3)
+    assert torch.allclose(exp.raw, want, atol=1e-5)
+
+
+def test_smooth_gradcampp_agrees_with_torchcam():
+    # At σ → 0 TorchCAM's last-sample gradient and the mean gradient are the same. TorchCAM adds
+    # 1e-8 to α's denominator (D² is ~1e-6 here), hence agreement to 1e-2, not float rounding.
+    torchcam = pytest.importorskip("torchcam.methods")
+    model = seeded(ConvGapFc(), seed=2)
+    x = torch.randn(2, 3, 7, 8, generator=torch.Generator().manual_seed(5))
+    with torchcam.SmoothGradCAMpp(
+        model, "features.1", num_samples=2, std=1e-6, input_shape=(3, 7, 8)
+    ) as extractor:
+        out = model(x)
+        theirs = extractor(class_idx=1, scores=out)[0]
+    ours = em.explain(model, x, "smoothgradcam++", target=1, layer="features.1", noise=0.0)
+    assert torch.allclose(ours.maps[:, 0], theirs, atol=1e-2)
+    assert pearson(ours.maps[:, 0], theirs) > 0.9999
