@@ -206,6 +206,7 @@ def test_ablationcam_on_the_real_model_agrees_with_gradcam(lite0, photos):
         assert float(exp.maps[top].mean()) > 1.5 * float(exp.maps[~top].mean())
 
 
+@pytest.mark.slow  # a timing: loose, but a loaded machine can still break it
 def test_ablation_passes_run_only_the_network_after_the_layer(lite0, photos):
     # The default layer of Lite0 is its last: the ablated passes skip the backbone, so ablating
     # all 1280 channels costs far less than 1280 forwards (timed loosely: a loaded machine).

@@ -124,6 +124,7 @@ class AblationCAM(LayerMethod):
     aliases = ("ablation-cam",)
     needs_gradients = False
     pass_kind: ClassVar[str] = "forward"
+    sizes_own_chunks: ClassVar[bool] = True
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option(
             "ratio",
@@ -155,6 +156,7 @@ class AblationCAM(LayerMethod):
             low=1,
             cost="chunk",
             cap=4096,
+            reported=False,
         ),
         MEMORY_BUDGET,
     )
@@ -175,15 +177,6 @@ class AblationCAM(LayerMethod):
         self.top_k = self.option("top_k", top_k)
         self.internal_batch_size = self.option("internal_batch_size", internal_batch_size)
         self.memory_budget = self.option("memory_budget", memory_budget)
-
-    def options(self) -> dict[str, Any]:
-        return {
-            **super().options(),
-            "ratio": self.ratio,
-            "top_k": self.top_k,
-            "internal_batch_size": self.internal_batch_size,
-            "memory_budget": self.memory_budget,
-        }
 
     def ablation_order(self, acts: Tensor) -> tuple[Tensor, Tensor]:
         """The channels to ablate per sample, ``(N, S)`` indices, and which are real ``(N, S)``

@@ -71,6 +71,7 @@ def _batch_option(default: int) -> Option:
         low=1,
         cost="chunk",
         cap=256,
+        reported=False,
     )
 
 
@@ -80,6 +81,7 @@ class SampledScoreCAM(LayerMethod):
 
     needs_gradients = False
     pass_kind: ClassVar[str] = "forward"
+    sizes_own_chunks: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -97,15 +99,6 @@ class SampledScoreCAM(LayerMethod):
         self.internal_batch_size = self.option("internal_batch_size", internal_batch_size)
         self.memory_budget = self.option("memory_budget", memory_budget)
         self.top_k = self.option("top_k", top_k)
-
-    def options(self) -> dict[str, Any]:
-        return {
-            **super().options(),
-            "samples": self.samples,
-            "internal_batch_size": self.internal_batch_size,
-            "memory_budget": self.memory_budget,
-            "top_k": self.top_k,
-        }
 
     def perturb(self, x: Tensor, masks: Tensor, items: Tensor, seed: int) -> Tensor:
         """The perturbed inputs ``(g, N, C, *S)`` of items ``(g,)`` (index ``j·T + t``, sample
@@ -221,7 +214,8 @@ class SSCAM(SampledScoreCAM):
         self.noise = float(self.option("noise", noise))
 
     def options(self) -> dict[str, Any]:
-        return {**super().options(), "noise": self.noise, "noise_seed": self.noise_seed}
+        """The declared options, the noise's seed included (always drawn here)."""
+        return {**super().options(), "noise_seed": self.noise_seed}
 
     @property
     def batch_independent(self) -> bool:

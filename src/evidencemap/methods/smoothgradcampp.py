@@ -45,6 +45,7 @@ class SmoothGradCAMPlusPlus(LayerMethod):
     name = "smoothgradcam++"
     aliases = ("smoothgradcampp", "smooth-grad-cam++")
     passes_per_call: ClassVar[float] = 1.0
+    sizes_own_chunks: ClassVar[bool] = True
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option(
             "samples",
@@ -81,12 +82,8 @@ class SmoothGradCAMPlusPlus(LayerMethod):
         self.noise = float(self.option("noise", noise))
 
     def options(self) -> dict[str, Any]:
-        return {
-            **super().options(),
-            "samples": self.samples,
-            "noise": self.noise,
-            "noise_seed": self.noise_seed,
-        }
+        """The declared options, the noise's seed included (always drawn here)."""
+        return {**super().options(), "noise_seed": self.noise_seed}
 
     @property
     def batch_independent(self) -> bool:
