@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import evidencemap as em
@@ -365,3 +366,97 @@ def test_smooth_gradcampp_agrees_with_torchcam():
     ours = em.explain(model, x, "smoothgradcam++", target=1, layer="features.1", noise=0.0)
     assert torch.allclose(ours.maps[:, 0], theirs, atol=1e-2)
     assert pearson(ours.maps[:, 0], theirs) > 0.9999
+
+
+# -- FullGrad ---------------------------------------------------------------------------------------
+
+
+class BiasNet(nn.Module):
+    """conv(bias) → BN → ReLU → conv(bias) → GAP → linear, 2-D or 3-D."""
+
+    def __init__(self, dims: int = 2) -> None:
+        super().__init__()
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
+        self.body = nn.Sequential(conv(3, 4, 3, padding=1), norm(4), nn.ReLU(), conv(4, 5, 3))
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.body(x).flatten(2).mean(2))
+
+
+def test_fullgrad_by_hand():
+    # y = v·mean(w x + b): ∂y/∂x = v w / Z, so the input term is ψ(|x|); ∂y/∂z = v / Z is
+    # constant, so the bias term |b v / Z| is flat and ψ makes it 0. M = ψ(|x|).
+    model = nn.Sequential(
+        nn.Conv2d(1, 1, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 1)
+    )
+    with torch.no_grad():
+        model[0].weight.fill_(2.0)
+        model[0].bias.fill_(0.5)
+        model[3].weight.fill_(-1.5)
+        model[3].bias.zero_()
+    exp = em.explain(model.eval(), HAND_X, "fullgrad", target=0)
+    want = torch.tensor([[[[1.0, 2.0], [0.0, 3.0]]]]) / (3.0 + 1e-7)
+    assert torch.allclose(exp.raw, want, atol=1e-6)
+
+
+def pgc_fullgrad(model: nn.Module, x: Tensor, cls: int) -> Tensor:
+    """pytorch-grad-cam's ``FullGrad.compute_cam_per_layer``: every channel of every bias layer
+    scaled (``v − min``, ``/ (1e-7 + max)``) and resized to the input before the channel sum."""
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.BatchNorm2d, nn.BatchNorm3d))
+    ]
+    outs: list[Tensor] = []
+    handles = [m.register_forward_hook(lambda _m, _a, o: outs.append(o)) for m in layers]
+    xg = x.clone().requires_grad_(True)
+    y = model(xg)[:, cls].sum()
+    for h in handles:
+        h.remove()
+    grads = torch.autograd.grad(y, [xg, *outs])
+    mode = "bilinear" if x.ndim == 4 else "trilinear"
+
+    def scale_and_resize(v: Tensor) -> Tensor:  # per image and channel, like its NumPy loop
+        out = torch.zeros(*v.shape[:2], *x.shape[2:])
+        for i in range(v.shape[0]):
+            for c in range(v.shape[1]):
+                img = v[i, c] - v[i, c].min()
+                img = img / (1e-7 + img.max())
+                out[i, c] = F.interpolate(img[None, None], x.shape[2:], mode=mode)[0, 0]
+        return out
+
+    total = scale_and_resize((grads[0] * x).abs()).sum(1)
+    for layer, g in zip(layers, grads[1:], strict=True):
+        if isinstance(layer, (nn.BatchNorm2d, nn.BatchNorm3d)):
+            b = layer.bias - layer.running_mean * layer.weight / torch.sqrt(
+                layer.running_var + layer.eps
+            )
+        else:
+            b = layer.bias
+        total = total + scale_and_resize((b.view(1, -1, *([1] * (g.ndim - 2))) * g).abs()).sum(1)
+    return total.detach()
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_fullgrad_matches_pytorch_grad_cam(dims):
+    model = seeded(BiasNet(dims), seed=4)
+    with torch.no_grad():  # running statistics of their own
+        model.body[1].running_mean.uniform_(-0.5, 0.5)
+        model.body[1].running_var.uniform_(0.5, 2.0)
+    shape = (2, 3, 9, 10) if dims == 2 else (2, 3, 5, 6, 7)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    exp = em.explain(model, x, "fullgrad", target=1)
+    want = pgc_fullgrad(model, x, 1)
+    assert exp.extras["bias_layers"] == 3
+    assert torch.allclose(exp.raw[:, 0], want, atol=1e-4)
+
+
+def test_fullgrad_on_the_real_model(lite0, photos):
+    cat = photos[:1]
+    grad = em.explain(lite0.module, cat, "gradcam")
+    full = em.explain(lite0.module, cat, "fullgrad")
+    top = grad.maps >= torch.quantile(grad.maps.flatten(), 0.8)
+    assert torch.isfinite(full.maps).all()
+    assert float(full.maps[top].mean()) > float(full.maps[~top].mean())

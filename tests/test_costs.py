@@ -57,6 +57,7 @@ BUILT_IN = {  # name: (passes with the default options, kind, work option, at mo
     "sscam": (35.0 * CHANNELS, "forward", "top_k", True),  # 35 noisy masks per channel
     "iscam": (10.0 * CHANNELS, "forward", "top_k", True),  # 10 scaled masks per channel
     "smoothgradcam++": (4.0, "layer", "samples", False),  # 4 noisy inputs
+    "fullgrad": (1.0, "input", None, False),
     "occlusion": (169.0, "forward", None, False),  # 13 × 13 windows at 224 × 224
     "rise": (4000.0, "forward", "masks", False),
     "lime": (1000.0, "forward", "samples", False),
