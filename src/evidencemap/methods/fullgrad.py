@@ -46,9 +46,10 @@ def bias_layers(model: nn.Module) -> list[nn.Module]:
 def effective_bias(layer: nn.Module) -> Tensor:
     """``b`` ``(K,)``: a convolution's bias, a batch norm's ``β − μ γ / √(σ² + ε)``."""
     if isinstance(layer, _BatchNorm) and layer.running_mean is not None:
-        var = layer.running_var if layer.running_var is not None else 1.0
-        scale = layer.weight if layer.weight is not None else 1.0
-        return layer.bias - layer.running_mean * scale / torch.sqrt(var + layer.eps)
+        mean = layer.running_mean
+        var = layer.running_var if layer.running_var is not None else torch.ones_like(mean)
+        scale = layer.weight if layer.weight is not None else torch.ones_like(mean)
+        return layer.bias - mean * scale / torch.sqrt(var + layer.eps)
     return layer.bias  # type: ignore[return-value]
 
 
