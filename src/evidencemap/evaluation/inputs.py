@@ -22,6 +22,11 @@ __all__ = ["QUICK_METHOD_OPTIONS", "make_explainer", "select_methods", "to_input
 
 QUICK_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "scorecam": {"top_k": 32},
+    "sscam": {"top_k": 32, "samples": 4},
+    "iscam": {"top_k": 32, "samples": 4},
+    "rise": {"masks": 500},
+    "lime": {"samples": 200},
+    "kernel_shap": {"samples": 200},
     "fgvis": {"max_iterations": 40},
     "integrated_gradients": {"steps": 16},
     "smoothgrad": {"samples": 8},
