@@ -189,9 +189,131 @@ def test_compare_writes_one_grid_and_manifest(capsys, photos, tmp_path):
     grid = Image.open(tmp_path / "b_coffee_compare.png")
     single = 320  # one panel: 3.2 in at 100 dpi; original + 2 overlays + colour bar
     assert grid.width > 3 * single
-    with np.load(tmp_path / "b_coffee_compare.npz") as saved:
-        assert sorted(saved.files) == ["gradcam", "layercam"]
-        assert saved["gradcam"].shape == (1, 224, 224)
+    assert not (tmp_path / "b_coffee_compare.npz").exists()
+    # one file per method, in the one maps schema, read back by io.load_maps
+    paths = manifest["outputs"]["maps"]
+    assert sorted(paths) == ["gradcam", "layercam"]
+    for entry in manifest["methods"]:
+        assert entry["maps"] == paths[entry["method"]]
+    assert Path(paths["gradcam"]).name == "b_coffee_compare_gradcam.npz"
+    saved = io.load_maps(paths["gradcam"])
+    assert saved.version >= 1
+    assert saved.method == "gradcam"
+    assert saved.maps.shape == (1, 1, 224, 224)
+    assert saved.targets.tolist() == [ESPRESSO]
+    assert saved.layers == [manifest["methods"][0]["layer"]]
+    layercam = io.load_maps(paths["layercam"])
+    assert layercam.method == "layercam"
+    assert not np.array_equal(layercam.maps, saved.maps)
+    assert float(saved.maps.max()) == pytest.approx(1.0)
+
+
+def _colour_bars(figure) -> list:
+    """The colour bars of a matplotlib figure."""
+    return [bar for ax in figure.axes if (bar := getattr(ax, "_colorbar", None)) is not None]
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> list:
+    """The figures the command line renders to PNG (what ``viz.render`` is given)."""
+    from evidencemap import viz
+
+    figures: list = []
+    render = viz.render
+
+    def capture(figure):
+        figures.append(figure)
+        return render(figure)
+
+    monkeypatch.setattr(viz, "render", capture)
+    return figures
+
+
+@pytest.mark.parametrize(
+    ("extra", "label"),
+    [
+        (("--method", "gradcam", "--option", "counterfactual=true"), "counterfactual gradcam"),
+        (("--method", "integrated_gradients", "--option", "steps=8"), "integrated_gradients"),
+        (("--method", "gradcam", "--option", "relu=false"), "gradcam (relu=False)"),
+    ],
+)
+def test_explain_draws_signed_maps_on_a_symmetric_diverging_scale(
+    capsys, photos, tmp_path, drawn, extra, label
+):
+    from evidencemap import viz
+
+    status, _, stderr = _run(capsys, "explain", photos / "a_chelsea.jpg", *extra, "--out", tmp_path)
+    assert status == 0, stderr
+    assert len(drawn) == 1
+    (bar,) = _colour_bars(drawn[0])
+    assert bar.mappable.cmap.name == viz.SIGNED_CMAP
+    low, high = bar.mappable.norm.vmin, bar.mappable.norm.vmax
+    assert high > 0
+    assert low == -high
+    assert bar.ax.get_ylabel() == viz.SIGNED_LABEL
+    assert label in drawn[0].axes[0].get_title()
+
+
+def test_explain_cmap_overrides_the_signed_colour_map_not_its_scale(
+    capsys, photos, tmp_path, drawn
+):
+    argv = ("--method", "gradcam", "--option", "relu=false", "--cmap", "PuOr", "--bare")
+    status, _, stderr = _run(
+        capsys, "explain", photos / "a_chelsea.jpg", *argv[:-1], "--out", tmp_path
+    )
+    assert status == 0, stderr
+    (bar,) = _colour_bars(drawn[0])
+    assert bar.mappable.cmap.name == "PuOr"
+    assert bar.mappable.norm.vmin == -bar.mappable.norm.vmax
+    # the bare map is coloured the same way: a diverging map has both ends' hues
+    status, _, stderr = _run(capsys, "explain", photos / "a_chelsea.jpg", *argv, "--out", tmp_path)
+    assert status == 0, stderr
+    bare = np.asarray(Image.open(next(tmp_path.glob("a_chelsea_gradcam*_bare.png"))))
+    assert bare.shape[2] == 3
+
+
+def test_explain_draws_unsigned_maps_on_zero_to_one(capsys, photos, tmp_path, drawn):
+    from evidencemap import viz
+
+    status, _, stderr = _run(capsys, "explain", photos / "a_chelsea.jpg", "--out", tmp_path)
+    assert status == 0, stderr
+    (bar,) = _colour_bars(drawn[0])
+    assert bar.mappable.cmap.name == viz.DEFAULT_CMAP
+    assert (bar.mappable.norm.vmin, bar.mappable.norm.vmax) == (0.0, 1.0)
+    assert bar.ax.get_ylabel() == viz.EVIDENCE_LABEL
+
+
+def test_compare_with_a_signed_method_uses_the_signed_scale(capsys, photos, tmp_path, drawn):
+    from evidencemap import viz
+
+    status, _, stderr = _run(
+        capsys,
+        "compare",
+        photos / "a_chelsea.jpg",
+        "--methods",
+        "gradcam,saliency",
+        *TINY,
+        "--out",
+        tmp_path,
+    )
+    assert status == 0, stderr
+    (bar,) = _colour_bars(drawn[0])
+    assert bar.mappable.cmap.name == viz.DEFAULT_CMAP  # saliency is |gradient| by default
+    status, _, stderr = _run(
+        capsys,
+        "compare",
+        photos / "a_chelsea.jpg",
+        "--methods",
+        "gradcam,integrated_gradients",
+        *TINY,
+        "--out",
+        tmp_path,
+    )
+    assert status == 0, stderr
+    (bar,) = _colour_bars(drawn[1])
+    assert bar.mappable.cmap.name == viz.SIGNED_CMAP
+    assert (bar.mappable.norm.vmin, bar.mappable.norm.vmax) == (-1.0, 1.0)
+    assert bar.ax.get_ylabel() == viz.SIGNED_LABEL
 
 
 # --------------------------------------------------------------------------- batch
@@ -489,6 +611,28 @@ def test_models_lists_builtins_and_forms(capsys):
     assert "timm:" in stdout
 
 
+def test_every_builtin_model_has_classes_known_before_loading(monkeypatch, capsys, tmp_path):
+    from evidencemap import engine, models
+
+    for name in models.builtin_names():
+        labels = engine.known_labels(name)
+        assert labels, name
+        assert all(isinstance(label, str) and label for label in labels)
+    assert len(engine.known_labels("efficientnet-lite1")) == 1000
+    assert engine.known_labels("fer") == list(models.fer.FER_LABELS)
+    assert engine.known_labels("vgg16-brain-mri") == list(models.vgg16_mri.VGG16_MRI_LABELS)
+    assert engine.known_labels("ct-i3resnet152") is None
+    assert engine.known_labels("mynet:build") is None
+    # a built-in added to the model table gets the range check, without the engine knowing it
+    monkeypatch.setitem(models.builtin._BUILTIN_LABELS, "toy-net", lambda: ("no", "yes"))
+    assert engine.known_labels("toy-net") == ["no", "yes"]
+    with pytest.raises(ValueError, match="out of range: the model has 2 classes"):
+        engine.check_request("gradcam", model="toy-net", target=2)
+    with pytest.raises(ValueError, match="maybe"):
+        engine.check_request("gradcam", model="toy-net", target="maybe")
+    assert engine.check_request("gradcam", model="toy-net", target="yes").value == "yes"
+
+
 @pytest.mark.parametrize("command", [c.__name__.rsplit(".", 1)[1] for c in COMMANDS])
 def test_help_of_every_command(capsys, command):
     status, stdout, _ = _run(capsys, command, "--help")
@@ -715,7 +859,7 @@ def test_a_method_warning_is_reported_once_without_a_python_warning(capsys, phot
     import warnings
 
     from cli_helpers import InputGradient
-    from evidencemap.methods.base import METHODS
+    from evidencemap.methods.registry import METHODS
 
     class FlatGradient(InputGradient):
         name = "test-flat-gradient"

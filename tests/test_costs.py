@@ -58,11 +58,19 @@ BUILT_IN = {  # name: (passes with the default options, kind, work option, at mo
     "deconvnet": (1.0, "input", None, False),
     "deeplift": (2.0, "input", None, False),  # the inputs and their references: 2N
     "gradient_shap": (5.0, "input", "samples", False),
+    "ablationcam": (float(CHANNELS), "forward", "top_k", True),  # one ablated pass per channel
+    "gradcam_elementwise": (1.0, "layer", None, False),
+    "sscam": (35.0 * CHANNELS, "forward", "top_k", True),  # 35 noisy masks per channel
+    "iscam": (10.0 * CHANNELS, "forward", "top_k", True),  # 10 scaled masks per channel
+    "smoothgradcam++": (4.0, "layer", "samples", False),  # 4 noisy inputs
+    "fullgrad": (1.0, "input", None, False),
     "occlusion": (169.0, "forward", None, False),  # 13 × 13 windows at 224 × 224
     "rise": (4000.0, "forward", "masks", False),
     "lime": (1000.0, "forward", "samples", False),
     "kernel_shap": (1000.0, "forward", "samples", False),
 }
+PER_CHANNEL = {"scorecam": 1.0, "ablationcam": 1.0, "sscam": 35.0, "iscam": 10.0}
+"""Methods whose count is per channel of the layer (unknown without a model): passes per channel."""
 SECONDS = {"layer": 0.5, "input": 0.25, "forward": 0.125}
 """A made-up calibration: seconds per pass of each kind."""
 
@@ -88,9 +96,9 @@ def test_pass_count_of_every_built_in_method(name):
     assert pass_count(name, CHANNELS) == (passes, kind)
     for alias in describe(name).aliases:
         assert pass_count(alias, CHANNELS) == (passes, kind)
-    if name == "scorecam":  # the channels are unknown without a model
+    if name in PER_CHANNEL:  # the channels are unknown without a model
         assert pass_count(name) == (None, kind)
-        assert pass_count(name, 7) == (7.0, kind)
+        assert pass_count(name, 7) == (7.0 * PER_CHANNEL[name], kind)
     else:
         assert pass_count(name) == (passes, kind)
 
@@ -111,7 +119,7 @@ def test_cost_entry_of_every_built_in_method(name):
     }
     unknown = CostBook().cost(name, None)  # the calibration failed: no seconds
     assert (unknown["seconds"], unknown["seconds_per_pass"]) == (None, None)
-    assert unknown["passes"] == (None if name == "scorecam" else passes)
+    assert unknown["passes"] == (None if name in PER_CHANNEL else passes)
 
 
 def test_cost_book_records_the_latest_run_per_class_and_its_work():

@@ -6,7 +6,9 @@ import argparse
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from PIL import Image
 from skimage import data as skdata
 
 import evidencemap
+from evidencemap import GradCAM
 from evidencemap.cli import evaluate as evaluate_command
 from evidencemap.cli import main
 from evidencemap.cli.common import CLIError
@@ -25,6 +28,17 @@ from evidencemap.evaluation import (
     EvaluationResults,
     evaluate,
     to_input_boxes,
+)
+from evidencemap.methods import METHODS
+from evidencemap.methods.options import Option
+from evidencemap.methods.registry import applicable_methods
+from evidencemap.metrics import (
+    Metric,
+    MetricContext,
+    MetricRecord,
+    describe_metric,
+    register_metric,
+    unregister_metric,
 )
 from evidencemap.models.preprocess import CropBox
 from tiny import ConvGapFc, assert_unchanged, seeded, snapshot
@@ -507,16 +521,23 @@ def _docs_row(text: str, setting: str) -> str:
 
 
 def test_quick_settings_are_the_documented_ones():
-    from evidencemap.evaluation import _settings
+    from evidencemap.evaluation import METRIC_NAMES, evaluation_settings
 
-    quick = _settings(True, 0, 32)
+    quick = evaluation_settings(list(METRIC_NAMES), quick=True)
     text = DOCS.read_text(encoding="utf-8")
-    assert _docs_row(text, "deletion / insertion steps") == str(quick["curve_steps"]) == "16"
-    levels = ", ".join(str(p) for p in quick["road_percentiles"])
+    assert _docs_row(text, "deletion / insertion steps") == str(quick["deletion"]["steps"]) == "16"
+    assert quick["insertion"]["steps"] == 16
+    levels = ", ".join(str(p) for p in quick["road"]["percentiles"])
     assert _docs_row(text, "ROAD levels") == levels == "25, 75"
-    assert float(_docs_row(text, "ROAD imputation tolerance")) == quick["road_tol"]
-    assert _docs_row(text, "randomisation stages") == str(quick["sanity_stages"]) == "2"
-    assert _docs_row(text, "max-sensitivity samples") == str(quick["sensitivity_samples"]) == "2"
+    assert float(_docs_row(text, "ROAD imputation tolerance")) == quick["road"]["tol"]
+    assert _docs_row(text, "randomisation stages") == str(quick["sanity"]["stages"]) == "2"
+    samples = quick["max_sensitivity"]["samples"]
+    assert _docs_row(text, "max-sensitivity samples") == str(samples) == "2"
+    full = evaluation_settings(list(METRIC_NAMES), quick=False)
+    assert full["deletion"]["steps"] == 224
+    assert full["sanity"]["stages"] == 10
+    assert full["road"]["tol"] == 1e-5
+    assert full["max_sensitivity"]["samples"] == 10
     assert QUICK_METHOD_OPTIONS["fgvis"] == {"max_iterations": 40}
     assert QUICK_METHOD_OPTIONS["scorecam"] == {"top_k": 32}
     parser = argparse.ArgumentParser()
@@ -553,3 +574,259 @@ def test_quick_command_on_a_real_photo_shows_progress_per_method_photo_and_metri
     assert "2/2" in err  # the bar over (method, photo) maps reached its end
     stored = json.loads((tmp_path / "out" / "per_image.json").read_text(encoding="utf-8"))
     assert stored["settings"]["method_options"]["fgvis"] == {"max_iterations": 40}
+
+
+# ------------------------------------------------------- a metric registered here only
+
+
+@pytest.fixture
+def peak_metric():
+    """A metric written outside the library: one class and the decorator, nothing else."""
+
+    @register_metric
+    class MapPeak(Metric):
+        """Largest value of the map, raised to ``power`` (lower is better)."""
+
+        name = "test_map_peak"
+        titles: ClassVar[dict[str, str]] = {"map_peak": "Map peak"}
+        directions: ClassVar[dict[str, bool]] = {"map_peak": False}
+        OPTIONS = (Option("power", "float", 1.0, "exponent", low=0, low_open=True),)
+        QUICK: ClassVar[dict[str, Any]] = {"power": 2.0}
+
+        def __init__(self, *, power: float = 1.0) -> None:
+            self.power = self.option("power", power)
+
+        def score(self, context: MetricContext) -> MetricRecord:
+            return MetricRecord({"map_peak": float(context.maps.amax()) ** self.power})
+
+    try:
+        yield MapPeak
+    finally:
+        unregister_metric(MapPeak.name)
+
+
+def test_a_metric_registered_in_a_test_is_evaluated_listed_and_summarised(peak_metric, tmp_path):
+    model = seeded(ConvGapFc(dims=2))
+    images = _images((3, 16, 16))
+    assert "test_map_peak" in METRIC_NAMES
+    assert COLUMNS["map_peak"] == ("Map peak", False)
+    assert describe_metric("test_map_peak").quick == {"power": 2.0}
+    results = evaluate(
+        model,
+        images,
+        ["gradcam"],
+        ["deletion", "test_map_peak"],
+        quick=True,
+        progress=False,
+        out_dir=tmp_path,
+    )
+    assert results.columns == ["deletion_auc", "map_peak"]
+    assert results.settings["metrics"]["test_map_peak"] == {"power": 2.0}
+    peaks = [r["map_peak"] for r in results.records]
+    assert peaks == pytest.approx([1.0, 1.0])  # normalised maps peak at 1, squared
+    assert results.summary()["gradcam"]["map_peak"][0] == pytest.approx(1.0)
+    assert "Map peak ↓" in results.to_markdown()
+    assert "Map peak ↓" in (tmp_path / "summary.md").read_text(encoding="utf-8")
+    rows = _read_csv(tmp_path / "summary.csv")
+    assert {r["metric"] for r in rows} == {"deletion_auc", "map_peak"}
+    # the default metric list and the option checks read the registry too
+    assert "test_map_peak" in evidencemap.evaluation.default_metrics(None)
+    with pytest.raises(ValueError, match="test_map_peak option power must be a number > 0"):
+        evaluate(
+            model,
+            images,
+            ["gradcam"],
+            ["test_map_peak"],
+            progress=False,
+            metric_options={"test_map_peak": {"power": 0}},
+        )
+    # the command offers it and checks its options before loading any model
+    args = _parse(
+        tmp_path / "x.png", "--metrics", "test_map_peak", "--metric-option", "test_map_peak:power=3"
+    )
+    assert evaluate_command._metrics(args) == (["test_map_peak"], {"test_map_peak": {"power": 3}})
+    parser = argparse.ArgumentParser()
+    evaluate_command.register(parser.add_subparsers())
+    help_text = parser._subparsers._group_actions[0].choices["evaluate"].format_help()
+    assert "test_map_peak" in " ".join(help_text.split())
+
+
+def test_builtin_metrics_describe_their_contract():
+    for name in METRIC_NAMES:
+        spec = describe_metric(name)
+        assert spec.columns
+        assert spec.doc
+        assert spec.needs <= {"maps", "explainer", "boxes"}
+        for values in (spec.evaluation, spec.quick):
+            for key, value in values.items():
+                spec.options[key].check(value)
+        json.dumps(spec.as_dict())
+    assert describe_metric("pointing_game").needs == {"maps", "explainer", "boxes"}
+    assert describe_metric("road").quick["percentiles"] == QUICK_ROAD_LEVELS
+    with pytest.raises(ValueError, match="unknown metric 'accuracy'"):
+        describe_metric("accuracy")
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_metric
+        class Again(Metric):
+            name = "road"
+            titles: ClassVar[dict[str, str]] = {"x": "x"}
+            directions: ClassVar[dict[str, bool]] = {"x": True}
+
+            def score(self, context: MetricContext) -> MetricRecord:
+                return MetricRecord({"x": 0.0})
+
+
+# ------------------------------------------- methods that do not apply, fail or warn
+
+
+class _FailingGradCAM(GradCAM):
+    name = "test-failing-gradcam"
+    aliases = ()
+
+    def channel_weights(self, acts, grads, context):
+        raise RuntimeError("this method always fails")
+
+
+class _WarningGradCAM(GradCAM):
+    name = "test-warning-gradcam"
+    aliases = ()
+
+    def channel_weights(self, acts, grads, context):
+        warnings.warn("the map is flat (test warning)", UserWarning, stacklevel=2)
+        return super().channel_weights(acts, grads, context)
+
+
+def test_default_methods_are_those_that_apply_and_the_others_are_named(tmp_path):
+    model = seeded(ConvGapFc(dims=2))
+    results = evaluate(
+        model,
+        _images((3, 16, 16), count=1),
+        None,
+        ["cost"],
+        quick=True,
+        progress=False,
+        out_dir=tmp_path,
+    )
+    applicable = [m for m, why in applicable_methods(model).items() if why is None]
+    assert results.methods == applicable
+    assert "gradcam" in results.methods
+    assert "attention_rollout" not in results.methods
+    assert "transformer" in results.skipped["attention_rollout"]
+    assert results.failed == {}
+    text = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "Left out (they do not apply to this model): attention_rollout" in text
+
+
+def test_a_method_that_fails_or_does_not_apply_is_reported_and_the_others_finish(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setitem(METHODS, _FailingGradCAM.name, _FailingGradCAM)
+    model = seeded(ConvGapFc(dims=2))
+    results = evaluate(
+        model,
+        _images((3, 16, 16)),
+        ["attention_rollout", _FailingGradCAM.name, "gradcam"],
+        ["deletion", "cost"],
+        quick=True,
+        progress=False,
+        out_dir=tmp_path,
+    )
+    assert results.methods == ["gradcam"]
+    assert "transformer" in results.failed["attention_rollout"]
+    assert "this method always fails" in results.failed[_FailingGradCAM.name]
+    assert [r["method"] for r in results.records] == ["gradcam", "gradcam"]
+    stored = json.loads((tmp_path / "per_image.json").read_text(encoding="utf-8"))
+    assert set(stored["failed"]) == {"attention_rollout", _FailingGradCAM.name}
+    assert "| gradcam |" in (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "Failed (no numbers)" in (tmp_path / "summary.md").read_text(encoding="utf-8")
+
+
+def test_each_distinct_warning_once_per_method_and_image(monkeypatch):
+    monkeypatch.setitem(METHODS, _WarningGradCAM.name, _WarningGradCAM)
+    model = seeded(ConvGapFc(dims=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = evaluate(
+            model,
+            _images((3, 16, 16)),
+            [_WarningGradCAM.name],
+            ["adcc", "max_sensitivity", "sanity"],  # each calls the method again
+            quick=True,
+            progress=False,
+        )
+    shown = [w for w in caught if "test warning" in str(w.message)]
+    assert len(shown) == 2  # one per image, not one per call
+    assert [(w["image"], w["category"]) for w in results.warnings] == [
+        ("img0", "UserWarning"),
+        ("img1", "UserWarning"),
+    ]
+
+
+def test_command_evaluates_what_applies_and_reports_what_fails(photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    status = main(
+        [
+            "evaluate",
+            str(photos / "chelsea.png"),
+            "--methods",
+            "attention_rollout,gradcam",
+            "--metrics",
+            "cost",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert status == 1  # a method failed; the others' tables are written
+    assert "| gradcam |" in captured.out
+    assert "attention_rollout FAILED" in captured.err
+    assert "transformer" in captured.err
+    stored = json.loads((out / "per_image.json").read_text(encoding="utf-8"))
+    assert [r["method"] for r in stored["records"]] == ["gradcam"]
+
+
+@pytest.mark.slow  # every method on a real photo (about a minute on 2 cores)
+def test_command_default_methods_on_a_cnn(tmp_path, capsys):
+    photo = Path(__file__).resolve().parents[1] / "examples" / "chelsea.jpg"
+    out = tmp_path / "out"
+    status = main(
+        ["evaluate", str(photo), "--metrics", "cost", "--quick", "--quiet", "--out", str(out)]
+    )
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert "left out attention_rollout" in captured.err
+    assert "| gradcam |" in captured.out
+    assert "| fgvis |" in captured.out
+    assert (out / "summary.md").is_file()
+
+
+def test_every_curve_has_its_own_colour_and_dash():
+    styles = [evidencemap.evaluation.line_style(i) for i in range(80)]
+    assert len({(tuple(s["color"]), s["linestyle"]) for s in styles}) == 80
+    assert len({tuple(s["color"]) for s in styles[:20]}) == 20  # 20 methods: 20 colours
+
+
+def test_command_prints_each_warning_once_on_one_line(photos, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(METHODS, _WarningGradCAM.name, _WarningGradCAM)
+    status = main(
+        [
+            "evaluate",
+            str(photos / "chelsea.png"),
+            "--methods",
+            _WarningGradCAM.name,
+            "--metrics",
+            "adcc,cost",
+            "--quick",
+            "--quiet",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert status == 0, err
+    lines = [line for line in err.splitlines() if "test warning" in line]
+    assert lines == [lines[0]]  # once, though both metrics call the method
+    assert lines[0].startswith("evidencemap evaluate: warning: UserWarning: ")
+    assert "warnings.warn" not in err  # no Python source line under it

@@ -124,7 +124,10 @@ def test_memory_layout_does_not_change_the_run(lite0, photos):
     """
     x = photos[:1, :, ::2, ::2].contiguous()
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    runs = [em.explain(lite0, t, "fgvis", max_iterations=3, patience=3) for t in (x, x_cl)]
+    runs = [
+        em.explain(lite0, t, "fgvis", schedule="fine", max_iterations=3, patience=3)
+        for t in (x, x_cl)
+    ]
     assert torch.equal(runs[0].extras["mask"], runs[1].extras["mask"])
     assert torch.equal(runs[0].extras["lambda"], runs[1].extras["lambda"])
 
@@ -447,7 +450,7 @@ def tiny_photos(photos):
 def test_real_preservation_small(lite0, tiny_photos):
     """60 steps on both photos at once: ≥ 95 % of p(x) kept (the criterion is 99 %) by less
     than half of the mask, top-1 unchanged, scores recomputed by the unmodified model."""
-    keep = em.explain(lite0, tiny_photos, "fgvis", max_iterations=60)
+    keep = em.explain(lite0, tiny_photos, "fgvis", schedule="fine", max_iterations=60)
     k = keep.extras
     with torch.no_grad():
         probs = lite0(k["explanation"]).softmax(1)
@@ -691,10 +694,11 @@ def test_coarse_schedule_mechanics():
             patience=6,
         )
     e = exp.extras
-    assert [d for d, _, _ in seen] == list(range(1, 13))
-    assert {t for _, t, _ in seen} == {12}
-    assert e["loss_history"].shape == (2, 12)
-    assert e["iterations"].tolist() == [12, 12]
+    # the two stages share max_iterations: 3 coarse steps, then 3 refining ones
+    assert [d for d, _, _ in seen] == list(range(1, 7))
+    assert {t for _, t, _ in seen} == {6}
+    assert e["loss_history"].shape == (2, 6)
+    assert e["iterations"].tolist() == [6, 6]
     assert e["transfer_models"] == ["ConvGapFc"]
     with torch.no_grad():
         c = exp.targets
@@ -717,7 +721,7 @@ def test_coarse_schedule_mechanics():
         coarse_size=1,
         transfer="none",
         lam=0.5,
-        max_iterations=1,
+        max_iterations=2,
         lr=0.2,
     )
     m = one.extras["mask"]
@@ -735,9 +739,9 @@ def test_real_coarse_schedule_localises_and_keeps_the_defence(lite0, photos):
 
     x = photos[:1]
     with pytest.warns(FGVisDegenerateWarning):
-        paper = em.explain(lite0, x, "fgvis", max_iterations=150)
+        paper = em.explain(lite0, x, "fgvis", schedule="fine", max_iterations=150)
     assert bool(paper.extras["degenerate"].all())
-    coarse = em.explain(lite0, x, "fgvis", schedule="coarse", max_iterations=150)
+    coarse = em.explain(lite0, x, "fgvis", schedule="coarse", max_iterations=300)
     c = coarse.extras
     assert bool(c["satisfied"].all())
     assert c["warning"] == ""
@@ -766,3 +770,202 @@ def test_real_coarse_schedule_localises_and_keeps_the_defence(lite0, photos):
         patience=100,
     )
     assert float(generated.extras["score"]) < 1e-2
+
+
+# -- the schedule chosen per sample, and what each result says about itself ------------------------
+def test_auto_schedule_takes_the_localising_one_where_offsets_starve_the_defence():
+    """OffsetNet: every unit rises under dimming, the defence passes nothing, so 'auto' runs the
+    coarse-to-fine schedule and says why; ConvGapFc passes most of it: the paper's rule."""
+    from tiny import OffsetNet
+
+    x = 0.5 + 0.5 * torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = OffsetNet()
+    exp = em.explain(model, x, "fgvis", coarse_size=2, **FAST)
+    e = exp.extras
+    assert torch.equal(e["defence_pass_share"], torch.zeros(2))
+    assert e["schedule"] == ["coarse", "coarse"]
+    assert "additive offsets (convolution biases, batch-norm shifts)" in e["schedule_reason"][0]
+    assert exp.warning(0).startswith("FGVis schedule 'coarse'")
+    # the two stages share max_iterations
+    assert bool((e["iterations"] <= 30).all())
+    assert e["loss_history"].shape == (2, 30)
+    fine = em.explain(model, x, "fgvis", schedule="fine", **FAST).extras
+    assert fine["schedule"] == ["fine", "fine"]
+    assert "as requested" in fine["schedule_reason"][0]
+    flowing = em.explain(seeded(ConvGapFc()), small_inputs(2), "fgvis", **FAST).extras
+    assert flowing["schedule"] == ["fine", "fine"]
+    assert bool((flowing["defence_pass_share"] >= 0.1).all())
+    assert "the paper's full-resolution rule: the defence passes" in flowing["schedule_reason"][1]
+    # the generation game (here lam=0) keeps the paper's defended rule
+    gen = em.explain(model, x, "fgvis", lam=0.0, **FAST).extras
+    assert gen["schedule"] == ["fine", "fine"]
+    assert "generation game" in gen["schedule_reason"][0]
+    plain = em.explain(model, x, "fgvis", defence=False, **FAST).extras
+    assert plain["schedule"] == ["fine", "fine"]
+    assert "without the defence" in plain["schedule_reason"][0]
+
+
+class BiasedCorner(nn.Module):
+    """Logits (4·mean of the top-left 2×2 pixels + 10, 0): the class wins even on a zero image."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = 4 * x[:, :, :2, :2].flatten(1).mean(1) + 10
+        return torch.stack([s, torch.zeros_like(s)], dim=1)
+
+
+def test_a_reference_that_alone_keeps_the_class_is_reported_as_a_trivial_game():
+    """p(r) = σ(10) ≥ 0.99·p(x) = 0.99·σ(14): nothing to preserve; no flat-map advice."""
+    from evidencemap.methods.fgvis import FGVisDegenerateWarning, FGVisWarning
+
+    x = torch.ones(1, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        exp = em.explain(BiasedCorner(), x, "fgvis", target=0, **FAST)
+    e = exp.extras
+    assert float(e["reference_score"]) == pytest.approx(torch.sigmoid(torch.tensor(10.0)).item())
+    assert bool(e["trivial"].all())
+    assert bool(e["satisfied"].all())
+    assert not bool(e["degenerate"].any())
+    assert int(e["iterations"]) == 0
+    assert torch.equal(e["mask"], torch.zeros_like(x))
+    assert e["schedule"] == ["none"]
+    assert "nothing to preserve; use another reference" in e["warning"]
+    assert [w.category for w in seen] == [FGVisWarning]
+    assert not any(issubclass(w.category, FGVisDegenerateWarning) for w in seen)
+    # the same reference in the deletion game: removing everything does not delete the class
+    dele = em.explain(BiasedCorner(), x, "fgvis", target=0, game="delete", **FAST).extras
+    assert "removing everything does not delete the class" in dele["warning"]
+    # raising a class (the generation game) is never trivial, whatever the reference scores
+    gen = em.explain(BiasedCorner(), x, "fgvis", target=0, lam=0.0, **FAST).extras
+    assert not bool(gen["trivial"].any())
+    assert int(gen["iterations"]) > 0
+    assert "did not reach" not in dele["warning"]
+
+
+def test_generation_runs_get_no_flat_map_advice():
+    """GlobalMean raising class 1 (not the top class): a flat map, but not flagged."""
+    from evidencemap.methods.fgvis import FGVisDegenerateWarning
+
+    x = torch.ones(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FGVisDegenerateWarning)
+        exp = em.explain(GlobalMean(), x, "fgvis", target=1, **FAST)
+        fixed = em.explain(GlobalMean(), x, "fgvis", target=0, lam=0.0, **FAST)
+    for e in (exp.extras, fixed.extras):
+        assert bool(e["generation"].all())
+        assert not bool(e["degenerate"].any())
+        assert "flat" not in e["warning"]
+
+
+def test_positions_where_the_input_equals_the_reference_carry_no_mask_and_no_cost():
+    """The right half of x is 0 = r: m = 0 there (preservation; the deletion map is 0 there
+    too); the mean, spread and sparsity cost run over the left half only. One fixed-λ
+    undefended step by hand: m₁ = clamp(1 − η (g + λ w)/max|g + λ w|), w = 1/(free entries)."""
+    from evidencemap.methods.fgvis import map_spread
+
+    model = seeded(ConvGapFc())
+    x = small_inputs(1)
+    x[..., 4:] = 0
+    free = x != 0
+    exp = em.explain(model, x, "fgvis", lam=2.0, max_iterations=1, defence=False, lr=0.1)
+    m = torch.ones_like(x, requires_grad=True)
+    logp = model(m * x).log_softmax(1)[0, exp.targets[0]]
+    (g,) = torch.autograd.grad(-logp, m)
+    step = g + 2.0 * free / free.sum()
+    expected = torch.where(free, (1 - 0.1 * step / step.abs().max()).clamp(0, 1), 0.0)
+    e = exp.extras
+    assert torch.allclose(e["mask"], expected, atol=1e-6)
+    assert float(e["mask_mean"]) == pytest.approx(float(expected[free].mean()), rel=1e-5)
+    assert float(e["free_fraction"]) == pytest.approx(0.5)
+    assert torch.equal(exp.raw[..., 4:], torch.zeros_like(exp.raw[..., 4:]))
+    assert torch.allclose(e["map_spread"], map_spread(exp.raw[..., :4]))
+    dele = em.explain(model, x, "fgvis", game="delete", **FAST)
+    assert torch.equal(dele.extras["mask"][..., 4:], torch.ones_like(x[..., 4:]))
+    assert torch.equal(dele.raw[..., 4:], torch.zeros_like(dele.raw[..., 4:]))
+
+
+def test_equal_channels_get_one_mask_value_per_pixel():
+    """A greyscale export (three equal channels) gets a channel-shared mask automatically, so
+    e and the deleted image stay grey; colour inputs keep one value per channel unless asked."""
+    model = seeded(ConvGapFc())
+    grey = small_inputs(2)[:, :1].expand(-1, 3, -1, -1)
+    for game in ("preserve", "delete"):
+        e = em.explain(model, grey, "fgvis", game=game, lam=1.0, lr=0.3, **FAST).extras
+        assert bool(e["shared_mask"].all())
+        m = e["mask"]
+        assert torch.equal(m, m[:, :1].expand_as(m))
+        assert float(m.min()) < 1
+        for key in ("explanation", "deleted"):
+            assert torch.equal(e[key], e[key][:, :1].expand_as(e[key]))
+    colour = small_inputs(2)
+    sep = em.explain(model, colour, "fgvis", lam=1.0, lr=0.3, **FAST).extras
+    assert not bool(sep["shared_mask"].any())
+    assert not torch.equal(sep["mask"], sep["mask"][:, :1].expand_as(sep["mask"]))
+    shared = em.explain(
+        model, colour, "fgvis", mask_channels="shared", lam=1.0, lr=0.3, **FAST
+    ).extras
+    assert torch.equal(shared["mask"], shared["mask"][:, :1].expand_as(shared["mask"]))
+    forced = em.explain(
+        model, grey, "fgvis", mask_channels="separate", lam=1.0, lr=0.3, **FAST
+    ).extras
+    assert not bool(forced["shared_mask"].any())
+    with pytest.raises(ValueError, match="mask_channels"):
+        FGVis(model, mask_channels="rgb")
+
+
+class NoiseFragile(nn.Module):
+    """Logits (6·mean(x) − 1000·var(x), 0): on a flat image the class holds, but noise of
+    σ = 0.1 adds a variance of 0.01 and costs 10 logits."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.flatten(1)
+        s = 6 * flat.mean(1) - 1000 * flat.var(1, unbiased=False)
+        return torch.stack([s, torch.zeros_like(s)], dim=1)
+
+
+def test_undefended_evidence_that_does_not_survive_noise_is_flagged():
+    from evidencemap.methods.fgvis import FGVisWarning
+
+    x = torch.ones(2, 3, 8, 8)
+    with pytest.warns(FGVisWarning, match="likely adversarial"):
+        exp = em.explain(NoiseFragile(), x, "fgvis", target=0, defence=False, **FAST)
+    e = exp.extras
+    assert bool((e["noise_ratio"] < 0.5).all())
+    assert bool(e["likely_adversarial"].all())
+    assert "likely adversarial; use defence=True" in exp.warning(1)
+    defended = em.explain(NoiseFragile(), x, "fgvis", target=0, **FAST).extras
+    assert "likely_adversarial" not in defended
+    corner = em.explain(CornerMean(), x, "fgvis", target=0, defence=False, **FAST).extras
+    assert not bool(corner["likely_adversarial"].any())
+
+
+def test_a_deletion_that_misses_its_criterion_says_so():
+    """GlobalMean at x = 3: p(x) = σ(12), p(r) = 0.5 ≤ 0.6·p(x) (the game can be won), but two
+    steps of 0.01 cannot get there."""
+    x = torch.full((2, 3, 8, 8), 3.0)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        exp = em.explain(
+            GlobalMean(), x, "fgvis", target=0, game="delete", delete_to=0.6, lr=0.01,
+            max_iterations=2,
+        )  # fmt: skip
+    e = exp.extras
+    assert not bool(e["satisfied"].any())
+    assert not bool(e["trivial"].any())
+    assert "the deletion game did not reach p(e) ≤ 0.6·p(x) on sample(s) 0, 1" in e["warning"]
+    assert "did not reach" in exp.warning(0)
+
+
+def test_the_noise_floor_of_the_localising_schedule():
+    """0.5·p(x), or half of what the image itself keeps under the check's noise when that is
+    less (NoiseFragile: σ(6 − 10) instead of σ(6)), so the floor can always be met."""
+    from evidencemap.methods.fgvis.diagnostics import noise_check, noise_floor
+
+    x = torch.ones(1, 3, 8, 8)
+    c = torch.zeros(1, dtype=torch.long)
+    for model in (CornerMean(), NoiseFragile()):
+        p = model(x).softmax(1)[:, 0]
+        q = noise_check(model, x, c, torch.ones(1))
+        expected = 0.5 * p if bool(q >= 0.5 * p) else 0.5 * q
+        assert torch.allclose(noise_floor(model, x, c, p), expected)
+    assert float(noise_floor(NoiseFragile(), x, c, NoiseFragile()(x).softmax(1)[:, 0])) < 0.1

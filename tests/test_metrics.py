@@ -327,7 +327,7 @@ def test_pointing_errors():
     game = M.PointingGame()
     with pytest.raises(TypeError, match="maps must be"):
         game(np.zeros((1, 8, 8)), [[0, 0, 1, 1]])
-    with pytest.raises(ValueError, match="tolerance must be a finite number > 0"):
+    with pytest.raises(ValueError, match="tolerance must be a number > 0"):
         M.PointingGame(tolerance=0)
     with pytest.raises(TypeError, match="tolerance must be a number"):
         M.PointingGame(tolerance="15")
@@ -479,7 +479,7 @@ def test_road_errors():
         M.ROAD(model, percentiles=50)
     with pytest.raises(TypeError, match="percentiles must be a non-empty sequence"):
         M.ROAD(model, percentiles=[])
-    with pytest.raises(ValueError, match="tol must be a finite number > 0"):
+    with pytest.raises(ValueError, match="tol must be a number > 0"):
         M.ROAD(model, tol=0.0)
     with pytest.raises(ValueError, match="batch_size"):
         M.ROAD(model, batch_size=0)
@@ -620,13 +620,13 @@ def test_max_sensitivity_on_volumes_and_errors():
     predicted = model(x).argmax(1)
     assert seen[0].tolist() == predicted.tolist()
     assert seen[1].tolist() == predicted.repeat(4).tolist()  # perturbed copies: the same classes
-    with pytest.raises(ValueError, match="radius must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="radius must be a number >= 0"):
         M.MaxSensitivity(model, radius=-0.1)
-    with pytest.raises(ValueError, match="radius must be a finite number"):
+    with pytest.raises(ValueError, match="radius must be a number"):
         M.MaxSensitivity(model, radius=float("inf"))
     with pytest.raises(ValueError, match="samples"):
         M.MaxSensitivity(model, samples=0)
-    with pytest.raises(TypeError, match="relative must be a bool"):
+    with pytest.raises(TypeError, match="relative must be true or false"):
         M.MaxSensitivity(model, relative=1)
     with pytest.raises(ValueError, match="the explainer's maps"):
         M.MaxSensitivity(model)(x, lambda inputs, target: inputs[:1, :1])
@@ -653,7 +653,7 @@ def test_cost_measures_time_and_memory():
         M.Cost()(42)
     with pytest.raises(ValueError, match="images"):
         M.Cost()(call, images=0)
-    with pytest.raises(ValueError, match="warmup must be >= 0"):
+    with pytest.raises(ValueError, match="warmup must be an int >= 0"):
         M.Cost(warmup=-1)
     with pytest.raises(TypeError, match="warmup must be an int"):
         M.Cost(warmup=1.5)

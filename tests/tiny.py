@@ -113,3 +113,29 @@ def assert_unchanged(model: nn.Module, before: dict[str, object]) -> None:
         assert (grad is None and other is None) or torch.equal(grad, other), name
     assert all(h[1:] == (0, 0, 0, 0) for h in after["hooks"])  # type: ignore[union-attr]
     assert not torch.overrides._get_current_function_mode_stack()  # no torch-function mode left
+
+
+class OffsetNet(nn.Module):
+    """h = ReLU(b − W x) (1×1 conv, W = 0.5/C > 0, b = 2) → global average pool → linear.
+
+    For positive inputs every unit is active and *rises* when the image is dimmed (its bias
+    outweighs the shrinking image term), so FGVis' defence (0 ≤ h(e) ≤ h(x)) blocks the whole
+    gradient at any dimming: the additive-offset starvation in its purest form. Class 0's
+    logit is ``3 − mean(h)``, the others 0: class 0 wins on the image and loses probability
+    when the image is dimmed towards 0.
+    """
+
+    def __init__(self, channels: int = 3, width: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, width, 1)
+        self.fc = nn.Linear(width, classes)
+        with torch.no_grad():
+            self.conv.weight.fill_(-0.5 / channels)
+            self.conv.bias.fill_(2.0)
+            self.fc.weight.zero_()
+            self.fc.weight[0].fill_(-1.0 / width)
+            self.fc.bias.zero_()
+            self.fc.bias[0] = 3.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))

@@ -50,7 +50,6 @@ import numpy as np
 import torch
 
 from evidencemap.engine import (
-    DEFAULT_CMAP,
     Failure,
     Result,
     Settings,
@@ -111,7 +110,8 @@ class BatchSpec:
         layer: layer name(s) for layer methods, comma-separated.
         options: method options (``--option KEY=VALUE``).
         game: FGVis's ``preserve`` or ``delete`` game.
-        cmap / opacity: the picture's colormap and heat opacity.
+        cmap / opacity: the picture's colormap (``None``: by the map's sign, as
+            :func:`evidencemap.viz.figure` chooses) and heat opacity.
         dpi / figsize / format / bare: the picture's resolution, size in inches, format
             (png, pdf, svg; bare maps png or tiff) and whether it is the bare map
             (:class:`evidencemap.engine.Settings`).
@@ -134,7 +134,7 @@ class BatchSpec:
     layer: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     game: str | None = None
-    cmap: str = DEFAULT_CMAP
+    cmap: str | None = None
     opacity: float = 0.5
     dpi: float = 100.0
     figsize: tuple[float, float] | None = None

@@ -228,8 +228,12 @@ class Explanation:
         )
 
     def warning(self, index: int) -> str | None:
-        """The method's warning about sample ``index``'s map (FGVis: a degenerate, flat map,
-        with what to use instead), or ``None``."""
+        """The method's warning about sample ``index``'s map (FGVis: which schedule ran and
+        why, and any problem — a trivial game, a flat map, a deletion not reached, likely
+        adversarial evidence — with what to use instead), or ``None``."""
+        notes = self.extras.get("notes")
+        if isinstance(notes, list) and index < len(notes):
+            return str(notes[index]) or None
         flags = self.extras.get("degenerate")
         text = self.extras.get("warning")
         if not text or not isinstance(flags, Tensor) or flags.ndim != 1:

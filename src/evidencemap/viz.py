@@ -60,11 +60,13 @@ __all__ = [
     "FIGURE_FORMATS",
     "MAP_FORMATS",
     "SIGNED_CMAP",
+    "Look",
     "figure",
     "for_display",
     "grid",
     "grid_plot",
     "is_signed",
+    "look",
     "montage",
     "montage_plot",
     "overlay",
@@ -1044,16 +1046,45 @@ def symmetric_scale(values: Tensor, percentile: float = 100.0) -> Tensor:
 
 
 @dataclass
-class _Look:
-    """How one sample is coloured: values, scale (``None``: [0, 1]), colour map, bar label."""
+class Look:
+    """How one sample is coloured (:func:`look`): ``heat`` ``(1, *S)`` the values drawn,
+    ``scale`` the colour scale ``(vmin, vmax)`` (``None``: [0, 1]), ``cmap`` the colour map,
+    ``label`` the colour bar's label."""
 
     heat: Tensor
     scale: tuple[float, float] | None
     cmap: str | Colormap
     label: str
 
+    @property
+    def signed(self) -> bool:
+        """Whether the values are signed (drawn on a symmetric scale ``[−m, m]``)."""
+        return self.scale is not None
 
-def _look(explanation: Explanation, index: int, signed: bool | None, cmap: Any) -> _Look:
+
+_Look = Look
+
+
+def look(
+    explanation: Explanation,
+    index: int = 0,
+    *,
+    signed: bool | None = None,
+    cmap: str | Colormap | None = None,
+) -> Look:
+    """How :func:`figure` colours sample ``index``: signed maps (:func:`is_signed`, or
+    ``signed=True``) as :func:`signed_values` on ``[−m, m]`` (:func:`symmetric_scale`, at
+    :data:`DISPLAY_PERCENTILE` for pixel-level maps) with :data:`SIGNED_CMAP` and the bar label
+    :data:`SIGNED_LABEL`; the others as :func:`for_display` of the maps on [0, 1] with
+    :data:`DEFAULT_CMAP` and :data:`EVIDENCE_LABEL`. ``cmap`` replaces the colour map only.
+
+    Raises:
+        ValueError: for an index outside the batch.
+    """
+    return _look(explanation, index, signed, cmap)
+
+
+def _look(explanation: Explanation, index: int, signed: bool | None, cmap: Any) -> Look:
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(explanation):
         raise ValueError(f"index must be an int in [0, {len(explanation)}), got {index!r}")
     if signed is None:

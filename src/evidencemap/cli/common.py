@@ -21,6 +21,7 @@ from evidencemap.engine import (
 )
 from evidencemap.engine import build_method as engine_build_method
 from evidencemap.models.loading import LoadedModel, load_model
+from evidencemap.viz import SIGNED_CMAP
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -215,8 +216,9 @@ def add_picture_arguments(parser: argparse.ArgumentParser, *, bare: bool = True)
     group = parser.add_argument_group("pictures")
     group.add_argument(
         "--cmap",
-        default=DEFAULT_CMAP,
-        help=f"matplotlib colormap (default: {DEFAULT_CMAP}, perceptually uniform)",
+        default=None,
+        help=f"matplotlib colormap (default: {DEFAULT_CMAP}, perceptually uniform; signed "
+        f"maps: {SIGNED_CMAP} on a symmetric scale, red for the target)",
     )
     group.add_argument(
         "--opacity", type=unit_float, default=0.5, help="heat-map opacity in [0, 1] (0.5)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from evidencemap.engine import (
     top_predictions,
     versions,
 )
+from evidencemap.explanation import Explanation
 
 __all__ = ["DEFAULT_METHODS", "register", "run"]
 
@@ -99,32 +101,57 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"{args.image}: no such file")
 
 
+@dataclass
+class _Compared:
+    """Each method's explanation on the photo and what the grid draws of it."""
+
+    explanations: dict[str, Explanation] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    panels: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    scale: tuple[float, float] | None = None
+    cmap: str = viz.DEFAULT_CMAP
+    label: str = viz.EVIDENCE_LABEL
+
+
 def _explain_all(
-    methods: dict[str, Any], x: torch.Tensor, target: int, loaded: Any, item: Any
-) -> tuple[list[tuple[str, torch.Tensor]], dict[str, torch.Tensor], dict[str, float], dict]:
-    """Each method's map on the photo: the panels (maps on the original photo), the maps at
-    the model's resolution, the seconds and the layer of each."""
+    methods: dict[str, Any], x: torch.Tensor, target: int, loaded: Any, item: Any, cmap: str | None
+) -> _Compared:
+    """Each method's map on the photo, coloured as :func:`evidencemap.viz.look` decides.
+
+    The grid has one colour bar: when no map is signed it is the 0–1 evidence scale; when one
+    is (:func:`evidencemap.viz.is_signed`), every panel is drawn on ``[−1, 1]`` with the
+    diverging colour map — signed maps divided by their symmetric scale ``m``, unsigned maps
+    (evidence for the target, in [0, 1]) on its positive half."""
     pre = loaded.preprocess
     width, height = item.photo.size
-    panels, maps, timings, layers = [], {}, {}, {}
+    compared = _Compared()
+    looks = []
     for name, method in methods.items():
         start = time.perf_counter()
         explanation = method(x, target)
-        timings[name] = time.perf_counter() - start
-        maps[name] = explanation.maps[0]
-        layers[name] = explanation.layer
-        shown = viz.for_display(explanation.maps[:1], explanation.raw[:1])
-        on_photo = pre.to_original(shown, width, height)[0].clamp(0, 1)
-        panels.append((explanation.label, on_photo))
-    return panels, maps, timings, layers
+        compared.seconds[name] = time.perf_counter() - start
+        compared.explanations[name] = explanation
+        looks.append((explanation.label, viz.look(explanation, 0)))
+    signed = any(look.signed for _, look in looks)
+    for label, look in looks:
+        heat = look.heat if look.scale is None else look.heat / look.scale[1]
+        on_photo = pre.to_original(heat[None].float(), width, height)[0]
+        compared.panels.append((label, on_photo.clamp(-1 if signed else 0, 1)))
+    if signed:
+        compared.scale, compared.cmap, compared.label = (
+            (-1.0, 1.0),
+            viz.SIGNED_CMAP,
+            viz.SIGNED_LABEL,
+        )
+    compared.cmap = cmap or compared.cmap
+    return compared
 
 
 def _write_pictures(
     args: argparse.Namespace,
     item: Any,
     loaded: Any,
-    panels: list[tuple[str, torch.Tensor]],
-    values: list[torch.Tensor],
+    compared: _Compared,
     title: str,
     picture: dict[str, Any],
 ) -> list[Path]:
@@ -134,14 +161,18 @@ def _write_pictures(
     base = item.base
     width, height = item.photo.size
     region = crop_region(loaded, width, height)
+    low, high = compared.scale if compared.scale is not None else (None, None)
     if not picture["bare"]:
         figure = viz.grid_plot(
             item.photo,
-            panels,
+            compared.panels,
             title=title,
-            cmap=args.cmap,
+            cmap=compared.cmap,
             alpha=args.opacity,
             region=region,
+            vmin=low,
+            vmax=high,
+            colorbar_label=compared.label,
             dpi=picture["dpi"],
             figsize=picture["figsize"],
         )
@@ -150,8 +181,9 @@ def _write_pictures(
             return [viz.save_png(viz.render(figure), path)]
         return [viz.save_figure(figure, path, picture["format"], picture["dpi"])]
     written = []
-    for (name, heat), value in zip(panels, values, strict=True):
-        safe = re.sub(r"[^A-Za-z0-9+_-]+", "_", name).strip("_")
+    values = [e.maps[0] for e in compared.explanations.values()]
+    for (name, heat), value in zip(compared.panels, values, strict=True):
+        safe = _safe(name)
         path = base.with_name(f"{base.name}_compare_{safe}.{picture['format']}")
         if picture["format"] == "tiff":
             written.append(viz.save_map(value, path, format="tiff"))
@@ -161,12 +193,28 @@ def _write_pictures(
                     heat,
                     path,
                     image=item.photo,
-                    cmap=args.cmap,
+                    cmap=compared.cmap,
                     alpha=args.opacity,
                     region=region,
+                    vmin=low,
+                    vmax=high,
                     format="png",
                 )
             )
+    return written
+
+
+def _safe(name: str) -> str:
+    """``name`` as a file name part: runs of other characters than ``A-Za-z0-9+_-`` → ``_``."""
+    return re.sub(r"[^A-Za-z0-9+_-]+", "_", name).strip("_")
+
+
+def _save_npz(path: Path, explanation: Explanation) -> Path:
+    """One method's ``.npz`` in the one maps schema (:func:`evidencemap.io.save_explanation`,
+    read back with :func:`evidencemap.io.load_maps`)."""
+    written = io.save_explanation(path, explanation)
+    if written is None:  # only for file objects
+        raise CLIError(f"{path} was not written")
     return written
 
 
@@ -199,13 +247,13 @@ def run(args: argparse.Namespace) -> int:
     predictions = top_predictions(output, loaded)[0]
     probability = float(torch.softmax(output.float(), dim=1)[0, target])
     label = loaded.label(target)
-    panels, maps, timings, layers = _explain_all(methods, x, target, loaded, item)
+    compared = _explain_all(methods, x, target, loaded, item, args.cmap)
     title = f"{label} {probability:.2f} (class {target})"
-    pictures = _write_pictures(args, item, loaded, panels, list(maps.values()), title, picture)
-    npz = io.save_maps(
-        base.with_name(base.name + "_compare.npz"),
-        **{name.replace("+", "p").replace("-", "_"): m for name, m in maps.items()},
-    )
+    pictures = _write_pictures(args, item, loaded, compared, title, picture)
+    npz = {
+        name: _save_npz(base.with_name(f"{base.name}_compare_{_safe(name)}.npz"), explanation)
+        for name, explanation in compared.explanations.items()
+    }
     manifest_path = base.with_name(base.name + "_compare.json")
     io.save_json(
         manifest_path,
@@ -217,14 +265,20 @@ def run(args: argparse.Namespace) -> int:
             "target": {"class": target, "label": label, "probability": probability},
             "predictions": predictions,
             "methods": [
-                {"method": name, "layer": layers[name], "seconds": timings[name]}
-                for name in methods
+                {
+                    "method": name,
+                    "label": explanation.label,
+                    "layer": explanation.layer,
+                    "seconds": compared.seconds[name],
+                    "maps": str(npz[name]),
+                }
+                for name, explanation in compared.explanations.items()
             ],
             "warnings": item.warnings,
             "outputs": {
                 "picture": str(pictures[0]),
                 "pictures": [str(p) for p in pictures],
-                "maps": str(npz),
+                "maps": {name: str(path) for name, path in npz.items()},
                 "manifest": str(manifest_path),
             },
             "device": str(device),

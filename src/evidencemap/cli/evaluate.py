@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ EXAMPLES = """examples:
 
 Writes summary.md / summary.csv (mean ± std per method and metric, ↑ higher / ↓ lower is
 better), per_image.csv / per_image.json and the curves deletion_insertion.png and road.png.
+By default every method that applies to the model runs (the others are named, with the
+reason); a method that fails is reported, the others finish and are written (exit status 1).
 Boxes file (JSON): {"cat.png": [[x0, y0, x1, y1, class], ...], ...} in the photo's pixels,
 class an index or an exact label; it adds the pointing games. See docs/evaluation.md.
 """
@@ -77,17 +80,31 @@ def register(subparsers: Any) -> None:
         metavar="IMAGE",
         help="photos (PNG, JPEG, TIFF, BMP, WebP); their file names must differ",
     )
+    from evidencemap.metrics import get_metric, metric_names
+
+    boxed = [m for m in metric_names() if "boxes" in get_metric(m).needs]
     parser.add_argument(
         "--methods",
         type=_name_list,
         default=None,
-        help="comma-separated method names (default: every registered method)",
+        help="comma-separated method names (default: every registered method that applies to "
+        "the model; the others are named with the reason)",
     )
     parser.add_argument(
         "--metrics",
         type=_name_list,
         default=None,
-        help="comma-separated metric names (default: all; the pointing games need --boxes)",
+        help=f"comma-separated metric names, of {', '.join(metric_names())} (default: all; "
+        f"{', '.join(boxed)} need --boxes)",
+    )
+    parser.add_argument(
+        "--metric-option",
+        type=parse_method_option,
+        action="append",
+        default=None,
+        metavar="METRIC:KEY=VALUE",
+        help="metric option (repeatable), e.g. road:tol=1e-4 or deletion:steps=32; they "
+        "override the protocol's (docs/metrics.md lists each metric's options)",
     )
     parser.add_argument(
         "--boxes", type=Path, default=None, help="JSON file of ground-truth boxes per image"
@@ -156,15 +173,15 @@ def load_boxes(
             f"--boxes: {path} must hold a JSON object {{image file name: [[x0, y0, x1, y1, "
             f"class], ...]}}, got {type(data).__name__}"
         )
-    by_key = {}
+    by_key: dict[str, str] = {}
     for name, (image_path, _) in images.items():
         for key in (name, str(image_path)):
             by_key[key] = name
     out: dict[str, list[list[Any]]] = {}
     for key, entries in data.items():
-        name = by_key.get(key)
-        if name is None:
+        if key not in by_key:
             continue
+        name = by_key[key]
         if not isinstance(entries, list):
             raise CLIError(f"--boxes: {key!r} must map to a list of [x0, y0, x1, y1, class]")
         width, height = images[name][1]
@@ -198,8 +215,11 @@ def load_boxes(
     return out
 
 
-def _method_options(args: argparse.Namespace, methods: list[str], loaded: Any) -> dict[str, Any]:
-    """``--option`` as method → options, checked against what each method takes."""
+def _method_options(
+    args: argparse.Namespace, methods: list[str], others: list[str], loaded: Any
+) -> dict[str, Any]:
+    """``--option`` as method → options, checked against what each method takes (the
+    ``methods`` that run are built once; options of ``others``, left out, are dropped)."""
     from evidencemap.methods import describe
 
     options: dict[str, dict[str, Any]] = {}
@@ -208,6 +228,8 @@ def _method_options(args: argparse.Namespace, methods: list[str], loaded: Any) -
             spec = describe(method)
         except ValueError as err:
             raise CLIError(f"--option: {err}") from None
+        if spec.name in others:
+            continue
         if spec.name not in methods:
             raise CLIError(f"--option: {method!r} is not among the methods evaluated")
         options.setdefault(spec.name, {})[key] = value
@@ -217,12 +239,64 @@ def _method_options(args: argparse.Namespace, methods: list[str], loaded: Any) -
     return options
 
 
+def _metrics(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, dict[str, Any]]]:
+    """``--metrics`` and ``--metric-option`` checked against the registry (before any work)."""
+    from evidencemap.evaluation import default_metrics, evaluation_settings
+    from evidencemap.metrics import get_metric, metric_names
+
+    metrics = args.metrics
+    if metrics is not None:
+        unknown = [m for m in metrics if m not in metric_names()]
+        if unknown:
+            raise CLIError(
+                f"--metrics: unknown metric(s) {', '.join(map(repr, unknown))}; known: "
+                f"{', '.join(metric_names())}"
+            )
+        boxed = [m for m in metrics if "boxes" in get_metric(m).needs]
+        if boxed and args.boxes is None:
+            raise CLIError(f"--metrics {', '.join(boxed)} need --boxes FILE")
+    options: dict[str, dict[str, Any]] = {}
+    for metric, key, value in args.metric_option or []:
+        options.setdefault(metric, {})[key] = value
+    chosen = metrics if metrics is not None else default_metrics(args.boxes)
+    try:
+        evaluation_settings(chosen, quick=args.quick, given=options)
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"--metric-option: {err}") from None
+    return metrics, options
+
+
+def _print_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """A method's warning as one line on stderr, without Python's source-line dump."""
+    print(f"evidencemap evaluate: warning: {category.__name__}: {message}", file=sys.stderr)
+
+
+def _report(results: Any) -> int:
+    """Print the table and what was left out or failed; the exit status."""
+    print(results.to_markdown(), end="")
+    for method, why in results.skipped.items():
+        print(f"evidencemap evaluate: left out {method}: {why}", file=sys.stderr)
+    for method, error in results.failed.items():
+        print(f"evidencemap evaluate: {method} FAILED: {error}", file=sys.stderr)
+    if results.files:
+        print(f"evidencemap evaluate: wrote {', '.join(str(f) for f in results.files)}")
+    return 1 if results.failed else 0
+
+
 def run(args: argparse.Namespace) -> int:
-    """Evaluate; exit status 0 when the tables were written."""
+    """Evaluate; exit status 0 when every method ran and the tables were written, 1 when a
+    method failed (the others' tables are written)."""
     from evidencemap import io
-    from evidencemap.evaluation import METRIC_NAMES, evaluate
+    from evidencemap.evaluation import evaluate
+    from evidencemap.evaluation.inputs import select_methods
     from evidencemap.methods import get_method
-    from evidencemap.methods import method_names as registered
 
     paths = list(args.images)
     missing = [str(p) for p in paths if not p.is_file()]
@@ -232,20 +306,10 @@ def run(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         raise CLIError("the images' file names must differ (they name the rows of the tables)")
     try:
-        methods = [get_method(m).name for m in args.methods] if args.methods else registered()
+        methods = [get_method(m).name for m in args.methods] if args.methods else None
     except ValueError as err:
         raise CLIError(f"--methods: {err}") from None
-    metrics = args.metrics
-    if metrics is not None:
-        unknown = [m for m in metrics if m not in METRIC_NAMES]
-        if unknown:
-            raise CLIError(
-                f"--metrics: unknown metric(s) {', '.join(map(repr, unknown))}; known: "
-                f"{', '.join(METRIC_NAMES)}"
-            )
-        pointing = sorted({"pointing_game", "energy_pointing_game"} & set(metrics))
-        if pointing and args.boxes is None:
-            raise CLIError(f"--metrics {', '.join(pointing)} need --boxes FILE")
+    metrics, metric_options = _metrics(args)
     device = setup_runtime(args)
     loaded = model_from_args(args, device)
     if loaded.kind != "image" or loaded.preprocess is None:
@@ -253,7 +317,8 @@ def run(args: argparse.Namespace) -> int:
             f"evaluate takes photos and an image model; {loaded.name} takes {loaded.kind}s "
             "(evaluate volumes with evidencemap.evaluation.evaluate in Python)"
         )
-    options = _method_options(args, methods, loaded)
+    run_methods, skipped, refused = select_methods(loaded.module, methods)
+    options = _method_options(args, run_methods, [*skipped, *refused], loaded)
     images, sizes = [], {}
     for path in paths:
         try:
@@ -263,7 +328,12 @@ def run(args: argparse.Namespace) -> int:
         sizes[path.name] = (path, photo.size)
         images.append((path.name, loaded.preprocess(photo).to(device)))
     boxes = None if args.boxes is None else load_boxes(args.boxes, sizes, loaded)
-    with method_progress(False if args.quiet else None):  # FGVis iterations, Score-CAM chunks
+    with (
+        method_progress(False if args.quiet else None),  # FGVis iterations, Score-CAM chunks
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("always")  # the runner issues each distinct one once per image
+        warnings.showwarning = _print_warning
         results = evaluate(
             loaded.module,
             images,
@@ -277,7 +347,6 @@ def run(args: argparse.Namespace) -> int:
             device=device,
             batch_size=args.batch_size,
             seed=args.seed,
+            metric_options=metric_options,
         )
-    print(results.to_markdown(), end="")
-    print(f"evidencemap evaluate: wrote {', '.join(str(f) for f in results.files)}")
-    return 0
+    return _report(results)

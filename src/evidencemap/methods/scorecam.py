@@ -41,7 +41,8 @@ class ScoreCAM(LayerMethod):
 
     Args:
         weighting: one of :data:`SCORECAM_WEIGHTINGS`.
-        internal_batch_size: masked inputs per forward pass (default 32).
+        internal_batch_size: masked inputs per forward pass (default 64: the fastest of 8, 16, 32
+            and 64 on Lite0 at batch 1 and 8, ``benchmarks/cam_variants_speed.py``).
         memory_budget: bytes one chunk of masked inputs may take (``None``: no limit).
         top_k: use only the ``top_k`` channels of highest activation variance per sample.
     """
@@ -56,7 +57,7 @@ class ScoreCAM(LayerMethod):
         Option(
             "internal_batch_size",
             "int",
-            32,
+            64,
             "masked inputs per forward pass",
             low=1,
             cost="chunk",
@@ -85,7 +86,7 @@ class ScoreCAM(LayerMethod):
         layer: Any = None,
         *,
         weighting: str = "softmax_prob",
-        internal_batch_size: int = 32,
+        internal_batch_size: int = 64,
         memory_budget: int | None = None,
         top_k: int | None = None,
         **kw: Any,

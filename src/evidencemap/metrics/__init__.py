@@ -18,12 +18,27 @@ cost                  :class:`Cost`                       lower       yes
 
 Each class carries ``higher_is_better`` and ``directions`` (every value it reports → whether
 higher is better). See ``docs/metrics.md`` for the definitions.
+
+Every metric is registered with ``@register_metric`` (:mod:`evidencemap.metrics.base`):
+``metric_names()``, ``get_metric(name)`` and ``describe_metric(name)`` read the registry, which
+:func:`evidencemap.evaluation.evaluate` and ``evidencemap evaluate --metrics`` use. A new metric
+is one class with the decorator (docs/metrics.md, "Adding a metric").
 """
 
+from evidencemap.metrics.base import (
+    METRIC_REGISTRY,
+    MetricContext,
+    MetricRecord,
+    MetricSpec,
+    describe_metric,
+    get_metric,
+    metric_names,
+    register_metric,
+    unregister_metric,
+)
 from evidencemap.metrics.causal import CurveResult, Deletion, Insertion, auc, gaussian_blur
 from evidencemap.metrics.common import Explainer, Metric, rank_positions
 from evidencemap.metrics.confidence import ADCC, ADCCResult, AverageDrop, ConfidenceResult
-from evidencemap.metrics.cost import Cost, CostResult, PeakMemory
 from evidencemap.metrics.pointing import (
     EnergyPointingGame,
     PointingGame,
@@ -35,26 +50,17 @@ from evidencemap.metrics.sanity import ModelRandomisation, RandomisationResult, 
 from evidencemap.metrics.similarity import average_ranks, pearson, spearman, ssim
 from evidencemap.metrics.stability import MaxSensitivity
 
-METRICS: dict[str, type[Metric]] = {
-    cls.name: cls
-    for cls in (
-        Deletion,
-        Insertion,
-        AverageDrop,
-        ADCC,
-        PointingGame,
-        EnergyPointingGame,
-        ROAD,
-        ModelRandomisation,
-        MaxSensitivity,
-        Cost,
-    )
-}
-"""Metric name → class."""
+# isort: split
+# registered last, so that the cost is the tables' last column
+from evidencemap.metrics.cost import Cost, CostResult, PeakMemory
+
+METRICS: dict[str, type[Metric]] = METRIC_REGISTRY
+"""Metric name → class: the registry itself (registered metrics included)."""
 
 __all__ = [
     "ADCC",
     "METRICS",
+    "METRIC_REGISTRY",
     "ROAD",
     "ADCCResult",
     "AverageDrop",
@@ -68,6 +74,9 @@ __all__ = [
     "Insertion",
     "MaxSensitivity",
     "Metric",
+    "MetricContext",
+    "MetricRecord",
+    "MetricSpec",
     "ModelRandomisation",
     "PeakMemory",
     "PointingGame",
@@ -76,12 +85,17 @@ __all__ = [
     "RandomisationResult",
     "auc",
     "average_ranks",
+    "describe_metric",
     "gaussian_blur",
+    "get_metric",
     "ground_truth_masks",
+    "metric_names",
     "noisy_linear_impute",
     "parameter_layers",
     "pearson",
     "rank_positions",
+    "register_metric",
     "spearman",
     "ssim",
+    "unregister_metric",
 ]

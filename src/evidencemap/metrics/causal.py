@@ -24,16 +24,20 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from evidencemap.checks import check_model, check_positive_int
+from evidencemap.checks import check_model
 from evidencemap.filters import gaussian_filter
+from evidencemap.methods.options import Option
+from evidencemap.metrics.base import MetricContext, MetricRecord, register_metric
 from evidencemap.metrics.common import (
+    BATCH_SIZE,
+    SEED,
     Metric,
     make_scorer,
     metric_context,
     prepare,
     rank_positions,
 )
-from evidencemap.references import check_reference, reference_image
+from evidencemap.references import REFERENCES, check_reference, reference_image
 from evidencemap.targets import OutputKey, Target
 
 __all__ = ["CurveResult", "Deletion", "Insertion", "auc", "gaussian_blur"]
@@ -102,6 +106,38 @@ class _CausalCurve(Metric):
 
     default_substrate: ClassVar[str] = "zero"
     supports_volumes = True
+    OPTIONS = (
+        Option(
+            "step",
+            "int",
+            None,
+            "positions changed per step (None: from steps)",
+            low=1,
+            nullable=True,
+        ),
+        Option(
+            "steps",
+            "int",
+            None,
+            f"steps of the curve when step is None: step = ceil(P / steps) (None: {_DEFAULT_STEPS})",
+            low=1,
+            nullable=True,
+            cost="work",
+        ),
+        Option(
+            "substrate",
+            "str",
+            None,
+            "what changed positions become (None: the metric's default)",
+            choices=REFERENCES,
+            nullable=True,
+            other="a number or a tensor broadcastable to the inputs",
+        ),
+        BATCH_SIZE,
+        SEED,
+    )
+    EVALUATION: ClassVar[dict[str, Any]] = {"steps": _DEFAULT_STEPS}
+    QUICK: ClassVar[dict[str, Any]] = {"steps": 16}
 
     def __init__(
         self,
@@ -112,14 +148,16 @@ class _CausalCurve(Metric):
         batch_size: int = 64,
         output_key: OutputKey = None,
         seed: int = 0,
+        steps: int | None = None,
     ) -> None:
         self.model = check_model(model)
-        self.step = None if step is None else check_positive_int(step, "step")
+        self.step = self.option("step", step)
+        self.steps = self.option("steps", steps)
         substrate = self.default_substrate if substrate is None else substrate
         self.substrate = check_reference(substrate, "substrate")
-        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.batch_size = self.option("batch_size", batch_size)
         self.output_key = output_key
-        self.seed = int(seed)
+        self.seed = self.option("seed", seed)
 
     def substrate_of(self, x: Tensor) -> Tensor:
         """The substrate image ``(N, C, *S)`` for inputs ``x`` (:mod:`evidencemap.references`;
@@ -133,8 +171,11 @@ class _CausalCurve(Metric):
         raise NotImplementedError
 
     def steps_of(self, positions: int) -> int:
-        """Positions changed per step for ``positions`` spatial positions."""
-        return self.step if self.step is not None else max(1, math.ceil(positions / _DEFAULT_STEPS))
+        """Positions changed per step for ``positions`` spatial positions: ``step``, else
+        ``ceil(positions / steps)`` (``steps`` default 224)."""
+        if self.step is not None:
+            return int(self.step)
+        return max(1, math.ceil(positions / (self.steps or _DEFAULT_STEPS)))
 
     def __call__(self, inputs: Tensor, maps: Any, target: Target = None) -> CurveResult:
         """Run the curve on ``inputs`` ``(N, C, *S)`` ranked by ``maps``.
@@ -168,14 +209,27 @@ class _CausalCurve(Metric):
         fractions = changed.to(curves.dtype) / positions
         return CurveResult(curves, fractions, auc(curves, fractions), scorer.classes)
 
+    def score(self, context: MetricContext) -> MetricRecord:
+        """The AUC column and the curve of one image (:meth:`__call__` on the method's map)."""
+        result = self(context.inputs, context.maps, context.target)
+        return MetricRecord(
+            {f"{self.name}_auc": float(result.auc[0])},
+            curves={
+                self.name: result.curves[0].tolist(),
+                f"{self.name}_fractions": result.fractions.tolist(),
+            },
+        )
 
+
+@register_metric
 class Deletion(_CausalCurve):
     """Deletion curve and AUC (lower is better); see the module docstring.
 
     Args:
         model: the classifier.
-        step: positions removed per step (default ``ceil(P / 224)``: 224 pixels for
-            224 × 224, RISE's protocol).
+        step: positions removed per step (default ``ceil(P / steps)``).
+        steps: the number of steps when ``step`` is ``None`` (default 224: 224 pixels per step
+            for 224 × 224, RISE's protocol; the evaluation's quick protocol uses 16).
         substrate: what removed positions become: ``"zero"`` (default; the mean of the
             normalised data), ``"blur"``, ``"mean"`` (the image's channel means), a number or a
             tensor broadcastable to the inputs.
@@ -194,6 +248,7 @@ class Deletion(_CausalCurve):
         return x, substrate
 
 
+@register_metric
 class Insertion(_CausalCurve):
     """Insertion curve and AUC (higher is better); see the module docstring.
 

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,8 @@ from evidencemap.capture import eval_mode
 from evidencemap.checks import check_inputs, check_model, check_positive_int
 from evidencemap.explanation import Explanation
 from evidencemap.maps import upsample
+from evidencemap.methods.options import Option
+from evidencemap.metrics.base import Explainer, Metric
 from evidencemap.targets import (
     ClassLogit,
     ClassProbability,
@@ -38,6 +40,8 @@ from evidencemap.targets import (
 )
 
 __all__ = [
+    "BATCH_SIZE",
+    "SEED",
     "Explainer",
     "Metric",
     "Scorer",
@@ -53,30 +57,17 @@ __all__ = [
     "run_explainer",
 ]
 
-Explainer = Callable[[Tensor, Any], "Tensor | Explanation"]
-"""``explainer(inputs, target) -> maps or Explanation``, e.g. ``GradCAM(model)``."""
-
 # Tolerance on the [0, 1] range of maps that multiply images.
 _UNIT_TOL = 1e-6
 
 
-class Metric:
-    """Base of the metric classes: their metadata.
+BATCH_SIZE = Option(
+    "batch_size", "int", 64, "perturbed inputs per forward pass", low=1, cost="chunk"
+)
+"""The shared ``batch_size`` option of the metrics that run the model."""
 
-    Attributes:
-        name: the metric's name in :mod:`evidencemap.evaluation`.
-        higher_is_better: direction of the main value.
-        directions: every reported value → whether higher is better.
-        titles: every reported value → its column title in the evaluation tables (the keys
-            of ``directions``, in table order).
-        supports_volumes: whether 3-D volumes ``(N, C, D, H, W)`` are accepted.
-    """
-
-    name: ClassVar[str] = ""
-    higher_is_better: ClassVar[bool] = True
-    directions: ClassVar[dict[str, bool]] = {}
-    titles: ClassVar[dict[str, str]] = {}
-    supports_volumes: ClassVar[bool] = True
+SEED = Option("seed", "int", 0, "seed of every random choice")
+"""The shared ``seed`` option."""
 
 
 def check_maps(maps: Any, inputs: Tensor, name: str = "maps") -> Tensor:

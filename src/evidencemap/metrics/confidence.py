@@ -22,8 +22,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from evidencemap.checks import check_model, check_positive_int
+from evidencemap.checks import check_model
+from evidencemap.metrics.base import MetricContext, MetricRecord, register_metric
 from evidencemap.metrics.common import (
+    BATCH_SIZE,
     Explainer,
     Metric,
     check_explainer,
@@ -66,6 +68,7 @@ def _relative_drop(y: Tensor, o: Tensor) -> Tensor:
     )
 
 
+@register_metric
 class AverageDrop(Metric):
     """Average Drop (lower is better) and Increase in Confidence (higher is better).
 
@@ -82,12 +85,13 @@ class AverageDrop(Metric):
         "average_drop": "Average Drop %",
         "increase_in_confidence": "Increase in Conf. %",
     }
+    OPTIONS = (BATCH_SIZE,)
 
     def __init__(
         self, model: nn.Module, *, batch_size: int = 64, output_key: OutputKey = None
     ) -> None:
         self.model = check_model(model)
-        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.batch_size = self.option("batch_size", batch_size)
         self.output_key = output_key
 
     def __call__(self, inputs: Tensor, maps: Any, target: Target = None) -> ConfidenceResult:
@@ -106,6 +110,16 @@ class AverageDrop(Metric):
         y, o = y.float(), o.float()
         return ConfidenceResult(
             y, o, 100 * _relative_drop(y, o), 100 * (y < o).to(y.dtype), scorer.classes
+        )
+
+    def score(self, context: MetricContext) -> MetricRecord:
+        """Average Drop and Increase in Confidence of one image."""
+        result = self(context.inputs, context.maps, context.target)
+        return MetricRecord(
+            {
+                "average_drop": float(result.drop[0]),
+                "increase_in_confidence": float(result.increase[0]),
+            }
         )
 
 
@@ -128,6 +142,7 @@ class ADCCResult:
     classes: Tensor | None
 
 
+@register_metric
 class ADCC(Metric):
     """ADCC: Average Drop, Coherency and Complexity, combined by their harmonic mean.
 
@@ -151,12 +166,14 @@ class ADCC(Metric):
         "coherency": "Coherency",
         "complexity": "Complexity",
     }
+    needs = frozenset({"maps", "explainer"})
+    OPTIONS = (BATCH_SIZE,)
 
     def __init__(
         self, model: nn.Module, *, batch_size: int = 64, output_key: OutputKey = None
     ) -> None:
         self.model = check_model(model)
-        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.batch_size = self.option("batch_size", batch_size)
         self.output_key = output_key
 
     def __call__(
@@ -193,3 +210,15 @@ class ADCC(Metric):
             ok, torch.zeros_like(drop)
         )
         return ADCCResult(drop, coherency, complexity, adcc, scorer.classes)
+
+    def score(self, context: MetricContext) -> MetricRecord:
+        """ADCC and its three terms for one image (the explainer re-runs on ``s ⊙ x``)."""
+        result = self(context.inputs, context.maps, context.explainer, context.target)
+        return MetricRecord(
+            {
+                "adcc": float(result.adcc[0]),
+                "adcc_average_drop": float(result.average_drop[0]),
+                "coherency": float(result.coherency[0]),
+                "complexity": float(result.complexity[0]),
+            }
+        )

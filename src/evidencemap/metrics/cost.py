@@ -27,8 +27,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from evidencemap.checks import check_positive_int
+from evidencemap.methods.options import Option
+from evidencemap.metrics.base import MetricContext, MetricRecord, register_metric
 from evidencemap.metrics.common import Metric
 
 __all__ = ["Cost", "CostResult", "PeakMemory"]
@@ -156,6 +159,7 @@ class CostResult:
     memory_kind: str
 
 
+@register_metric
 class Cost(Metric):
     """Time and peak memory of a call; lower is better for both.
 
@@ -171,14 +175,30 @@ class Cost(Metric):
         "seconds_per_image": "s / image",
         "peak_memory_mb": "Peak MB",
     }
+    needs: ClassVar[frozenset[str]] = frozenset()
+    OPTIONS = (Option("warmup", "int", 0, "calls made first and not measured", low=0),)
 
     def __init__(self, device: torch.device | str = "cpu", *, warmup: int = 0) -> None:
         self.device = torch.device(device)
-        if isinstance(warmup, bool) or not isinstance(warmup, int):
-            raise TypeError(f"warmup must be an int, got {type(warmup).__name__}")
-        if warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {warmup}")
-        self.warmup = warmup
+        self.warmup = self.option("warmup", warmup)
+
+    @classmethod
+    def for_evaluation(
+        cls, model: nn.Module, options: dict[str, Any], run: dict[str, Any]
+    ) -> Metric:
+        """A Cost on the run's device (the evaluation measures every method call with it)."""
+        return cls(run["device"], **options)
+
+    def score(self, context: MetricContext) -> MetricRecord:
+        """Seconds and peak MB of the call that made the image's map (the evaluation times
+        every such call)."""
+        peak = context.peak_bytes
+        return MetricRecord(
+            {
+                "seconds_per_image": context.seconds,
+                "peak_memory_mb": None if peak is None else peak / 2**20,
+            }
+        )
 
     def __call__(self, call: Callable[[], Any], images: int = 1) -> tuple[Any, CostResult]:
         """Run ``call()`` and measure it; returns ``(its result, cost)``.

@@ -27,7 +27,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from evidencemap.metrics.common import Metric, check_nonneg_float
+from evidencemap.methods.options import Option
+from evidencemap.metrics.base import MetricContext, MetricRecord, register_metric
+from evidencemap.metrics.common import Metric
 
 __all__ = ["EnergyPointingGame", "PointingGame", "PointingResult", "ground_truth_masks"]
 
@@ -153,6 +155,7 @@ class PointingResult:
     per_class: dict[int, float] = field(default_factory=dict)
 
 
+@register_metric
 class PointingGame(Metric):
     """Pointing game with tolerance ``τ`` pixels (default 15); higher is better.
 
@@ -165,9 +168,42 @@ class PointingGame(Metric):
     higher_is_better = True
     directions: ClassVar[dict[str, bool]] = {"pointing_game": True}
     titles: ClassVar[dict[str, str]] = {"pointing_game": "Pointing game"}
+    needs = frozenset({"maps", "explainer", "boxes"})
+    OPTIONS = (
+        Option(
+            "tolerance",
+            "float",
+            15.0,
+            "a point hits within this many pixels of the ground truth",
+            low=0,
+            low_open=True,
+        ),
+    )
 
     def __init__(self, tolerance: float = 15.0) -> None:
-        self.tolerance = check_nonneg_float(tolerance, "tolerance", positive=True)
+        self.tolerance = self.option("tolerance", tolerance)
+
+    def score(self, context: MetricContext) -> MetricRecord:
+        """Hit or miss per ground-truth class of the image (its map explains that class);
+        the column is the image's hit rate."""
+        per_class = {
+            cls: {"hit": bool(self(context.maps_for(cls), [boxes]).hits[0])}
+            for cls, boxes in sorted((context.boxes or {}).items())
+        }
+        hits = [entry["hit"] for entry in per_class.values()]
+        rate = sum(hits) / len(hits) if hits else None
+        return MetricRecord({"pointing_game": rate}, per_class=per_class)
+
+    @classmethod
+    def summarise(
+        cls, column: str, values: list[Any], per_class: list[dict[str, Any]]
+    ) -> list[float]:
+        """The hit rate of each class over the images (the game's mean is over classes)."""
+        hits: dict[int, list[bool]] = {}
+        for entry in per_class:
+            if "hit" in entry:
+                hits.setdefault(entry["class"], []).append(entry["hit"])
+        return [sum(h) / len(h) for h in hits.values()]
 
     def __call__(
         self, maps: Any, ground_truth: Any, classes: Sequence[int] | Tensor | None = None
@@ -211,6 +247,7 @@ class PointingGame(Metric):
         return PointingResult(hits, points, accuracy, per_class)
 
 
+@register_metric
 class EnergyPointingGame(Metric):
     """Share of the map's energy inside the ground truth, per map ``(N,)``; higher is better."""
 
@@ -218,6 +255,17 @@ class EnergyPointingGame(Metric):
     higher_is_better = True
     directions: ClassVar[dict[str, bool]] = {"energy_pointing_game": True}
     titles: ClassVar[dict[str, str]] = {"energy_pointing_game": "Energy pointing"}
+    needs = frozenset({"maps", "explainer", "boxes"})
+
+    def score(self, context: MetricContext) -> MetricRecord:
+        """The energy inside each ground-truth class's boxes; the column is their mean."""
+        per_class = {
+            cls: {"energy": float(self(context.maps_for(cls), [boxes])[0])}
+            for cls, boxes in sorted((context.boxes or {}).items())
+        }
+        energies = [entry["energy"] for entry in per_class.values()]
+        mean = sum(energies) / len(energies) if energies else None
+        return MetricRecord({"energy_pointing_game": mean}, per_class=per_class)
 
     def __call__(self, maps: Any, ground_truth: Any) -> Tensor:
         """``Σ(s ⊙ g) / Σ s`` per map (``0`` for an all-zero map).

@@ -16,15 +16,18 @@ Works on 3-D volumes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from evidencemap.capture import eval_mode, record_calls
-from evidencemap.checks import check_inputs, check_model, check_positive_int
+from evidencemap.checks import check_inputs, check_model
 from evidencemap.maps import normalize
+from evidencemap.methods.options import Option
+from evidencemap.metrics.base import MetricContext, MetricRecord, register_metric
 from evidencemap.metrics.common import (
+    SEED,
     Explainer,
     Metric,
     check_explainer,
@@ -71,6 +74,7 @@ class RandomisationResult:
     original: Tensor
 
 
+@register_metric
 class ModelRandomisation(Metric):
     """Cascading parameter randomisation; lower similarity is better.
 
@@ -89,6 +93,21 @@ class ModelRandomisation(Metric):
         "sanity_spearman": "Rand. Spearman",
         "sanity_ssim": "Rand. SSIM",
     }
+    needs = frozenset({"explainer"})
+    OPTIONS = (
+        Option(
+            "stages",
+            "int",
+            None,
+            "cumulative randomisation stages (None: one per layer)",
+            low=1,
+            nullable=True,
+            cost="work",
+        ),
+        SEED,
+    )
+    EVALUATION: ClassVar[dict[str, Any]] = {"stages": 10}
+    QUICK: ClassVar[dict[str, Any]] = {"stages": 2}
 
     def __init__(
         self,
@@ -99,8 +118,8 @@ class ModelRandomisation(Metric):
         output_key: OutputKey = None,
     ) -> None:
         self.model = check_model(model)
-        self.stages = None if stages is None else check_positive_int(stages, "stages")
-        self.seed = int(seed)
+        self.stages = self.option("stages", stages)
+        self.seed = self.option("seed", seed)
         self.output_key = output_key
 
     def __call__(
@@ -144,6 +163,16 @@ class ModelRandomisation(Metric):
                 for name, p in params.items():
                     p.copy_(saved[name])
         return RandomisationResult(names, torch.stack(rho, 1), torch.stack(sim, 1), original)
+
+    def score(self, context: MetricContext) -> MetricRecord:
+        """Mean Spearman and SSIM over the stages for one image."""
+        result = self(context.inputs, context.explainer, context.target)
+        return MetricRecord(
+            {
+                "sanity_spearman": float(result.spearman[0].mean()),
+                "sanity_ssim": float(result.ssim[0].mean()),
+            }
+        )
 
 
 def _randomise_(p: Tensor, gen: torch.Generator) -> None:

@@ -12,18 +12,20 @@ reports. Lower is better; a constant explainer scores 0. All ``N · samples`` pe
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from evidencemap.capture import eval_mode
-from evidencemap.checks import check_inputs, check_model, check_positive_int
+from evidencemap.checks import check_inputs, check_model
+from evidencemap.methods.options import Option
+from evidencemap.metrics.base import MetricContext, MetricRecord, register_metric
 from evidencemap.metrics.common import (
+    SEED,
     Explainer,
     Metric,
     check_explainer,
-    check_nonneg_float,
     make_scorer,
     run_explainer,
 )
@@ -32,6 +34,7 @@ from evidencemap.targets import OutputKey, Target
 __all__ = ["MaxSensitivity"]
 
 
+@register_metric
 class MaxSensitivity(Metric):
     """Max-sensitivity of an explainer under small input noise; lower is better.
 
@@ -50,6 +53,24 @@ class MaxSensitivity(Metric):
     higher_is_better = False
     directions: ClassVar[dict[str, bool]] = {"max_sensitivity": False}
     titles: ClassVar[dict[str, str]] = {"max_sensitivity": "Max-sensitivity"}
+    needs = frozenset({"explainer"})
+    OPTIONS = (
+        Option("radius", "float", 0.02, "largest change of any input value", low=0),
+        Option("samples", "int", 10, "Monte-Carlo samples per input", low=1, cost="work"),
+        Option(
+            "batch_size",
+            "int",
+            None,
+            "perturbed inputs per explainer call (None: all at once)",
+            low=1,
+            nullable=True,
+            cost="chunk",
+        ),
+        SEED,
+        Option("relative", "bool", False, "divide by the norm of the unperturbed map"),
+    )
+    QUICK: ClassVar[dict[str, Any]] = {"samples": 2}
+    run_settings = ("seed",)
 
     def __init__(
         self,
@@ -63,16 +84,12 @@ class MaxSensitivity(Metric):
         relative: bool = False,
     ) -> None:
         self.model = check_model(model)
-        self.radius = check_nonneg_float(radius, "radius")
-        self.samples = check_positive_int(samples, "samples")
-        self.batch_size = (
-            None if batch_size is None else check_positive_int(batch_size, "batch_size")
-        )
-        self.seed = int(seed)
+        self.radius = self.option("radius", radius)
+        self.samples = self.option("samples", samples)
+        self.batch_size = self.option("batch_size", batch_size)
+        self.seed = self.option("seed", seed)
         self.output_key = output_key
-        if not isinstance(relative, bool):
-            raise TypeError(f"relative must be a bool, got {type(relative).__name__}")
-        self.relative = relative
+        self.relative = self.option("relative", relative)
 
     def __call__(self, inputs: Tensor, explainer: Explainer, target: Target = None) -> Tensor:
         """``(N,)`` max-sensitivity of ``explainer`` at ``inputs``.
@@ -103,3 +120,8 @@ class MaxSensitivity(Metric):
             scale = base.double().flatten(1).norm(dim=1)
             sensitivity = sensitivity / scale.where(scale > 0, torch.ones_like(scale))
         return sensitivity.float()
+
+    def score(self, context: MetricContext) -> MetricRecord:
+        """The max-sensitivity of the method at one image."""
+        value = self(context.inputs, context.explainer, context.target)
+        return MetricRecord({"max_sensitivity": float(value[0])})

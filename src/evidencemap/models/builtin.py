@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "CT_MODELS",
     "available",
     "build_builtin",
+    "builtin_labels",
     "builtin_names",
     "describe",
     "labels",
@@ -145,6 +147,25 @@ def _labels() -> tuple[str, ...]:
 def labels() -> list[str]:
     """The 1000 ImageNet-1k class names, index-aligned with the classifiers' outputs."""
     return list(_labels())
+
+
+# name → its class names, known without loading the weights (checked before a model loads)
+_BUILTIN_LABELS: dict[str, Callable[[], Sequence[str]]] = {
+    **dict.fromkeys(_WEIGHT_PACKAGES, _labels),
+    _FER: lambda: FER_LABELS,
+    _VGG16_MRI: lambda: VGG16_MRI_LABELS,
+}
+
+
+def builtin_labels(name: str) -> list[str] | None:
+    """The class names of built-in model ``name``, index-aligned with its outputs, without
+    loading it (what lets a target be checked before the weights load); ``None`` for the
+    embedding models of :data:`CT_MODELS` and for names that are not built in.
+
+    Every name of :func:`builtin_names` has an entry (a test checks it).
+    """
+    known = _BUILTIN_LABELS.get(name)
+    return None if known is None else list(known())
 
 
 # -- 3-D CT backbone (optional extra ``ct``) ----------------------------------------------------

@@ -39,14 +39,19 @@ The update is SGD with momentum on a per-sample normalised gradient,
 ``v ← μ v + g / max|g|``, ``m ← clamp(m − η v, 0, 1)``: the largest entry moves by ``η`` per step
 whatever the model's gradient scale, which makes one learning rate work across images and models.
 
-**Experimental: the coarse schedule** (``schedule="coarse"``). On batch-normalised networks
-the defence blocks almost all of the gradient as soon as ``e ≠ x`` and the preservation mask
-degenerates to uniform dimming (see :mod:`~evidencemap.methods.fgvis.diagnostics`). The coarse
-schedule first optimises a single-channel mask of ``coarse_size`` cells per axis, bilinearly
+**The schedule** (``schedule="auto"``, the default). On networks with additive offsets
+(convolution biases, batch-norm shifts) the defence blocks almost all of the gradient as soon as
+``e ≠ x`` and the preservation mask degenerates to uniform dimming (see
+:mod:`~evidencemap.methods.fgvis.diagnostics`). Each run measures the share of the gradient the
+defence passes before it optimises; ``"auto"`` keeps the paper's rule where it is at least
+``STARVED_SHARE`` (and for the generation game, and without the defence) and runs the localising
+schedule (``schedule="coarse"``) where it starves. That schedule splits ``max_iterations``
+between two stages and first optimises a single-channel mask of ``coarse_size`` cells per axis, bilinearly
 upsampled to the input, with the same game, criterion and λ schedule but *without* the gate: a
 smooth mask of a few dozen cells cannot encode an imperceptible adversarial pattern, so the low
 resolution plays the defence's part there. Its gradient passes add Gaussian noise to ``e``
-(σ = ``noise``, or 0.1 when ``noise=0``; the criterion is judged without it), so that it does
+(σ = ``noise``, or 0.1 when ``noise=0``; the criterion is judged without it, and a kept
+preservation iterate must also keep ``NOISE_FLOOR·p(x)`` under that noise), so that it does
 not keep the class with a mask of a few per cent of contrast that any noise destroys. The full-resolution, per-channel mask is then refined
 from that answer (λ continued) with the defence as set. Every such result reports a noise check
 and a cross-model check (``noise_ratio``, ``transfer_ratio``) so brittle masks show.
@@ -60,21 +65,25 @@ from evidencemap.methods.fgvis.defence import DefenceRule, NonlinearityBounds, r
 from evidencemap.methods.fgvis.diagnostics import (
     DEGENERATE_SPREAD,
     FGVisDegenerateWarning,
+    FGVisWarning,
     map_spread,
 )
-from evidencemap.methods.fgvis.games import FGVIS_GAMES, FGVIS_SIMILARITIES
-from evidencemap.methods.fgvis.method import FGVIS_SCHEDULES, FGVis, Progress
+from evidencemap.methods.fgvis.games import FGVIS_GAMES, FGVIS_SIMILARITIES, NOISE_FLOOR
+from evidencemap.methods.fgvis.method import FGVIS_MASK_CHANNELS, FGVIS_SCHEDULES, FGVis, Progress
 from evidencemap.methods.fgvis.reference import FGVIS_REFERENCES, gaussian_blur
 
 __all__ = [
     "DEGENERATE_SPREAD",
     "FGVIS_GAMES",
+    "FGVIS_MASK_CHANNELS",
     "FGVIS_REFERENCES",
     "FGVIS_SCHEDULES",
     "FGVIS_SIMILARITIES",
+    "NOISE_FLOOR",
     "DefenceRule",
     "FGVis",
     "FGVisDegenerateWarning",
+    "FGVisWarning",
     "NonlinearityBounds",
     "Progress",
     "gaussian_blur",

@@ -1,5 +1,5 @@
 """What every FGVis result says about itself: how much gradient the defence let through, how
-spread the map is, whether it degenerated, and (for the experimental coarse schedule) whether
+spread the map is, whether it degenerated, and whether
 its explanation survives noise and other models.
 
 Definitions (all ``(N,)``, per sample):
@@ -12,35 +12,54 @@ Definitions (all ``(N,)``, per sample):
   (every call, every position and channel) whose activation is outside
   ``[min(0, h(x)), max(0, h(x))]``, i.e. whose gradient the gate blocks.
 * ``map_spread``: the share of the map's total mass held by its top 10 % of pixels
-  (``k = ⌈P/10⌉`` of the ``P`` pixels of the ``(1, *S)`` map): ``k/P`` (≈ 0.1) for a flat map,
-  1 when all mass lies in those pixels. A map without mass counts as flat (``k/P``).
+  (``k = ⌈P/10⌉`` of the ``P`` pixels of the ``(1, *S)`` map that can change ``e``, i.e. where
+  ``x`` differs from the reference): ``k/P`` (≈ 0.1) for a flat map, 1 when all mass lies in
+  those pixels. A map without mass counts as flat (``k/P``).
 * ``degenerate``: ``map_spread < DEGENERATE_SPREAD`` (0.15): the map is (nearly) flat — the mask
-  dims the whole image instead of selecting a region.
+  dims the whole image instead of selecting a region. Not checked for the generation game
+  (a target that is not the top class, or ``lam=0``) nor a trivial game.
+* ``reference_score`` ``p(r)`` and ``trivial``: the reference alone keeps the class
+  (preservation: ``p(r) ≥ (1 − tolerance)·p(x)``, nothing to preserve) or keeps too much of it
+  (deletion: ``p(r) > delete_to·p(x)``, removing everything does not delete it).
+* ``noise_ratio`` ``mean_j p(e + ε_j)/p(x)``, 8 draws ``ε ~ N(0, 0.1²)``; undefended results
+  whose evidence does not survive it (preservation: below ``NOISE_FLOOR``; deletion: the class
+  comes back above it) are ``likely_adversarial``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from evidencemap.capture import NonlinearityInterceptor
 from evidencemap.methods.fgvis.defence import DefenceRule, NonlinearityBounds
-from evidencemap.methods.fgvis.games import phi
+from evidencemap.methods.fgvis.games import NOISE_FLOOR, phi
 
 __all__ = [
     "CHECK_DRAWS",
     "CHECK_NOISE",
     "DEGENERATE_SPREAD",
     "DIAGNOSTIC_DIMMING",
+    "REASON_FLOWS",
+    "REASON_GENERATION",
+    "REASON_REQUESTED",
+    "REASON_STARVED",
+    "REASON_TRIVIAL",
+    "REASON_UNDEFENDED",
     "STARVED_SHARE",
     "FGVisDegenerateWarning",
+    "FGVisWarning",
+    "Report",
     "defence_check",
     "degenerate_message",
+    "describe",
     "map_spread",
     "noise_check",
+    "noise_floor",
     "transfer_check",
 ]
 
@@ -56,7 +75,31 @@ CHECK_DRAWS = 8
 """Noise draws averaged by the noise check."""
 
 
-class FGVisDegenerateWarning(UserWarning):
+REASON_REQUESTED = 0
+"""The schedule was named (``"fine"`` or ``"coarse"``)."""
+REASON_FLOWS = 1
+"""``"auto"``: the defence passes the gradient, the paper's rule runs."""
+REASON_STARVED = 2
+"""``"auto"``: the defence starves the gradient, the localising coarse-to-fine schedule runs."""
+REASON_UNDEFENDED = 3
+"""``"auto"`` without the defence: the paper's rule, undefended."""
+REASON_GENERATION = 4
+"""``"auto"``, generation game: the paper's rule, whose defence guards generated evidence."""
+REASON_TRIVIAL = 5
+"""Preservation won by the reference alone: no optimisation."""
+
+_OFFSETS = (
+    "additive offsets (convolution biases, batch-norm shifts) make activations rise when the "
+    "image is dimmed"
+)
+
+
+class FGVisWarning(UserWarning):
+    """Something about an FGVis result its reader must know (trivial game, deletion not
+    reached, likely adversarial evidence)."""
+
+
+class FGVisDegenerateWarning(FGVisWarning):
     """An FGVis map is flat: the defence starved the optimisation, the mask only dims."""
 
 
@@ -112,13 +155,23 @@ def defence_check(
     return share, out
 
 
-def map_spread(raw: Tensor) -> Tensor:
-    """Share of each ``(N, 1, *S)`` map's mass in its top 10 % pixels ``(N,)`` (see above)."""
+def map_spread(raw: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Share of each ``(N, 1, *S)`` map's mass in its top 10 % pixels ``(N,)`` (see above),
+    over the pixels ``valid`` ``(N, 1, *S)`` (all when ``None``): ``k = ⌈P/10⌉`` of the ``P``
+    valid pixels (at least 1)."""
     flat = raw.detach().flatten(1).clamp(min=0)
-    k = max(1, math.ceil(flat.shape[1] / 10))
-    total = flat.sum(1)
-    top = flat.topk(k, dim=1).values.sum(1)
-    return torch.where(total > 0, top / total.clamp(min=1e-30), k / flat.shape[1])
+    if valid is None:
+        count = torch.full((flat.shape[0],), flat.shape[1], device=flat.device)
+    else:
+        keep = valid.flatten(1)
+        flat = flat * keep
+        count = keep.sum(1)
+    count = count.clamp(min=1)
+    k = torch.ceil(count / 10).long().clamp(min=1)
+    ordered = flat.sort(dim=1, descending=True).values.cumsum(1)
+    top = ordered.gather(1, (k - 1)[:, None]).squeeze(1)
+    total = ordered[:, -1]
+    return torch.where(total > 0, top / total.clamp(min=1e-30), k / count)
 
 
 def degenerate_message(game: str, rows: Sequence[int], spread: Tensor, share: Tensor | None) -> str:
@@ -136,10 +189,11 @@ def degenerate_message(game: str, rows: Sequence[int], spread: Tensor, share: Te
         passed = max(float(share[i]) for i in rows)
         text += f"; the defence passes {passed:.1%} of the gradient at 0.1 % dimming"
         if passed < STARVED_SHARE:
-            text += ", so the optimisation is starved (typical of batch-normalised networks)"
+            text += f", so the optimisation is starved ({_OFFSETS})"
     return text + (
-        ". Use the defended deletion game instead (game='delete', and check "
-        "extras['satisfied']), or a CAM-family method (method='gradcam')."
+        ". Use the localising schedule (schedule='auto' or 'coarse'), the defended deletion "
+        "game (game='delete', and check extras['satisfied']), or a CAM-family method "
+        "(method='gradcam')."
     )
 
 
@@ -157,6 +211,18 @@ def noise_check(
     return total / CHECK_DRAWS / image_score.clamp(min=1e-30)
 
 
+def noise_floor(
+    forward: Callable[[Tensor], Tensor], x: Tensor, classes: Tensor, image_score: Tensor
+) -> Tensor:
+    """The localising schedule's floor ``(N,)``: the score a kept preservation iterate must
+    keep under noise, ``NOISE_FLOOR·p(x)``; or ``NOISE_FLOOR·q(x)`` where the image itself keeps
+    less than that under the noise check's noise (``q(x) = mean_j p(x + ε_j)``), so that the
+    floor can be met."""
+    q = noise_check(forward, x, classes, torch.ones_like(image_score))
+    wanted = NOISE_FLOOR * image_score
+    return torch.where(q >= wanted, wanted, NOISE_FLOOR * q)
+
+
 def transfer_check(models: Sequence[nn.Module], x: Tensor, e: Tensor, classes: Tensor) -> Tensor:
     """``p_k(e) / p_k(x)`` ``(N, K)`` for each other model ``k`` (eval mode, no gradients)."""
     columns = []
@@ -168,3 +234,144 @@ def transfer_check(models: Sequence[nn.Module], x: Tensor, e: Tensor, classes: T
     if not columns:
         return torch.zeros(x.shape[0], 0, device=x.device)
     return torch.stack(columns, dim=1)
+
+
+@dataclass
+class Report:
+    """What a result says about itself, per sample and for the batch."""
+
+    schedules: list[str]
+    reasons: list[str]
+    notes: list[str]
+    warning: str = ""
+    warnings: list[tuple[str, type[Warning]]] = field(default_factory=list)
+
+
+def _reason(code: int, coarse: bool, share: float | None, pr: float, px: float) -> str:
+    """One sentence: which schedule ran on a sample and why."""
+    passed = (
+        "" if share is None else f"the defence passes {share:.1%} of the gradient at 0.1 % dimming"
+    )
+    if code == REASON_TRIVIAL:
+        return (
+            f"no optimisation: the reference alone scores p(r) = {pr:.3g} (p(x) = {px:.3g}): "
+            "nothing to preserve"
+        )
+    if code == REASON_STARVED:
+        return (
+            f"localising coarse-to-fine schedule: only {passed} ({_OFFSETS}), so the paper's "
+            "full-resolution rule would only dim the image"
+        )
+    if code == REASON_FLOWS:
+        return f"the paper's full-resolution rule: {passed}"
+    if code == REASON_UNDEFENDED:
+        return "the paper's full-resolution rule, without the defence"
+    if code == REASON_GENERATION:
+        return (
+            "the paper's full-resolution rule: generation game (the target is not the top class, "
+            "or lam=0), which the paper's defence guards"
+        )
+    which = "the localising coarse-to-fine schedule" if coarse else "the paper's rule"
+    return f"{which}, as requested" + (f" ({passed})" if passed else "")
+
+
+def _rows(flags: Tensor) -> list[int]:
+    return [int(i) for i in flags.nonzero().flatten()]
+
+
+def _problems(
+    game: str, extras: dict[str, Any], tolerance: float, delete_to: float
+) -> list[tuple[list[int], str, type[Warning]]]:
+    """``(rows, message, category)`` of every problem a batch's result has."""
+    out: list[tuple[list[int], str, type[Warning]]] = []
+    share = extras.get("defence_pass_share")
+    ratio = extras["score"] / extras["image_score"].clamp(min=1e-30)
+    pr, px = extras["reference_score"], extras["image_score"]
+    trivial = _rows(extras["trivial"])
+    if trivial:
+        which = ", ".join(str(i) for i in trivial)
+        i = trivial[0]
+        values = f"p(r) = {float(pr[i]):.3g} against p(x) = {float(px[i]):.3g}"
+        if game == "preserve":
+            text = (
+                f"FGVis: sample(s) {which}: the reference alone scores {values}: nothing to "
+                "preserve; use another reference (reference='blur', 'mean', a number or a tensor)"
+            )
+        else:
+            text = (
+                f"FGVis: sample(s) {which}: the reference alone scores {values}, above "
+                f"delete_to·p(x): removing everything does not delete the class; use another "
+                "reference (reference='blur', 'mean', a number or a tensor)"
+            )
+        out.append((trivial, text, FGVisWarning))
+    flat = _rows(extras["degenerate"])
+    if flat:
+        text = degenerate_message(game, flat, extras["map_spread"], share)
+        out.append((flat, text, FGVisDegenerateWarning))
+    if game == "delete":
+        missed = _rows(~extras["satisfied"] & ~extras["trivial"])
+        if missed:
+            which = ", ".join(str(i) for i in missed)
+            best = min(float(ratio[i]) for i in missed)
+            text = (
+                f"FGVis: the deletion game did not reach p(e) ≤ {delete_to}·p(x) on sample(s) "
+                f"{which} (lowest p(e)/p(x) {best:.3f}; the returned iterate is the "
+                "lowest-scoring one)"
+            )
+            passed = None if share is None else max(float(share[i]) for i in missed)
+            if passed is not None and passed < STARVED_SHARE:
+                text += (
+                    f": the defence passes {passed:.1%} of the gradient ({_OFFSETS}), and the "
+                    "gated gradient can only lower activations, so the run stalls. Use "
+                    "schedule='coarse' (or 'auto'), or more max_iterations"
+                )
+            else:
+                text += ". Raise max_iterations or lr"
+            out.append((missed, text + ".", FGVisWarning))
+    adversarial = extras.get("likely_adversarial")
+    if adversarial is not None and bool(adversarial.any()):
+        rows = _rows(adversarial)
+        which = ", ".join(str(i) for i in rows)
+        noise = extras["noise_ratio"]
+        text = (
+            f"FGVis without the defence: the evidence of sample(s) {which} does not survive "
+            f"noise (σ = {CHECK_NOISE}: p(e + ε)/p(x) = "
+            + ", ".join(f"{float(noise[i]):.3g}" for i in rows)
+            + "): likely adversarial; use defence=True."
+        )
+        out.append((rows, text, FGVisWarning))
+    return out
+
+
+def describe(game: str, extras: dict[str, Any], tolerance: float, delete_to: float) -> Report:
+    """The per-sample schedule, its reason and notes, and the batch's warnings, from a joined
+    result's ``extras`` (removes the helper field ``schedule_code``)."""
+    codes = extras.pop("schedule_code")
+    coarse = extras["coarse"]
+    share = extras.get("defence_pass_share")
+    pr, px = extras["reference_score"], extras["image_score"]
+    n = codes.shape[0]
+    schedules = [
+        "none"
+        if int(codes[i]) == REASON_TRIVIAL and game == "preserve"
+        else ("coarse" if bool(coarse[i]) else "fine")
+        for i in range(n)
+    ]
+    reasons = [
+        _reason(
+            int(codes[i]),
+            bool(coarse[i]),
+            None if share is None else float(share[i]),
+            float(pr[i]),
+            float(px[i]),
+        )
+        for i in range(n)
+    ]
+    problems = _problems(game, extras, tolerance, delete_to)
+    notes = []
+    for i in range(n):
+        parts = [f"FGVis schedule '{schedules[i]}': {reasons[i]}."]
+        parts += [text for rows, text, _ in problems if i in rows]
+        notes.append(" ".join(parts))
+    warning = "\n".join(text for _, text, _ in problems)
+    return Report(schedules, reasons, notes, warning, [(t, c) for _, t, c in problems])

@@ -12,6 +12,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -27,25 +28,63 @@ from evidencemap.methods.fgvis.defence import DefenceRule, NonlinearityBounds, r
 from evidencemap.methods.fgvis.diagnostics import (
     CHECK_NOISE,
     DEGENERATE_SPREAD,
-    FGVisDegenerateWarning,
+    REASON_FLOWS,
+    REASON_GENERATION,
+    REASON_REQUESTED,
+    REASON_STARVED,
+    REASON_TRIVIAL,
+    REASON_UNDEFENDED,
+    STARVED_SHARE,
     defence_check,
-    degenerate_message,
+    describe,
     map_spread,
     noise_check,
+    noise_floor,
     transfer_check,
 )
-from evidencemap.methods.fgvis.games import FGVIS_GAMES, FGVIS_SIMILARITIES, phi
+from evidencemap.methods.fgvis.games import FGVIS_GAMES, FGVIS_SIMILARITIES, NOISE_FLOOR, phi
 from evidencemap.methods.fgvis.optimiser import MaskState, take
 from evidencemap.methods.fgvis.reference import FGVIS_REFERENCES, reference_for
 from evidencemap.methods.options import Option, warn_renamed
 from evidencemap.methods.registry import installed_transfer_models, register
 from evidencemap.targets import OutputKey, Target, resolve
 
-__all__ = ["FGVIS_SCHEDULES", "FGVis", "Progress"]
+__all__ = ["FGVIS_MASK_CHANNELS", "FGVIS_SCHEDULES", "FGVis", "Plan", "Progress"]
 
-FGVIS_SCHEDULES = ("fine", "coarse")
+FGVIS_SCHEDULES = ("auto", "fine", "coarse")
+FGVIS_MASK_CHANNELS = ("auto", "shared", "separate")
 
 Progress = Callable[[int, dict[str, Tensor]], None]
+
+
+@dataclass
+class Plan:
+    """What a batch's run decided before its first step (all ``(N,)`` unless said otherwise).
+
+    Attributes:
+        reference_score: ``p(r)``, the target's probability on the reference alone.
+        trivial: preservation: ``p(r) ≥ (1 − tolerance)·p(x)`` (nothing to preserve, no
+            optimisation); deletion: ``p(r) > delete_to·p(x)`` (removing everything does not
+            delete the class).
+        generation: a preservation run whose target is not the top class on ``x``, or with
+            ``lam=0``: the generation game (no flat-map check).
+        share / outside: ``defence_pass_share`` / ``units_out_of_bounds`` (``None`` undefended).
+        coarse: the samples that run the localising coarse-to-fine schedule.
+        reason: why each sample runs its schedule (``REASON_*`` of the diagnostics).
+        shared: one mask value per pixel for all channels (bool, for the batch).
+        free: ``(N, C, *S)`` positions whose mask can change ``e`` (``x ≠ r``; with a shared
+            mask, pixels where any channel differs).
+    """
+
+    reference_score: Tensor
+    trivial: Tensor
+    generation: Tensor
+    share: Tensor | None
+    outside: Tensor | None
+    coarse: Tensor
+    reason: Tensor
+    shared: bool
+    free: Tensor
 
 
 @register
@@ -87,12 +126,19 @@ class FGVis(Method):
             with ``info`` = ``{"loss", "score", "lambda", "mask_mean", "active"}`` ``(N,)`` tensors.
         blur_sigma: σ in pixels of ``reference="blur"``.
         optimizer: ``"sgd"`` (normalised SGD with momentum) or ``"adam"``.
-        schedule: ``"fine"`` (the paper: one full-resolution, per-channel mask) or
-            ``"coarse"`` (experimental, see :mod:`evidencemap.methods.fgvis`): first a
-            single-channel mask on a ``coarse_size``-cells-per-axis grid, bilinearly upsampled
-            and optimised *without* the gate (the low resolution is the guard) against noise
-            on ``e`` (σ = ``noise``, or 0.1 when ``noise=0``), then the full-resolution mask
-            refined from it with ``defence`` and ``noise`` as set.
+        schedule: ``"auto"`` (per sample: ``"fine"`` where the defence passes at least
+            ``STARVED_SHARE`` of the gradient at 0.1 % dimming, in the generation game and
+            without the defence; ``"coarse"`` where it starves), ``"fine"`` (the paper: one
+            full-resolution mask) or ``"coarse"`` (the localising schedule, see
+            :mod:`evidencemap.methods.fgvis`): ``max_iterations`` shared by a single-channel
+            mask on a ``coarse_size``-cells-per-axis grid, bilinearly upsampled and optimised
+            *without* the gate (the low resolution is the guard) against noise on ``e``
+            (σ = ``noise``, or 0.1 when ``noise=0``), then the full-resolution mask refined
+            from it with ``defence`` as set against the same noise; in the preservation game
+            a kept iterate must also keep ``NOISE_FLOOR·p(x)`` under that noise.
+        mask_channels: ``"separate"`` (one mask value per pixel and channel, the paper),
+            ``"shared"`` (one per pixel) or ``"auto"`` (shared when every input's channels are
+            equal, e.g. greyscale exports).
         coarse_size: cells per spatial axis of the coarse stage (≥ 1).
         transfer: models for the coarse schedule's cross-model check: ``"installed"`` (the
             built-in EfficientNet-Lite1/Lite2 whose weights are installed), ``"none"``, or a
@@ -106,18 +152,25 @@ class FGVis(Method):
 
     * ``mask`` ``m``, ``explanation`` ``e``, ``deleted`` ``x ⊙ (1 − m) + r ⊙ m`` (``(N, C, *S)``);
     * ``score`` ``p(e)`` and ``top1`` on ``e`` from the unmodified model (no interceptor);
-    * ``image_score`` ``p(x)``; ``lambda`` the λ of the returned iterate; ``satisfied`` whether
-      it meets the game's criterion (``lam="auto"``; with a fixed λ whether it does anyway);
+    * ``image_score`` ``p(x)``; ``reference_score`` ``p(r)``; ``lambda`` the λ of the returned
+      iterate; ``satisfied`` whether it meets the game's criterion (``lam="auto"``; with a
+      fixed λ whether it does anyway);
     * ``iterations`` steps run per sample; ``loss_history`` ``(N, max_iterations)`` (entries
-      after a sample stopped repeat its last loss; ``(N, 2·max_iterations)`` with the coarse
-      schedule: coarse stage, then refinement); ``mask_mean`` the mean of ``m``;
+      after a sample stopped repeat its last loss; with the localising schedule the coarse
+      stage, then the refinement); ``mask_mean`` the mean of ``m`` over the
+      positions that can change ``e`` (``x ≠ r``; elsewhere ``m`` is 0 in the preservation game,
+      1 in the deletion game), ``free_fraction`` their share, ``shared_mask``;
     * diagnostics (:mod:`~evidencemap.methods.fgvis.diagnostics`), ``(N,)``:
-      ``defence_pass_share`` and ``units_out_of_bounds`` (defended runs only), ``map_spread``,
-      ``degenerate``; and ``warning``, a string: ``""`` when no map is degenerate, else the
-      message also issued as :class:`FGVisDegenerateWarning`;
-    * with ``schedule="coarse"``: ``noise_ratio`` ``p(e + ε)/p(x)`` (mean of 8 draws ``ε ~ N(0, 0.1²)``, fixed
-      seed) and ``transfer_ratio`` ``(N, K)`` ``p_k(e)/p_k(x)`` of each transfer model
-      (``K = 0`` when none), ``transfer_models`` their names.
+      ``defence_pass_share`` and ``units_out_of_bounds`` (defended runs), ``likely_adversarial``
+      (undefended runs), ``map_spread``, ``degenerate``, ``trivial``, ``generation``,
+      ``coarse``, ``noise_ratio`` ``p(e + ε)/p(x)`` (mean of 8 draws ``ε ~ N(0, 0.1²)``, fixed
+      seed); ``schedule`` / ``schedule_reason`` / ``notes`` (lists of strings per sample: the
+      schedule that ran, why, and that plus any problem — what :meth:`Explanation.warning`
+      returns); and ``warning``, a string: ``""`` when no sample has a problem, else the
+      messages also issued as :class:`FGVisWarning` (:class:`FGVisDegenerateWarning` for a flat
+      map);
+    * with ``schedule="coarse"``: ``transfer_ratio`` ``(N, K)`` ``p_k(e)/p_k(x)`` of each
+      transfer model (``K = 0`` when none), ``transfer_models`` their names.
 
     Raises:
         TypeError / ValueError: for bad options (at construction) or a target that is not a
@@ -250,9 +303,18 @@ class FGVis(Method):
         Option(
             "schedule",
             "str",
-            "fine",
-            "'fine' (the paper) or 'coarse' (experimental: coarse mask first, then refined)",
+            "auto",
+            "'auto' (the paper's rule where the defence passes the gradient, else coarse), "
+            "'fine' (always the paper's rule) or 'coarse' (coarse mask first, then refined)",
             choices=FGVIS_SCHEDULES,
+        ),
+        Option(
+            "mask_channels",
+            "str",
+            "auto",
+            "one mask value per pixel and channel ('separate'), one per pixel ('shared'), or "
+            "'auto' (shared for inputs whose channels are equal)",
+            choices=FGVIS_MASK_CHANNELS,
         ),
         Option(
             "coarse_size", "int", 7, "cells per axis of the coarse schedule's first stage", low=1
@@ -289,7 +351,8 @@ class FGVis(Method):
         progress: bool | Progress | None = None,
         blur_sigma: float = 10.0,
         optimizer: str = "sgd",
-        schedule: str = "fine",
+        schedule: str = "auto",
+        mask_channels: str = "auto",
         coarse_size: int = 7,
         transfer: str | Sequence[nn.Module] = "installed",
         output_key: OutputKey = None,
@@ -341,6 +404,7 @@ class FGVis(Method):
         self.optimizer = check("optimizer", optimizer)
         self.blur_sigma = check("blur_sigma", blur_sigma)
         self.schedule = check("schedule", schedule)
+        self.mask_channels = check("mask_channels", mask_channels)
         self.coarse_size = check("coarse_size", coarse_size)
         transfer = check("transfer", transfer)
         if not isinstance(transfer, str):
@@ -393,6 +457,7 @@ class FGVis(Method):
             "blur_sigma": self.blur_sigma,
             "optimizer": self.optimizer,
             "schedule": self.schedule,
+            "mask_channels": self.mask_channels,
             "coarse_size": self.coarse_size,
             "transfer": transfer,
         }
@@ -401,7 +466,7 @@ class FGVis(Method):
     def batch_independent(self) -> bool:
         """Noise on ``e`` (``noise > 0``, and the coarse schedule's) is drawn for the whole batch
         at once: such a batch is not split by a memory budget."""
-        return self.noise == 0 and self.schedule != "coarse"
+        return self.noise == 0 and self.schedule == "fine"
 
     # -- pieces ---------------------------------------------------------------------------------
     def reference_for(self, x: Tensor) -> Tensor:
@@ -428,13 +493,13 @@ class FGVis(Method):
         exp = super().__call__(inputs, target)
         # Built here, after the chunks of a batch are joined, from the per-sample flags.
         extras = exp.extras
-        rows = [int(i) for i in extras["degenerate"].nonzero().flatten()]
-        message = degenerate_message(
-            self.game, rows, extras["map_spread"], extras.get("defence_pass_share")
-        )
-        extras["warning"] = message
-        if message:
-            warnings.warn(message, FGVisDegenerateWarning, stacklevel=2)
+        report = describe(self.game, extras, self.tolerance, self.delete_to)
+        extras["schedule"] = report.schedules
+        extras["schedule_reason"] = report.reasons
+        extras["notes"] = report.notes
+        extras["warning"] = report.warning
+        for text, category in report.warnings:
+            warnings.warn(text, category, stacklevel=2)
         return exp
 
     def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
@@ -459,34 +524,159 @@ class FGVis(Method):
             )
         classes = resolved.classes
         image_score = output.softmax(dim=1).gather(1, classes[:, None]).squeeze(1)
-        noise = None
-        if self.noise > 0:
-            noise = (torch.Generator(device=x.device).manual_seed(self.seed), self.noise)
-        coarse = self.schedule == "coarse"
-        total = self.max_iterations * (2 if coarse else 1)
+        plan = self._plan(x, ref, output, classes, image_score, bounds)
+        state, iterations, history = self._optimise_stages(
+            x, ref, classes, image_score, bounds, plan
+        )
+        extras = self._result(x, ref, classes, image_score, state, plan)
+        extras["iterations"] = iterations
+        extras["loss_history"] = history
+        raw = extras.pop("_raw")
+        context = Context(self.model, x, output.detach(), resolved, None, self.forward)
+        return self.finish(raw, raw, context, image_score, extras=extras, normalise=False)
+
+    def _plan(
+        self,
+        x: Tensor,
+        ref: Tensor,
+        output: Tensor,
+        classes: Tensor,
+        image_score: Tensor,
+        bounds: list[NonlinearityBounds | None],
+    ) -> Plan:
+        """Everything decided before the first step: the reference's own score, the trivial
+        and generation games, the defence's pass share, the schedule per sample, the mask's
+        channels and the positions where ``x`` equals the reference."""
+        with torch.no_grad():
+            ref_score = self._phi(self.forward(ref), classes)[1]
+        preserve = self.game == "preserve"
+        if preserve:
+            trivial = ref_score >= (1 - self.tolerance) * image_score
+        else:
+            trivial = ref_score > self.delete_to * image_score
+        generation = torch.zeros_like(trivial)
+        if preserve:
+            generation = classes != output.argmax(dim=1)
+            if self.lam == 0:
+                generation[:] = True
+            # Raising a class is a game even where the reference already scores it higher.
+            trivial = trivial & ~generation
+        share = outside = None
+        if self.defence:
+            share, outside = defence_check(self.forward, x, ref, classes, bounds, self.similarity)
+        n = x.shape[0]
+        reason = torch.full((n,), REASON_REQUESTED, dtype=torch.long, device=x.device)
+        if self.schedule == "auto":
+            if share is None:
+                reason[:] = REASON_UNDEFENDED
+            else:
+                starved = share < STARVED_SHARE
+                reason = torch.where(starved, REASON_STARVED, REASON_FLOWS)
+                reason = torch.where(starved & generation, REASON_GENERATION, reason)
+            coarse = reason == REASON_STARVED
+        else:
+            coarse = torch.full((n,), self.schedule == "coarse", device=x.device)
+        if preserve:
+            # Nothing to optimise: the reference alone keeps the class.
+            coarse = coarse & ~trivial
+            reason = torch.where(trivial, REASON_TRIVIAL, reason)
+        shared = self.mask_channels == "shared" or (
+            self.mask_channels == "auto" and x.shape[1] > 1 and bool((x == x[:, :1]).all())
+        )
+        free = x != ref
+        if shared:
+            free = free.any(dim=1, keepdim=True).expand_as(x)
+        return Plan(ref_score, trivial, generation, share, outside, coarse, reason, shared, free)
+
+    def _optimise_stages(
+        self,
+        x: Tensor,
+        ref: Tensor,
+        classes: Tensor,
+        image_score: Tensor,
+        bounds: list[NonlinearityBounds | None],
+        plan: Plan,
+    ) -> tuple[MaskState, Tensor, Tensor]:
+        """Both stages: the coarse one for the samples ``plan.coarse``, then the full-resolution
+        one for all. Returns the final state, the steps per sample and the loss history."""
+        n, channels = x.shape[0], x.shape[1]
+        rows_c = plan.coarse.nonzero().squeeze(1)
+        two = rows_c.numel() > 0
+        # The localising schedule shares max_iterations between its stages.
+        k1 = (self.max_iterations + 1) // 2 if two else 0
+        k2 = self.max_iterations - k1
+        steps = self.max_iterations if not bool(plan.coarse.all()) else k2
+        total = k1 + steps
         bar = _bar(self.progress, total)
-        try:
-            start = lam = None
-            history = []
-            iterations = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            if coarse:
-                coarse_state, expand = self._coarse_stage(x, ref, classes, image_score, total, bar)
-                start = expand(coarse_state.result_mask()).clamp(0, 1)
-                lam = coarse_state.result_lambda()
-                history.append(coarse_state.history())
-                iterations += coarse_state.iterations
-            state = MaskState(x, self, start=start, lam=lam)
-            offset = self.max_iterations if coarse else 0
-            self._optimise(
-                x, ref, classes, image_score, state, bounds, None, offset, total, noise, bar
+        weight_full = plan.free.to(x.dtype)
+        weight_full = weight_full / weight_full.flatten(1).sum(1).clamp(min=1).view(
+            -1, *([1] * (x.ndim - 1))
+        )
+        fine_expand = None
+        if plan.shared:
+
+            def fine_expand(theta: Tensor) -> Tensor:
+                return theta.expand(-1, channels, *theta.shape[2:])
+
+        mask_channels = 1 if plan.shared else channels
+        sigma = torch.full((n,), self.noise, device=x.device)
+        start = x.new_ones(n, mask_channels, *x.shape[2:])
+        lam = torch.full((n,), math.nan, device=x.device)
+        floor = torch.zeros(n, device=x.device)
+        if two and self.game == "preserve":
+            floor[rows_c] = noise_floor(
+                self.forward, x[rows_c], classes[rows_c], image_score[rows_c]
             )
-            history.append(state.history())
+        iterations = torch.zeros(n, dtype=torch.long, device=x.device)
+        try:
+            if two:
+                c_state, up = self._coarse_stage(
+                    x[rows_c], ref[rows_c], classes[rows_c], image_score[rows_c],
+                    weight_full[rows_c], floor[rows_c], k1, total, bar,
+                )  # fmt: skip
+                result = up(c_state.result_mask()).clamp(0, 1)
+                start[rows_c] = result.expand(-1, mask_channels, *x.shape[2:])
+                lam[rows_c] = c_state.result_lambda()
+                iterations[rows_c] += c_state.iterations
+                sigma[rows_c] = max(self.noise, CHECK_NOISE)
+            weight = _adjoint(fine_expand, start, weight_full)
+            limit = torch.where(plan.coarse, k2, self.max_iterations)
+            state = MaskState(
+                start, self, start=start, lam=lam, weight=weight, floor=floor, limit=limit
+            )
+            if self.game == "preserve":
+                state.settle(plan.trivial.nonzero().squeeze(1), 0.0)
+            noise = None
+            if bool((sigma > 0).any()):
+                noise = (torch.Generator(device=x.device).manual_seed(self.seed), sigma)
+            self._optimise(
+                x, ref, classes, image_score, state, bounds, fine_expand, (k1, steps, total),
+                noise, bar,
+            )  # fmt: skip
             iterations += state.iterations
         finally:
             if bar is not None:
                 bar(-1, {})
+        history = state.history()
+        if two:
+            history[rows_c] = torch.cat([c_state.history()[:, :k1], history[rows_c, :k2]], 1)
+        return state, iterations, history
+
+    def _result(
+        self,
+        x: Tensor,
+        ref: Tensor,
+        classes: Tensor,
+        image_score: Tensor,
+        state: MaskState,
+        plan: Plan,
+    ) -> dict[str, Any]:
+        """The returned masks, images, scores and diagnostics (``"_raw"``: the map)."""
         preserve = self.game == "preserve"
-        mask = state.result_mask()
+        mask = state.result_mask().expand_as(x)
+        # Positions where x equals the reference cannot change e: m = 0 there (preservation),
+        # 1 (deletion), so the map is 0 there either way.
+        mask = torch.where(plan.free, mask, 0.0 if preserve else 1.0).detach()
         e = mask * x + (1 - mask) * ref
         deleted = (1 - mask) * x + mask * ref
         with torch.no_grad():  # the unmodified model: no interceptor, no hooks
@@ -494,30 +684,45 @@ class FGVis(Method):
         score = out_e.softmax(dim=1).gather(1, classes[:, None]).squeeze(1)
         relevant = mask if preserve else 1 - mask
         raw = relevant.mean(dim=1, keepdim=True)
-        satisfied = state.criterion(score, image_score)
-        spread = map_spread(raw)
+        free_pixels = plan.free.any(dim=1, keepdim=True)
+        count = plan.free.flatten(1).sum(1)
+        mask_mean = torch.where(
+            count > 0, (mask * plan.free).flatten(1).sum(1) / count.clamp(min=1), 0.0
+        )
+        spread = map_spread(raw, free_pixels)
+        noise_ratio = noise_check(self.forward, e, classes, image_score)
         extras: dict[str, Any] = {
-            "mask": mask.detach(),
+            "_raw": raw,
+            "mask": mask,
             "explanation": e.detach(),
             "deleted": deleted.detach(),
             "score": score.detach(),
             "top1": out_e.argmax(dim=1),
             "image_score": image_score.detach(),
+            "reference_score": plan.reference_score.detach(),
             "lambda": state.result_lambda(),
-            "satisfied": satisfied,
-            "iterations": iterations,
-            "loss_history": history[0] if len(history) == 1 else torch.cat(history, dim=1),
-            "mask_mean": mask.flatten(1).mean(1),
+            "satisfied": state.criterion(score, image_score),
+            "mask_mean": mask_mean,
+            "free_fraction": count / plan.free[0].numel(),
+            "shared_mask": torch.full_like(plan.trivial, plan.shared),
             "map_spread": spread,
-            "degenerate": spread < DEGENERATE_SPREAD,
+            "degenerate": (spread < DEGENERATE_SPREAD) & ~plan.generation & ~plan.trivial,
+            "trivial": plan.trivial,
+            "generation": plan.generation,
+            "noise_ratio": noise_ratio,
+            "coarse": plan.coarse,
+            "schedule_code": plan.reason,
         }
-        if self.defence:
-            share, outside = defence_check(self.forward, x, ref, classes, bounds, self.similarity)
-            extras["defence_pass_share"] = share
-            extras["units_out_of_bounds"] = outside
-        if coarse:
+        if plan.share is not None:
+            extras["defence_pass_share"] = plan.share
+            extras["units_out_of_bounds"] = plan.outside
+        else:
+            broken = noise_ratio < NOISE_FLOOR if preserve else noise_ratio >= NOISE_FLOOR
+            extras["likely_adversarial"] = broken & ~plan.trivial
+        if self.schedule == "coarse" or (
+            not isinstance(self.transfer, str) and bool(plan.coarse.any())
+        ):
             shown = e if preserve else deleted
-            extras["noise_ratio"] = noise_check(self.forward, shown, classes, image_score)
             others = self.transfer_models()
             with ExitStack() as stack:
                 for _, other in others:
@@ -526,8 +731,7 @@ class FGVis(Method):
                     [m.to(x.device) for _, m in others], x, shown.detach(), classes
                 )
             extras["transfer_models"] = [name for name, _ in others]
-        context = Context(self.model, x, output.detach(), resolved, None, self.forward)
-        return self.finish(raw, raw, context, image_score, extras=extras, normalise=False)
+        return extras
 
     def _coarse_stage(
         self,
@@ -535,29 +739,39 @@ class FGVis(Method):
         ref: Tensor,
         classes: Tensor,
         image_score: Tensor,
+        weight_full: Tensor,
+        floor: Tensor,
+        steps: int,
         total: int,
         bar: Progress | None,
     ) -> tuple[MaskState, Callable[[Tensor], Tensor]]:
-        """The coarse schedule's first stage: a ``(N, 1, *grid)`` mask ``θ``, ``m = up(θ)``
-        (bilinear / trilinear, expanded over the channels), no gate, noise on ``e``.
+        """The coarse schedule's first stage: a ``(n, 1, *grid)`` mask ``θ``, ``m = up(θ)``
+        (bilinear / trilinear, expanded over the channels), no gate, noise on ``e``, and (in
+        the preservation game) a kept iterate must keep ``NOISE_FLOOR · p(x)`` under that noise.
 
-        Returns the finished state and ``up``.
+        Returns the finished state and ``up`` (to ``(n, 1, *S)``).
         """
         grid = (self.coarse_size,) * (x.ndim - 2)
         size = x.shape[2:]
         mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[x.ndim - 2]
 
-        def expand(theta: Tensor) -> Tensor:
-            up = F.interpolate(theta, size=size, mode=mode, align_corners=False)
-            return up.expand(-1, x.shape[1], *size)
+        def up(theta: Tensor) -> Tensor:
+            return F.interpolate(theta, size=size, mode=mode, align_corners=False)
 
-        state = MaskState(x.new_ones(x.shape[0], 1, *grid), self)
+        def expand(theta: Tensor) -> Tensor:
+            return up(theta).expand(-1, x.shape[1], *size)
+
+        theta = x.new_ones(x.shape[0], 1, *grid)
+        weight = _adjoint(expand, theta, weight_full)
+        state = MaskState(theta, self, weight=weight, floor=floor)
         # Trained against noise (σ = `noise`, or CHECK_NOISE when 0): a mask that keeps the
         # class only at a few per cent of contrast is brittle.
-        sigma = self.noise if self.noise > 0 else CHECK_NOISE
-        noise = (torch.Generator(device=x.device).manual_seed(self.seed), sigma)
-        self._optimise(x, ref, classes, image_score, state, [], expand, 0, total, noise, bar)
-        return state, expand
+        sigma = torch.full((x.shape[0],), self.noise if self.noise > 0 else CHECK_NOISE)
+        noise = (torch.Generator(device=x.device).manual_seed(self.seed), sigma.to(x.device))
+        self._optimise(
+            x, ref, classes, image_score, state, [], expand, (0, steps, total), noise, bar
+        )
+        return state, up
 
     def _optimise(
         self,
@@ -568,19 +782,22 @@ class FGVis(Method):
         state: MaskState,
         bounds: list[NonlinearityBounds | None],
         expand: Callable[[Tensor], Tensor] | None,
-        offset: int,
-        total: int,
-        noise: tuple[torch.Generator, float] | None,
+        count: tuple[int, int, int],
+        noise: tuple[torch.Generator, Tensor] | None,
         bar: Progress | None,
     ) -> None:
         """Run ``state``'s steps: the mask ``m = expand(θ)`` (``θ`` itself when ``None``), the
-        gate on every nonlinearity call when ``bounds`` is not empty, ``noise`` = ``(generator, σ)``
-        added to ``e`` in the gradient passes (the criterion then judged without it)."""
+        gate on every nonlinearity call when ``bounds`` is not empty, ``noise`` = ``(generator,
+        σ per sample)`` added to ``e`` in the gradient passes (the criterion then judged
+        without it; the noisy score is held to the state's floor); ``count`` =
+        ``(offset, steps, total)``: this stage's first step number in the whole run, its
+        number of steps and the run's."""
+        offset, steps, total = count
         preserve = self.game == "preserve"
         sign = 1.0 if preserve else -1.0
         defended = bool(bounds)
         gated: dict[int, list[NonlinearityBounds | None]] = {}
-        for it in range(self.max_iterations):
+        for it in range(steps):
             rows = state.active_rows()
             if rows is not None and rows.numel() == 0:
                 break
@@ -595,9 +812,8 @@ class FGVis(Method):
                 e = m * xa + (1 - m) * ra
                 if noise is not None:
                     generator, sigma = noise
-                    e = e + sigma * torch.randn(
-                        e.shape, generator=generator, device=e.device, dtype=e.dtype
-                    )
+                    draw = torch.randn(e.shape, generator=generator, device=e.device, dtype=e.dtype)
+                    e = e + take(sigma, rows).view(-1, *([1] * (e.ndim - 1))) * draw
                 if defended:
                     with NonlinearityInterceptor(DefenceRule(gated[key])):
                         logits = self.forward(e)
@@ -605,18 +821,35 @@ class FGVis(Method):
                     logits = self.forward(e)
                 phi_e, p = self._phi(logits, ca)
                 (grad,) = torch.autograd.grad(phi_e.sum(), theta)
+            noisy = None
             if noise is not None:
                 # The criterion and the kept iterate are judged on the explanation that is
                 # returned, without noise (the unmodified model; the forward pass is the
                 # same with or without the defence's gates).
+                noisy = p.detach()
                 with torch.no_grad():
                     md = m.detach()
                     clean = md * xa + (1 - md) * ra
                     p = self._phi(self.forward(clean), ca)[1]
-            state.step(it, rows, grad.detach() * sign, p.detach(), phi_e.detach(), image_score)
+            state.step(
+                it, rows, grad.detach() * sign, p.detach(), phi_e.detach(), image_score, noisy
+            )
             if bar is not None:
                 bar(offset + it, state.info())
             runtime.checkpoint(offset + it + 1, total, "fgvis")
+
+
+def _adjoint(
+    expand: Callable[[Tensor], Tensor] | None, theta: Tensor, weight_full: Tensor
+) -> Tensor:
+    """The sparsity weights of the optimised tensor ``θ``: ``∂(Σ w·expand(θ))/∂θ``, so that
+    ``Σ w_θ·θ = Σ w·m`` — the mean of the full mask over the positions that carry a cost."""
+    if expand is None:
+        return weight_full
+    probe = torch.zeros_like(theta, requires_grad=True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad((expand(probe) * weight_full).sum(), probe)
+    return grad.detach()
 
 
 def _bar(

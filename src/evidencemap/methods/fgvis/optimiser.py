@@ -59,7 +59,13 @@ class MaskState:
         method: the :class:`~evidencemap.methods.fgvis.method.FGVis` whose options apply.
         start: the mask to start from (default all ones, ``e = x``).
         lam: the λ ``(N,)`` to start from with ``lam="auto"`` (default: set at the first step
-            from the gradient's scale).
+            from the gradient's scale; a NaN entry is set that way too).
+        weight: the sparsity cost's weights ``w ≥ 0`` of the mask's shape, summing to 1 per
+            sample: ``‖m‖ = Σ w·m`` (default uniform, ``1/numel``: the mean). Entries with
+            ``w = 0`` (positions where ``x`` equals the reference) carry no cost.
+        floor: ``(N,)`` score a kept iterate must also keep under the noise of its gradient
+            pass (see :meth:`step`; default 0: no floor).
+        limit: ``(N,)`` steps each sample may take at most (default ``max_iterations``).
     """
 
     def __init__(
@@ -68,12 +74,19 @@ class MaskState:
         method: MaskOptions,
         start: Tensor | None = None,
         lam: Tensor | None = None,
+        weight: Tensor | None = None,
+        floor: Tensor | None = None,
+        limit: Tensor | None = None,
     ) -> None:
         n = x.shape[0]
         self.method = method
         self.preserve = method.game == "preserve"
         self.auto = method.lam == "auto"
         self.numel = x[0].numel()
+        if weight is None:
+            weight = torch.full_like(x, 1.0 / self.numel)
+        self.weight = weight.detach()
+        self.floor = torch.zeros(n, device=x.device) if floor is None else floor
         self.mask = torch.ones_like(x) if start is None else start.detach().clone()
         self.velocity = torch.zeros_like(x)
         self.sq = torch.zeros_like(x) if method.optimizer == "adam" else self.velocity
@@ -81,8 +94,9 @@ class MaskState:
         self.lam = torch.full((n,), 0.0 if self.auto else float(method.lam), device=device)
         self.lam_ready = torch.zeros(n, dtype=torch.bool, device=device)
         if lam is not None and self.auto:
-            self.lam = lam.detach().to(device=device, dtype=self.lam.dtype).clone()
-            self.lam_ready[:] = True
+            lam = lam.detach().to(device=device, dtype=self.lam.dtype)
+            self.lam_ready = torch.isfinite(lam)
+            self.lam = torch.where(self.lam_ready, lam, 0.0)
         self.best = self.mask.clone()
         self.best_lam = self.lam.clone()
         self.best_value = torch.full((n,), math.inf, device=device)
@@ -93,7 +107,10 @@ class MaskState:
         self.closest_score = torch.full((n,), math.inf, device=device)
         self.closest_lam = self.lam.clone()
         self.last_improved = torch.zeros(n, dtype=torch.long, device=device)
-        self.active = torch.ones(n, dtype=torch.bool, device=device)
+        self.limit = (
+            torch.full((n,), method.max_iterations, device=device) if limit is None else limit
+        )
+        self.active = self.limit > 0
         self.misses = torch.zeros(n, dtype=torch.long, device=device)
         self.step_size = torch.full((n,), method.lr, device=device)
         self.iterations = torch.zeros(n, dtype=torch.long, device=device)
@@ -112,6 +129,19 @@ class MaskState:
         m = self.method
         return criterion(m.game, score, image_score, m.tolerance, m.delete_to)
 
+    def _start_lambda(self, idx: Tensor, weight: Tensor, grad_phi: Tensor, lam: Tensor) -> Tensor:
+        """λ of the samples ``idx``, set at their first step: where the sparsity gradient λ·w
+        equals the mean ``|∂φ/∂m|``, both over the entries that carry a cost."""
+        fresh = ~self.lam_ready[idx]
+        if not bool(fresh.any()):
+            return lam
+        costly = (weight > 0).flatten(1)
+        count = costly.sum(1).clamp(min=1)
+        g_mean = (grad_phi.flatten(1).abs() * costly).sum(1) / count
+        w_mean = weight.flatten(1).sum(1) / count
+        self.lam_ready[idx] = True
+        return torch.where(fresh, g_mean / w_mean.clamp(min=1e-30), lam)
+
     def step(
         self,
         it: int,
@@ -120,26 +150,29 @@ class MaskState:
         p: Tensor,
         phi: Tensor,
         image_score: Tensor,
+        noisy: Tensor | None = None,
     ) -> None:
-        """One update of the samples ``rows`` given ``±∂φ/∂m`` and their current ``p``, ``φ``."""
+        """One update of the samples ``rows`` given ``±∂φ/∂m`` and their current ``p``, ``φ``.
+
+        ``noisy``: ``p(e + ε)`` of this step's gradient pass; an iterate meets the criterion
+        only if also ``noisy ≥ floor``.
+        """
         idx = torch.arange(self.mask.shape[0], device=p.device) if rows is None else rows
         method = self.method
         mask = self.mask[idx]
-        mean = mask.flatten(1).mean(1)
+        weight = self.weight[idx]
+        mean = (mask * weight).flatten(1).sum(1)
         lam = self.lam[idx]
         if self.auto:
-            # λ starts where the sparsity gradient equals the mean |∂φ/∂m| of the first step.
-            fresh = ~self.lam_ready[idx]
-            if bool(fresh.any()):
-                start = grad_phi.flatten(1).abs().mean(1) * self.numel
-                lam = torch.where(fresh, start, lam)
-                self.lam_ready[idx] = True
+            lam = self._start_lambda(idx, weight, grad_phi, lam)
         sign = 1.0 if self.preserve else -1.0
         # The kept iterate: the sparsest (preserve) / least removed (delete) one that satisfies
         # the criterion; with a fixed λ, the last one (tracked by its loss for stopping).
         loss = sign * phi + sign * lam * mean
         if self.auto:
             ok = self.criterion(p, image_score[idx])
+            if noisy is not None:
+                ok = ok & (noisy >= self.floor[idx])
             value = mean if self.preserve else 1 - mean
             better = ok & (value < self.best_value[idx] - method.converge_tol)
             keep = ok & (value < self.best_value[idx])
@@ -163,8 +196,8 @@ class MaskState:
             self.found[kidx] = True
         self.last_improved[idx[better]] = it
         # The step: normalised gradient of φ (defended) plus the sparsity gradient.
-        grad = grad_phi + (sign * lam / self.numel).view(-1, *([1] * (mask.ndim - 1)))
         shape = (-1, *([1] * (mask.ndim - 1)))
+        grad = grad_phi + (sign * lam).view(shape) * weight
         if method.optimizer == "adam":
             t = (self.iterations[idx] + 1).to(grad.dtype).view(shape)
             velocity = 0.9 * self.velocity[idx] + 0.1 * grad
@@ -205,6 +238,7 @@ class MaskState:
         done = (it + 1 - self.last_improved[idx]) >= method.patience
         if self.auto:
             done &= self.found[idx]
+        done |= (it + 1) >= self.limit[idx]
         self.active[idx] = ~done
 
     def info(self) -> dict[str, Tensor]:
@@ -212,9 +246,20 @@ class MaskState:
             "loss": self.last_loss,
             "score": self.last_score,
             "lambda": self.lam,
-            "mask_mean": self.mask.flatten(1).mean(1),
+            "mask_mean": (self.mask * self.weight).flatten(1).sum(1),
             "active": self.active,
         }
+
+    def settle(self, rows: Tensor, value: float) -> None:
+        """Finish the samples ``rows`` before the first step with the mask ``value`` everywhere,
+        kept as satisfying (a game the reference alone already wins)."""
+        if rows.numel() == 0:
+            return
+        self.best[rows] = value
+        self.mask[rows] = value
+        self.best_value[rows] = value
+        self.found[rows] = True
+        self.active[rows] = False
 
     def result_mask(self) -> Tensor:
         if self.auto:

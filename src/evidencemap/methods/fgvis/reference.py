@@ -57,7 +57,7 @@ def reference_for(reference: str | float | Tensor, x: Tensor, blur_sigma: float)
             return gaussian_blur(x, blur_sigma)
         return x.flatten(2).mean(2).view(*x.shape[:2], *([1] * (x.ndim - 2))).expand_as(x)
     if isinstance(ref, Tensor):
-        shape = tuple(ref.shape)
+        given = tuple(ref.shape)
         if not ref.is_floating_point() and ref.dtype != torch.bool:
             ref = ref.float()
         ref = ref.to(device=x.device, dtype=x.dtype)
@@ -67,7 +67,7 @@ def reference_for(reference: str | float | Tensor, x: Tensor, blur_sigma: float)
             out = torch.broadcast_to(ref, x.shape)
         except RuntimeError:
             raise ValueError(
-                f"reference of shape {shape} does not broadcast to the "
+                f"reference of shape {given} does not broadcast to the "
                 f"inputs {tuple(x.shape)}; give (C, *S), (1 or N, C, *S) or a broadcastable shape"
             ) from None
         if not bool(torch.isfinite(out).all()):

@@ -1,0 +1,231 @@
+"""FGVis' default schedule (``schedule="auto"``) on both networks: which schedule ran and why,
+and whether its maps are usable.
+
+Networks and images:
+
+* the built-in EfficientNet-Lite0 (224×224): chelsea, coffee, astronaut, rocket, and two object
+  crops pasted into known boxes of ``brick()`` (the cat of chelsea, the cup of coffee);
+* the built-in VGG16 brain-MRI classifier (``vgg16-brain-mri``, 240×240, no batch norm, a bias
+  on every convolution): axial MNI152 template slices (``MNI`` below; grey, so the mask is
+  channel-shared automatically, and the black background equals the reference, so it carries
+  no mask).
+
+Per image, with the defaults except ``max_iterations`` (shared by the two stages of the
+localising schedule): the schedule and its reason (the defence's pass share), p(e)/p(x), the
+mean mask over the positions that can change e, ``map_spread``, the noise check
+p(e + ε)/p(x) (8 draws, σ = 0.1), the map's concentration (its mass in the object's box —
+pasted scenes — or in the brain — MRI — divided by that region's share of the area; 1 = no
+concentration; the brain is the part of the slice that differs from the reference), and
+seconds per image. Then the deletion game with the defaults on the README photos, and the
+generation game towards each network's least likely class with the localising schedule
+(``schedule="coarse"``, λ = 0, the defence on).
+
+Writes Markdown to stdout (row by row) and ``benchmarks/results/fgvis_auto.png``.
+Run: ``python benchmarks/fgvis_auto.py > benchmarks/results/fgvis_auto.md``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from skimage import data
+
+import evidencemap as em
+from evidencemap import models
+from evidencemap.methods.fgvis import FGVisWarning
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fgvis_localise import PASTED, PHOTOS, pasted_scene
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+FIGURE = Path(__file__).parent / "results" / "fgvis_auto.png"
+SCENES = (PASTED[0], PASTED[2])  # cat on brick, cup on brick
+
+
+def lite0_inputs(model: models.LoadedModel) -> tuple[torch.Tensor, list[str], list]:
+    pre = model.preprocess
+    images = [pre(getattr(data, name)()) for name in PHOTOS]
+    names: list[str] = list(PHOTOS)
+    regions: list = [None] * len(PHOTOS)
+    mean = torch.tensor(pre.mean).view(3, 1, 1)
+    std = torch.tensor(pre.std).view(3, 1, 1)
+    for name, photo, rows, cols, texture, top, left, side in SCENES:
+        scene = pasted_scene(photo, rows, cols, texture, top, left, side)
+        x = torch.from_numpy(scene).permute(2, 0, 1).float()
+        images.append((x - mean) / std)
+        names.append(name)
+        region = torch.zeros(224, 224, dtype=torch.bool)
+        region[top : top + side, left : left + side] = True
+        regions.append(region)
+    return torch.stack(images).contiguous(), names, regions
+
+
+def concentration(raw: torch.Tensor, region: torch.Tensor | None) -> str:
+    if region is None:
+        return "–"
+    mass = float(raw.sum())
+    if mass <= 0:
+        return "– (no mass)"
+    share = float(raw[region].sum()) / mass
+    return f"{share / (float(region.sum()) / region.numel()):.2f}"
+
+
+def flush(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def table(model, x, names, regions, labels, iterations, game="preserve"):
+    start = time.perf_counter()
+    exp = em.explain(
+        model, x, "fgvis", game=game, max_iterations=iterations,
+        progress=lambda it, info: print(it, file=sys.stderr, flush=True) if it % 10 == 0 else None,
+    )  # fmt: skip
+    seconds = (time.perf_counter() - start) / x.shape[0]
+    e = exp.extras
+    for i, name in enumerate(names):
+        c = int(exp.targets[i])
+        share = e.get("defence_pass_share")
+        flush(
+            f"| {name} | {c} {labels[c][:18]} | {e['schedule'][i]} "
+            f"| {'–' if share is None else f'{float(share[i]):.4f}'} "
+            f"| {float(e['score'][i] / e['image_score'][i]):.3f} "
+            f"| {'yes' if bool(e['satisfied'][i]) else 'no'} "
+            f"| {float(e['mask_mean'][i]):.3f} | {float(e['map_spread'][i]):.3f} "
+            f"| {float(e['noise_ratio'][i]):.3f} | {concentration(exp.raw[i, 0], regions[i])} "
+            f"| {int(e['iterations'][i])} | {seconds:.1f} |"
+        )
+    return exp, seconds
+
+
+HEADER = (
+    "| image | class | schedule | pass share | p(e)/p(x) | met | mean mask | map spread | noise "
+    "| concentration | steps | s / image |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def generation(model, x, labels, iterations) -> None:
+    with torch.no_grad():
+        least = model(x).argmin(1)
+    start = time.perf_counter()
+    g = em.explain(
+        model, x, "fgvis", schedule="coarse", transfer="none", target=least, lam=0.0,
+        max_iterations=iterations, patience=iterations,
+    )  # fmt: skip
+    top = int(g.extras["top1"][0])
+    flush(
+        f"| {int(least)} {labels[int(least)][:20]} | {float(g.extras['image_score'][0]):.2e} "
+        f"| {float(g.extras['score'][0]):.3g} | {top} {labels[top][:20]} "
+        f"| {time.perf_counter() - start:.1f} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--mri-iterations", type=int, default=100)
+    parser.add_argument("--slices", default="62,82")
+    parser.add_argument("--only", choices=("lite0", "mri"), default=None)
+    args = parser.parse_args()
+    if args.only == "mri":
+        vgg, xm, mnames, mkeep, mdrop = mri(args)
+        figure([(vgg, xm, mkeep, mdrop, mnames)], FIGURE.with_name("fgvis_auto_mri.png"))
+        return
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore", FGVisWarning)
+    lite0 = models.load("efficientnet-lite0")
+    x, names, regions = lite0_inputs(lite0)
+    flush("# FGVis' default schedule on EfficientNet-Lite0 and VGG16\n")
+    flush(
+        f"torch {torch.__version__}, {platform.machine()}, 1 thread, load average at start "
+        f"{tuple(round(v, 2) for v in os.getloadavg())} (a shared 2-core machine: seconds are "
+        f"only comparable within a table). Defaults except `max_iterations` ({args.iterations} "
+        f"on Lite0, {args.mri_iterations} on VGG16; the localising schedule shares them "
+        "between its two stages). Images of one network are optimised together.\n"
+    )
+    flush("## Preservation, EfficientNet-Lite0 (224×224)\n")
+    flush(HEADER)
+    keep, _ = table(lite0, x, names, regions, lite0.labels, args.iterations)
+    flush("\n## Deletion, EfficientNet-Lite0, the README photos\n")
+    flush(HEADER)
+    drop, _ = table(lite0, x[:4], names[:4], regions[:4], lite0.labels, args.iterations, "delete")
+
+    if args.only == "lite0":
+        flush("\n## The defence's purpose under the localising schedule\n")
+        flush("| target | p(x) | p(e) | top-1 on e | s |\n|---|---|---|---|---|")
+        generation(lite0, x[:1], lite0.labels, args.iterations)
+        figure([(lite0, x, keep, drop, names)], FIGURE.with_name("fgvis_auto_lite0.png"))
+        return
+    vgg, xm, mnames, mkeep, mdrop = mri(args)
+
+    figure([(lite0, x, keep, drop, names), (vgg, xm, mkeep, mdrop, mnames)], FIGURE)
+
+
+def mri(args: argparse.Namespace) -> tuple:
+    vgg = models.load("vgg16-brain-mri")
+    from evidencemap.models.vgg16_mri import mni152_slices
+
+    indices = [int(s) for s in args.slices.split(",")]
+    xm = mni152_slices(indices).contiguous()
+    mnames = [f"MNI z{k}" for k in indices]
+    brain = [(xm[i] != 0).any(0) for i in range(len(indices))]
+    flush("\n## Preservation, VGG16 brain MRI (240×240)\n")
+    flush(HEADER)
+    mkeep, _ = table(vgg, xm, mnames, brain, vgg.labels, args.mri_iterations)
+    flush("\n## Deletion, VGG16 brain MRI\n")
+    flush(HEADER)
+    mdrop, _ = table(vgg, xm, mnames, brain, vgg.labels, args.mri_iterations, "delete")
+
+    flush(
+        "\n## The defence's purpose under the localising schedule: generation towards the "
+        "least likely class\n\n`schedule='coarse'`, λ = 0, defence on, steps as above.\n"
+    )
+    flush("| target | p(x) | p(e) | top-1 on e | s |\n|---|---|---|---|---|")
+    generation(vgg, xm[-1:], vgg.labels, args.mri_iterations)
+    return vgg, xm, mnames, mkeep, mdrop
+
+
+def figure(networks: list, path: Path) -> None:
+    """Per image: the input, the preservation map (0–1), e, the deletion map (0–1)."""
+    rows = [
+        (model, inputs, keep, drop, i, names[i])
+        for model, inputs, keep, drop, names in networks
+        for i in range(len(names))
+    ]
+    fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3 * len(rows)))
+    for r, (model, inputs, k, d, i, name) in enumerate(rows):
+        ax = axes[r]
+        ax[0].imshow((model.preprocess.to_pixels(inputs[i]) / 255).permute(1, 2, 0).cpu())
+        ax[0].set_title(name)
+        ax[1].imshow(k.raw[i, 0], cmap="inferno", vmin=0, vmax=1)
+        ax[1].set_title(f"keep map ({k.extras['schedule'][i]}), 0–1")
+        shown = k.extras["explanation"][i]
+        ax[2].imshow((model.preprocess.to_pixels(shown) / 255).permute(1, 2, 0).cpu())
+        ax[2].set_title(f"e: p(e)/p(x) {float(k.extras['score'][i] / k.scores[i]):.2f}")
+        if i < d.raw.shape[0]:
+            ax[3].imshow(d.raw[i, 0], cmap="inferno", vmin=0, vmax=1)
+            ax[3].set_title(f"delete map ({d.extras['schedule'][i]}), 0–1")
+    for a in axes.flat:
+        a.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=55)
+    flush(
+        f"\nFigure: `{path.name}` (per image: the input, the preservation map on the fixed 0–1 "
+        "scale, e, the deletion map)."
+    )
+
+
+if __name__ == "__main__":
+    _ = np
+    main()
