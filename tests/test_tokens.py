@@ -20,6 +20,7 @@ CAMS = [
     for n in em.methods()
     if issubclass(em.describe(n).cls, LayerMethod)
     and em.describe(n).cls.__module__.startswith("evidencemap.")
+    and em.describe(n).cls.token_layers
     and n != "cam"
 ]
 

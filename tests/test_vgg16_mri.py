@@ -262,13 +262,20 @@ def test_mni152_slice_index_errors(index, error, match):
 NOT_APPLICABLE = {"cam": "global average pooling"} | {
     n: "transformer" for n in em.methods() if getattr(describe(n).cls, "needs_attention", False)
 }
-# The smallest settings that still run each method's real algorithm.
-SMALL = {
-    "fgvis": {"max_iterations": 2, "patience": 2},
-    "scorecam": {"top_k": 2},
-    "integrated_gradients": {"steps": 2},
-    "smoothgrad": {"samples": 1},
-}
+# Small settings that still run each method's real algorithm: every work option (the ones that
+# count passes, read from the method's description) at 2, and occlusion's window at a third.
+LARGER_WINDOWS = {"occlusion": {"window": 80, "stride": 80}}
+
+
+def small_options(name):
+    out = {
+        o.name: 2 if o.default is None else min(int(o.default), 2)
+        for o in describe(name).options.values()
+        if o.cost == "work" and o.kind == "int"
+    }
+    return out | LARGER_WINDOWS.get(name, {})
+
+
 SLOW = {"fgvis", "integrated_gradients"}
 
 
@@ -285,7 +292,7 @@ def test_every_method_explains_an_mri_slice(vgg, slices, name):
             em.explain(vgg, x, name)
         assert_unchanged(vgg.module, before)
         return
-    exp = em.explain(vgg, x, name, **SMALL.get(name, {}))
+    exp = em.explain(vgg, x, name, **small_options(name))
     assert exp.maps.shape == (1, 1, 240, 240)
     assert bool(torch.isfinite(exp.maps).all())
     assert float(exp.maps.max()) > float(exp.maps.min())  # not flat

@@ -152,12 +152,13 @@ def _gradient_token_layer(
     usable = [item for item in wide if item[1].requires_grad]
     if not _has_graph(output) or not usable:
         return wide[-1][0], wide[-1][1]
-    grads = torch.autograd.grad(
-        cast(Tensor, output).float().pow(2).sum(),
-        [out for _m, out, _l in usable],
-        allow_unused=True,
-        retain_graph=True,
-    )
+    with torch.enable_grad():  # the caller may run without gradients (a forward-only method)
+        grads = torch.autograd.grad(
+            cast(Tensor, output).float().pow(2).sum(),
+            [out for _m, out, _l in usable],
+            allow_unused=True,
+            retain_graph=True,
+        )
     for (module, out, layout), grad in reversed(list(zip(usable, grads, strict=True))):
         if grad is None:
             continue

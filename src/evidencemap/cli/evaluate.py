@@ -19,6 +19,7 @@ from evidencemap.cli.common import (
     setup_runtime,
 )
 from evidencemap.cli.progress import method_progress
+from evidencemap.evaluation.inputs import QUICK_METHOD_OPTIONS
 
 __all__ = ["DEFAULT_EVALUATION_OUT", "load_boxes", "parse_method_option", "register", "run"]
 
@@ -125,8 +126,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="short protocol (a few minutes for a few photos and methods on 2 CPU cores): 16 "
         "curve steps, ROAD at 25 and 75 %%, 2 randomisation stages, 2 sensitivity samples; "
-        "fast options for slow methods (Score-CAM top_k=32, FGVis max_iterations=40, "
-        "Integrated Gradients steps=16, SmoothGrad samples=8)",
+        "fast options for slow methods ("
+        + "; ".join(
+            f"{method} " + ", ".join(f"{k}={v}" for k, v in opts.items())
+            for method, opts in QUICK_METHOD_OPTIONS.items()
+        )
+        + ")",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (0)")
     parser.add_argument(

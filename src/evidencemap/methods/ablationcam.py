@@ -121,6 +121,7 @@ class AblationCAM(LayerMethod):
     """
 
     name = "ablationcam"
+    token_layers = False  # its ablated passes replace the layer's raw output
     aliases = ("ablation-cam",)
     needs_gradients = False
     pass_kind: ClassVar[str] = "forward"

@@ -225,6 +225,9 @@ class LayerMethod(Method):
 
     uses_layer: ClassVar[bool] = True
     needs_gradients: ClassVar[bool] = True
+    token_layers: ClassVar[bool] = True
+    """Whether it explains token layers ``(N, T, C)`` (the pipeline turns them into grids); a
+    method that reruns the network from the layer on its own says ``False``."""
     pass_kind: ClassVar[str] = "layer"
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("relu", "bool", True, "keep only positive evidence (ReLU of the layer map)"),

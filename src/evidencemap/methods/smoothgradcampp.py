@@ -43,6 +43,7 @@ class SmoothGradCAMPlusPlus(LayerMethod):
     """
 
     name = "smoothgradcam++"
+    token_layers = False  # its noisy passes rerun the network from the layer's raw output
     aliases = ("smoothgradcampp", "smooth-grad-cam++")
     passes_per_call: ClassVar[float] = 1.0
     sizes_own_chunks: ClassVar[bool] = True
