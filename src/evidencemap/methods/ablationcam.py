@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from evidencemap import runtime
 from evidencemap.maps import FLAT_EPS
 from evidencemap.methods.base import Context, LayerMethod
-from evidencemap.methods.options import MEMORY_BUDGET, Option
+from evidencemap.methods.options import MEMORY_BUDGET, Option, batch_option, top_k_option
 from evidencemap.methods.registry import register
 
 __all__ = ["WHOLE_MODEL_CHUNK", "AblationCAM", "objectness_scores"]
@@ -136,29 +136,8 @@ class AblationCAM(LayerMethod):
             low_open=True,
             high=1.0,
         ),
-        Option(
-            "top_k",
-            "int",
-            None,
-            "ablate at most k channels (one pass of the network after the layer each)",
-            low=1,
-            nullable=True,
-            cost="work",
-            cap=4096,
-            passes=True,
-            at_most=True,
-            passes_if_none="channels",
-        ),
-        Option(
-            "internal_batch_size",
-            "int",
-            256,
-            "ablated copies per pass (32 at most through the whole model)",
-            low=1,
-            cost="chunk",
-            cap=4096,
-            reported=False,
-        ),
+        top_k_option("ablate at most k channels (one pass of the network after the layer each)"),
+        batch_option(256, "ablated copies per pass (32 at most through the whole model)", cap=4096),
         MEMORY_BUDGET,
     )
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from evidencemap import runtime
 from evidencemap.methods.base import Attribution, InputMethod
 from evidencemap.methods.gradients import IG_SIGNS, _slice_scores, copy_bytes
-from evidencemap.methods.options import MEMORY_BUDGET, Option
+from evidencemap.methods.options import BLUR_SIGMA, MEMORY_BUDGET, Option, batch_option
 from evidencemap.methods.registry import register
 from evidencemap.references import REFERENCES, check_reference, reference_image
 from evidencemap.targets import Target, resolve
@@ -151,19 +151,8 @@ class GradientShap(InputMethod):
         ),
         Option("sigma", "float", 0.0, "noise σ as a fraction of the input's range", low=0.0),
         Option("seed", "int", 0, "seed of the draws", nullable=True),
-        Option(
-            "blur_sigma", "float", 10.0, "σ in pixels of the blur baseline", low=0.0, low_open=True
-        ),
-        Option(
-            "internal_batch_size",
-            "int",
-            32,
-            "inputs per forward/backward pass",
-            low=1,
-            cost="chunk",
-            cap=256,
-            reported=False,
-        ),
+        BLUR_SIGMA,
+        batch_option(32, "inputs per forward/backward pass"),
         MEMORY_BUDGET,
         SIGN,
     )

@@ -12,13 +12,12 @@ for ReLU6, SiLU, GELU, … the same ``max(R, 0)`` replaces their derivative (Cap
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from evidencemap.methods.base import Attribution, InputMethod
-from evidencemap.methods.gradients import GUIDED_NONLINEARITIES, _check_nonlinearities
+from evidencemap.methods.base import Attribution
+from evidencemap.methods.gradients import GUIDED_NONLINEARITIES, NonlinearityRuleMethod
 from evidencemap.methods.options import Option
 from evidencemap.methods.registry import register
 from evidencemap.methods.rules import ReplaceGradient, replaced
@@ -47,7 +46,7 @@ def deconvnet_rule(_name: str, u: Tensor, h: Tensor) -> Tensor:
 
 
 @register
-class Deconvnet(InputMethod):
+class Deconvnet(NonlinearityRuleMethod):
     """Deconvnet (Zeiler & Fergus 2014; Captum's ``Deconvolution``): ``raw = R`` ``(N, C, *S)``.
 
     ``R`` is the gradient of ``y`` to the input with every rectifier's backward replaced by
@@ -62,16 +61,6 @@ class Deconvnet(InputMethod):
     name = "deconvnet"
     aliases: ClassVar[tuple[str, ...]] = ("deconvolution", "deconv")
     OPTIONS: ClassVar[tuple[Option, ...]] = (NONLINEARITIES,)
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        nonlinearities: Collection[str] = GUIDED_NONLINEARITIES,
-        **kw: Any,
-    ) -> None:
-        super().__init__(model, **kw)
-        self.nonlinearities = _check_nonlinearities(nonlinearities)
 
     def attribute(self, x: Tensor, target: Target) -> Attribution:
         return self.input_gradients(x, target, replaced(deconvnet_rule, self.nonlinearities))

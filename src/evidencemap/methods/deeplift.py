@@ -37,7 +37,7 @@ from evidencemap.maps import FLAT_EPS
 from evidencemap.methods.attribution import SIGN, signed_sum
 from evidencemap.methods.base import Attribution, InputMethod
 from evidencemap.methods.gradients import _check_nonlinearities
-from evidencemap.methods.options import Option
+from evidencemap.methods.options import BLUR_SIGMA, Option
 from evidencemap.methods.registry import register
 from evidencemap.methods.rules import InputRule, ReplaceGradient, nonlinearity_names, replaced
 from evidencemap.references import REFERENCES, check_reference, reference_image
@@ -116,9 +116,7 @@ class DeepLift(InputMethod):
             choices=REFERENCES,
             other="a number or a tensor (N | 1, C, *S) / (C, *S)",
         ),
-        Option(
-            "blur_sigma", "float", 10.0, "σ in pixels of the blur baseline", low=0.0, low_open=True
-        ),
+        BLUR_SIGMA,
         NONLINEARITIES,
         SIGN,
     )

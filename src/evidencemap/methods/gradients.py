@@ -56,7 +56,7 @@ from evidencemap.maps import FLAT_EPS, normalize, upsample
 from evidencemap.methods.base import Attribution, Context, InputMethod, LayerMethod, Method
 from evidencemap.methods.call import graph_bytes
 from evidencemap.methods.cam import GradCAM
-from evidencemap.methods.options import MEMORY_BUDGET, Option
+from evidencemap.methods.options import BLUR_SIGMA, MEMORY_BUDGET, Option, batch_option
 from evidencemap.methods.registry import build, register
 from evidencemap.references import REFERENCES, check_reference, reference_image
 from evidencemap.targets import ResolvedTarget, Target, resolve
@@ -174,18 +174,16 @@ class Saliency(InputMethod):
         return got
 
 
-@register
-class GuidedBackprop(InputMethod):
-    """Guided backpropagation (Springenberg et al. 2015); see the module docstring for the rule.
+class NonlinearityRuleMethod(InputMethod):
+    """An input gradient whose rectifier-type nonlinearities get a replaced backward rule
+    (guided backprop, Deconvnet): ``raw = R`` ``(N, C, *S)``, the gradient of ``y`` to the input
+    with the rule applied at every call of the named nonlinearities; a subclass applies its rule
+    in :meth:`attribute`.
 
     Args:
-        nonlinearities: names of the nonlinearities that get the guided rule (default
-            :data:`GUIDED_NONLINEARITIES`).
+        nonlinearities: names of the nonlinearities whose backward is replaced (default
+            :data:`GUIDED_NONLINEARITIES`); a string or an unknown name raises.
     """
-
-    name = "guided_backprop"
-    aliases: ClassVar[tuple[str, ...]] = ("guided-backprop", "guidedbackprop")
-    OPTIONS: ClassVar[tuple[Option, ...]] = (NONLINEARITIES_OPTION,)
 
     def __init__(
         self,
@@ -196,6 +194,20 @@ class GuidedBackprop(InputMethod):
     ) -> None:
         super().__init__(model, **kw)
         self.nonlinearities = _check_nonlinearities(nonlinearities)
+
+
+@register
+class GuidedBackprop(NonlinearityRuleMethod):
+    """Guided backpropagation (Springenberg et al. 2015); see the module docstring for the rule.
+
+    Args:
+        nonlinearities: names of the nonlinearities that get the guided rule (default
+            :data:`GUIDED_NONLINEARITIES`).
+    """
+
+    name = "guided_backprop"
+    aliases: ClassVar[tuple[str, ...]] = ("guided-backprop", "guidedbackprop")
+    OPTIONS: ClassVar[tuple[Option, ...]] = (NONLINEARITIES_OPTION,)
 
     def attribute(self, x: Tensor, target: Target) -> Attribution:
         return self.input_gradients(x, target, guided(self.nonlinearities))
@@ -339,19 +351,8 @@ class IntegratedGradients(InputMethod):
             passes=True,
         ),
         Option("rule", "str", "trapezoid", "Riemann rule", choices=IG_RULES),
-        Option(
-            "blur_sigma", "float", 10.0, "σ in pixels of the blur baseline", low=0.0, low_open=True
-        ),
-        Option(
-            "internal_batch_size",
-            "int",
-            32,
-            "path points per forward/backward pass",
-            low=1,
-            cost="chunk",
-            cap=256,
-            reported=False,
-        ),
+        BLUR_SIGMA,
+        batch_option(32, "path points per forward/backward pass"),
         MEMORY_BUDGET,
         Option("sign", "str", "positive", "map of ReLU(ΣIG) or |ΣIG|", choices=IG_SIGNS),
     )
@@ -518,16 +519,7 @@ class SmoothGrad(Method):
         Option("samples", "int", 25, "noisy copies", low=1, cost="work", cap=200, passes=True),
         Option("sigma", "float", 0.15, "noise σ as a fraction of the input's range", low=0.0),
         Option("seed", "int", 0, "seed of the noise", nullable=True),
-        Option(
-            "internal_batch_size",
-            "int",
-            32,
-            "noisy inputs per call of the wrapped method",
-            low=1,
-            cost="chunk",
-            cap=256,
-            reported=False,
-        ),
+        batch_option(32, "noisy inputs per call of the wrapped method"),
         MEMORY_BUDGET,
         Option(
             "aggregate",

@@ -29,14 +29,17 @@ from typing import Any
 from torch import Tensor
 
 __all__ = [
+    "BLUR_SIGMA",
     "MEMORY_BUDGET",
     "OPTION_KINDS",
     "Option",
     "OptionError",
+    "batch_option",
     "options_of",
     "rename_deprecated",
     "report_value",
     "reported_options",
+    "top_k_option",
     "warn_renamed",
 ]
 
@@ -241,6 +244,47 @@ MEMORY_BUDGET = Option(
 )
 """The ``memory_budget`` option of the methods that size their own chunks (Score-CAM,
 Integrated Gradients, SmoothGrad: :attr:`~evidencemap.methods.Method.sizes_own_chunks`)."""
+
+
+BLUR_SIGMA = Option(
+    "blur_sigma", "float", 10.0, "σ in pixels of the blur baseline", low=0.0, low_open=True
+)
+"""The ``blur_sigma`` option of the methods whose reference may be a blurred input
+(``baseline="blur"``: Integrated Gradients, DeepLIFT, the path attributions, the perturbations)."""
+
+
+def batch_option(default: int, text: str, cap: int = 256) -> Option:
+    """The ``internal_batch_size`` option: ``default`` inputs per pass (``text`` says which),
+    at least 1 and at most ``cap``; a chunk size, so it is not reported with the map."""
+    return Option(
+        "internal_batch_size",
+        "int",
+        default,
+        text,
+        low=1,
+        cost="chunk",
+        cap=cap,
+        reported=False,
+    )
+
+
+def top_k_option(text: str) -> Option:
+    """The ``top_k`` option of the channel-scoring CAMs: only the ``k`` channels of highest
+    activation variance are scored (``text`` says at what cost each); ``None`` scores all
+    channels, so the passes it costs are at most ``min(k, channels)``."""
+    return Option(
+        "top_k",
+        "int",
+        None,
+        text,
+        low=1,
+        nullable=True,
+        cost="work",
+        cap=4096,
+        passes=True,
+        at_most=True,
+        passes_if_none="channels",
+    )
 
 
 def options_of(cls: type) -> dict[str, Option]:

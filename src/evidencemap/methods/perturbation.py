@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from evidencemap import runtime
 from evidencemap.explanation import Explanation
 from evidencemap.methods.base import Context, Method
-from evidencemap.methods.options import MEMORY_BUDGET, Option
+from evidencemap.methods.options import BLUR_SIGMA, MEMORY_BUDGET, Option, batch_option
 from evidencemap.methods.registry import register
 from evidencemap.references import REFERENCES, check_reference, reference_image
 from evidencemap.targets import ResolvedTarget, Target, resolve
@@ -79,20 +79,8 @@ BASELINE = Option(
     choices=REFERENCES,
     other="a number or a tensor (N | 1, C, *S) / (C, *S)",
 )
-BLUR_SIGMA = Option(
-    "blur_sigma", "float", 10.0, "σ in pixels of the blur baseline", low=0.0, low_open=True
-)
 SEED = Option("seed", "int", 0, "seed of the random masks (None: torch's global generator)")
-INTERNAL_BATCH = Option(
-    "internal_batch_size",
-    "int",
-    32,
-    "perturbed inputs per forward pass",
-    low=1,
-    cost="chunk",
-    cap=256,
-    reported=False,
-)
+INTERNAL_BATCH = batch_option(32, "perturbed inputs per forward pass")
 
 
 def _channels_last(x: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from evidencemap import runtime
 from evidencemap.maps import FLAT_EPS, normalize, upsample
 from evidencemap.methods.base import Context, LayerMethod, weighted_sum
-from evidencemap.methods.options import MEMORY_BUDGET, Option
+from evidencemap.methods.options import MEMORY_BUDGET, Option, batch_option, top_k_option
 from evidencemap.methods.registry import register
 
 __all__ = ["MEMORY_BUDGET", "SCORECAM_WEIGHTINGS", "ScoreCAM"]
@@ -54,30 +54,9 @@ class ScoreCAM(LayerMethod):
     sizes_own_chunks: ClassVar[bool] = True
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("weighting", "str", "softmax_prob", "channel weights", choices=SCORECAM_WEIGHTINGS),
-        Option(
-            "internal_batch_size",
-            "int",
-            64,
-            "masked inputs per forward pass",
-            low=1,
-            cost="chunk",
-            cap=256,
-            reported=False,
-        ),
+        batch_option(64, "masked inputs per forward pass"),
         MEMORY_BUDGET,
-        Option(
-            "top_k",
-            "int",
-            None,
-            "use only the k channels of highest activation variance (one forward each)",
-            low=1,
-            nullable=True,
-            cost="work",
-            cap=4096,
-            passes=True,
-            at_most=True,
-            passes_if_none="channels",
-        ),
+        top_k_option("use only the k channels of highest activation variance (one forward each)"),
     )
 
     def __init__(

@@ -40,39 +40,17 @@ from evidencemap import runtime
 from evidencemap.maps import FLAT_EPS, normalize, upsample
 from evidencemap.methods.ablationcam import group_scores
 from evidencemap.methods.base import Context, LayerMethod
-from evidencemap.methods.options import MEMORY_BUDGET, Option
+from evidencemap.methods.options import MEMORY_BUDGET, Option, batch_option, top_k_option
 from evidencemap.methods.registry import register
 
 __all__ = ["ISCAM", "SSCAM"]
 
-
-def _top_k_option() -> Option:
-    return Option(
-        "top_k",
-        "int",
-        None,
-        "use only the k channels of highest activation variance (samples forwards each)",
-        low=1,
-        nullable=True,
-        cost="work",
-        cap=4096,
-        passes=True,
-        at_most=True,
-        passes_if_none="channels",
-    )
-
-
-def _batch_option(default: int) -> Option:
-    return Option(
-        "internal_batch_size",
-        "int",
-        default,
-        "perturbed inputs per forward pass",
-        low=1,
-        cost="chunk",
-        cap=256,
-        reported=False,
-    )
+_CHUNKING = (
+    batch_option(32, "perturbed inputs per forward pass"),
+    MEMORY_BUDGET,
+    top_k_option("use only the k channels of highest activation variance (samples forwards each)"),
+)
+"""The chunking options SS-CAM and IS-CAM share (they take the same keyword arguments)."""
 
 
 class SampledScoreCAM(LayerMethod):
@@ -183,9 +161,7 @@ class SSCAM(SampledScoreCAM):
             "seed of the mask noise (None: one drawn from torch's generator per call)",
             nullable=True,
         ),
-        _batch_option(32),
-        MEMORY_BUDGET,
-        _top_k_option(),
+        *_CHUNKING,
     )
 
     def __init__(
@@ -255,9 +231,7 @@ class ISCAM(SampledScoreCAM):
             cost="work",
             cap=200,
         ),
-        _batch_option(32),
-        MEMORY_BUDGET,
-        _top_k_option(),
+        *_CHUNKING,
     )
 
     def __init__(
