@@ -228,6 +228,10 @@ class LayerMethod(Method):
     token_layers: ClassVar[bool] = True
     """Whether it explains token layers ``(N, T, C)`` (the pipeline turns them into grids); a
     method that reruns the network from the layer on its own says ``False``."""
+    draws_noise: ClassVar[bool] = False
+    """Whether the method draws noise of its own (Smooth Grad-CAM++, SS-CAM), seeded by
+    ``noise_seed``: the seed is then always reported, and since one draw covers every input of
+    the batch, a batch is not split."""
     pass_kind: ClassVar[str] = "layer"
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("relu", "bool", True, "keep only positive evidence (ReLU of the layer map)"),
@@ -261,11 +265,13 @@ class LayerMethod(Method):
 
     def options(self) -> dict[str, Any]:
         """The declared options (:meth:`Method.options`); the gradient noise and its seed only
-        when noise is added."""
+        when noise is added (the seed always when the method :attr:`draws_noise`)."""
         options = super().options()
         if not self.gradient_noise:
             options.pop("gradient_noise", None)
             options.pop("noise_seed", None)
+        if self.draws_noise:
+            options["noise_seed"] = self.noise_seed
         return options
 
     def flat_map_reason(self) -> str:
@@ -300,8 +306,9 @@ class LayerMethod(Method):
 
     @property
     def batch_independent(self) -> bool:
-        """Gradient noise is drawn for the whole batch at once: a batch with it is not split."""
-        return not self.gradient_noise
+        """Gradient noise, and the noise of a method that :attr:`draws_noise`, is drawn for the
+        whole batch at once: a batch with it is not split."""
+        return not self.gradient_noise and not self.draws_noise
 
     def input_bytes(self, x: Tensor) -> int:
         """What the pass keeps for its backward (see :meth:`Method.input_bytes`): nothing

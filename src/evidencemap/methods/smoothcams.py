@@ -142,6 +142,7 @@ class SSCAM(SampledScoreCAM):
     name = "sscam"
     aliases = ("ss-cam",)
     passes_per_call: ClassVar[float] = 35.0
+    draws_noise: ClassVar[bool] = True
     """Per channel: the default ``samples`` (the declared cost counts channels, ``top_k``)."""
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option(
@@ -188,15 +189,6 @@ class SSCAM(SampledScoreCAM):
             **kw,
         )
         self.noise = float(self.option("noise", noise))
-
-    def options(self) -> dict[str, Any]:
-        """The declared options, the noise's seed included (always drawn here)."""
-        return {**super().options(), "noise_seed": self.noise_seed}
-
-    @property
-    def batch_independent(self) -> bool:
-        """One noise map per item covers every image of the batch: a batch is not split."""
-        return False
 
     def perturb(self, x: Tensor, masks: Tensor, items: Tensor, seed: int) -> Tensor:
         shape = masks.shape[1:]

@@ -47,6 +47,7 @@ class SmoothGradCAMPlusPlus(LayerMethod):
     aliases = ("smoothgradcampp", "smooth-grad-cam++")
     passes_per_call: ClassVar[float] = 1.0
     sizes_own_chunks: ClassVar[bool] = True
+    draws_noise: ClassVar[bool] = True
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option(
             "samples",
@@ -81,15 +82,6 @@ class SmoothGradCAMPlusPlus(LayerMethod):
         super().__init__(model, layer, noise_seed=self.option("noise_seed", noise_seed), **kw)
         self.samples = self.option("samples", samples)
         self.noise = float(self.option("noise", noise))
-
-    def options(self) -> dict[str, Any]:
-        """The declared options, the noise's seed included (always drawn here)."""
-        return {**super().options(), "noise_seed": self.noise_seed}
-
-    @property
-    def batch_independent(self) -> bool:
-        """One noise draw per sample covers every input of the batch: a batch is not split."""
-        return False
 
     def channel_weights(self, acts: Tensor, grads: Tensor | None, context: Context) -> Tensor:
         layer = context.layer
