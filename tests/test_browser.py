@@ -148,7 +148,7 @@ def test_page_explains_a_photo(page, lite0, tmp_path):
         page.set_input_files("#file", str(photo))
         page.click("#explain")
         # (a locator, not wait_for_function: the page's CSP forbids the string eval it uses)
-        page.locator("canvas.overlay").nth(5).wait_for()
+        page.locator("canvas.overlay").nth(5).wait_for(timeout=120_000)  # slow on a loaded CI
 
         # the grid: one row per method, one column per class, in request order
         assert page.locator("canvas.overlay").count() == 6
