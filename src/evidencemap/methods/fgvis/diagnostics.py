@@ -44,6 +44,7 @@ __all__ = [
     "CHECK_NOISE",
     "DEGENERATE_SPREAD",
     "DIAGNOSTIC_DIMMING",
+    "JUDGE_DRAWS",
     "REASON_FLOWS",
     "REASON_GENERATION",
     "REASON_REQUESTED",
@@ -73,6 +74,9 @@ CHECK_NOISE = 0.1
 """σ (in the model's normalised input space) of the noise check of the coarse schedule."""
 CHECK_DRAWS = 8
 """Noise draws averaged by the noise check."""
+JUDGE_DRAWS = 4
+"""Fixed noise draws (σ as in the gradient passes, seed ``seed + 1``) on which the localising
+schedule judges a kept preservation iterate's noise floor: the minimum of their scores."""
 
 
 REASON_REQUESTED = 0
@@ -279,6 +283,49 @@ def _rows(flags: Tensor) -> list[int]:
     return [int(i) for i in flags.nonzero().flatten()]
 
 
+def _deletion_misses(
+    missed: list[int], extras: dict[str, Any], ratio: Tensor, delete_to: float
+) -> list[tuple[list[int], str]]:
+    """The notes of the deletion runs that did not reach ``p(e) ≤ delete_to·p(x)``, one per
+    cause: the localising schedule ran (``coarse``), the defence starved the paper's rule, or
+    the steps ran out with the gradient flowing."""
+    share = extras.get("defence_pass_share")
+    groups: dict[str, list[int]] = {}
+    for i in missed:
+        starved = share is not None and float(share[i]) < STARVED_SHARE
+        kind = "coarse" if bool(extras["coarse"][i]) else "starved" if starved else "steps"
+        groups.setdefault(kind, []).append(i)
+    notes = []
+    for kind, rows in groups.items():
+        which = ", ".join(str(i) for i in rows)
+        lowest = ", ".join(f"{float(ratio[i]):.3f}" for i in rows)
+        text = (
+            f"FGVis: the deletion game did not reach p(e) ≤ {delete_to}·p(x) on sample(s) "
+            f"{which} (p(e)/p(x) {lowest}; the returned iterate is the lowest-scoring one)"
+        )
+        passed = "" if share is None else ", ".join(f"{float(share[i]):.1%}" for i in rows)
+        if kind == "coarse":
+            text += (
+                ". Why: the defence passes only "
+                f"{passed} of the gradient ({_OFFSETS}), so the localising schedule ran; its "
+                "coarse stage removes whole cells of the grid without the gate, and the "
+                "full-resolution stage, gated by the defence, can only remove evidence whose "
+                "removal lowers every activation — it could not take the score the rest of "
+                "the way within max_iterations (shared by the two stages). Raise "
+                "max_iterations or coarse_size, or read the map as the lowest score reached"
+            )
+        elif kind == "starved":
+            text += (
+                f": the defence passes {passed} of the gradient ({_OFFSETS}), and the gated "
+                "gradient can only lower activations, so the run stalls. Use schedule='auto' "
+                "(the localising schedule), or more max_iterations"
+            )
+        else:
+            text += ": the gradient flows but the steps ran out. Raise max_iterations or lr"
+        notes.append((rows, text + "."))
+    return notes
+
+
 def _problems(
     game: str, extras: dict[str, Any], tolerance: float, delete_to: float
 ) -> list[tuple[list[int], str, type[Warning]]]:
@@ -310,24 +357,8 @@ def _problems(
         out.append((flat, text, FGVisDegenerateWarning))
     if game == "delete":
         missed = _rows(~extras["satisfied"] & ~extras["trivial"])
-        if missed:
-            which = ", ".join(str(i) for i in missed)
-            best = min(float(ratio[i]) for i in missed)
-            text = (
-                f"FGVis: the deletion game did not reach p(e) ≤ {delete_to}·p(x) on sample(s) "
-                f"{which} (lowest p(e)/p(x) {best:.3f}; the returned iterate is the "
-                "lowest-scoring one)"
-            )
-            passed = None if share is None else max(float(share[i]) for i in missed)
-            if passed is not None and passed < STARVED_SHARE:
-                text += (
-                    f": the defence passes {passed:.1%} of the gradient ({_OFFSETS}), and the "
-                    "gated gradient can only lower activations, so the run stalls. Use "
-                    "schedule='coarse' (or 'auto'), or more max_iterations"
-                )
-            else:
-                text += ". Raise max_iterations or lr"
-            out.append((missed, text + ".", FGVisWarning))
+        for rows, text in _deletion_misses(missed, extras, ratio, delete_to):
+            out.append((rows, text, FGVisWarning))
     adversarial = extras.get("likely_adversarial")
     if adversarial is not None and bool(adversarial.any()):
         rows = _rows(adversarial)

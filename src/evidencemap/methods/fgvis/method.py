@@ -28,6 +28,7 @@ from evidencemap.methods.fgvis.defence import DefenceRule, NonlinearityBounds, r
 from evidencemap.methods.fgvis.diagnostics import (
     CHECK_NOISE,
     DEGENERATE_SPREAD,
+    JUDGE_DRAWS,
     REASON_FLOWS,
     REASON_GENERATION,
     REASON_REQUESTED,
@@ -797,6 +798,13 @@ class FGVis(Method):
         sign = 1.0 if preserve else -1.0
         defended = bool(bounds)
         gated: dict[int, list[NonlinearityBounds | None]] = {}
+        draws = None
+        if noise is not None and bool((state.floor > 0).any()):
+            # The floor is judged on JUDGE_DRAWS fixed draws (the same at every step), not on
+            # the one draw of the gradient pass: a lucky draw would let a brittle mask through.
+            generator = torch.Generator(device=x.device).manual_seed(self.seed + 1)
+            shape = (x.shape[0], JUDGE_DRAWS, *x.shape[1:])
+            draws = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
         for it in range(steps):
             rows = state.active_rows()
             if rows is not None and rows.numel() == 0:
@@ -821,22 +829,41 @@ class FGVis(Method):
                     logits = self.forward(e)
                 phi_e, p = self._phi(logits, ca)
                 (grad,) = torch.autograd.grad(phi_e.sum(), theta)
+            p_noisy = p.detach()
             noisy = None
             if noise is not None:
                 # The criterion and the kept iterate are judged on the explanation that is
                 # returned, without noise (the unmodified model; the forward pass is the
-                # same with or without the defence's gates).
-                noisy = p.detach()
-                with torch.no_grad():
-                    md = m.detach()
-                    clean = md * xa + (1 - md) * ra
-                    p = self._phi(self.forward(clean), ca)[1]
+                # same with or without the defence's gates); the floor on the fixed draws.
+                md = m.detach()
+                clean = md * xa + (1 - md) * ra
+                judged = None if draws is None else take(draws, rows)
+                p, noisy = self._judge(clean, ca, judged, take(noise[1], rows))
+                if noisy is None:
+                    noisy = p_noisy
             state.step(
                 it, rows, grad.detach() * sign, p.detach(), phi_e.detach(), image_score, noisy
             )
             if bar is not None:
                 bar(offset + it, state.info())
             runtime.checkpoint(offset + it + 1, total, "fgvis")
+
+    def _judge(
+        self, clean: Tensor, classes: Tensor, draws: Tensor | None, sigma: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(p(e), min_j p(e + σ ε_j))`` of the noise-free explanations ``clean`` ``(n, C, *S)``
+        and their fixed draws ``ε_j`` ``(n, J, C, *S)``, in one batched forward pass without
+        gradients; ``(p(e), None)`` when ``draws`` is ``None``."""
+        with torch.no_grad():
+            if draws is None:
+                return self._phi(self.forward(clean), classes)[1], None
+            n, k = draws.shape[:2]
+            view = (-1, 1, *([1] * (clean.ndim - 1)))
+            noisy = clean[:, None] + sigma.view(view).to(clean.dtype) * draws
+            batch = torch.cat([clean[:, None], noisy], dim=1).flatten(0, 1)
+            p = self._phi(self.forward(batch), classes.repeat_interleave(k + 1))[1]
+            p = p.view(n, k + 1)
+            return p[:, 0], p[:, 1:].amin(dim=1)
 
 
 def _adjoint(
