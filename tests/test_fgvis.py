@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -978,20 +979,25 @@ def test_the_noise_floor_of_the_localising_schedule():
     assert float(noise_floor(NoiseFragile(), x, c, NoiseFragile()(x).softmax(1)[:, 0])) < 0.1
 
 
-def test_the_floor_is_judged_on_fixed_draws_batched_with_the_clean_pass():
-    """``_judge``: one forward pass of the clean explanation and its J noisy copies; returns
-    p(e) and the minimum over the draws of p(e + σ ε_j) (by hand on NoiseFragile)."""
+def test_the_floor_is_judged_on_fixed_draws_where_it_can_matter():
+    """``_judge``: the clean pass, then one batched pass of the J noisy copies of the samples
+    that meet the criterion and have a floor; p(e) and the minimum over the draws of
+    p(e + σ ε_j) (by hand on NoiseFragile); +inf for the samples not judged."""
     model = NoiseFragile()
     method = FGVis(model)
-    clean = torch.ones(2, 3, 8, 8)
-    classes = torch.zeros(2, dtype=torch.long)
-    draws = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    sigma = torch.tensor([0.1, 0.0])
+    clean = torch.ones(3, 3, 8, 8)
+    classes = torch.zeros(3, dtype=torch.long)
+    draws = torch.randn(3, 4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    sigma = torch.tensor([0.1, 0.0, 0.1])
+    p_clean = model(clean).softmax(1)[:, 0]
+    image_score = p_clean.clone()
+    image_score[2] = 2.0  # sample 2 misses the criterion: its floor cannot matter
+    floor = torch.tensor([0.1, 0.1, 0.1])
     calls: list[int] = []
     method.forward = lambda t: calls.append(t.shape[0]) or model(t)  # type: ignore[method-assign]
-    p, noisy = method._judge(clean, classes, draws, sigma)
-    assert calls == [10]
-    assert torch.allclose(p, model(clean).softmax(1)[:, 0])
+    p, noisy = method._judge(clean, classes, draws, sigma, image_score, floor)
+    assert calls == [3, 8]
+    assert torch.allclose(p, p_clean)
     by_hand = [
         min(
             float(model(clean[i : i + 1] + sigma[i] * draws[i, j]).softmax(1)[0, 0])
@@ -1000,9 +1006,15 @@ def test_the_floor_is_judged_on_fixed_draws_batched_with_the_clean_pass():
         for i in range(2)
     ]
     assert noisy is not None
-    assert torch.allclose(noisy, torch.tensor(by_hand), rtol=1e-5)
+    assert torch.allclose(noisy[:2], torch.tensor(by_hand), rtol=1e-5)
+    assert float(noisy[2]) == math.inf
     assert float(noisy[0]) < float(p[0])  # the noise costs the fragile class
-    assert method._judge(clean, classes, None, sigma)[1] is None
+    calls.clear()
+    _, none_judged = method._judge(clean, classes, draws, sigma, image_score, torch.zeros(3))
+    assert calls == [3]
+    assert none_judged is not None
+    assert bool(torch.isinf(none_judged).all())
+    assert method._judge(clean, classes, None, sigma, image_score, floor)[1] is None
 
 
 def test_the_localising_schedule_keeps_only_iterates_that_hold_on_every_fixed_draw():

@@ -43,7 +43,13 @@ from evidencemap.methods.fgvis.diagnostics import (
     noise_floor,
     transfer_check,
 )
-from evidencemap.methods.fgvis.games import FGVIS_GAMES, FGVIS_SIMILARITIES, NOISE_FLOOR, phi
+from evidencemap.methods.fgvis.games import (
+    FGVIS_GAMES,
+    FGVIS_SIMILARITIES,
+    NOISE_FLOOR,
+    criterion,
+    phi,
+)
 from evidencemap.methods.fgvis.optimiser import MaskState, take
 from evidencemap.methods.fgvis.reference import FGVIS_REFERENCES, reference_for
 from evidencemap.methods.options import Option, warn_renamed
@@ -838,7 +844,10 @@ class FGVis(Method):
                 md = m.detach()
                 clean = md * xa + (1 - md) * ra
                 judged = None if draws is None else take(draws, rows)
-                p, noisy = self._judge(clean, ca, judged, take(noise[1], rows))
+                p, noisy = self._judge(
+                    clean, ca, judged, take(noise[1], rows), take(image_score, rows),
+                    take(state.floor, rows),
+                )  # fmt: skip
                 if noisy is None:
                     noisy = p_noisy
             state.step(
@@ -849,21 +858,39 @@ class FGVis(Method):
             runtime.checkpoint(offset + it + 1, total, "fgvis")
 
     def _judge(
-        self, clean: Tensor, classes: Tensor, draws: Tensor | None, sigma: Tensor
+        self,
+        clean: Tensor,
+        classes: Tensor,
+        draws: Tensor | None,
+        sigma: Tensor,
+        image_score: Tensor,
+        floor: Tensor,
     ) -> tuple[Tensor, Tensor | None]:
-        """``(p(e), min_j p(e + σ ε_j))`` of the noise-free explanations ``clean`` ``(n, C, *S)``
-        and their fixed draws ``ε_j`` ``(n, J, C, *S)``, in one batched forward pass without
-        gradients; ``(p(e), None)`` when ``draws`` is ``None``."""
+        """``(p(e), min_j p(e + σ ε_j))`` ``(n,)`` of the noise-free explanations ``clean``
+        ``(n, C, *S)`` and their fixed draws ``ε_j`` ``(n, J, C, *S)``, without gradients.
+
+        The draws are scored (one batched pass) only for the samples whose ``p(e)`` meets the
+        criterion and whose ``floor > 0``: for the others the floor cannot change the outcome
+        (their noisy score is reported as ``+inf``). ``(p(e), None)`` when ``draws`` is ``None``.
+        """
         with torch.no_grad():
+            p = self._phi(self.forward(clean), classes)[1]
             if draws is None:
-                return self._phi(self.forward(clean), classes)[1], None
-            n, k = draws.shape[:2]
-            view = (-1, 1, *([1] * (clean.ndim - 1)))
-            noisy = clean[:, None] + sigma.view(view).to(clean.dtype) * draws
-            batch = torch.cat([clean[:, None], noisy], dim=1).flatten(0, 1)
-            p = self._phi(self.forward(batch), classes.repeat_interleave(k + 1))[1]
-            p = p.view(n, k + 1)
-            return p[:, 0], p[:, 1:].amin(dim=1)
+                return p, None
+            k = draws.shape[1]
+            noisy = torch.full_like(p, math.inf)
+            judged = criterion(self.game, p, image_score, self.tolerance, self.delete_to)
+            judged = (judged & (floor > 0)).nonzero().squeeze(1)
+            if judged.numel() > 0:
+                view = (-1, 1, *([1] * (clean.ndim - 1)))
+                batch = (
+                    clean[judged, None] + sigma[judged].view(view).to(clean.dtype) * draws[judged]
+                )
+                q = self._phi(
+                    self.forward(batch.flatten(0, 1)), classes[judged].repeat_interleave(k)
+                )
+                noisy[judged] = q[1].view(-1, k).amin(dim=1)
+            return p, noisy
 
 
 def _adjoint(
