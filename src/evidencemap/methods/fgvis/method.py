@@ -142,7 +142,8 @@ class FGVis(Method):
             *without* the gate (the low resolution is the guard) against noise on ``e``
             (σ = ``noise``, or 0.1 when ``noise=0``), then the full-resolution mask refined
             from it with ``defence`` as set against the same noise; in the preservation game
-            a kept iterate must also keep ``NOISE_FLOOR·p(x)`` under that noise.
+            a kept iterate must also keep ``NOISE_FLOOR·p(x)`` on each of ``JUDGE_DRAWS``
+            fixed draws of that noise.
         mask_channels: ``"separate"`` (one mask value per pixel and channel, the paper),
             ``"shared"`` (one per pixel) or ``"auto"`` (shared when every input's channels are
             equal, e.g. greyscale exports).
@@ -754,7 +755,8 @@ class FGVis(Method):
     ) -> tuple[MaskState, Callable[[Tensor], Tensor]]:
         """The coarse schedule's first stage: a ``(n, 1, *grid)`` mask ``θ``, ``m = up(θ)``
         (bilinear / trilinear, expanded over the channels), no gate, noise on ``e``, and (in
-        the preservation game) a kept iterate must keep ``NOISE_FLOOR · p(x)`` under that noise.
+        the preservation game) a kept iterate must keep ``NOISE_FLOOR · p(x)`` on each of the
+        ``JUDGE_DRAWS`` fixed draws of that noise.
 
         Returns the finished state and ``up`` (to ``(n, 1, *S)``).
         """
