@@ -150,21 +150,24 @@ def generation_tables(args: argparse.Namespace) -> None:
         "\n## Generation towards each image's least likely class (default schedule)\n\n"
         f"λ = 0, {args.gen_iterations} steps (no early stop), the default `schedule='auto'`.\n"
     )
-    lite0 = models.load("efficientnet-lite0")
-    x, names, _ = lite0_inputs(lite0)
-    flush("### EfficientNet-Lite0\n")
-    flush(GENERATION_HEADER)
-    generation(lite0, x, names, lite0.labels, args.gen_iterations)
-    vgg = models.load("vgg16-brain-mri")
-    from evidencemap.models.vgg16_mri import mni152_slices
+    networks = args.gen_networks.split(",")
+    if "lite0" in networks:
+        lite0 = models.load("efficientnet-lite0")
+        x, names, _ = lite0_inputs(lite0)
+        flush("### EfficientNet-Lite0\n")
+        flush(GENERATION_HEADER)
+        generation(lite0, x, names, lite0.labels, args.gen_iterations)
+    if "mri" in networks:
+        vgg = models.load("vgg16-brain-mri")
+        from evidencemap.models.vgg16_mri import mni152_slices
 
-    indices = [int(s) for s in args.slices.split(",")]
-    flush("\n### VGG16 brain MRI\n")
-    flush(GENERATION_HEADER)
-    generation(
-        vgg, mni152_slices(indices).contiguous(), [f"MNI z{k}" for k in indices], vgg.labels,
-        args.gen_iterations,
-    )  # fmt: skip
+        indices = [int(s) for s in args.slices.split(",")]
+        flush("\n### VGG16 brain MRI\n")
+        flush(GENERATION_HEADER)
+        generation(
+            vgg, mni152_slices(indices).contiguous(), [f"MNI z{k}" for k in indices],
+            vgg.labels, args.gen_iterations,
+        )  # fmt: skip
 
 
 def main() -> None:
@@ -173,6 +176,7 @@ def main() -> None:
     parser.add_argument("--mri-iterations", type=int, default=100)
     parser.add_argument("--slices", default="62,82")
     parser.add_argument("--gen-iterations", type=int, default=100)
+    parser.add_argument("--gen-networks", default="lite0,mri", help="networks of --only generation")
     parser.add_argument("--preserve-only", action="store_true", help="skip the deletion tables")
     parser.add_argument("--only", choices=("lite0", "mri", "generation"), default=None)
     args = parser.parse_args()
@@ -200,7 +204,7 @@ def main() -> None:
     flush("## Preservation, EfficientNet-Lite0 (224×224)\n")
     flush(HEADER)
     keep, _ = table(lite0, x, names, regions, lite0.labels, args.iterations)
-    drop = keep
+    drop = None
     if not args.preserve_only:
         flush("\n## Deletion, EfficientNet-Lite0, the README photos\n")
         flush(HEADER)
@@ -227,7 +231,7 @@ def mri(args: argparse.Namespace) -> tuple:
     flush("\n## Preservation, VGG16 brain MRI (240×240)\n")
     flush(HEADER)
     mkeep, _ = table(vgg, xm, mnames, brain, vgg.labels, args.mri_iterations)
-    mdrop = mkeep
+    mdrop = None
     if not args.preserve_only:
         flush("\n## Deletion, VGG16 brain MRI\n")
         flush(HEADER)
@@ -242,7 +246,7 @@ def figure(networks: list, path: Path) -> None:
         for model, inputs, keep, drop, names in networks
         for i in range(len(names))
     ]
-    fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3 * len(rows)))
+    fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3 * len(rows)), squeeze=False)
     for r, (model, inputs, k, d, i, name) in enumerate(rows):
         ax = axes[r]
         ax[0].imshow((model.preprocess.to_pixels(inputs[i]) / 255).permute(1, 2, 0).cpu())
@@ -252,7 +256,7 @@ def figure(networks: list, path: Path) -> None:
         shown = k.extras["explanation"][i]
         ax[2].imshow((model.preprocess.to_pixels(shown) / 255).permute(1, 2, 0).cpu())
         ax[2].set_title(f"e: p(e)/p(x) {float(k.extras['score'][i] / k.scores[i]):.2f}")
-        if i < d.raw.shape[0]:
+        if d is not None and i < d.raw.shape[0]:
             ax[3].imshow(d.raw[i, 0], cmap="inferno", vmin=0, vmax=1)
             ax[3].set_title(f"delete map ({d.extras['schedule'][i]}), 0–1")
     for a in axes.flat:
