@@ -1074,3 +1074,16 @@ def test_a_missed_deletion_says_plainly_why_per_cause():
     assert "Use schedule='auto' (the localising schedule)" in starved
     assert "the gradient flows but the steps ran out" in steps
     assert report.warning.count("did not reach") == 3
+
+
+def test_a_flat_map_after_the_localising_schedule_does_not_suggest_it_again():
+    from evidencemap.methods.fgvis.diagnostics import degenerate_message
+
+    spread = torch.tensor([0.13, 0.12])
+    share = torch.tensor([0.006, 0.004])
+    ran = degenerate_message("preserve", [0], spread, share, torch.tensor([True, False]))
+    assert "The localising schedule ran and still kept most of the image" in ran
+    assert "schedule='auto' or 'coarse'" not in ran
+    fine = degenerate_message("preserve", [1], spread, share, torch.tensor([True, False]))
+    assert "Use the localising schedule (schedule='auto' or 'coarse')" in fine
+    assert "Use the localising schedule" in degenerate_message("preserve", [0], spread, share)

@@ -178,8 +178,16 @@ def map_spread(raw: Tensor, valid: Tensor | None = None) -> Tensor:
     return torch.where(total > 0, top / total.clamp(min=1e-30), k / count)
 
 
-def degenerate_message(game: str, rows: Sequence[int], spread: Tensor, share: Tensor | None) -> str:
-    """The warning text for the degenerate samples ``rows`` (``""`` when there are none)."""
+def degenerate_message(
+    game: str,
+    rows: Sequence[int],
+    spread: Tensor,
+    share: Tensor | None,
+    coarse: Tensor | None = None,
+) -> str:
+    """The warning text for the degenerate samples ``rows`` (``""`` when there are none);
+    ``coarse`` ``(N,)``: the samples that already ran the localising schedule (the advice then
+    does not suggest it again)."""
     if not rows:
         return ""
     which = ", ".join(str(i) for i in rows)
@@ -194,6 +202,13 @@ def degenerate_message(game: str, rows: Sequence[int], spread: Tensor, share: Te
         text += f"; the defence passes {passed:.1%} of the gradient at 0.1 % dimming"
         if passed < STARVED_SHARE:
             text += f", so the optimisation is starved ({_OFFSETS})"
+    if coarse is not None and all(bool(coarse[i]) for i in rows):
+        return text + (
+            ". The localising schedule ran and still kept most of the image: the class holds "
+            "under dimming of the whole image, so no smaller region keeps it at this tolerance. "
+            "Use the defended deletion game (game='delete', and check extras['satisfied']), a "
+            "larger tolerance, or a CAM-family method (method='gradcam')."
+        )
     return text + (
         ". Use the localising schedule (schedule='auto' or 'coarse'), the defended deletion "
         "game (game='delete', and check extras['satisfied']), or a CAM-family method "
@@ -353,7 +368,7 @@ def _problems(
         out.append((trivial, text, FGVisWarning))
     flat = _rows(extras["degenerate"])
     if flat:
-        text = degenerate_message(game, flat, extras["map_spread"], share)
+        text = degenerate_message(game, flat, extras["map_spread"], share, extras["coarse"])
         out.append((flat, text, FGVisDegenerateWarning))
     if game == "delete":
         missed = _rows(~extras["satisfied"] & ~extras["trivial"])
