@@ -17,8 +17,8 @@ p(e + ε)/p(x) (8 draws, σ = 0.1), the map's concentration (its mass in the obj
 pasted scenes — or in the brain — MRI — divided by that region's share of the area; 1 = no
 concentration; the brain is the part of the slice that differs from the reference), and
 seconds per image. Then the deletion game with the defaults on the README photos, and the
-generation game towards each network's least likely class with the localising schedule
-(``schedule="coarse"``, λ = 0, the defence on).
+generation game towards each image's least likely class with the default schedule (λ = 0,
+with and without the defence; ``--only generation`` runs these rows alone).
 
 Writes Markdown to stdout (row by row) and ``benchmarks/results/fgvis_auto.png``.
 Run: ``python benchmarks/fgvis_auto.py > benchmarks/results/fgvis_auto.md``
@@ -114,20 +114,60 @@ HEADER = (
 )
 
 
-def generation(model, x, labels, iterations) -> None:
+GENERATION_HEADER = (
+    "| image | target (least likely) | p(x) | defence | schedule | p(e) | top-1 on e | s / image |"
+    "\n|---|---|---|---|---|---|---|---|"
+)
+
+
+def generation(model, x, names, labels, iterations) -> None:
+    """Generation towards each image's least likely class with the default schedule
+    (``"auto"``: the generation game keeps the paper's rule), λ = 0, ``iterations`` steps,
+    with and without the defence (the images of one network together)."""
     with torch.no_grad():
         least = model(x).argmin(1)
-    start = time.perf_counter()
-    g = em.explain(
-        model, x, "fgvis", schedule="coarse", transfer="none", target=least, lam=0.0,
-        max_iterations=iterations, patience=iterations,
-    )  # fmt: skip
-    top = int(g.extras["top1"][0])
+    for defence in (True, False):
+        start = time.perf_counter()
+        g = em.explain(
+            model, x, "fgvis", target=least, lam=0.0, defence=defence, transfer="none",
+            max_iterations=iterations, patience=iterations,
+        )  # fmt: skip
+        seconds = (time.perf_counter() - start) / x.shape[0]
+        e = g.extras
+        for i, name in enumerate(names):
+            c, top = int(least[i]), int(e["top1"][i])
+            flush(
+                f"| {name} | {c} {labels[c][:20]} | {float(e['image_score'][i]):.2e} "
+                f"| {'on' if defence else 'off'} | {e['schedule'][i]} "
+                f"| {float(e['score'][i]):.3g} | {top} {labels[top][:20]} | {seconds:.1f} |"
+            )
+
+
+def generation_tables(args: argparse.Namespace) -> None:
+    """The generation rows alone (``--only generation``): Lite0 on its six images, VGG16 on
+    the MRI slices."""
     flush(
-        f"| {int(least)} {labels[int(least)][:20]} | {float(g.extras['image_score'][0]):.2e} "
-        f"| {float(g.extras['score'][0]):.3g} | {top} {labels[top][:20]} "
-        f"| {time.perf_counter() - start:.1f} |"
+        "\n## Generation towards each image's least likely class (default schedule)\n\n"
+        f"λ = 0, {args.gen_iterations} steps (no early stop), the default `schedule='auto'`.\n"
     )
+    networks = args.gen_networks.split(",")
+    if "lite0" in networks:
+        lite0 = models.load("efficientnet-lite0")
+        x, names, _ = lite0_inputs(lite0)
+        flush("### EfficientNet-Lite0\n")
+        flush(GENERATION_HEADER)
+        generation(lite0, x, names, lite0.labels, args.gen_iterations)
+    if "mri" in networks:
+        vgg = models.load("vgg16-brain-mri")
+        from evidencemap.models.vgg16_mri import mni152_slices
+
+        indices = [int(s) for s in args.slices.split(",")]
+        flush("\n### VGG16 brain MRI\n")
+        flush(GENERATION_HEADER)
+        generation(
+            vgg, mni152_slices(indices).contiguous(), [f"MNI z{k}" for k in indices],
+            vgg.labels, args.gen_iterations,
+        )  # fmt: skip
 
 
 def main() -> None:
@@ -135,8 +175,16 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--mri-iterations", type=int, default=100)
     parser.add_argument("--slices", default="62,82")
-    parser.add_argument("--only", choices=("lite0", "mri"), default=None)
+    parser.add_argument("--gen-iterations", type=int, default=100)
+    parser.add_argument("--gen-networks", default="lite0,mri", help="networks of --only generation")
+    parser.add_argument("--preserve-only", action="store_true", help="skip the deletion tables")
+    parser.add_argument("--only", choices=("lite0", "mri", "generation"), default=None)
     args = parser.parse_args()
+    if args.only == "generation":
+        torch.set_num_threads(1)
+        warnings.simplefilter("ignore", FGVisWarning)
+        generation_tables(args)
+        return
     if args.only == "mri":
         vgg, xm, mnames, mkeep, mdrop = mri(args)
         figure([(vgg, xm, mkeep, mdrop, mnames)], FIGURE.with_name("fgvis_auto_mri.png"))
@@ -156,18 +204,19 @@ def main() -> None:
     flush("## Preservation, EfficientNet-Lite0 (224×224)\n")
     flush(HEADER)
     keep, _ = table(lite0, x, names, regions, lite0.labels, args.iterations)
-    flush("\n## Deletion, EfficientNet-Lite0, the README photos\n")
-    flush(HEADER)
-    drop, _ = table(lite0, x[:4], names[:4], regions[:4], lite0.labels, args.iterations, "delete")
+    drop = None
+    if not args.preserve_only:
+        flush("\n## Deletion, EfficientNet-Lite0, the README photos\n")
+        flush(HEADER)
+        drop, _ = table(
+            lite0, x[:4], names[:4], regions[:4], lite0.labels, args.iterations, "delete"
+        )
 
     if args.only == "lite0":
-        flush("\n## The defence's purpose under the localising schedule\n")
-        flush("| target | p(x) | p(e) | top-1 on e | s |\n|---|---|---|---|---|")
-        generation(lite0, x[:1], lite0.labels, args.iterations)
         figure([(lite0, x, keep, drop, names)], FIGURE.with_name("fgvis_auto_lite0.png"))
         return
     vgg, xm, mnames, mkeep, mdrop = mri(args)
-
+    generation_tables(args)
     figure([(lite0, x, keep, drop, names), (vgg, xm, mkeep, mdrop, mnames)], FIGURE)
 
 
@@ -182,16 +231,11 @@ def mri(args: argparse.Namespace) -> tuple:
     flush("\n## Preservation, VGG16 brain MRI (240×240)\n")
     flush(HEADER)
     mkeep, _ = table(vgg, xm, mnames, brain, vgg.labels, args.mri_iterations)
-    flush("\n## Deletion, VGG16 brain MRI\n")
-    flush(HEADER)
-    mdrop, _ = table(vgg, xm, mnames, brain, vgg.labels, args.mri_iterations, "delete")
-
-    flush(
-        "\n## The defence's purpose under the localising schedule: generation towards the "
-        "least likely class\n\n`schedule='coarse'`, λ = 0, defence on, steps as above.\n"
-    )
-    flush("| target | p(x) | p(e) | top-1 on e | s |\n|---|---|---|---|---|")
-    generation(vgg, xm[-1:], vgg.labels, args.mri_iterations)
+    mdrop = None
+    if not args.preserve_only:
+        flush("\n## Deletion, VGG16 brain MRI\n")
+        flush(HEADER)
+        mdrop, _ = table(vgg, xm, mnames, brain, vgg.labels, args.mri_iterations, "delete")
     return vgg, xm, mnames, mkeep, mdrop
 
 
@@ -202,7 +246,7 @@ def figure(networks: list, path: Path) -> None:
         for model, inputs, keep, drop, names in networks
         for i in range(len(names))
     ]
-    fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3 * len(rows)))
+    fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3 * len(rows)), squeeze=False)
     for r, (model, inputs, k, d, i, name) in enumerate(rows):
         ax = axes[r]
         ax[0].imshow((model.preprocess.to_pixels(inputs[i]) / 255).permute(1, 2, 0).cpu())
@@ -212,7 +256,7 @@ def figure(networks: list, path: Path) -> None:
         shown = k.extras["explanation"][i]
         ax[2].imshow((model.preprocess.to_pixels(shown) / 255).permute(1, 2, 0).cpu())
         ax[2].set_title(f"e: p(e)/p(x) {float(k.extras['score'][i] / k.scores[i]):.2f}")
-        if i < d.raw.shape[0]:
+        if d is not None and i < d.raw.shape[0]:
             ax[3].imshow(d.raw[i, 0], cmap="inferno", vmin=0, vmax=1)
             ax[3].set_title(f"delete map ({d.extras['schedule'][i]}), 0–1")
     for a in axes.flat:

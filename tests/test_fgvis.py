@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -462,14 +463,21 @@ def test_real_preservation_small(lite0, tiny_photos):
 
 
 def test_real_defence_small(lite0, tiny_photos):
-    """Generation game for the least likely class at 64×64, 40 steps: both directions."""
+    """Generation game for the least likely class at 64×64, 40 steps, under the default
+    schedule ("auto": the generation game keeps the paper's rule): both directions."""
     x = tiny_photos[:1]
     with torch.no_grad():
         least = lite0(x).argmin(1)
-    options = {"target": least, "lam": 0.0, "max_iterations": 40}
+    options = {"target": least, "lam": 0.0, "max_iterations": 40, "patience": 40}
     guarded = em.explain(lite0, x, "fgvis", defence=True, **options)
     attacked = em.explain(lite0, x, "fgvis", defence=False, **options)
-    assert float(guarded.extras["score"]) < 1e-3
+    g = guarded.extras
+    assert g["schedule"] == ["fine"]
+    assert "generation game" in g["schedule_reason"][0]
+    assert bool(g["generation"].all())
+    assert not bool(g["trivial"].any())
+    assert int(g["iterations"]) == 40  # optimised, not settled as a trivial game
+    assert float(g["score"]) < 1e-3
     assert float(attacked.extras["score"]) > 0.5
 
 
@@ -969,3 +977,113 @@ def test_the_noise_floor_of_the_localising_schedule():
         expected = 0.5 * p if bool(q >= 0.5 * p) else 0.5 * q
         assert torch.allclose(noise_floor(model, x, c, p), expected)
     assert float(noise_floor(NoiseFragile(), x, c, NoiseFragile()(x).softmax(1)[:, 0])) < 0.1
+
+
+def test_the_floor_is_judged_on_fixed_draws_where_it_can_matter():
+    """``_judge``: the clean pass, then one batched pass of the J noisy copies of the samples
+    that meet the criterion and have a floor; p(e) and the minimum over the draws of
+    p(e + σ ε_j) (by hand on NoiseFragile); +inf for the samples not judged."""
+    model = NoiseFragile()
+    method = FGVis(model)
+    clean = torch.ones(3, 3, 8, 8)
+    classes = torch.zeros(3, dtype=torch.long)
+    draws = torch.randn(3, 4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    sigma = torch.tensor([0.1, 0.0, 0.1])
+    p_clean = model(clean).softmax(1)[:, 0]
+    image_score = p_clean.clone()
+    image_score[2] = 2.0  # sample 2 misses the criterion: its floor cannot matter
+    floor = torch.tensor([0.1, 0.1, 0.1])
+    calls: list[int] = []
+    method.forward = lambda t: calls.append(t.shape[0]) or model(t)  # type: ignore[method-assign]
+    p, noisy = method._judge(clean, classes, draws, sigma, image_score, floor)
+    assert calls == [3, 8]
+    assert torch.allclose(p, p_clean)
+    by_hand = [
+        min(
+            float(model(clean[i : i + 1] + sigma[i] * draws[i, j]).softmax(1)[0, 0])
+            for j in range(4)
+        )
+        for i in range(2)
+    ]
+    assert noisy is not None
+    assert torch.allclose(noisy[:2], torch.tensor(by_hand), rtol=1e-5)
+    assert float(noisy[2]) == math.inf
+    assert float(noisy[0]) < float(p[0])  # the noise costs the fragile class
+    calls.clear()
+    _, none_judged = method._judge(clean, classes, draws, sigma, image_score, torch.zeros(3))
+    assert calls == [3]
+    assert none_judged is not None
+    assert bool(torch.isinf(none_judged).all())
+    assert method._judge(clean, classes, None, sigma, image_score, floor)[1] is None
+
+
+def test_the_localising_schedule_keeps_only_iterates_that_hold_on_every_fixed_draw():
+    """The returned explanation of the localising preservation run keeps the floor on each of
+    the fixed draws it was judged on (seed + 1), not just on one lucky draw."""
+    from evidencemap.methods.fgvis.diagnostics import JUDGE_DRAWS, noise_floor
+    from tiny import OffsetNet
+
+    x = 0.5 + 0.5 * torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = OffsetNet()
+    exp = em.explain(model, x, "fgvis", schedule="coarse", coarse_size=2, transfer="none", **FAST)
+    e = exp.extras
+    c = exp.targets
+    floor = noise_floor(model, x, c, e["image_score"])
+    draws = torch.randn((2, JUDGE_DRAWS, 3, 8, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for i in range(2):
+            if not bool(e["satisfied"][i]):
+                continue
+            noisy = model(e["explanation"][i] + 0.1 * draws[i]).softmax(1)[:, int(c[i])]
+            assert float(noisy.min()) >= float(floor[i]) - 1e-6
+
+
+def test_a_missed_deletion_says_plainly_why_per_cause():
+    """Three missed deletions, one per cause: the localising schedule ran (the defence starves;
+    the note explains both stages), the paper's rule starved, the steps ran out."""
+    from evidencemap.methods.fgvis.diagnostics import (
+        REASON_FLOWS,
+        REASON_REQUESTED,
+        REASON_STARVED,
+        describe,
+    )
+
+    n = 3
+    extras = {
+        "schedule_code": torch.tensor([REASON_STARVED, REASON_REQUESTED, REASON_FLOWS]),
+        "coarse": torch.tensor([True, False, False]),
+        "defence_pass_share": torch.tensor([0.005, 0.004, 0.6]),
+        "reference_score": torch.full((n,), 0.001),
+        "image_score": torch.full((n,), 0.8),
+        "score": torch.tensor([0.148, 0.4, 0.2]),
+        "satisfied": torch.zeros(n, dtype=torch.bool),
+        "trivial": torch.zeros(n, dtype=torch.bool),
+        "degenerate": torch.zeros(n, dtype=torch.bool),
+        "map_spread": torch.full((n,), 0.5),
+        "noise_ratio": torch.full((n,), 0.05),
+    }
+    report = describe("delete", extras, 0.01, 0.1)
+    coarse, starved, steps = report.notes
+    assert "on sample(s) 0 (p(e)/p(x) 0.185;" in coarse
+    assert "Why: the defence passes only 0.5% of the gradient" in coarse
+    assert "the localising schedule ran" in coarse
+    assert "coarse stage removes whole cells" in coarse
+    assert "can only remove evidence whose removal lowers every activation" in coarse
+    assert "Use schedule='auto'" not in coarse  # it already ran the localising schedule
+    assert "on sample(s) 1 (p(e)/p(x) 0.500;" in starved
+    assert "Use schedule='auto' (the localising schedule)" in starved
+    assert "the gradient flows but the steps ran out" in steps
+    assert report.warning.count("did not reach") == 3
+
+
+def test_a_flat_map_after_the_localising_schedule_does_not_suggest_it_again():
+    from evidencemap.methods.fgvis.diagnostics import degenerate_message
+
+    spread = torch.tensor([0.13, 0.12])
+    share = torch.tensor([0.006, 0.004])
+    ran = degenerate_message("preserve", [0], spread, share, torch.tensor([True, False]))
+    assert "The localising schedule ran and still kept most of the image" in ran
+    assert "schedule='auto' or 'coarse'" not in ran
+    fine = degenerate_message("preserve", [1], spread, share, torch.tensor([True, False]))
+    assert "Use the localising schedule (schedule='auto' or 'coarse')" in fine
+    assert "Use the localising schedule" in degenerate_message("preserve", [0], spread, share)

@@ -112,8 +112,9 @@ class ExplanationResult(BaseModel):
     )
     warning: str | None = Field(
         default=None,
-        description="The method's warning about this map (FGVis: the defence starved it to a "
-        "flat mask, and what to use instead); null when there is none.",
+        description="The method's note on this map (FGVis: which schedule ran and why, plus "
+        "any problem of this image's result — a trivial game, a flat map, a missed criterion, "
+        "evidence that does not survive noise — and what to try); null when there is none.",
     )
 
 

@@ -51,7 +51,8 @@ upsampled to the input, with the same game, criterion and λ schedule but *witho
 smooth mask of a few dozen cells cannot encode an imperceptible adversarial pattern, so the low
 resolution plays the defence's part there. Its gradient passes add Gaussian noise to ``e``
 (σ = ``noise``, or 0.1 when ``noise=0``; the criterion is judged without it, and a kept
-preservation iterate must also keep ``NOISE_FLOOR·p(x)`` under that noise), so that it does
+preservation iterate must also keep ``NOISE_FLOOR·p(x)`` on each of ``JUDGE_DRAWS`` fixed
+draws of that noise), so that it does
 not keep the class with a mask of a few per cent of contrast that any noise destroys. The full-resolution, per-channel mask is then refined
 from that answer (λ continued) with the defence as set. Every such result reports a noise check
 and a cross-model check (``noise_ratio``, ``transfer_ratio``) so brittle masks show.

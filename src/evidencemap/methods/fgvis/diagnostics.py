@@ -44,6 +44,7 @@ __all__ = [
     "CHECK_NOISE",
     "DEGENERATE_SPREAD",
     "DIAGNOSTIC_DIMMING",
+    "JUDGE_DRAWS",
     "REASON_FLOWS",
     "REASON_GENERATION",
     "REASON_REQUESTED",
@@ -73,6 +74,9 @@ CHECK_NOISE = 0.1
 """σ (in the model's normalised input space) of the noise check of the coarse schedule."""
 CHECK_DRAWS = 8
 """Noise draws averaged by the noise check."""
+JUDGE_DRAWS = 4
+"""Fixed noise draws (σ as in the gradient passes, seed ``seed + 1``) on which the localising
+schedule judges a kept preservation iterate's noise floor: the minimum of their scores."""
 
 
 REASON_REQUESTED = 0
@@ -174,8 +178,16 @@ def map_spread(raw: Tensor, valid: Tensor | None = None) -> Tensor:
     return torch.where(total > 0, top / total.clamp(min=1e-30), k / count)
 
 
-def degenerate_message(game: str, rows: Sequence[int], spread: Tensor, share: Tensor | None) -> str:
-    """The warning text for the degenerate samples ``rows`` (``""`` when there are none)."""
+def degenerate_message(
+    game: str,
+    rows: Sequence[int],
+    spread: Tensor,
+    share: Tensor | None,
+    coarse: Tensor | None = None,
+) -> str:
+    """The warning text for the degenerate samples ``rows`` (``""`` when there are none);
+    ``coarse`` ``(N,)``: the samples that already ran the localising schedule (the advice then
+    does not suggest it again)."""
     if not rows:
         return ""
     which = ", ".join(str(i) for i in rows)
@@ -190,6 +202,13 @@ def degenerate_message(game: str, rows: Sequence[int], spread: Tensor, share: Te
         text += f"; the defence passes {passed:.1%} of the gradient at 0.1 % dimming"
         if passed < STARVED_SHARE:
             text += f", so the optimisation is starved ({_OFFSETS})"
+    if coarse is not None and all(bool(coarse[i]) for i in rows):
+        return text + (
+            ". The localising schedule ran and still kept most of the image: the class holds "
+            "under dimming of the whole image, so no smaller region keeps it at this tolerance. "
+            "Use the defended deletion game (game='delete', and check extras['satisfied']), a "
+            "larger tolerance, or a CAM-family method (method='gradcam')."
+        )
     return text + (
         ". Use the localising schedule (schedule='auto' or 'coarse'), the defended deletion "
         "game (game='delete', and check extras['satisfied']), or a CAM-family method "
@@ -279,6 +298,49 @@ def _rows(flags: Tensor) -> list[int]:
     return [int(i) for i in flags.nonzero().flatten()]
 
 
+def _deletion_misses(
+    missed: list[int], extras: dict[str, Any], ratio: Tensor, delete_to: float
+) -> list[tuple[list[int], str]]:
+    """The notes of the deletion runs that did not reach ``p(e) ≤ delete_to·p(x)``, one per
+    cause: the localising schedule ran (``coarse``), the defence starved the paper's rule, or
+    the steps ran out with the gradient flowing."""
+    share = extras.get("defence_pass_share")
+    groups: dict[str, list[int]] = {}
+    for i in missed:
+        starved = share is not None and float(share[i]) < STARVED_SHARE
+        kind = "coarse" if bool(extras["coarse"][i]) else "starved" if starved else "steps"
+        groups.setdefault(kind, []).append(i)
+    notes = []
+    for kind, rows in groups.items():
+        which = ", ".join(str(i) for i in rows)
+        lowest = ", ".join(f"{float(ratio[i]):.3f}" for i in rows)
+        text = (
+            f"FGVis: the deletion game did not reach p(e) ≤ {delete_to}·p(x) on sample(s) "
+            f"{which} (p(e)/p(x) {lowest}; the returned iterate is the lowest-scoring one)"
+        )
+        passed = "" if share is None else ", ".join(f"{float(share[i]):.1%}" for i in rows)
+        if kind == "coarse":
+            text += (
+                ". Why: the defence passes only "
+                f"{passed} of the gradient ({_OFFSETS}), so the localising schedule ran; its "
+                "coarse stage removes whole cells of the grid without the gate, and the "
+                "full-resolution stage, gated by the defence, can only remove evidence whose "
+                "removal lowers every activation — it could not take the score the rest of "
+                "the way within max_iterations (shared by the two stages). Raise "
+                "max_iterations or coarse_size, or read the map as the lowest score reached"
+            )
+        elif kind == "starved":
+            text += (
+                f": the defence passes {passed} of the gradient ({_OFFSETS}), and the gated "
+                "gradient can only lower activations, so the run stalls. Use schedule='auto' "
+                "(the localising schedule), or more max_iterations"
+            )
+        else:
+            text += ": the gradient flows but the steps ran out. Raise max_iterations or lr"
+        notes.append((rows, text + "."))
+    return notes
+
+
 def _problems(
     game: str, extras: dict[str, Any], tolerance: float, delete_to: float
 ) -> list[tuple[list[int], str, type[Warning]]]:
@@ -306,28 +368,12 @@ def _problems(
         out.append((trivial, text, FGVisWarning))
     flat = _rows(extras["degenerate"])
     if flat:
-        text = degenerate_message(game, flat, extras["map_spread"], share)
+        text = degenerate_message(game, flat, extras["map_spread"], share, extras["coarse"])
         out.append((flat, text, FGVisDegenerateWarning))
     if game == "delete":
         missed = _rows(~extras["satisfied"] & ~extras["trivial"])
-        if missed:
-            which = ", ".join(str(i) for i in missed)
-            best = min(float(ratio[i]) for i in missed)
-            text = (
-                f"FGVis: the deletion game did not reach p(e) ≤ {delete_to}·p(x) on sample(s) "
-                f"{which} (lowest p(e)/p(x) {best:.3f}; the returned iterate is the "
-                "lowest-scoring one)"
-            )
-            passed = None if share is None else max(float(share[i]) for i in missed)
-            if passed is not None and passed < STARVED_SHARE:
-                text += (
-                    f": the defence passes {passed:.1%} of the gradient ({_OFFSETS}), and the "
-                    "gated gradient can only lower activations, so the run stalls. Use "
-                    "schedule='coarse' (or 'auto'), or more max_iterations"
-                )
-            else:
-                text += ". Raise max_iterations or lr"
-            out.append((missed, text + ".", FGVisWarning))
+        for rows, text in _deletion_misses(missed, extras, ratio, delete_to):
+            out.append((rows, text, FGVisWarning))
     adversarial = extras.get("likely_adversarial")
     if adversarial is not None and bool(adversarial.any()):
         rows = _rows(adversarial)

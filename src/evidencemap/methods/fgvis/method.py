@@ -28,6 +28,7 @@ from evidencemap.methods.fgvis.defence import DefenceRule, NonlinearityBounds, r
 from evidencemap.methods.fgvis.diagnostics import (
     CHECK_NOISE,
     DEGENERATE_SPREAD,
+    JUDGE_DRAWS,
     REASON_FLOWS,
     REASON_GENERATION,
     REASON_REQUESTED,
@@ -42,7 +43,13 @@ from evidencemap.methods.fgvis.diagnostics import (
     noise_floor,
     transfer_check,
 )
-from evidencemap.methods.fgvis.games import FGVIS_GAMES, FGVIS_SIMILARITIES, NOISE_FLOOR, phi
+from evidencemap.methods.fgvis.games import (
+    FGVIS_GAMES,
+    FGVIS_SIMILARITIES,
+    NOISE_FLOOR,
+    criterion,
+    phi,
+)
 from evidencemap.methods.fgvis.optimiser import MaskState, take
 from evidencemap.methods.fgvis.reference import FGVIS_REFERENCES, reference_for
 from evidencemap.methods.options import Option, warn_renamed
@@ -135,7 +142,8 @@ class FGVis(Method):
             *without* the gate (the low resolution is the guard) against noise on ``e``
             (σ = ``noise``, or 0.1 when ``noise=0``), then the full-resolution mask refined
             from it with ``defence`` as set against the same noise; in the preservation game
-            a kept iterate must also keep ``NOISE_FLOOR·p(x)`` under that noise.
+            a kept iterate must also keep ``NOISE_FLOOR·p(x)`` on each of ``JUDGE_DRAWS``
+            fixed draws of that noise.
         mask_channels: ``"separate"`` (one mask value per pixel and channel, the paper),
             ``"shared"`` (one per pixel) or ``"auto"`` (shared when every input's channels are
             equal, e.g. greyscale exports).
@@ -747,7 +755,8 @@ class FGVis(Method):
     ) -> tuple[MaskState, Callable[[Tensor], Tensor]]:
         """The coarse schedule's first stage: a ``(n, 1, *grid)`` mask ``θ``, ``m = up(θ)``
         (bilinear / trilinear, expanded over the channels), no gate, noise on ``e``, and (in
-        the preservation game) a kept iterate must keep ``NOISE_FLOOR · p(x)`` under that noise.
+        the preservation game) a kept iterate must keep ``NOISE_FLOOR · p(x)`` on each of the
+        ``JUDGE_DRAWS`` fixed draws of that noise.
 
         Returns the finished state and ``up`` (to ``(n, 1, *S)``).
         """
@@ -797,6 +806,13 @@ class FGVis(Method):
         sign = 1.0 if preserve else -1.0
         defended = bool(bounds)
         gated: dict[int, list[NonlinearityBounds | None]] = {}
+        draws = None
+        if noise is not None and bool((state.floor > 0).any()):
+            # The floor is judged on JUDGE_DRAWS fixed draws (the same at every step), not on
+            # the one draw of the gradient pass: a lucky draw would let a brittle mask through.
+            generator = torch.Generator(device=x.device).manual_seed(self.seed + 1)
+            shape = (x.shape[0], JUDGE_DRAWS, *x.shape[1:])
+            draws = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
         for it in range(steps):
             rows = state.active_rows()
             if rows is not None and rows.numel() == 0:
@@ -821,22 +837,62 @@ class FGVis(Method):
                     logits = self.forward(e)
                 phi_e, p = self._phi(logits, ca)
                 (grad,) = torch.autograd.grad(phi_e.sum(), theta)
+            p_noisy = p.detach()
             noisy = None
             if noise is not None:
                 # The criterion and the kept iterate are judged on the explanation that is
                 # returned, without noise (the unmodified model; the forward pass is the
-                # same with or without the defence's gates).
-                noisy = p.detach()
-                with torch.no_grad():
-                    md = m.detach()
-                    clean = md * xa + (1 - md) * ra
-                    p = self._phi(self.forward(clean), ca)[1]
+                # same with or without the defence's gates); the floor on the fixed draws.
+                md = m.detach()
+                clean = md * xa + (1 - md) * ra
+                judged = None if draws is None else take(draws, rows)
+                p, noisy = self._judge(
+                    clean, ca, judged, take(noise[1], rows), take(image_score, rows),
+                    take(state.floor, rows),
+                )  # fmt: skip
+                if noisy is None:
+                    noisy = p_noisy
             state.step(
                 it, rows, grad.detach() * sign, p.detach(), phi_e.detach(), image_score, noisy
             )
             if bar is not None:
                 bar(offset + it, state.info())
             runtime.checkpoint(offset + it + 1, total, "fgvis")
+
+    def _judge(
+        self,
+        clean: Tensor,
+        classes: Tensor,
+        draws: Tensor | None,
+        sigma: Tensor,
+        image_score: Tensor,
+        floor: Tensor,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(p(e), min_j p(e + σ ε_j))`` ``(n,)`` of the noise-free explanations ``clean``
+        ``(n, C, *S)`` and their fixed draws ``ε_j`` ``(n, J, C, *S)``, without gradients.
+
+        The draws are scored (one batched pass) only for the samples whose ``p(e)`` meets the
+        criterion and whose ``floor > 0``: for the others the floor cannot change the outcome
+        (their noisy score is reported as ``+inf``). ``(p(e), None)`` when ``draws`` is ``None``.
+        """
+        with torch.no_grad():
+            p = self._phi(self.forward(clean), classes)[1]
+            if draws is None:
+                return p, None
+            k = draws.shape[1]
+            noisy = torch.full_like(p, math.inf)
+            judged = criterion(self.game, p, image_score, self.tolerance, self.delete_to)
+            judged = (judged & (floor > 0)).nonzero().squeeze(1)
+            if judged.numel() > 0:
+                view = (-1, 1, *([1] * (clean.ndim - 1)))
+                batch = (
+                    clean[judged, None] + sigma[judged].view(view).to(clean.dtype) * draws[judged]
+                )
+                q = self._phi(
+                    self.forward(batch.flatten(0, 1)), classes[judged].repeat_interleave(k)
+                )
+                noisy[judged] = q[1].view(-1, k).amin(dim=1)
+            return p, noisy
 
 
 def _adjoint(

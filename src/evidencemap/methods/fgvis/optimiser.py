@@ -63,8 +63,8 @@ class MaskState:
         weight: the sparsity cost's weights ``w ≥ 0`` of the mask's shape, summing to 1 per
             sample: ``‖m‖ = Σ w·m`` (default uniform, ``1/numel``: the mean). Entries with
             ``w = 0`` (positions where ``x`` equals the reference) carry no cost.
-        floor: ``(N,)`` score a kept iterate must also keep under the noise of its gradient
-            pass (see :meth:`step`; default 0: no floor).
+        floor: ``(N,)`` score a kept iterate must also keep under noise (the ``noisy`` score
+            :meth:`step` is given; default 0: no floor).
         limit: ``(N,)`` steps each sample may take at most (default ``max_iterations``).
     """
 
@@ -154,8 +154,9 @@ class MaskState:
     ) -> None:
         """One update of the samples ``rows`` given ``±∂φ/∂m`` and their current ``p``, ``φ``.
 
-        ``noisy``: ``p(e + ε)`` of this step's gradient pass; an iterate meets the criterion
-        only if also ``noisy ≥ floor``.
+        ``noisy``: the score under noise that the floor is held to (the localising schedule:
+        the minimum of ``p(e + σ ε_j)`` over its fixed draws; else ``p(e + ε)`` of this step's
+        gradient pass); an iterate meets the criterion only if also ``noisy ≥ floor``.
         """
         idx = torch.arange(self.mask.shape[0], device=p.device) if rows is None else rows
         method = self.method
