@@ -744,6 +744,39 @@ def test_busy_server_answers_503(lite0, chelsea_png):
     assert busy.get("/health").json()["busy"] == 0
 
 
+def test_shutdown_answers_running_requests_at_once(lite0, chelsea_png, monkeypatch):
+    """A request whose work is between two checkpoints when the service stops is answered 503
+    at once (not cut off by the server's graceful-shutdown timeout as a 500)."""
+    stopping = create_app(model=lite0, workers=1)
+    service = stopping.state.service
+    release = threading.Event()
+
+    def stuck(*_args: Any, **_kwargs: Any) -> None:  # a long phase with no checkpoint
+        release.wait(timeout=30)
+
+    monkeypatch.setattr(service, "explain", stuck)
+    answer: dict = {}
+    thread = threading.Thread(
+        target=lambda: answer.update(r=post(TestClient(stopping), chelsea_png))
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while service.pending == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        began = time.monotonic()
+        service.shutdown.set()
+        thread.join(timeout=5)
+        answered = time.monotonic() - began
+    finally:
+        release.set()
+        thread.join()
+        service.close()
+    assert_error(answer["r"], 503, "shutting down")
+    assert answered < 2
+
+
 # --------------------------------------------------------------------------- the CLI
 
 

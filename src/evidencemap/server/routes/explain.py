@@ -94,8 +94,12 @@ async def explain(
             future = asyncio.wrap_future(service.submit(job, prepared.costly))
             while True:  # a client that goes away cancels its work
                 done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL)
-                if done:
+                if done and not future.cancelled():
                     return future.result()
+                if done or service.shutdown.is_set():
+                    # The worker stops at its next checkpoint; the client is answered now, so
+                    # the server's graceful shutdown never has to cut a running request off.
+                    raise ApiError(503, "the service is shutting down; retry later")
                 if await request.is_disconnected():
                     cancel.set()
         finally:
