@@ -38,6 +38,9 @@ import evidencemap as em
 from evidencemap import models
 
 REPEATS = int(os.environ.get("REPEATS", "5"))
+CLOCK = time.thread_time if os.environ.get("CLOCK") == "cpu" else time.perf_counter
+"""``CLOCK=cpu`` times the CPU time of the calling thread: with ``THREADS=1`` all of torch's work
+runs on it, so other processes loading a shared machine barely move the numbers."""
 """Timed pairs per row of several copies; single-pass rows take ``3 × REPEATS`` (cheap, noisier)."""
 SAMPLES = 8
 TARGET = 282
@@ -97,9 +100,9 @@ def captum_gradient_shap(
 
 
 def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+    start = CLOCK()
     fn()
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def compare(
@@ -192,7 +195,8 @@ def main() -> None:
         f"EfficientNet-Lite0, 224×224, chelsea, batch 1, {threads} torch threads, "
         f"medians of alternating calls after a warm-up (ratio: per pair of consecutive calls); torch {torch.__version__}, "
         f"captum {captum.__version__}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs (shared machine).\n"
+        f"{os.cpu_count()} CPUs (shared machine); clock: "
+        f"{'CPU time of the calling thread' if CLOCK is time.thread_time else 'wall'}.\n"
     )
     print(
         "| evidencemap | Captum | pairs | ours (s) | Captum (s) | ratio ours / Captum: "

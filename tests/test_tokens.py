@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,6 +177,26 @@ def test_every_cam_runs_on_token_layers(vits: dict, held_out: tuple, method: str
     assert all(not m._forward_hooks for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+REFUSE_TOKENS = [
+    n
+    for n in em.methods()
+    if issubclass(em.describe(n).cls, LayerMethod) and not em.describe(n).cls.token_layers
+]
+
+
+@pytest.mark.parametrize("method", REFUSE_TOKENS)
+def test_methods_without_token_support_refuse_token_layers(
+    vits: dict, held_out: tuple, method: str
+) -> None:
+    model = vits["sdpa"]
+    x, y = held_out
+    with pytest.raises(
+        ValueError, match=re.escape(method) + r" cannot explain layer .*tokens layout"
+    ):
+        em.explain(model, x[:2], method, target=y[:2].tolist(), layer="blocks.1.norm1")
+    assert all(not m._forward_hooks for m in model.modules())
 
 
 def test_smoothgrad_over_a_token_cam(vits: dict, held_out: tuple) -> None:

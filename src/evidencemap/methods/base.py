@@ -409,6 +409,12 @@ class LayerMethod(Method):
                     f"spatial axes of the inputs {tuple(x.shape)} (nor a token grid); choose a "
                     "convolutional or token layer, or name its layout with Tokens(layer, ...)"
                 )
+            if layout.kind != "channels_first" and not self.token_layers:
+                raise ValueError(
+                    f"{self.name} cannot explain layer {type(module).__name__} with output shape "
+                    f"{tuple(act.shape)} ({layout.kind} layout): it reruns the network from the "
+                    "layer's raw output; choose a convolutional layer or another CAM"
+                )
             found.append(layout)
         return found
 
