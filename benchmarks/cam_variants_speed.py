@@ -1,7 +1,7 @@
 """Score-CAM's chunk size and Ablation-CAM against pytorch-grad-cam's algorithm, side by side.
 
 On the built-in EfficientNet-Lite0 (224×224, the cat photo ``skimage.data.chelsea`` repeated to
-the batch), 2 threads, the same channels for every contender:
+the batch), 2 threads (``--threads``), the same channels for every contender:
 
 * Score-CAM on the 64 channels of highest variance of the default layer (``top_k=64``) with
   ``internal_batch_size`` 8 / 16 / 32 / 64, at batch 1 and 8, beside pytorch-grad-cam's
@@ -16,7 +16,7 @@ re-implemented faithfully below (same loops, same chunk sizes, same arithmetic),
 Every time is the minimum over rounds (each round runs every contender once, in turn) and is also given as a ratio to one plain inference
 forward of the same batch.
 
-Run: ``python benchmarks/cam_variants_speed.py [--quick] > benchmarks/results/cam_variants_speed.md``
+Run: ``python benchmarks/cam_variants_speed.py [--quick] [--threads 1 --clock cpu] > benchmarks/results/cam_variants_speed.md``
 """
 
 from __future__ import annotations
@@ -104,13 +104,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one round, batch 1 only")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds (minimum kept)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: CPU time of the calling thread (with --threads 1 all of torch's work runs on "
+        "it, so other processes on a shared machine barely move the numbers)",
+    )
     parser.add_argument(
         "--channels8", type=int, default=16, help="channels per image at batch 8 (64 at batch 1)"
     )
     args = parser.parse_args()
     from skimage import data
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     loaded = models.load("efficientnet-lite0")
     model = loaded.module.eval()
     photo = loaded.preprocess(data.chelsea())
@@ -145,14 +154,15 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in contenders}
         for _ in range(rounds):  # round-robin: a changing machine load hits every contender
             for name, fn in contenders.items():
-                start = time.perf_counter()
+                start = clock()
                 fn()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
         t_fwd = min(times["forward (inference)"])
         for name, ts in times.items():
             rows.append((name, batch, CHANNELS, min(ts), min(ts) / t_fwd))
 
     print(f"# CAM variants on EfficientNet-Lite0, 224×224, {torch.get_num_threads()} threads")
+    print(f"clock: {'CPU time of the calling thread' if args.clock == 'cpu' else 'wall'}")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}; the same")
     print(f"channels of the default layer (top variance) for every contender; {rounds} rounds\n")
     print("| method | batch | channels per image | seconds | × one forward |")

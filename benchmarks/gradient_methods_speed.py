@@ -14,7 +14,8 @@ points: the same inputs); it and the noise-tunnel variants use the same number o
 one batch (Captum's ``nt_samples_batch_size=None``; ours ``internal_batch_size``
 at least the number of copies).
 
-Run: ``python benchmarks/gradient_methods_speed.py > benchmarks/results/gradient_methods_speed.md``
+Run: ``THREADS=1 CLOCK=cpu REPEATS=7 python benchmarks/gradient_methods_speed.py > benchmarks/results/gradient_methods_speed.md``
+(``THREADS`` torch threads, default 2; ``CLOCK=cpu`` for a shared machine; ``ONLY=name`` reruns rows).
 """
 
 from __future__ import annotations
