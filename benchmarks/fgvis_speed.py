@@ -1,7 +1,7 @@
 """Cost of FGVis per iteration and per image, against plain forward+backward passes.
 
-Per-iteration cost: one FGVis step (forward of ``e = m·x``, gradient of φ to the mask, the
-defence's gates when on, the mask update) against one plain forward + backward to the input of
+Per-iteration cost: one FGVis step of the paper's rule (``schedule="fine"``: forward of
+``e = m·x``, gradient of φ to the mask, the defence's gates when on, the mask update) against one plain forward + backward to the input of
 the same batch (``torch.autograd.grad(score.sum(), x)``), at 224×224, batch 1 and 8, with and
 without the defence. Each step is timed inside the run, between consecutive calls of the run's
 progress callback, so the per-run costs (the clean pass that records the bounds, the final
@@ -171,6 +171,7 @@ def _paired_run(
         defence=defence,
         max_iterations=steps,
         patience=steps,
+        schedule="fine",
         progress=stamp,
     )
     if len(pairs) != steps - 1:
