@@ -1,7 +1,7 @@
 """Cost of FGVis per iteration and per image, against plain forward+backward passes.
 
-Per-iteration cost: one FGVis step (forward of ``e = m·x``, gradient of φ to the mask, the
-defence's gates when on, the mask update) against one plain forward + backward to the input of
+Per-iteration cost: one FGVis step of the paper's rule (``schedule="fine"``: forward of
+``e = m·x``, gradient of φ to the mask, the defence's gates when on, the mask update) against one plain forward + backward to the input of
 the same batch (``torch.autograd.grad(score.sum(), x)``), at 224×224, batch 1 and 8, with and
 without the defence. Each step is timed inside the run, between consecutive calls of the run's
 progress callback, so the per-run costs (the clean pass that records the bounds, the final
@@ -22,11 +22,14 @@ product ``e = m·x`` with the gradient to ``m``; the interceptor observing every
 nothing); one identity gate per nonlinearity call whose backward returns the gradient unchanged;
 the defence's rule in that gate (the full defended pass).
 
-Run: ``python benchmarks/fgvis_speed.py > benchmarks/results/fgvis_speed.md``
+Run: ``python benchmarks/fgvis_speed.py > benchmarks/results/fgvis_speed.md``; options
+``--model vgg16-brain-mri`` (240×240), ``--threads``, ``--batches``, ``--repeats``, ``--steps``,
+``--rounds`` and ``--no-per-image`` size the run (the defaults are the committed run's).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -46,6 +49,14 @@ REPEATS = 7
 ROUNDS = 60
 
 
+class GeneralRule(DefenceRule):
+    """The defence without the fused ReLU / ReLU6 node: every call through GradientGate with
+    ``NonlinearityBounds.rule`` (the path other nonlinearities take; the same gradient)."""
+
+    def __call__(self, index: int, name: str, h: torch.Tensor) -> torch.Tensor:
+        return super().__call__(index, name, h)
+
+
 def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -53,33 +64,44 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="efficientnet-lite0")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--no-per-image", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = models.load("efficientnet-lite0")
+    model = models.load(args.model)
     photo = model.preprocess(data.chelsea())
-    print("# FGVis speed (EfficientNet-Lite0, 224×224)\n")
+    side = photo.shape[-1]
+    print(f"# FGVis speed ({args.model}, {side}×{side})\n")
     print(
-        f"torch {torch.__version__}, {platform.machine()}, 2 threads, load average at start "
-        f"{tuple(round(v, 2) for v in os.getloadavg())}. Paired design: inside each run (fixed "
-        f"λ, no early stop, {STEPS} steps) every step is timed between the run's progress "
-        "callbacks, and each callback times one plain forward+backward pass to the input of "
-        "the same batch right after it, so each step has its own plain pass measured back to "
-        f"back; {REPEATS} runs with the defence and {REPEATS} without, alternating. Times are "
-        "medians over all steps (plain: over all plain passes); the ratio is the median of the "
-        "per-pair ratios with its quartiles and the 5th–95th percentiles.\n"
+        f"torch {torch.__version__}, {platform.machine()}, {args.threads} threads, nice "
+        f"{os.nice(0)}, load average at start {tuple(round(v, 2) for v in os.getloadavg())}. "
+        f"Paired design: inside each run (fixed λ, no early stop, {args.steps} steps) every "
+        "step is timed between the run's progress callbacks, and each callback times one plain "
+        "forward+backward pass to the input of the same batch right after it, so each step has "
+        f"its own plain pass measured back to back; {args.repeats} runs with the defence and "
+        f"{args.repeats} without, alternating. Times are medians over all steps (plain: over "
+        "all plain passes); the ratio is the median of the per-pair ratios with its quartiles "
+        "and the 5th–95th percentiles.\n"
     )
     print(
         "| batch | plain fwd+bwd (s) | step, defence off (s) | ratio off | step, defence on (s) "
         "| ratio on | ratio on, quartiles | ratio on, 5th–95th pct | pairs |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for batch in (1, 8):
+    for batch in args.batches:
         x = photo[None].repeat(batch, 1, 1, 1)
         _plain(model, x)
         pairs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
-        for _ in range(REPEATS):
+        for _ in range(args.repeats):
             for defence in (False, True):
-                pairs[defence].extend(_paired_run(model, x, defence))
+                pairs[defence].extend(_paired_run(model, x, defence, args.steps))
         plain = statistics.median(p for d in (False, True) for _, p in pairs[d])
         step = {d: statistics.median(t for t, _ in pairs[d]) for d in (False, True)}
         ratios = {d: [t / p for t, p in pairs[d]] for d in (False, True)}
@@ -95,22 +117,24 @@ def main() -> None:
 
     print("## Where the defence's time goes (one gradient pass, no mask update)\n")
     print(
-        f"{ROUNDS} rounds, each running every piece once; median pass time, median and "
+        f"{args.rounds} rounds, each running every piece once; median pass time, median and "
         "quartiles of the per-round ratio to the plain pass.\n\n"
         "| batch | piece added | pass (s) | ratio to plain | ratio, quartiles |\n"
         "|---|---|---|---|---|"
     )
-    for batch in (1, 8):
+    for batch in args.batches:
         x = photo[None].repeat(batch, 1, 1, 1)
-        for label, seconds, ratio, spread in _decomposition(model, x):
+        for label, seconds, ratio, spread in _decomposition(model, x, args.rounds):
             print(f"| {batch} | {label} | {seconds:.3f} | {ratio:.2f}× | {spread} |")
     print()
+    if args.no_per_image:
+        return
 
     print("## Iterations to convergence and seconds per image (defaults, chelsea)\n")
     print("| game | iterations | FGVis (s) | same number of plain fwd+bwd (s) | ratio |")
     print("|---|---|---|---|---|")
     x = photo[None]
-    base = statistics.median(timed(lambda: _plain(model, x)) for _ in range(STEPS))
+    base = statistics.median(timed(lambda: _plain(model, x)) for _ in range(args.steps))
     for game in ("preserve", "delete"):
         start = time.perf_counter()
         exp = em.explain(model, x, "fgvis", game=game)
@@ -123,7 +147,7 @@ def main() -> None:
 
 
 def _paired_run(
-    model: torch.nn.Module, x: torch.Tensor, defence: bool
+    model: torch.nn.Module, x: torch.Tensor, defence: bool, steps: int
 ) -> list[tuple[float, float]]:
     """``(step seconds, plain pass seconds)`` for every step of one run but the first."""
     pairs: list[tuple[float, float]] = []
@@ -145,16 +169,19 @@ def _paired_run(
         "fgvis",
         lam=1.0,
         defence=defence,
-        max_iterations=STEPS,
-        patience=STEPS,
+        max_iterations=steps,
+        patience=steps,
+        schedule="fine",
         progress=stamp,
     )
-    if len(pairs) != STEPS - 1:
+    if len(pairs) != steps - 1:
         raise RuntimeError("the run did not report every step")
     return pairs
 
 
-def _decomposition(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, float, float, str]]:
+def _decomposition(
+    model: torch.nn.Module, x: torch.Tensor, rounds: int
+) -> list[tuple[str, float, float, str]]:
     """``(piece, median seconds, median per-round ratio, its quartiles)`` for each piece."""
     with torch.no_grad():
         output, bounds = record_bounds(model, x)
@@ -183,14 +210,15 @@ def _decomposition(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[str, f
         "+ e = m·x, gradient to m": lambda: gated(None),
         "+ interceptor (observes, gates nothing)": lambda: gated(observe),
         "+ an identity gate per call": lambda: gated(identity_gate),
-        "+ the defence's rule (full pass)": lambda: gated(DefenceRule(bounds)),
+        "+ the rule in that gate (general path)": lambda: gated(GeneralRule(bounds)),
+        "defence as it runs (fused ReLU/ReLU6 gate)": lambda: gated(DefenceRule(bounds)),
     }
     times: dict[str, list[float]] = {label: [] for label in pieces}
     for fn in pieces.values():
         fn()
     # Round robin: every round runs each piece once, so each ratio compares passes timed
     # within a fraction of a second of each other.
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for label, fn in pieces.items():
             times[label].append(timed(fn))
     plain = times["plain fwd+bwd to the input"]

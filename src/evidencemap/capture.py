@@ -192,6 +192,12 @@ class NonlinearityInterceptor(TorchFunctionMode):
     only observe it). In-place forms (``ReLU(inplace=True)``, ``ReLU6``) are computed out of
     place, so the forward values are identical and no user tensor is modified.
 
+    A rule may also have a method ``replace(index, name, input) -> Tensor | None``, asked
+    *before* the call runs with the nonlinearity's input ``z``: a tensor it returns is the
+    call's output (the rule computed ``h = name(z)`` itself, e.g. fused with a gradient gate
+    into one autograd node) and ``rule(index, name, ·)`` is not called for that call; ``None``
+    lets the call run as usual. The returned tensor must equal ``name(z)`` exactly.
+
     Limitations: TorchScript modules and compiled graphs do not dispatch through Python, so
     their nonlinearities are not seen.
     """
@@ -199,6 +205,9 @@ class NonlinearityInterceptor(TorchFunctionMode):
     def __init__(self, rule: Rule) -> None:
         super().__init__()
         self.rule = rule
+        self.replace: Callable[[int, str, Tensor], Tensor | None] | None = getattr(
+            rule, "replace", None
+        )
         self.count = 0
 
     def reset(self) -> None:
@@ -228,11 +237,18 @@ class NonlinearityInterceptor(TorchFunctionMode):
         pos = _INPLACE_ARG.get(name)
         if pos is not None and len(args) > pos:
             args = (*args[:pos], False, *args[pos + 1 :])
+        if name == "hardtanh" and _bounds_of_hardtanh(args, kwargs) == (0.0, 6.0):
+            name = "relu6"  # nn.ReLU6 dispatches to F.hardtanh(x, 0, 6)
+        if self.replace is not None:
+            z = args[0] if args else kwargs.get("input")
+            if isinstance(z, Tensor):
+                replaced = self.replace(self.count, name, z)
+                if replaced is not None:
+                    self.count += 1
+                    return replaced
         output = func(*args, **kwargs)
         if not isinstance(output, Tensor):
             return output
-        if name == "hardtanh" and _bounds_of_hardtanh(args, kwargs) == (0.0, 6.0):
-            name = "relu6"  # nn.ReLU6 dispatches to F.hardtanh(x, 0, 6)
         index = self.count
         self.count += 1
         return self.rule(index, name, output)
