@@ -82,6 +82,14 @@ BASELINE = Option(
 SEED = Option("seed", "int", 0, "seed of the random masks (None: torch's global generator)")
 INTERNAL_BATCH = batch_option(32, "perturbed inputs per forward pass")
 
+CPU_CHUNK = 4
+"""RISE's perturbed inputs per forward pass on the CPU by default: the fastest of 1, 2, 4, 8,
+16 and 32 measured on Lite0 at 224² (1 thread, CPU seconds, 64 masks, interleaved: 2.0, 1.48,
+1.45 / 1.44, 1.90, 2.42, 3.18 s): small chunks keep the activations in the caches."""
+
+DEVICE_CHUNK = 32
+"""RISE's perturbed inputs per forward pass on other devices by default (not measured here)."""
+
 
 def _channels_last(x: Tensor) -> Tensor:
     """``x`` in the channels-last memory format for 2-D and 3-D batches (same values): CPU
@@ -125,7 +133,7 @@ class PerturbationMethod(Method):
         *,
         baseline: str | float | Tensor = "zero",
         blur_sigma: float = 10.0,
-        internal_batch_size: int = 32,
+        internal_batch_size: int | None = 32,
         memory_budget: int | None = None,
         **kw: Any,
     ) -> None:
@@ -139,6 +147,13 @@ class PerturbationMethod(Method):
     def input_bytes(self, x: Tensor) -> int:
         """Forward passes only, without a graph: nothing is kept for a backward pass."""
         return 0
+
+    def chunk_size(self, device: torch.device) -> int:
+        """Perturbed inputs per forward pass: ``internal_batch_size``, or when it is ``None``
+        :data:`CPU_CHUNK` on the CPU and :data:`DEVICE_CHUNK` elsewhere."""
+        if self.internal_batch_size is not None:
+            return int(self.internal_batch_size)
+        return CPU_CHUNK if device.type == "cpu" else DEVICE_CHUNK
 
     # -- the shared loop -----------------------------------------------------------------------
     def scorer(self, resolved: ResolvedTarget, n: int) -> Callable[[Tensor], Tensor]:
@@ -179,7 +194,7 @@ class PerturbationMethod(Method):
         mask_numel = math.prod(x.shape[2:])
         # one mask: its N perturbed inputs, the mask (per input at most) and its broadcast
         per_mask = (2 * x.numel() + n * mask_numel) * x.element_size()
-        requested = max(1, self.internal_batch_size // n)
+        requested = max(1, self.chunk_size(x.device) // n)
 
         def step(start: int, stop: int) -> None:
             runtime.checkpoint(start, total, self.name)
@@ -409,8 +424,10 @@ class RISE(PerturbationMethod):
         cells: grid cells per spatial axis.
         p: probability that a cell is kept.
         seed: seed of the masks (``None``: a fresh draw per call).
-        baseline / blur_sigma / score / internal_batch_size / memory_budget: see
-            :class:`PerturbationMethod`.
+        internal_batch_size: perturbed inputs per forward pass; ``None`` (default):
+            :data:`CPU_CHUNK` on the CPU — the fastest measured, where TorchRay takes 32 —
+            and :data:`DEVICE_CHUNK` on other devices.
+        baseline / blur_sigma / score / memory_budget: see :class:`PerturbationMethod`.
     """
 
     name = "rise"
@@ -429,6 +446,18 @@ class RISE(PerturbationMethod):
         Option("p", "float", 0.5, "probability a cell is kept", low=0.0, high=1.0, low_open=True),
         Option("seed", "int", 0, "seed of the masks (None: a fresh draw per call)", nullable=True),
         _score_option("probability"),
+        Option(
+            "internal_batch_size",
+            "int",
+            None,
+            f"perturbed inputs per forward pass (None: {CPU_CHUNK} on the CPU, measured "
+            f"fastest; {DEVICE_CHUNK} on other devices)",
+            low=1,
+            nullable=True,
+            cost="chunk",
+            cap=256,
+            reported=False,
+        ),
     )
 
     def __init__(
@@ -440,9 +469,10 @@ class RISE(PerturbationMethod):
         p: float = 0.5,
         seed: int | None = 0,
         score: str = "probability",
+        internal_batch_size: int | None = None,
         **kw: Any,
     ) -> None:
-        super().__init__(model, **kw)
+        super().__init__(model, internal_batch_size=internal_batch_size, **kw)
         self.masks = self.option("masks", masks)
         self.cells = self.option("cells", cells)
         self.p = self.option("p", p)
