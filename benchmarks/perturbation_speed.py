@@ -1,9 +1,10 @@
 """Perturbation methods side by side with their peers, in one run, on the built-in Lite0.
 
     python benchmarks/perturbation_speed.py [--masks 500] [--samples 200] [--repeats 1]
+        [--photos 2] [--threads 2] [--cpu-time] [--only occlusion|lime|rise]
 
 Same photos (scikit-image's chelsea, coffee and astronaut at 224 × 224), same threads
-(``torch.set_num_threads(2)``), the same model instance, each peer at the same settings:
+(``torch.set_num_threads(threads)``), the same model instance, each peer at the same settings:
 
 * occlusion vs Captum ``Occlusion`` at the same window and stride (2-D on the photos; 3-D on
   a small volume through a tiny 3-D CNN), Captum at its default ``perturbations_per_eval=1``
@@ -14,7 +15,12 @@ Same photos (scikit-image's chelsea, coffee and astronaut at 224 × 224), same t
   does not import here): masks regenerated per call in chunks of 32 with a Python loop for
   the shifts, one forward of 32 masked copies per image and chunk, a sigmoid and the saliency
   of all 1000 classes accumulated (its ``(classes, H·W)`` matmul), at the same number and size
-  of masks (7 × 7 cells, p = 0.5).
+  of masks (7 × 7 cells, p = 0.5); run interleaved round by round with ours at its default
+  chunk and at TorchRay's 32, and with TorchRay's loop accumulating the explained class only.
+
+On a shared machine use ``--threads 1 --cpu-time``: the CPU seconds of one thread measure the
+work; the wall clock measures the other jobs, and with two threads the CPU time counts the
+threads' spin-waiting.
 
 Prints a Markdown table of seconds per image and per mask / sample.
 """
@@ -58,12 +64,19 @@ def interleaved(fns: list[Callable[[], object]], repeats: int) -> list[float]:
     return best
 
 
-def torchray_style_rise(model: nn.Module, x: Tensor, num_masks: int, cells: int = 7) -> Tensor:
-    """TorchRay's loop, re-implemented (its package cannot import here): see the module."""
+def torchray_style_rise(
+    model: nn.Module,
+    x: Tensor,
+    num_masks: int,
+    cells: int = 7,
+    classes: list[int] | None = None,
+) -> Tensor:
+    """TorchRay's loop, re-implemented (its package cannot import here): see the module.
+    ``classes`` (one per image): accumulate that class only instead of all of them (not
+    TorchRay's; shows what the all-class product costs)."""
     with torch.no_grad():
         n, _, h, w = x.shape
-        classes = model(x).shape[1]
-        saliency = torch.zeros(n, classes, h, w)
+        saliency = torch.zeros(n, model(x).shape[1], h, w)
         cell = (math.ceil(h / cells), math.ceil(w / cells))
         up = (h + cell[0], w + cell[1])
         gen_state = torch.get_rng_state()
@@ -82,8 +95,13 @@ def torchray_style_rise(model: nn.Module, x: Tensor, num_masks: int, cells: int 
                 masks[i] = big[i, :, sx[i] : sx[i] + h, sy[i] : sy[i] + w]
             for i, inp in enumerate(x):
                 out = torch.sigmoid(model(inp.unsqueeze(0) * masks))
+                if classes is not None:
+                    k = classes[i]
+                    sal = out[:, k : k + 1].transpose(0, 1) @ masks.view(bs, h * w)
+                    saliency[i, k] = saliency[i, k] + sal.view(h, w)
+                    continue
                 sal = out.transpose(0, 1) @ masks.view(bs, h * w)
-                saliency[i] = saliency[i] + sal.view(classes, h, w)
+                saliency[i] = saliency[i] + sal.view(-1, h, w)
         torch.set_rng_state(gen_state)
         return saliency / num_masks
 
@@ -233,13 +251,14 @@ def main() -> None:
     # TorchRay's loop
     if args.only in (None, "rise"):
         m = args.masks
-        ours, ours32, theirs = interleaved(
+        ours, ours32, theirs, theirs1 = interleaved(
             [
                 lambda: em.explain(model, x, "rise", target=classes, masks=m),
                 lambda: em.explain(
                     model, x, "rise", target=classes, masks=m, internal_batch_size=32
                 ),
                 lambda: torchray_style_rise(model, x, m),
+                lambda: torchray_style_rise(model, x, m, classes=classes),
             ],
             args.repeats,
         )
@@ -247,6 +266,14 @@ def main() -> None:
         peer = "TorchRay loop (re-implemented)"
         row(what, peer, ours / per, theirs / per, m)
         row(what + ", ours at chunk 32", peer, ours32 / per, theirs / per, m)
+        row(what, peer + ", the explained class only", ours / per, theirs1 / per, m)
+        row(
+            what + ", ours at chunk 32",
+            peer + ", the explained class only",
+            ours32 / per,
+            theirs1 / per,
+            m,
+        )
 
     print()
     print(

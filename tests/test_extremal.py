@@ -223,3 +223,29 @@ def test_the_smooth_max_backward_in_closed_form_is_the_gradient(size, step, sigm
     params = torch.rand(2, *gen.shape_in, dtype=torch.float64, requires_grad=True)
     # scaled into [0, 0.9]: away from the clamp at 1, whose kink gradcheck cannot take
     assert torch.autograd.gradcheck(lambda p: gen.generate(0.9 * p, kernel), (params,))
+
+
+def test_the_masks_and_the_perturbation_equal_torchrays_formulation():
+    """TorchRay's loop as re-implemented in benchmarks/extremal_speed.py (``F.unfold``, nearest
+    upsampling of the ``K²`` channels, softmax pooling over them, the margin cropped; two
+    gathers from the expanded pyramid) gives the same masks and perturbed images."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "extremal_speed.py"
+    spec = importlib.util.spec_from_file_location("extremal_speed", path)
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x = torch.randn(1, 3, 60, 75, generator=torch.Generator().manual_seed(0))
+    theirs = bench.TorchRayLoop(nn.Identity(), x, 0, [0.1])
+    gen = SmoothMaskGenerator((60, 75), 7, 21.0)
+    params = torch.rand(2, 1, *gen.shape_in, generator=torch.Generator().manual_seed(1))
+    want, _ = theirs.generate(params)
+    got = gen.generate(params[:, 0], gen.layout(torch.device("cpu"), torch.float32))
+    assert torch.allclose(got, want[:, 0], atol=1e-5)
+    pyramid = perturbation_pyramid(x, "blur", 8, 20.0)
+    assert torch.allclose(pyramid[0], theirs.pyramid, atol=1e-5)
+    diff = perturb(pyramid, got[:1, None])[0] - theirs.apply(want[:1])
+    assert float(diff.abs().max()) < 1e-4  # masks equal to 2e-6, times level gaps of ~10

@@ -63,7 +63,7 @@ from evidencemap.filters import gaussian_filter
 from evidencemap.methods.base import Context, Method
 from evidencemap.methods.call import graph_bytes
 from evidencemap.methods.options import Option
-from evidencemap.methods.perturbation import _channels_last
+from evidencemap.methods.perturbation import channels_last
 from evidencemap.methods.registry import register
 from evidencemap.targets import ResolvedTarget, Target, resolve
 
@@ -541,7 +541,7 @@ class ExtremalPerturbation(Method):
         else:
             z = perturb(pyramid, keep)
         z = z.flatten(0, 1)
-        return _channels_last(z.flip(-1) if flip else z)
+        return channels_last(z.flip(-1) if flip else z)
 
     def _extras(self, x: Tensor, masks: Tensor, resolved: ResolvedTarget) -> dict[str, Any]:
         """The images of the first area, the score on the one the game shows, the final

@@ -46,10 +46,14 @@ from evidencemap.references import REFERENCES, check_reference, reference_image
 from evidencemap.targets import ResolvedTarget, Target, resolve
 
 __all__ = [
+    "CPU_CHUNK",
+    "DEVICE_CHUNK",
+    "MAX_WINDOWS",
     "RISE",
     "SCORES",
     "Occlusion",
     "PerturbationMethod",
+    "channels_last",
     "occlusion_starts",
     "rise_grids",
     "rise_masks",
@@ -90,8 +94,12 @@ CPU_CHUNK = 4
 DEVICE_CHUNK = 32
 """RISE's perturbed inputs per forward pass on other devices by default (not measured here)."""
 
+MAX_WINDOWS = 4096
+"""Occlusion's default and service cap on the boxes of one call (``max_windows``): window 8,
+stride 4 on 224 × 224 is 3025; stride 1 would be 47 089 forward passes per input."""
 
-def _channels_last(x: Tensor) -> Tensor:
+
+def channels_last(x: Tensor) -> Tensor:
     """``x`` in the channels-last memory format for 2-D and 3-D batches (same values): CPU
     convolutions run it faster (Lite0, 16 images of 224², 2 threads: 6.8 s against 9.4 s);
     the first convolution converts the layout once and the rest of the network keeps it."""
@@ -202,7 +210,7 @@ class PerturbationMethod(Method):
             g = stop - start
             keep = masks if masks.ndim == x.ndim + 1 else masks.unsqueeze(1)
             inputs = torch.addcmul(base.unsqueeze(0), keep, diff.unsqueeze(0))
-            out = self.forward(_channels_last(inputs.reshape(g * n, *x.shape[1:])))
+            out = self.forward(channels_last(inputs.reshape(g * n, *x.shape[1:])))
             consume(start, stop, masks, score(out).view(g, n), inputs)
 
         runtime.run_chunked(
@@ -304,6 +312,9 @@ class Occlusion(PerturbationMethod):
     Args:
         window: box size, an int (every spatial axis) or one per axis (clamped to the input).
         stride: step between boxes, an int or one per axis.
+        max_windows: the most boxes a call may take (:data:`MAX_WINDOWS`, also the service's
+            cap): more, from a small stride on a large input, is a ``ValueError`` before any
+            pass.
         baseline / blur_sigma / score / internal_batch_size / memory_budget: see
             :class:`PerturbationMethod`.
     """
@@ -317,6 +328,16 @@ class Occlusion(PerturbationMethod):
             "stride", "int", 16, "step between boxes per spatial axis", low=1, other="one per axis"
         ),
         _score_option("logit"),
+        Option(
+            "max_windows",
+            "int",
+            MAX_WINDOWS,
+            "refuse a call whose window and stride give more boxes than this (one forward "
+            "pass each per input)",
+            low=1,
+            cost="work",
+            cap=MAX_WINDOWS,
+        ),
     )
 
     def __init__(
@@ -326,17 +347,23 @@ class Occlusion(PerturbationMethod):
         window: int | Sequence[int] = 32,
         stride: int | Sequence[int] = 16,
         score: str = "logit",
+        max_windows: int = MAX_WINDOWS,
         **kw: Any,
     ) -> None:
         super().__init__(model, **kw)
         self.window = _check_sizes(self.option("window", window), "window")
         self.stride = _check_sizes(self.option("stride", stride), "stride")
         self.score = self.option("score", score)
+        self.max_windows = self.option("max_windows", max_windows)
 
-    def attribute(
-        self, x: Tensor, base: Tensor, resolved: ResolvedTarget, scores: Tensor
-    ) -> tuple[Tensor, dict[str, Any]]:
-        sizes = tuple(x.shape[2:])
+    def layout(self, sizes: Sequence[int]) -> tuple[tuple[int, ...], list[Tensor]]:
+        """The windows (clamped to the input) and each axis' start positions for inputs of
+        spatial size ``sizes``.
+
+        Raises:
+            ValueError: for a window or stride with another number of axes than the input, or
+                more boxes in all than ``max_windows`` (checked before any forward pass).
+        """
         windows = _per_axis(self.window, len(sizes), "window")
         strides = _per_axis(self.stride, len(sizes), "stride")
         windows = tuple(min(w, s) for w, s in zip(windows, sizes, strict=True))
@@ -344,6 +371,25 @@ class Occlusion(PerturbationMethod):
             torch.tensor(occlusion_starts(s, w, st))
             for s, w, st in zip(sizes, windows, strides, strict=True)
         ]
+        total = math.prod(len(s) for s in starts)
+        if total > self.max_windows:
+            shape = "×".join(map(str, sizes))
+            raise ValueError(
+                f"occlusion: window {self.window} and stride {self.stride} on a {shape} input "
+                f"give {total} boxes (one forward pass each per input), over max_windows="
+                f"{self.max_windows}; use a larger stride or window, or raise max_windows"
+            )
+        return windows, starts
+
+    def explain_batch(self, inputs: Tensor, target: Target) -> Explanation:
+        self.layout(tuple(inputs.shape[2:]))  # refused before the first pass
+        return super().explain_batch(inputs, target)
+
+    def attribute(
+        self, x: Tensor, base: Tensor, resolved: ResolvedTarget, scores: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
+        sizes = tuple(x.shape[2:])
+        windows, starts = self.layout(sizes)
         total = math.prod(len(s) for s in starts)
         n = x.shape[0]
         drops = x.new_zeros(n, *sizes)
