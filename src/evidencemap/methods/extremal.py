@@ -450,12 +450,12 @@ class ExtremalPerturbation(Method):
         return lr, growth
 
     def input_bytes(self, x: Tensor) -> int:
-        """One input's graph for each of its rows, plus the mask generator's neighbourhood
-        tensors (four of ``K^d·|S|`` per area kept for the backward pass) and the pyramid."""
+        """One input's graph for each of its rows, plus the smooth max's buffers (three of
+        ``K^d·|S|`` per area, :meth:`SmoothMaskGenerator.workspace`), and the pyramid."""
         one = x[:1]
         generator = SmoothMaskGenerator(tuple(one.shape[2:]), self.step, self.sigma)
         numel = math.prod(one.shape[2:])
-        masks = 4 * generator.neighbours * numel * len(self.areas)
+        masks = 3 * generator.neighbours * numel * len(self.areas)
         pyramid = self.levels * one.numel()
         graph = graph_bytes(self, one, ("input",), self.forward)
         return graph * self.rows_per_input + (masks + pyramid) * one.element_size()
@@ -466,13 +466,14 @@ class ExtremalPerturbation(Method):
             output = self.forward(x)
         resolved = resolve(target, output)
         image_score = _shown_score(output, resolved)
-        masks = self.optimise(x, resolved)  # (A, N, *S)
+        pyramid = perturbation_pyramid(x, self.perturbation, self.levels, self.max_blur)
+        masks = self.optimise(x, pyramid, resolved)  # (A, N, *S)
         if self.smooth > 0:
             sigma = self.smooth * min(x.shape[2:])
             masks = gaussian_filter(
                 masks.unsqueeze(2).flatten(0, 1), sigma, radius=math.ceil(4 * sigma), padding="zero"
             ).view(masks.shape)
-        extras = self._extras(x, masks, resolved)
+        extras = self._extras(pyramid, masks, resolved)
         extras["image_score"] = image_score
         raw = masks.transpose(0, 1).contiguous()  # (N, A, *S)
         context = Context(self.model, x, output.detach(), resolved, None, self.forward)
@@ -492,14 +493,14 @@ class ExtremalPerturbation(Method):
             return -scores
         return scores[:areas] - scores[areas:]
 
-    def optimise(self, x: Tensor, resolved: ResolvedTarget) -> Tensor:
+    def optimise(self, x: Tensor, pyramid: Tensor, resolved: ResolvedTarget) -> Tensor:
         """The masks ``(A, N, *S)`` after ``max_iterations`` steps (those of the last step, as
-        TorchRay returns them)."""
+        TorchRay returns them) for inputs ``x`` and their pyramid
+        (:func:`perturbation_pyramid`)."""
         n, sizes = x.shape[0], tuple(x.shape[2:])
         generator = SmoothMaskGenerator(sizes, self.step, self.sigma)
         layout = generator.layout(x.device, x.dtype)
         workspace = generator.workspace(len(self.areas) * n, x)
-        pyramid = perturbation_pyramid(x, self.perturbation, self.levels, self.max_blur)
         reference = area_reference(math.prod(sizes), self.areas, x.dtype, x.device)[:, None, :]
         params = x.new_ones(len(self.areas), n, *generator.shape_in)
         velocity: Tensor | None = None
@@ -543,11 +544,10 @@ class ExtremalPerturbation(Method):
         z = z.flatten(0, 1)
         return channels_last(z.flip(-1) if flip else z)
 
-    def _extras(self, x: Tensor, masks: Tensor, resolved: ResolvedTarget) -> dict[str, Any]:
+    def _extras(self, pyramid: Tensor, masks: Tensor, resolved: ResolvedTarget) -> dict[str, Any]:
         """The images of the first area, the score on the one the game shows, the final
         rewards and areas."""
-        n = x.shape[0]
-        pyramid = perturbation_pyramid(x, self.perturbation, self.levels, self.max_blur)
+        n = pyramid.shape[0]
         with torch.no_grad():
             first = masks[:1]
             kept = perturb(pyramid, first)[0]
@@ -562,7 +562,7 @@ class ExtremalPerturbation(Method):
             "score": _shown_score(out_shown, resolved),
             "top1": out_shown.argmax(dim=1)
             if out_shown.ndim == 2
-            else torch.zeros(n, dtype=torch.long, device=x.device),
+            else torch.zeros(n, dtype=torch.long, device=pyramid.device),
             "reward": reward.transpose(0, 1).contiguous(),
             "mask_area": masks.flatten(2).mean(2).transpose(0, 1).contiguous(),
         }
