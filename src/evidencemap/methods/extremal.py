@@ -313,10 +313,11 @@ def _check_areas(value: Any) -> tuple[float, ...]:
 
 @register
 class ExtremalPerturbation(Method):
-    """Extremal perturbation (Fong, Patrick & Vedaldi 2019): for each area ``a``, the smooth
-    mask of area ``a`` whose perturbation keeps (``game="preserve"``) or removes
-    (``"delete"``) the most of the target's score — formulas in
-    :mod:`evidencemap.methods.extremal`.
+    """Extremal perturbation (Fong et al. 2019): the smooth mask of a given area that keeps most.
+
+    For each area ``a``, the smooth mask of area ``a`` whose perturbation keeps
+    (``game="preserve"``) or removes (``"delete"``) the most of the target's score — formulas
+    in :mod:`evidencemap.methods.extremal`.
 
     ``maps`` ``(N, 1, *S)``: the mean of the masks over the areas (one area: the mask);
     ``raw`` ``(N, A, *S)``: each area's mask. One forward and one backward pass of all
