@@ -175,6 +175,7 @@ def test_progress_every_step_and_the_model_left_as_found():
         ({"areas": [0.1, 0.0]}, "areas"),
         ({"areas": []}, "areas"),
         ({"areas": [0.1] * 17}, "areas"),
+        ({"areas": "0.1,x"}, "areas"),
         ({"game": "keep"}, "game"),
         ({"perturbation": "noise"}, "perturbation"),
         ({"levels": 1}, "levels"),
@@ -188,6 +189,11 @@ def test_progress_every_step_and_the_model_left_as_found():
 def test_bad_options_are_refused_by_name(options, named):
     with pytest.raises(ValueError, match=named):
         em.build("extremal", RegionMean([BOX_2D]), **options)
+
+
+def test_areas_from_the_command_line():
+    assert em.build("extremal", RegionMean([BOX_2D]), areas="0.05,0.2").areas == (0.05, 0.2)
+    assert em.build("extremal", RegionMean([BOX_2D]), areas=[0.3]).areas == (0.3,)
 
 
 def test_the_service_cap_on_iterations():

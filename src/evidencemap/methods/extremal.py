@@ -300,7 +300,16 @@ def perturb(pyramid: Tensor, masks: Tensor) -> Tensor:
 
 
 def _check_areas(value: Any) -> tuple[float, ...]:
-    values = (value,) if not isinstance(value, Sequence) or isinstance(value, str) else value
+    """``areas`` as a tuple of floats in (0, 1): a number, a sequence of them, or a string of
+    comma-separated numbers (the command line's ``--option areas=0.05,0.1``)."""
+    values: Any = value
+    if isinstance(value, str):
+        try:
+            values = [float(v) for v in value.strip("[]() ").split(",")]
+        except ValueError:
+            values = ()
+    elif not isinstance(value, Sequence):
+        values = (value,)
     ok = 0 < len(values) <= MAX_AREAS and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in values
     )
@@ -352,7 +361,7 @@ class ExtremalPerturbation(Method):
             high=1.0,
             low_open=True,
             high_open=True,
-            other=f"a list of 1 to {MAX_AREAS} such numbers (one mask each)",
+            other=f"a list of 1 to {MAX_AREAS} such numbers, one mask each (comma-separated)",
         ),
         Option("game", "str", "preserve", "keep, remove, or both (dual)", choices=EXTREMAL_GAMES),
         Option(
