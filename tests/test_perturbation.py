@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import evidencemap as em
+from evidencemap.methods.options import OptionError
 from evidencemap.methods.perturbation import occlusion_starts, rise_grids, rise_masks
 from evidencemap.methods.surrogate import grid_features, kernel_shap_samples, solve_weighted
 from tiny import ConvGapFc, seeded
@@ -261,3 +262,33 @@ def test_the_real_model_points_at_the_cat(lite0, photos, name, options, passes, 
     assert int(exp.targets[0]) in range(281, 286)  # still a cat
     assert cat_box_energy(exp.maps) > energy, cat_box_energy(exp.maps)  # the box: 0.25
     assert elapsed < 3 * (passes + 2) * one + 1.0  # its passes and little else
+
+
+def test_occlusion_refuses_more_boxes_than_max_windows_before_any_pass():
+    calls: list[int] = []
+
+    class Counting(Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(x.shape[0])
+            return super().forward(x)
+
+    model = Counting((1, 64, 64)).eval()
+    x = torch.randn(1, 1, 64, 64)
+    # window 8, stride 1: 57 × 57 = 3249 boxes, under the default of 4096
+    assert em.build("occlusion", model, window=8, stride=1).layout((64, 64))[1][0].numel() == 57
+    with pytest.raises(ValueError, match=r"3249 boxes .* over max_windows=1000"):
+        em.explain(model, x, "occlusion", window=8, stride=1, max_windows=1000)
+    assert calls == []  # refused before the first forward pass
+    # 3-D counts every axis: 5 × 5 × 5 = 125 boxes
+    vol = Counting((1, 8, 8, 8)).eval()
+    with pytest.raises(ValueError, match="125 boxes"):
+        em.explain(
+            vol, torch.randn(1, 1, 8, 8, 8), "occlusion", window=4, stride=1, max_windows=100
+        )
+    exp = em.explain(
+        vol, torch.randn(1, 1, 8, 8, 8), "occlusion", window=4, stride=1, max_windows=125
+    )
+    assert int(exp.extras["windows"][0]) == 125
+    # a service refuses a larger max_windows than its cap
+    with pytest.raises(OptionError, match="max_windows=5000 is over"):
+        em.build("occlusion", model, caps={}, max_windows=5000)

@@ -28,6 +28,7 @@ QUICK_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "lime": {"samples": 200},
     "kernel_shap": {"samples": 200},
     "fgvis": {"max_iterations": 40},
+    "extremal_perturbation": {"max_iterations": 40},
     "integrated_gradients": {"steps": 16},
     "smoothgrad": {"samples": 8},
 }
