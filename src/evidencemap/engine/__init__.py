@@ -20,7 +20,7 @@ of them):
   ``STEM_1.png`` … ``STEM_K.png``): photos get the overlay on the original photo, coloured
   only where the model looked (its centre crop, dashed box), with a colour bar and the title
   ``"LABEL — class probability"`` (``LABEL``: the method and the variant its options select,
-  :attr:`Explanation.label <evidencemap.explanation.Explanation.label>`); volumes get axial,
+  ``Explanation.label``); volumes get axial,
   coronal and sagittal slices through the map's maximum. When a method returns an explanation
   image (FGVis: ``extras["explanation"]``, or ``extras["deleted"]`` in the deletion game) it
   is shown beside the model's view of the photo and the map. With ``bare``:

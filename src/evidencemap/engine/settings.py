@@ -39,7 +39,7 @@ __all__ = [
 
 DEFAULT_CMAP = viz.DEFAULT_CMAP
 """The colour map of unsigned maps' pictures unless one is given (perceptually uniform);
-signed maps get :data:`viz.SIGNED_CMAP <evidencemap.viz.SIGNED_CMAP>`."""
+signed maps get ``viz.SIGNED_CMAP``."""
 
 
 FORMATS = ("png", "pdf", "svg", "tiff")
@@ -221,9 +221,9 @@ class Settings:
         layer: the layer name(s) asked for, comma-separated, or ``None``.
         options: the method options asked for (as given).
         cmap: the pictures' colour map; ``None``: chosen by the map's sign, as
-            :func:`viz.figure <evidencemap.viz.figure>` does (:data:`DEFAULT_CMAP` on [0, 1],
-            or :data:`viz.SIGNED_CMAP <evidencemap.viz.SIGNED_CMAP>` on a symmetric scale
-            for signed maps, :func:`viz.is_signed <evidencemap.viz.is_signed>`).
+            ``viz.figure`` does (:data:`DEFAULT_CMAP` on [0, 1],
+            or ``viz.SIGNED_CMAP`` on a symmetric scale
+            for signed maps, ``viz.is_signed``).
         opacity: the heat colours' weight.
         dpi / figsize: the figure's pixels per inch and its size in inches (``None``: sized
             by its panels).

@@ -178,7 +178,7 @@ class NonlinearityRuleMethod(InputMethod):
     """An input gradient whose rectifier-type nonlinearities get a replaced backward rule
     (guided backprop, Deconvnet): ``raw = R`` ``(N, C, *S)``, the gradient of ``y`` to the input
     with the rule applied at every call of the named nonlinearities; a subclass applies its rule
-    in :meth:`attribute`.
+    in ``attribute``.
 
     Args:
         nonlinearities: names of the nonlinearities whose backward is replaced (default

@@ -243,7 +243,7 @@ MEMORY_BUDGET = Option(
     reported=False,
 )
 """The ``memory_budget`` option of the methods that size their own chunks (Score-CAM,
-Integrated Gradients, SmoothGrad: :attr:`~evidencemap.methods.Method.sizes_own_chunks`)."""
+Integrated Gradients, SmoothGrad: ``Method.sizes_own_chunks``)."""
 
 
 BLUR_SIGMA = Option(

@@ -167,7 +167,7 @@ class Metric:
 
     The library API of each metric is its own ``__call__`` (its arguments differ: maps, an
     explainer, boxes, a call to time). What :func:`evidencemap.evaluation.evaluate` needs is
-    declared here and read through the registry (:mod:`evidencemap.metrics.registry`).
+    declared here and read through the registry (``evidencemap.metrics.registry``).
 
     Attributes:
         name: the metric's registry name (``evaluate(metrics=[…])``, ``--metrics``).
