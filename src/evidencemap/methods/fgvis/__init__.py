@@ -52,9 +52,10 @@ smooth mask of a few dozen cells cannot encode an imperceptible adversarial patt
 resolution plays the defence's part there. A kept preservation iterate must also keep
 ``NOISE_FLOOR·p(x)`` on each of ``JUDGE_DRAWS`` fixed draws of Gaussian noise on ``e``
 (σ = ``noise``, or 0.1 when ``noise=0``), so that it does not keep the class with a mask of a
-few per cent of contrast that any noise destroys; the gradient passes themselves see noise
-only when ``noise > 0`` (training against noise keeps contrast wherever dimming costs the
-class little, and the map comes out flat). The full-resolution, per-channel mask is then
+few per cent of contrast that any noise destroys; the preservation game's gradient passes
+themselves see noise only when ``noise > 0`` (training against noise keeps contrast wherever
+dimming costs the class little, and the map comes out flat), while the deletion and
+generation games, which the floor does not guard, are trained against it. The full-resolution, per-channel mask is then
 refined from that answer (λ continued) with the defence as set, held to the same floor. Every such result reports a noise check
 and a cross-model check (``noise_ratio``, ``transfer_ratio``) so brittle masks show.
 

@@ -144,7 +144,8 @@ class FGVis(Method):
             iterate of either stage must also keep ``NOISE_FLOOR·p(x)`` on each of
             ``JUDGE_DRAWS`` fixed draws of noise on ``e`` (σ = ``noise``, or 0.1 when
             ``noise=0``). The preservation game's gradient passes see noise only when
-            ``noise > 0``; the deletion game (no floor) is trained against it.
+            ``noise > 0``; the deletion and generation games (which the floor does not
+            guard) are trained against it.
         mask_channels: ``"separate"`` (one mask value per pixel and channel, the paper),
             ``"shared"`` (one per pixel) or ``"auto"`` (shared when every input's channels are
             equal, e.g. greyscale exports).
@@ -641,20 +642,23 @@ class FGVis(Method):
             relaxed[rows_c] = noise_floor(
                 self.forward, x[rows_c], classes[rows_c], image_score[rows_c]
             )
+        # Trained against the noise it is judged on: the deletion and generation games, which
+        # the floor does not guard.
+        trained = plan.generation | (self.game == "delete")
         iterations = torch.zeros(n, dtype=torch.long, device=x.device)
         try:
             if two:
                 c_state, up = self._coarse_stage(
                     x[rows_c], ref[rows_c], classes[rows_c], image_score[rows_c],
-                    weight_full[rows_c], (floor[rows_c], relaxed[rows_c]), k1, total, bar,
+                    weight_full[rows_c], (floor[rows_c], relaxed[rows_c], trained[rows_c]), k1,
+                    total, bar,
                 )  # fmt: skip
                 result = up(c_state.result_mask()).clamp(0, 1)
                 start[rows_c] = result.expand(-1, mask_channels, *x.shape[2:])
                 lam[rows_c] = c_state.result_lambda()
                 iterations[rows_c] += c_state.iterations
                 judge[rows_c] = max(self.noise, CHECK_NOISE)
-                if self.game == "delete":  # no floor to guard it: trained against noise
-                    sigma[rows_c] = judge[rows_c]
+                sigma[rows_c] = torch.where(trained[rows_c], judge[rows_c], sigma[rows_c])
             weight = _adjoint(fine_expand, start, weight_full)
             limit = torch.where(plan.coarse, k2, self.max_iterations)
             state = MaskState(
@@ -757,17 +761,19 @@ class FGVis(Method):
         classes: Tensor,
         image_score: Tensor,
         weight_full: Tensor,
-        floors: tuple[Tensor, Tensor],
+        floors: tuple[Tensor, Tensor, Tensor],
         steps: int,
         total: int,
         bar: Progress | None,
     ) -> tuple[MaskState, Callable[[Tensor], Tensor]]:
         """The coarse schedule's first stage: a ``(n, 1, *grid)`` mask ``θ``, ``m = up(θ)``
-        (bilinear / trilinear, expanded over the channels), no gate, noise on ``e`` in the
-        gradient passes only when ``noise > 0``; in the preservation game a kept iterate must
-        keep ``floors[0]`` (``NOISE_FLOOR · p(x)``) on each of the ``JUDGE_DRAWS`` fixed draws
-        of noise (σ = ``noise``, or ``CHECK_NOISE``); where none does, the sparsest that keeps
-        ``floors[1]`` (``NOISE_FLOOR · q(x)``, see :func:`noise_floor`) is returned.
+        (bilinear / trilinear, expanded over the channels), no gate. ``floors`` =
+        ``(floor, relaxed, trained)`` ``(n,)``: in the preservation game a kept iterate must
+        keep ``floor`` (``NOISE_FLOOR · p(x)``) on each of the ``JUDGE_DRAWS`` fixed draws of
+        noise on ``e`` (σ = ``noise``, or ``CHECK_NOISE``); where none does, the sparsest that
+        keeps ``relaxed`` (``NOISE_FLOOR · q(x)``, see :func:`noise_floor`) is returned. The
+        gradient passes add that noise to ``e`` for the ``trained`` samples (the deletion and
+        generation games), ``noise`` (0 by default) for the others.
 
         Returns the finished state and ``up`` (to ``(n, 1, *S)``).
         """
@@ -783,18 +789,20 @@ class FGVis(Method):
 
         theta = x.new_ones(x.shape[0], 1, *grid)
         weight = _adjoint(expand, theta, weight_full)
-        state = MaskState(theta, self, weight=weight, floor=floors[0], relaxed=floors[1])
+        floor, relaxed, trained = floors
+        state = MaskState(theta, self, weight=weight, floor=floor, relaxed=relaxed)
         # Judged against noise (σ = `noise`, or CHECK_NOISE when 0): a mask that keeps the
         # class only at a few per cent of contrast is brittle. In the preservation game the
         # gradient passes see noise only when `noise` is set: training against it keeps
         # contrast everywhere (the mask stays flat wherever dimming costs the class little),
-        # while the floor on fixed draws only rejects brittle iterates. The deletion game,
-        # which has no floor, is trained against it.
+        # while the floor on fixed draws only rejects brittle iterates. The deletion and
+        # generation games, which the floor does not guard, are trained against it.
         judge = torch.full((x.shape[0],), self.noise if self.noise > 0 else CHECK_NOISE)
         judge = judge.to(x.device)
+        sigma = torch.where(trained, judge, self.noise)
         noise = None
-        if self.noise > 0 or self.game == "delete":
-            noise = (torch.Generator(device=x.device).manual_seed(self.seed), judge)
+        if bool((sigma > 0).any()):
+            noise = (torch.Generator(device=x.device).manual_seed(self.seed), sigma)
         self._optimise(
             x, ref, classes, image_score, state, [], expand, (0, steps, total), noise, bar, judge
         )
