@@ -1181,3 +1181,26 @@ def test_an_unreachable_floor_falls_back_to_the_relaxed_one():
     plain.step(0, None, grad, p, -p.log(), image_score, noisy)
     assert plain.found.tolist() == [False, True]
     assert torch.allclose(plain.result_mask()[0], plain.mask[0])
+
+
+@pytest.mark.slow
+def test_real_localising_schedule_puts_coffee_and_astronaut_on_their_object(lite0):
+    """coffee ("espresso") and astronaut ("football helmet") at 224×224, the default schedule
+    (localising on Lite0): the maps keep the class, survive noise, are no longer flat and put
+    their mass on the object's box (the cup; the helmet) more than its area share."""
+    from skimage import data
+
+    boxes = {"coffee": (0, 170, 30, 182), "astronaut": (155, 224, 122, 224)}
+    x = torch.stack([lite0.preprocess(getattr(data, name)()) for name in boxes])
+    exp = em.explain(lite0, x, "fgvis", max_iterations=200, transfer="none")
+    e = exp.extras
+    assert e["schedule"] == ["coarse", "coarse"]
+    assert bool(e["satisfied"].all())
+    assert bool((e["noise_ratio"] >= 0.5).all())
+    assert bool((e["map_spread"] > 0.2).all())
+    for i, (top, bottom, left, right) in enumerate(boxes.values()):
+        raw = exp.raw[i, 0]
+        box = torch.zeros_like(raw, dtype=torch.bool)
+        box[top:bottom, left:right] = True
+        concentration = float(raw[box].sum() / raw.sum()) / float(box.float().mean())
+        assert concentration > 1.2, (i, concentration)
