@@ -14,8 +14,9 @@ Per image, with the defaults except ``max_iterations`` (shared by the two stages
 localising schedule): the schedule and its reason (the defence's pass share), p(e)/p(x), the
 mean mask over the positions that can change e, ``map_spread``, the noise check
 p(e + ε)/p(x) (8 draws, σ = 0.1), the map's concentration (its mass in the object's box —
-pasted scenes — or in the brain — MRI — divided by that region's share of the area; 1 = no
-concentration; the brain is the part of the slice that differs from the reference), and
+the pasted object, the photo's object in ``PHOTO_BOXES`` — or in the brain — MRI — divided by
+that region's share of the area; 1 = no concentration, at most 1 / (area share); the brain is
+the part of the slice that differs from the reference), and
 seconds per image. Then the deletion game with the defaults on the README photos, and the
 generation game towards each image's least likely class with the default schedule (λ = 0,
 with and without the defence; ``--only generation`` runs these rows alone).
@@ -51,13 +52,33 @@ import matplotlib.pyplot as plt
 
 FIGURE = Path(__file__).parent / "results" / "fgvis_auto.png"
 SCENES = (PASTED[0], PASTED[2])  # cat on brick, cup on brick
+# The object of each photo's class as a box (top, bottom, left, right) of the 224×224 input
+# (shorter side resized to 256, centre crop): the cup of "espresso" (with its handle, without
+# the saucer), the black helmet of "football helmet" (bottom right), the rocket of "missile".
+# Chelsea's cat fills the frame: no box.
+PHOTO_BOXES = {
+    "coffee": (0, 170, 30, 182),
+    "astronaut": (155, 224, 122, 224),
+    "rocket": (40, 224, 95, 135),
+}
+BOXES = {
+    **PHOTO_BOXES,
+    **{name: (top, top + side, left, left + side) for name, *_, top, left, side in SCENES},
+}
 
 
 def lite0_inputs(model: models.LoadedModel) -> tuple[torch.Tensor, list[str], list]:
     pre = model.preprocess
     images = [pre(getattr(data, name)()) for name in PHOTOS]
     names: list[str] = list(PHOTOS)
-    regions: list = [None] * len(PHOTOS)
+    regions: list = []
+    for name in PHOTOS:
+        box = PHOTO_BOXES.get(name)
+        region = None
+        if box is not None:
+            region = torch.zeros(224, 224, dtype=torch.bool)
+            region[box[0] : box[1], box[2] : box[3]] = True
+        regions.append(region)
     mean = torch.tensor(pre.mean).view(3, 1, 1)
     std = torch.tensor(pre.std).view(3, 1, 1)
     for name, photo, rows, cols, texture, top, left, side in SCENES:
@@ -93,6 +114,8 @@ def table(model, x, names, regions, labels, iterations, game="preserve"):
     )  # fmt: skip
     seconds = (time.perf_counter() - start) / x.shape[0]
     e = exp.extras
+    # Grad-CAM's map of the same class, as a reference for the concentration
+    cam = em.explain(model, x, "gradcam", target=exp.targets).maps
     for i, name in enumerate(names):
         c = int(exp.targets[i])
         share = e.get("defence_pass_share")
@@ -103,6 +126,7 @@ def table(model, x, names, regions, labels, iterations, game="preserve"):
             f"| {'yes' if bool(e['satisfied'][i]) else 'no'} "
             f"| {float(e['mask_mean'][i]):.3f} | {float(e['map_spread'][i]):.3f} "
             f"| {float(e['noise_ratio'][i]):.3f} | {concentration(exp.raw[i, 0], regions[i])} "
+            f"| {concentration(cam[i, 0], regions[i])} "
             f"| {int(e['iterations'][i])} | {seconds:.1f} |"
         )
     return exp, seconds
@@ -110,7 +134,8 @@ def table(model, x, names, regions, labels, iterations, game="preserve"):
 
 HEADER = (
     "| image | class | schedule | pass share | p(e)/p(x) | met | mean mask | map spread | noise "
-    "| concentration | steps | s / image |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| concentration | Grad-CAM conc. | steps | s / image |"
+    "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -251,6 +276,11 @@ def figure(networks: list, path: Path) -> None:
         ax = axes[r]
         ax[0].imshow((model.preprocess.to_pixels(inputs[i]) / 255).permute(1, 2, 0).cpu())
         ax[0].set_title(name)
+        if name in BOXES:
+            top, bottom, left, right = BOXES[name]
+            ax[0].add_patch(
+                plt.Rectangle((left, top), right - left, bottom - top, fill=False, color="lime")
+            )
         ax[1].imshow(k.raw[i, 0], cmap="inferno", vmin=0, vmax=1)
         ax[1].set_title(f"keep map ({k.extras['schedule'][i]}), 0–1")
         shown = k.extras["explanation"][i]

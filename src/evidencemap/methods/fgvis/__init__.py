@@ -49,12 +49,14 @@ schedule (``schedule="coarse"``) where it starves. That schedule splits ``max_it
 between two stages and first optimises a single-channel mask of ``coarse_size`` cells per axis, bilinearly
 upsampled to the input, with the same game, criterion and λ schedule but *without* the gate: a
 smooth mask of a few dozen cells cannot encode an imperceptible adversarial pattern, so the low
-resolution plays the defence's part there. Its gradient passes add Gaussian noise to ``e``
-(σ = ``noise``, or 0.1 when ``noise=0``; the criterion is judged without it, and a kept
-preservation iterate must also keep ``NOISE_FLOOR·p(x)`` on each of ``JUDGE_DRAWS`` fixed
-draws of that noise), so that it does
-not keep the class with a mask of a few per cent of contrast that any noise destroys. The full-resolution, per-channel mask is then refined
-from that answer (λ continued) with the defence as set. Every such result reports a noise check
+resolution plays the defence's part there. A kept preservation iterate must also keep
+``NOISE_FLOOR·p(x)`` on each of ``JUDGE_DRAWS`` fixed draws of Gaussian noise on ``e``
+(σ = ``noise``, or 0.1 when ``noise=0``), so that it does not keep the class with a mask of a
+few per cent of contrast that any noise destroys; the preservation game's gradient passes
+themselves see noise only when ``noise > 0`` (training against noise keeps contrast wherever
+dimming costs the class little, and the map comes out flat), while the deletion and
+generation games, which the floor does not guard, are trained against it. The full-resolution, per-channel mask is then
+refined from that answer (λ continued) with the defence as set, held to the same floor. Every such result reports a noise check
 and a cross-model check (``noise_ratio``, ``transfer_ratio``) so brittle masks show.
 
 Modules: :mod:`~.defence` (bounds, gate), :mod:`~.games` (φ, criteria), :mod:`~.optimiser`

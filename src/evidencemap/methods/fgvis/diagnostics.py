@@ -75,8 +75,9 @@ CHECK_NOISE = 0.1
 CHECK_DRAWS = 8
 """Noise draws averaged by the noise check."""
 JUDGE_DRAWS = 4
-"""Fixed noise draws (σ as in the gradient passes, seed ``seed + 1``) on which the localising
-schedule judges a kept preservation iterate's noise floor: the minimum of their scores."""
+"""Fixed noise draws (σ = ``noise``, or ``CHECK_NOISE`` when 0; seed ``seed + 1``) on which
+the localising schedule judges a kept preservation iterate's noise floor: the minimum of
+their scores."""
 
 
 REASON_REQUESTED = 0

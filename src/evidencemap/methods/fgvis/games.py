@@ -17,7 +17,7 @@ __all__ = ["FGVIS_GAMES", "FGVIS_SIMILARITIES", "NOISE_FLOOR", "criterion", "phi
 FGVIS_GAMES = ("preserve", "delete")
 NOISE_FLOOR = 0.5
 """The localising schedule's robustness floor: a kept preservation iterate must also keep
-``p(e + ε) ≥ NOISE_FLOOR · p(x)`` under the noise of its gradient pass; an undefended result
+``p(e + ε) ≥ NOISE_FLOOR · p(x)`` on each of its fixed noise draws; an undefended result
 whose evidence falls below it under the noise check is flagged as likely adversarial."""
 FGVIS_SIMILARITIES = ("ce", "prob")
 

@@ -139,11 +139,13 @@ class FGVis(Method):
             full-resolution mask) or ``"coarse"`` (the localising schedule, see
             :mod:`evidencemap.methods.fgvis`): ``max_iterations`` shared by a single-channel
             mask on a ``coarse_size``-cells-per-axis grid, bilinearly upsampled and optimised
-            *without* the gate (the low resolution is the guard) against noise on ``e``
-            (σ = ``noise``, or 0.1 when ``noise=0``), then the full-resolution mask refined
-            from it with ``defence`` as set against the same noise; in the preservation game
-            a kept iterate must also keep ``NOISE_FLOOR·p(x)`` on each of ``JUDGE_DRAWS``
-            fixed draws of that noise.
+            *without* the gate (the low resolution is the guard), then the full-resolution
+            mask refined from it with ``defence`` as set; in the preservation game a kept
+            iterate of either stage must also keep ``NOISE_FLOOR·p(x)`` on each of
+            ``JUDGE_DRAWS`` fixed draws of noise on ``e`` (σ = ``noise``, or 0.1 when
+            ``noise=0``). The preservation game's gradient passes see noise only when
+            ``noise > 0``; the deletion and generation games (which the floor does not
+            guard) are trained against it.
         mask_channels: ``"separate"`` (one mask value per pixel and channel, the paper),
             ``"shared"`` (one per pixel) or ``"auto"`` (shared when every input's channels are
             equal, e.g. greyscale exports).
@@ -628,30 +630,41 @@ class FGVis(Method):
 
         mask_channels = 1 if plan.shared else channels
         sigma = torch.full((n,), self.noise, device=x.device)
+        judge = sigma.clone()
         start = x.new_ones(n, mask_channels, *x.shape[2:])
         lam = torch.full((n,), math.nan, device=x.device)
+        # The floor NOISE_FLOOR·p(x) on the fixed draws; where the image itself keeps less under
+        # noise, an iterate that keeps only NOISE_FLOOR·q(x) is returned if none keeps it.
         floor = torch.zeros(n, device=x.device)
+        relaxed = torch.zeros(n, device=x.device)
         if two and self.game == "preserve":
-            floor[rows_c] = noise_floor(
+            floor[rows_c] = NOISE_FLOOR * image_score[rows_c]
+            relaxed[rows_c] = noise_floor(
                 self.forward, x[rows_c], classes[rows_c], image_score[rows_c]
             )
+        # Trained against the noise it is judged on: the deletion and generation games, which
+        # the floor does not guard.
+        trained = plan.generation | (self.game == "delete")
         iterations = torch.zeros(n, dtype=torch.long, device=x.device)
         try:
             if two:
                 c_state, up = self._coarse_stage(
                     x[rows_c], ref[rows_c], classes[rows_c], image_score[rows_c],
-                    weight_full[rows_c], floor[rows_c], k1, total, bar,
+                    weight_full[rows_c], (floor[rows_c], relaxed[rows_c], trained[rows_c]), k1,
+                    total, bar,
                 )  # fmt: skip
                 result = up(c_state.result_mask()).clamp(0, 1)
                 start[rows_c] = result.expand(-1, mask_channels, *x.shape[2:])
                 lam[rows_c] = c_state.result_lambda()
                 iterations[rows_c] += c_state.iterations
-                sigma[rows_c] = max(self.noise, CHECK_NOISE)
+                judge[rows_c] = max(self.noise, CHECK_NOISE)
+                sigma[rows_c] = torch.where(trained[rows_c], judge[rows_c], sigma[rows_c])
             weight = _adjoint(fine_expand, start, weight_full)
             limit = torch.where(plan.coarse, k2, self.max_iterations)
             state = MaskState(
-                start, self, start=start, lam=lam, weight=weight, floor=floor, limit=limit
-            )
+                start, self, start=start, lam=lam, weight=weight, floor=floor, limit=limit,
+                relaxed=relaxed,
+            )  # fmt: skip
             if self.game == "preserve":
                 state.settle(plan.trivial.nonzero().squeeze(1), 0.0)
             noise = None
@@ -659,7 +672,7 @@ class FGVis(Method):
                 noise = (torch.Generator(device=x.device).manual_seed(self.seed), sigma)
             self._optimise(
                 x, ref, classes, image_score, state, bounds, fine_expand, (k1, steps, total),
-                noise, bar,
+                noise, bar, judge if two else None,
             )  # fmt: skip
             iterations += state.iterations
         finally:
@@ -748,15 +761,19 @@ class FGVis(Method):
         classes: Tensor,
         image_score: Tensor,
         weight_full: Tensor,
-        floor: Tensor,
+        floors: tuple[Tensor, Tensor, Tensor],
         steps: int,
         total: int,
         bar: Progress | None,
     ) -> tuple[MaskState, Callable[[Tensor], Tensor]]:
         """The coarse schedule's first stage: a ``(n, 1, *grid)`` mask ``θ``, ``m = up(θ)``
-        (bilinear / trilinear, expanded over the channels), no gate, noise on ``e``, and (in
-        the preservation game) a kept iterate must keep ``NOISE_FLOOR · p(x)`` on each of the
-        ``JUDGE_DRAWS`` fixed draws of that noise.
+        (bilinear / trilinear, expanded over the channels), no gate. ``floors`` =
+        ``(floor, relaxed, trained)`` ``(n,)``: in the preservation game a kept iterate must
+        keep ``floor`` (``NOISE_FLOOR · p(x)``) on each of the ``JUDGE_DRAWS`` fixed draws of
+        noise on ``e`` (σ = ``noise``, or ``CHECK_NOISE``); where none does, the sparsest that
+        keeps ``relaxed`` (``NOISE_FLOOR · q(x)``, see :func:`noise_floor`) is returned. The
+        gradient passes add that noise to ``e`` for the ``trained`` samples (the deletion and
+        generation games), ``noise`` (0 by default) for the others.
 
         Returns the finished state and ``up`` (to ``(n, 1, *S)``).
         """
@@ -772,13 +789,22 @@ class FGVis(Method):
 
         theta = x.new_ones(x.shape[0], 1, *grid)
         weight = _adjoint(expand, theta, weight_full)
-        state = MaskState(theta, self, weight=weight, floor=floor)
-        # Trained against noise (σ = `noise`, or CHECK_NOISE when 0): a mask that keeps the
-        # class only at a few per cent of contrast is brittle.
-        sigma = torch.full((x.shape[0],), self.noise if self.noise > 0 else CHECK_NOISE)
-        noise = (torch.Generator(device=x.device).manual_seed(self.seed), sigma.to(x.device))
+        floor, relaxed, trained = floors
+        state = MaskState(theta, self, weight=weight, floor=floor, relaxed=relaxed)
+        # Judged against noise (σ = `noise`, or CHECK_NOISE when 0): a mask that keeps the
+        # class only at a few per cent of contrast is brittle. In the preservation game the
+        # gradient passes see noise only when `noise` is set: training against it keeps
+        # contrast everywhere (the mask stays flat wherever dimming costs the class little),
+        # while the floor on fixed draws only rejects brittle iterates. The deletion and
+        # generation games, which the floor does not guard, are trained against it.
+        judge = torch.full((x.shape[0],), self.noise if self.noise > 0 else CHECK_NOISE)
+        judge = judge.to(x.device)
+        sigma = torch.where(trained, judge, self.noise)
+        noise = None
+        if bool((sigma > 0).any()):
+            noise = (torch.Generator(device=x.device).manual_seed(self.seed), sigma)
         self._optimise(
-            x, ref, classes, image_score, state, [], expand, (0, steps, total), noise, bar
+            x, ref, classes, image_score, state, [], expand, (0, steps, total), noise, bar, judge
         )
         return state, up
 
@@ -794,11 +820,14 @@ class FGVis(Method):
         count: tuple[int, int, int],
         noise: tuple[torch.Generator, Tensor] | None,
         bar: Progress | None,
+        judge: Tensor | None = None,
     ) -> None:
         """Run ``state``'s steps: the mask ``m = expand(θ)`` (``θ`` itself when ``None``), the
         gate on every nonlinearity call when ``bounds`` is not empty, ``noise`` = ``(generator,
         σ per sample)`` added to ``e`` in the gradient passes (the criterion then judged
-        without it; the noisy score is held to the state's floor); ``count`` =
+        without it); ``judge`` ``(N,)``: σ of the ``JUDGE_DRAWS`` fixed draws on which the
+        samples with a floor are held to it (default: ``noise``'s σ; without either, the
+        noisy score of the gradient pass is held to the floor); ``count`` =
         ``(offset, steps, total)``: this stage's first step number in the whole run, its
         number of steps and the run's."""
         offset, steps, total = count
@@ -807,7 +836,9 @@ class FGVis(Method):
         defended = bool(bounds)
         gated: dict[int, list[NonlinearityBounds | None]] = {}
         draws = None
-        if noise is not None and bool((state.floor > 0).any()):
+        if judge is None and noise is not None:
+            judge = noise[1]
+        if judge is not None and bool((state.floor > 0).any()):
             # The floor is judged on JUDGE_DRAWS fixed draws (the same at every step), not on
             # the one draw of the gradient pass: a lucky draw would let a brittle mask through.
             generator = torch.Generator(device=x.device).manual_seed(self.seed + 1)
@@ -839,16 +870,18 @@ class FGVis(Method):
                 (grad,) = torch.autograd.grad(phi_e.sum(), theta)
             p_noisy = p.detach()
             noisy = None
-            if noise is not None:
+            if noise is not None or draws is not None:
                 # The criterion and the kept iterate are judged on the explanation that is
                 # returned, without noise (the unmodified model; the forward pass is the
-                # same with or without the defence's gates); the floor on the fixed draws.
+                # same with or without the defence's gates, so a noise-free gradient pass
+                # already gave its score); the floor on the fixed draws.
                 md = m.detach()
                 clean = md * xa + (1 - md) * ra
                 judged = None if draws is None else take(draws, rows)
+                judge_sigma = None if judge is None else take(judge, rows)
                 p, noisy = self._judge(
-                    clean, ca, judged, take(noise[1], rows), take(image_score, rows),
-                    take(state.floor, rows),
+                    clean, ca, judged, judge_sigma, take(image_score, rows), take(state.floor, rows),
+                    None if noise is not None else p.detach(),
                 )  # fmt: skip
                 if noisy is None:
                     noisy = p_noisy
@@ -864,20 +897,22 @@ class FGVis(Method):
         clean: Tensor,
         classes: Tensor,
         draws: Tensor | None,
-        sigma: Tensor,
+        sigma: Tensor | None,
         image_score: Tensor,
         floor: Tensor,
+        known: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """``(p(e), min_j p(e + σ ε_j))`` ``(n,)`` of the noise-free explanations ``clean``
-        ``(n, C, *S)`` and their fixed draws ``ε_j`` ``(n, J, C, *S)``, without gradients.
+        ``(n, C, *S)`` and their fixed draws ``ε_j`` ``(n, J, C, *S)``, without gradients;
+        ``known``: ``p(e)`` when a noise-free pass already computed it (not recomputed).
 
         The draws are scored (one batched pass) only for the samples whose ``p(e)`` meets the
         criterion and whose ``floor > 0``: for the others the floor cannot change the outcome
         (their noisy score is reported as ``+inf``). ``(p(e), None)`` when ``draws`` is ``None``.
         """
         with torch.no_grad():
-            p = self._phi(self.forward(clean), classes)[1]
-            if draws is None:
+            p = self._phi(self.forward(clean), classes)[1] if known is None else known
+            if draws is None or sigma is None:
                 return p, None
             k = draws.shape[1]
             noisy = torch.full_like(p, math.inf)

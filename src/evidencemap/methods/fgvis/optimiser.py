@@ -65,6 +65,8 @@ class MaskState:
             ``w = 0`` (positions where ``x`` equals the reference) carry no cost.
         floor: ``(N,)`` score a kept iterate must also keep under noise (the ``noisy`` score
             :meth:`step` is given; default 0: no floor).
+        relaxed: ``(N,)`` a lower floor (default ``floor``): where no iterate keeps ``floor``,
+            the sparsest one that meets the criterion and keeps ``relaxed`` is returned.
         limit: ``(N,)`` steps each sample may take at most (default ``max_iterations``).
     """
 
@@ -77,6 +79,7 @@ class MaskState:
         weight: Tensor | None = None,
         floor: Tensor | None = None,
         limit: Tensor | None = None,
+        relaxed: Tensor | None = None,
     ) -> None:
         n = x.shape[0]
         self.method = method
@@ -87,6 +90,7 @@ class MaskState:
             weight = torch.full_like(x, 1.0 / self.numel)
         self.weight = weight.detach()
         self.floor = torch.zeros(n, device=x.device) if floor is None else floor
+        self.relaxed = self.floor if relaxed is None else torch.minimum(relaxed, self.floor)
         self.mask = torch.ones_like(x) if start is None else start.detach().clone()
         self.velocity = torch.zeros_like(x)
         self.sq = torch.zeros_like(x) if method.optimizer == "adam" else self.velocity
@@ -101,6 +105,11 @@ class MaskState:
         self.best_lam = self.lam.clone()
         self.best_value = torch.full((n,), math.inf, device=device)
         self.found = torch.zeros(n, dtype=torch.bool, device=device)
+        # The sparsest iterate that keeps only the relaxed floor (returned where none keeps
+        # the floor).
+        self.spare = self.mask.clone()
+        self.spare_lam = self.lam.clone()
+        self.spare_value = torch.full((n,), math.inf, device=device)
         # Deletion with lam="auto": until the criterion is met, the iterate with the lowest
         # score so far (returned with satisfied=False if the criterion is never met).
         self.closest = self.mask.clone() if self.auto and not self.preserve else None
@@ -172,9 +181,10 @@ class MaskState:
         loss = sign * phi + sign * lam * mean
         if self.auto:
             ok = self.criterion(p, image_score[idx])
-            if noisy is not None:
-                ok = ok & (noisy >= self.floor[idx])
             value = mean if self.preserve else 1 - mean
+            if noisy is not None:
+                self._keep_spare(idx, ok & (noisy >= self.relaxed[idx]), value, mask, lam)
+                ok = ok & (noisy >= self.floor[idx])
             better = ok & (value < self.best_value[idx] - method.converge_tol)
             keep = ok & (value < self.best_value[idx])
         else:
@@ -242,6 +252,18 @@ class MaskState:
         done |= (it + 1) >= self.limit[idx]
         self.active[idx] = ~done
 
+    def _keep_spare(
+        self, idx: Tensor, ok: Tensor, value: Tensor, mask: Tensor, lam: Tensor
+    ) -> None:
+        """Keep the iterates of the samples ``idx`` that meet the criterion and the relaxed
+        floor (``ok``) where they are sparser than the spare so far."""
+        spare = ok & (value < self.spare_value[idx])
+        if bool(spare.any()):
+            sidx = idx[spare]
+            self.spare[sidx] = mask[spare]
+            self.spare_lam[sidx] = lam[spare]
+            self.spare_value[sidx] = value[spare]
+
     def info(self) -> dict[str, Tensor]:
         return {
             "loss": self.last_loss,
@@ -266,14 +288,17 @@ class MaskState:
         if self.auto:
             # A deletion run that never met its criterion returns its lowest-scoring iterate.
             fallback = self.mask if self.closest is None else self.closest
-            return torch.where(
-                self.found.view(-1, *([1] * (self.mask.ndim - 1))), self.best, fallback
+            view = (-1, *([1] * (self.mask.ndim - 1)))
+            fallback = torch.where(
+                torch.isfinite(self.spare_value).view(view), self.spare, fallback
             )
+            return torch.where(self.found.view(view), self.best, fallback)
         return self.mask
 
     def result_lambda(self) -> Tensor:
         if self.auto:
             fallback = self.lam if self.closest is None else self.closest_lam
+            fallback = torch.where(torch.isfinite(self.spare_value), self.spare_lam, fallback)
             return torch.where(self.found, self.best_lam, fallback)
         return self.lam.clone()
 
