@@ -25,12 +25,22 @@ from torch import Tensor, nn
 from evidencemap import runtime
 from evidencemap.maps import FLAT_EPS, normalize, upsample
 from evidencemap.methods.base import Context, LayerMethod, weighted_sum
-from evidencemap.methods.options import MEMORY_BUDGET, Option, batch_option, top_k_option
+from evidencemap.methods.options import MEMORY_BUDGET, Option, top_k_option
 from evidencemap.methods.registry import register
 
-__all__ = ["MEMORY_BUDGET", "SCORECAM_WEIGHTINGS", "ScoreCAM"]
+__all__ = ["CPU_CHUNK", "DEVICE_CHUNK", "MEMORY_BUDGET", "SCORECAM_WEIGHTINGS", "ScoreCAM"]
 
 SCORECAM_WEIGHTINGS = ("softmax_prob", "channel_softmax", "delta_softmax")
+
+CPU_CHUNK = 8
+"""Masked inputs per forward pass on the CPU when ``internal_batch_size`` is ``None``: the
+fastest of 8 / 16 / 32 / 64 on Lite0 at batch 1 and 8 in CPU time (2.0 / 3.3 / 4.9 / 5.9 s for
+64 channels at batch 1; pytorch-grad-cam's chunks of 16: 3.2 s), where large chunks spill the
+activations of the memory-bound layers (batch norm, ReLU6, padding) out of the caches
+(``benchmarks/cam_variants_speed.py``)."""
+
+DEVICE_CHUNK = 64
+"""Masked inputs per forward pass on other devices (a GPU is faster with large batches)."""
 
 
 @register
@@ -41,8 +51,8 @@ class ScoreCAM(LayerMethod):
 
     Args:
         weighting: one of :data:`SCORECAM_WEIGHTINGS`.
-        internal_batch_size: masked inputs per forward pass (default 64: the fastest of 8, 16, 32
-            and 64 on Lite0 at batch 1 and 8, ``benchmarks/cam_variants_speed.py``).
+        internal_batch_size: masked inputs per forward pass; ``None`` (default):
+            :data:`CPU_CHUNK` on the CPU (measured fastest), :data:`DEVICE_CHUNK` elsewhere.
         memory_budget: bytes one chunk of masked inputs may take (``None``: no limit).
         top_k: use only the ``top_k`` channels of highest activation variance per sample.
     """
@@ -54,7 +64,18 @@ class ScoreCAM(LayerMethod):
     sizes_own_chunks: ClassVar[bool] = True
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("weighting", "str", "softmax_prob", "channel weights", choices=SCORECAM_WEIGHTINGS),
-        batch_option(64, "masked inputs per forward pass"),
+        Option(
+            "internal_batch_size",
+            "int",
+            None,
+            f"masked inputs per forward pass (None: {CPU_CHUNK} on the CPU, measured fastest; "
+            f"{DEVICE_CHUNK} on other devices)",
+            low=1,
+            nullable=True,
+            cost="chunk",
+            cap=256,
+            reported=False,
+        ),
         MEMORY_BUDGET,
         top_k_option("use only the k channels of highest activation variance (one forward each)"),
     )
@@ -65,7 +86,7 @@ class ScoreCAM(LayerMethod):
         layer: Any = None,
         *,
         weighting: str = "softmax_prob",
-        internal_batch_size: int = 64,
+        internal_batch_size: int | None = None,
         memory_budget: int | None = None,
         top_k: int | None = None,
         **kw: Any,
@@ -108,7 +129,10 @@ class ScoreCAM(LayerMethod):
         # one slot = N masked inputs (one per sample); a chunk holds whole slots
         # (at least: the masks and the masked inputs; measured on the first slot under a budget)
         per_slot = 2 * x.numel() * x.element_size()
-        requested = max(1, self.internal_batch_size // n)
+        chunk = self.internal_batch_size
+        if chunk is None:
+            chunk = CPU_CHUNK if x.device.type == "cpu" else DEVICE_CHUNK
+        requested = max(1, chunk // n)
         scores: list[Tensor] = []
 
         def step(start: int, stop: int) -> None:
