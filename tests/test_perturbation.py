@@ -95,6 +95,27 @@ def test_rise_masks_are_shared_by_the_batch_and_fixed_by_the_seed():
     assert not torch.allclose(other.raw[0], alone.raw[0])
 
 
+@pytest.mark.parametrize(
+    ("method", "options", "passes"),
+    [("rise", {"masks": 24, "seed": 1}, 24), ("occlusion", {"window": 4, "stride": 4}, 9)],
+)
+def test_one_image_for_several_classes_runs_the_perturbed_passes_once(method, options, passes):
+    """A batch repeating one image for its classes (``top_k``) scores every class from one set
+    of perturbed passes, with the maps each class gets alone."""
+    model = seeded(ConvGapFc())
+    x = torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    rows: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    try:
+        together = em.explain(model, x.repeat(2, 1, 1, 1), method, target=[0, 1], **options)
+    finally:
+        handle.remove()
+    assert sum(rows) == 2 + passes  # the clean pass of the two rows, then one row per mask
+    for k in (0, 1):
+        alone = em.explain(model, x, method, target=k, **options)
+        assert torch.allclose(together.raw[k], alone.raw[0], atol=1e-5)
+
+
 def test_surrogate_regression_recovers_a_linear_score_exactly():
     gen = torch.Generator().manual_seed(0)
     z = (torch.rand(1, 60, 5, generator=gen) < 0.5).double()

@@ -54,6 +54,7 @@ __all__ = [
     "Occlusion",
     "PerturbationMethod",
     "channels_last",
+    "distinct_rows",
     "occlusion_starts",
     "rise_grids",
     "rise_masks",
@@ -194,23 +195,38 @@ class PerturbationMethod(Method):
         ``(g, 1, *S)`` (shared by the batch) or ``(g, N, 1, *S)`` (one per input); the ``g·N``
         inputs ``b + M ⊙ (x − b)`` go through the model at once and
         ``consume(start, stop, masks, scores, inputs)`` receives the masks, the scores
-        ``(g, N)`` and the perturbed inputs ``(g, N, C, *S)``.
+        ``(g, N)`` and the perturbed inputs ``(g, N, C, *S)``. With shared masks, rows that
+        repeat an input and its baseline (:func:`distinct_rows`: one image explained for several
+        classes) go through the model once per mask and are scored from the same outputs.
         """
         n = x.shape[0]
+        base = base.expand_as(x)
         diff = x - base
         score = self.scorer(resolved, n)
+        owner, unique = distinct_rows(x, base)
+        u = unique.shape[0]
         mask_numel = math.prod(x.shape[2:])
         # one mask: its N perturbed inputs, the mask (per input at most) and its broadcast
         per_mask = (2 * x.numel() + n * mask_numel) * x.element_size()
-        requested = max(1, self.chunk_size(x.device) // n)
+        requested = max(1, self.chunk_size(x.device) // u)
 
         def step(start: int, stop: int) -> None:
             runtime.checkpoint(start, total, self.name)
             masks = make(start, stop).to(device=x.device, dtype=x.dtype)
             g = stop - start
-            keep = masks if masks.ndim == x.ndim + 1 else masks.unsqueeze(1)
-            inputs = torch.addcmul(base.unsqueeze(0), keep, diff.unsqueeze(0))
-            out = self.forward(channels_last(inputs.reshape(g * n, *x.shape[1:])))
+            if masks.ndim == x.ndim and u < n:
+                # Masks shared by the batch and repeated inputs (one image explained for several
+                # classes): each distinct input goes through the model once per mask.
+                keep = masks.unsqueeze(1)
+                distinct = torch.addcmul(base[unique].unsqueeze(0), keep, diff[unique].unsqueeze(0))
+                out = self.forward(channels_last(distinct.reshape(g * u, *x.shape[1:])))
+                out = out.view(g, u, *out.shape[1:]).index_select(1, owner)
+                out = out.reshape(g * n, *out.shape[2:])
+                inputs = distinct.index_select(1, owner)
+            else:
+                keep = masks if masks.ndim == x.ndim + 1 else masks.unsqueeze(1)
+                inputs = torch.addcmul(base.unsqueeze(0), keep, diff.unsqueeze(0))
+                out = self.forward(channels_last(inputs.reshape(g * n, *x.shape[1:])))
             consume(start, stop, masks, score(out).view(g, n), inputs)
 
         runtime.run_chunked(
@@ -241,6 +257,28 @@ class PerturbationMethod(Method):
     def reduce(self, raw: Tensor) -> Tensor:
         """The map ``(N, 1, *S)`` before normalising: the positive part of ``raw``."""
         return raw.clamp(min=0)
+
+
+def distinct_rows(x: Tensor, base: Tensor) -> tuple[Tensor, Tensor]:
+    """The distinct ``(input, baseline)`` pairs of a batch: ``owner`` ``(N,)``, the position of
+    each row's pair among the distinct ones, and ``unique`` ``(U,)``, the first row of each.
+
+    A batch that repeats one image to explain several classes (``top_k``) has ``U = 1``: the
+    perturbed passes then run once and every class is scored from the same outputs.
+    """
+    n = x.shape[0]
+    first: list[int] = []
+    owner: list[int] = []
+    for i in range(n):  # N ≤ a batch; whole-row comparisons, once per call
+        for k, j in enumerate(first):
+            if torch.equal(x[i], x[j]) and torch.equal(base[i], base[j]):
+                owner.append(k)
+                break
+        else:
+            owner.append(len(first))
+            first.append(i)
+    device = x.device
+    return torch.tensor(owner, device=device), torch.tensor(first, device=device)
 
 
 # --------------------------------------------------------------------------------- occlusion
@@ -462,8 +500,8 @@ class RISE(PerturbationMethod):
     ``raw = Σ_i f(b + M_i ⊙ (x − b)) · M_i / (n·p)`` ``(N, 1, *S)``, with ``f`` the softmax
     probability of the target class by default (the paper's; TorchRay applies a sigmoid, for
     multi-label benchmarks). One set of masks per call, shared by every input and every class:
-    ``extras["scores"]`` ``(n, N)`` holds ``f`` per mask, so the map of any other score is
-    ``Σ_i f_i M_i / (n·p)`` with the same masks (:func:`rise_masks` with ``seed``).
+    ``extras["scores"]`` ``(N, n)`` holds ``f`` per mask; a batch that repeats one image for
+    several classes runs its masked passes once (:func:`distinct_rows`).
 
     Args:
         masks: the number of masks ``n`` (one forward pass each per input).
