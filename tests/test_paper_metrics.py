@@ -231,7 +231,7 @@ def test_random_map_beats_gradcam_on_pixel_deletion_but_not_on_insertion_or_regi
     rand = em.explain(lite0, photos, "random").maps
     deletion = M.Deletion(lite0, steps=28)
     insertion = M.Insertion(lite0, steps=28, substrate="rise_gkern")
-    region = M.RegionDeletion(lite0)
+    region = M.RegionDeletion(lite0, steps=28)
     assert (deletion(photos, rand).auc < deletion(photos, cam).auc).all()
     assert (insertion(photos, rand).auc < insertion(photos, cam).auc).all()
     assert (region(photos, cam).auc < region(photos, rand).auc).all()
