@@ -211,17 +211,32 @@ class Cache:
         os.replace(tmp, self.path)
 
 
-def score_one(
-    model: nn.Module, x: Tensor, row: str, settings: Settings, image: str
-) -> dict[str, Any]:
-    """The four numbers (and the map's seconds) of one method on one input ``(1, C, *S)``."""
+def explain_all(
+    model: nn.Module, names: Sequence[str], xs: Tensor, row: str, settings: Settings
+) -> tuple[Tensor, Tensor, Tensor, float, dict[str, Any]]:
+    """``(maps, targets, scores, seconds per image, options)`` of one row on the inputs ``xs``
+    ``(n, C, *S)``, explained in one batched call (FGVis optimises the batch at once); the
+    random map is drawn per image, seeded by the image's name."""
     method, options = settings.options_for(row)
-    if method == "random":
-        options = {**options, "seed": zlib.crc32(image.encode()) % 2**31}  # one draw per image
     start = time.perf_counter()
-    exp = em.explain(model, x, method, **options)
-    seconds = time.perf_counter() - start
-    maps, target = exp.maps, exp.targets
+    if method == "random":
+        parts = [
+            em.explain(model, xs[i : i + 1], method, **options, seed=zlib.crc32(n.encode()))
+            for i, n in enumerate(names)
+        ]
+        maps = torch.cat([p.maps for p in parts])
+        targets = torch.cat([p.targets for p in parts])
+        scores = torch.cat([p.scores for p in parts])
+    else:
+        exp = em.explain(model, xs, method, **options)
+        maps, targets, scores = exp.maps, exp.targets, exp.scores
+    return maps, targets, scores, (time.perf_counter() - start) / len(names), options
+
+
+def score_maps(
+    model: nn.Module, x: Tensor, maps: Tensor, target: Tensor, settings: Settings
+) -> dict[str, float]:
+    """The four numbers of one map ``(1, 1, *S)`` of the input ``x`` ``(1, C, *S)``."""
     b = settings.batch_size
     deletion = M.Deletion(model, steps=settings.deletion_steps, substrate="zero", batch_size=b)
     insertion = M.Insertion(
@@ -236,10 +251,6 @@ def score_one(
         "insertion": float(insertion(x, maps, target).auc[0]),
         "road": float(road(x, maps, target).combined[0]),
         "region_deletion": float(region(x, maps, target).auc[0]),
-        "seconds": seconds,
-        "target": int(target[0]) if target is not None else None,
-        "score": float(exp.scores[0]),
-        "options": {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))},
     }
 
 
@@ -256,22 +267,51 @@ def score_model(
 ) -> int:
     """Compute every missing (image, row) of ``name`` into ``cache``; return how many ran.
 
-    A row that fails is recorded with its error (listed under the table; retried by the next
-    run) and the others go on.
+    Per row, the images it lacks are explained in one batched call, then scored one by one
+    (each saved at once). A row that fails is recorded with its error (listed under the table;
+    retried by the next run) and the others go on.
     """
     done = 0
     for row in rows:
         key = settings.key(row)
+        todo = []
         for image, x in images:
             cached = cache.get(name, image, row, key)
-            if not force and cached is not None and "error" not in cached:
-                continue  # a failed entry is retried
+            if force or cached is None or "error" in cached:  # a failed entry is retried
+                todo.append((image, x))
+        if not todo:
+            continue
+        names = [image for image, _ in todo]
+        xs = torch.stack([x for _, x in todo])
+        start = time.perf_counter()
+        try:
+            maps, targets, scores, seconds, options = explain_all(model, names, xs, row, settings)
+        except Exception as error:
+            for image in names:
+                cache.put(
+                    name, image, row, {"error": f"{type(error).__name__}: {error}", "key": key}
+                )
+            done += len(names)
+            continue
+        if log is not None:
+            log(f"{name} {row}: maps of {len(names)} images {time.perf_counter() - start:.1f} s")
+        for i, image in enumerate(names):
             start = time.perf_counter()
             try:
-                entry = score_one(model, x.unsqueeze(0), row, settings, image)
+                entry: dict[str, Any] = score_maps(
+                    model, xs[i : i + 1], maps[i : i + 1], targets[i : i + 1], settings
+                )
             except Exception as error:
                 entry = {"error": f"{type(error).__name__}: {error}"}
-            entry["key"] = key
+            entry.update(
+                seconds=seconds,
+                target=int(targets[i]),
+                score=float(scores[i]),
+                options={
+                    k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))
+                },
+                key=key,
+            )
             cache.put(name, image, row, entry)
             done += 1
             if log is not None:
