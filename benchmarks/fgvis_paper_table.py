@@ -508,10 +508,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     stem = "fgvis_paper_table_quick" if args.quick else "fgvis_paper_table"
-    cache = Cache(RESULTS / f"{stem}.json")
     only = args.methods.split(",") if args.methods else None
     start, load = time.perf_counter(), os.getloadavg()
     loaded = _load_models(args.models.split(","))
+    # one file per model, so that the two models may run in two processes at once
+    caches = {key: Cache(RESULTS / f"{stem}_{key}.json") for key in loaded}
     # the paper's rows and the baseline first on every model, then the other rows
     for phase in ("core", "rest"):
         for key, (_, model, images) in loaded.items():
@@ -520,11 +521,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = [r for r in rows if (r in CORE) == (phase == "core")]
             if not args.report:
                 score_model(
-                    cache, key, model, images, rows, settings, force=args.force,
+                    caches[key], key, model, images, rows, settings, force=args.force,
                     log=lambda line: print(line, file=sys.stderr, flush=True),
                 )  # fmt: skip
     elapsed = time.perf_counter() - start
-    text = _report(cache, loaded, args.quick, elapsed, load)
+    text = _report(caches, loaded, args.quick, elapsed, load)
     (RESULTS / f"{stem}.md").write_text(text)
     print(text)
     return 0
@@ -544,7 +545,7 @@ def _load_models(keys: Sequence[str]) -> dict[str, tuple[str, nn.Module, list]]:
 
 
 def _report(
-    cache: Cache, loaded: dict[str, tuple[str, nn.Module, list]], quick: bool, elapsed: float,
+    caches: dict[str, Cache], loaded: dict[str, tuple[str, nn.Module, list]], quick: bool, elapsed: float,
     load: tuple[float, float, float],
 ) -> str:  # fmt: skip
     parts = [
@@ -562,6 +563,7 @@ def _report(
     for key, (title, model, images) in loaded.items():
         settings = Settings.make(quick=quick, model=key)
         rows, skipped = table_rows(model, None)
+        cache = caches[key]
         per_image = cache.data.get(key, {})
         current = {
             img: {r: e for r, e in rows_.items() if cache.get(key, img, r, settings.key(r))}
