@@ -22,9 +22,9 @@ as an extra row, and four columns per method:
 * ROAD ((LeRF − MoRF) / 2 over removal levels, noisy linear imputation);
 * region-wise deletion AUC (16 × 16 patches ranked by the map's mean, substrate 0).
 
-Results are cached per (model, image, method) in ``benchmarks/results/fgvis_paper_table.json``
-(an entry made with other settings counts as missing), so a re-run computes only what is
-missing. Writes ``fgvis_paper_table.md`` and ``fgvis_paper_table.png`` next to it.
+Results are cached per (model, image, method) in ``benchmarks/results/fgvis_paper_table_<model>.json``
+(one file per model, so ``--models lite0`` and ``--models vgg16`` may run at once; an entry made
+with other settings counts as missing), so a re-run computes only what is missing. Writes ``fgvis_paper_table.md`` and ``fgvis_paper_table.png`` next to it.
 
 Run from the repository root::
 
@@ -358,6 +358,8 @@ def markdown_table(
     order = ranks(summary, "deletion")
     rank_of = {m: ranks(summary, m) for m in METRICS}
     rows = sorted(summary, key=lambda r: order.get(r, len(order) + 1))
+    # rows not computed yet are listed under the table, but the paper's own are kept
+    rows = [r for r in rows if summary[r]["deletion"]["n"] or any(r in p for p in PAPER.values())]
     papers = list(paper or {})
     head = ["method", TITLES["deletion"], *[f"paper {p}" for p in papers]]
     head += [TITLES[m] for m in METRICS[1:]] + ["s / map", "images"]
@@ -395,12 +397,18 @@ def missing_cells(
     """``image/row`` pairs without a current entry, and the rows that failed (with why)."""
     out = []
     for row in rows:
-        for image in images:
-            entry = cache.get(name, image, row, settings.key(row))
-            if entry is None:
-                out.append(f"{image}/{row}")
-            elif "error" in entry:
-                out.append(f"{image}/{row} failed: {entry['error'][:120]}")
+        absent = [i for i in images if cache.get(name, i, row, settings.key(row)) is None]
+        failed = [
+            f"{i}/{row} failed: {entry['error'][:120]}"
+            for i in images
+            if (entry := cache.get(name, i, row, settings.key(row))) is not None
+            and "error" in entry
+        ]
+        if len(absent) == len(images):
+            out.append(f"{row} (all images)")
+        else:
+            out += [f"{i}/{row}" for i in absent]
+        out += failed
     return out
 
 
