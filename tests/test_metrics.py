@@ -38,6 +38,7 @@ def test_every_metric_states_its_direction():
     expected = {
         "deletion": False,
         "insertion": True,
+        "region_deletion": False,
         "average_drop": False,
         "adcc": True,
         "pointing_game": True,

@@ -5,6 +5,7 @@ metric                class                               better      3-D
 ====================  =================================  ==========  ========
 deletion AUC          :class:`Deletion`                   lower       yes
 insertion AUC         :class:`Insertion`                  higher      yes
+region deletion AUC   :class:`RegionDeletion`             lower       yes
 Average Drop          :class:`AverageDrop`                lower       yes
 Increase in Conf.     :class:`AverageDrop`                higher      yes
 ADCC                  :class:`ADCC`                       higher      yes
@@ -36,7 +37,21 @@ from evidencemap.metrics.base import (
     register_metric,
     unregister_metric,
 )
-from evidencemap.metrics.causal import CurveResult, Deletion, Insertion, auc, gaussian_blur
+from evidencemap.metrics.causal import (
+    SUBSTRATES,
+    CurveResult,
+    Deletion,
+    Insertion,
+    auc,
+    gaussian_blur,
+    rise_blur,
+)
+
+# isort: split
+# registered after insertion: the tables' next column
+from evidencemap.metrics.region import RegionDeletion, patch_grid
+
+# isort: split
 from evidencemap.metrics.common import Explainer, Metric, rank_positions
 from evidencemap.metrics.confidence import ADCC, ADCCResult, AverageDrop, ConfidenceResult
 from evidencemap.metrics.pointing import (
@@ -62,6 +77,7 @@ __all__ = [
     "METRICS",
     "METRIC_REGISTRY",
     "ROAD",
+    "SUBSTRATES",
     "ADCCResult",
     "AverageDrop",
     "ConfidenceResult",
@@ -83,6 +99,7 @@ __all__ = [
     "PointingResult",
     "ROADResult",
     "RandomisationResult",
+    "RegionDeletion",
     "auc",
     "average_ranks",
     "describe_metric",
@@ -92,9 +109,11 @@ __all__ = [
     "metric_names",
     "noisy_linear_impute",
     "parameter_layers",
+    "patch_grid",
     "pearson",
     "rank_positions",
     "register_metric",
+    "rise_blur",
     "spearman",
     "ssim",
     "unregister_metric",
