@@ -444,3 +444,29 @@ def test_error_paths(net, x):
         em.SmoothGrad(net, method="gradcam", wrap="saliency")
     with pytest.raises(TypeError, match="seed must be an int"):
         em.SmoothGrad(net, seed=1.5)
+
+
+@pytest.mark.parametrize("name", ["deeplift", "guided_backprop", "deconvnet"])
+def test_rule_methods_free_their_graph_without_the_cycle_collector(name):
+    """The per-call rule interceptor must not keep a tensor of the graph alive after a chunk:
+    with the cycle collector off, the peak equals the one with it on (DeepLIFT's was 1.7×)."""
+    import gc
+
+    from evidencemap import runtime
+    from evidencemap.memory import PeakMemory
+    from tiny import ConvGapFc
+
+    model = seeded(ConvGapFc(width=16))
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    peaks = []
+    for collect in (True, False):
+        gc.collect()
+        if not collect:
+            gc.disable()
+        try:
+            with runtime.limits(memory_budget=2**20), PeakMemory() as meter:
+                em.explain(model, x, name, batch_size=2)
+        finally:
+            gc.enable()
+        peaks.append(meter.peak)
+    assert peaks[1] <= peaks[0] * 1.05, peaks

@@ -69,7 +69,7 @@ class InputInterceptor(NonlinearityInterceptor):
         super().__init__(self._dispatch)
 
     def _dispatch(self, _index: int, name: str, output: Tensor) -> Tensor:
-        u = self._input
+        u, self._input = self._input, None  # not kept: it holds the whole graph before it
         if name not in self.names or not isinstance(u, Tensor) or u.shape != output.shape:
             return output
         return self.input_rule(name, u, output)
@@ -90,5 +90,11 @@ class InputInterceptor(NonlinearityInterceptor):
 def replaced(rule: InputRule, names: Collection[str]) -> Iterator[None]:
     """Inside the block, every call of a nonlinearity in ``names`` continues with
     ``rule(name, u, h)``; graphs built inside keep the rule after the block (backward outside)."""
-    with InputInterceptor(rule, names):
-        yield
+    interceptor = InputInterceptor(rule, names)
+    try:
+        with interceptor:
+            yield
+    finally:
+        # The interceptor refers to itself (its rule is its bound method), so only the cycle
+        # collector frees it: it must not hold a tensor of the graph until then.
+        interceptor._input = None
