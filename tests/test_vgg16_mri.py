@@ -307,3 +307,15 @@ def test_labels_are_the_packages():
     path = models.weights_path(NAME).parent / "class_indices.json"
     indices = json.loads(path.read_text())
     assert tuple(sorted(indices, key=indices.get)) == VGG16_MRI_LABELS
+
+
+def test_road_stays_finite_on_an_mri_slice(vgg, slices):
+    """ROAD's imputation on a slice that is mostly black: conjugate gradients used to stagnate at
+    float precision and divide by a subnormal p·Ap (MoRF NaN for saliency's top half)."""
+    import evidencemap as em
+    from evidencemap import metrics as M
+
+    x = slices[-1:]
+    exp = em.explain(vgg.module, x, "saliency")
+    result = M.ROAD(vgg.module, percentiles=[50], batch_size=4)(x, exp.maps, None)
+    assert torch.isfinite(result.morf).all() and torch.isfinite(result.lerf).all(), result

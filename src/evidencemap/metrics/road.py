@@ -148,13 +148,17 @@ def _conjugate_gradients(known: Tensor, u: Tensor, tol: float, max_iter: int) ->
             break
         ap = apply(p)
         pap = dot(p, ap)
-        active = pap > 0
-        alpha = (rz / pap.where(active, torch.ones_like(pap))).where(active, torch.zeros_like(pap))
+        # A system whose residual is already below its limit stops; a step that rounding makes
+        # non-finite (p·Ap subnormal once a system stagnates at float precision) is not taken.
+        active = (pap > 0) & (dot(r, r).sqrt() > limit)
+        alpha = rz / pap.where(active, torch.ones_like(pap))
+        alpha = alpha.where(active & alpha.isfinite(), torch.zeros_like(alpha))
         v = v + alpha * p
         r = r - alpha * ap
         z = r / diag
         rz_new = dot(r, z)
-        beta = (rz_new / rz.where(rz > 0, torch.ones_like(rz))).where(rz > 0, torch.zeros_like(rz))
+        beta = rz_new / rz.where(rz > 0, torch.ones_like(rz))
+        beta = beta.where((rz > 0) & beta.isfinite(), torch.zeros_like(beta))
         p = z + beta * p
         rz = rz_new
     _LAST_ITERATIONS[0] = it
