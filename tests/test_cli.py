@@ -523,6 +523,25 @@ def test_fgvis_on_the_built_in_model_reports_the_score_on_the_explanation(
         assert text.splitlines()[0][:60] in stderr
 
 
+def test_game_dual_reaches_extremal_perturbation(capsys, photos, tmp_path):
+    status, _, stderr = _run(
+        capsys,
+        "explain",
+        photos / "b_coffee.jpg",
+        "--method",
+        "extremal",
+        "--game",
+        "dual",
+        "--option",
+        "max_iterations=2",
+        "--out",
+        tmp_path,
+    )
+    assert status == 0, stderr
+    [path] = tmp_path.glob("b_coffee_extremal_perturbation_o*.json")
+    assert _manifest(path)["options"]["game"] == "dual"
+
+
 @pytest.mark.parametrize(("game", "panel"), [("preserve", "explanation"), ("delete", "deleted")])
 def test_torchscript_with_an_input_space_method_and_explanation_image(
     capsys, photos, scripted, tmp_path, game, panel
@@ -683,6 +702,10 @@ def test_usage_errors_exit_2_with_a_message(capsys, argv, message):
         (["--target", "tiger kat"], "similar labels: 'tiger cat'"),
         (["--option", "colour=3"], "takes no option 'colour'; its options:"),
         (["--game", "delete"], "takes no option 'game'"),
+        (
+            ["--method", "fgvis", "--game", "dual"],
+            "option game must be one of 'preserve', 'delete'",
+        ),
         (["--layer", "_no_such_layer"], "layer '_no_such_layer' not found"),
         (["--cmap", "rainbowz"], "unknown matplotlib colormap 'rainbowz'"),
         (["--model", "nothing-like-this"], "accepted forms are"),

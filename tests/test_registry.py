@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import inspect
 import re
+import subprocess
+import sys
 import threading
 from typing import Any, ClassVar
 
@@ -412,3 +414,20 @@ def test_no_import_cycle_through_the_methods_and_methods_never_import_the_model_
         if b.startswith("evidencemap.models")
     }
     assert into_models == set()
+
+
+def test_the_methods_package_is_importable_by_dotted_name_and_still_lists_the_methods():
+    # ``evidencemap.methods`` is both the subpackage and the listing call: a fresh interpreter
+    # imports a module below it by its dotted name, and the call still lists the names.
+    code = (
+        "import evidencemap as em\n"
+        "import evidencemap.methods.fgvis.diagnostics as d\n"
+        "from evidencemap import methods\n"
+        "from evidencemap.methods import method_names\n"
+        "assert d.JUDGE_DRAWS > 0\n"
+        "assert em.methods() == methods() == method_names() and 'gradcam' in methods()\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

@@ -11,7 +11,8 @@ reachable as attributes (``evidencemap.models.load(...)``) and imported on first
 
 import importlib
 import importlib.metadata
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 from evidencemap import runtime, targets
 from evidencemap.api import build, describe, explain, get_method, methods
@@ -24,6 +25,11 @@ try:
     __version__ = importlib.metadata.version("evidencemap")
 except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
     __version__ = "0+unknown"
+
+if not TYPE_CHECKING:
+    # The subpackage evidencemap.methods, callable: ``methods()`` lists the names (as
+    # evidencemap.api.methods does), and ``import evidencemap.methods.<module> as m`` works.
+    methods = sys.modules["evidencemap.methods"]
 
 __all__ = [
     "Explanation",

@@ -91,9 +91,12 @@ def add_explain_arguments(parser: argparse.ArgumentParser, *, default_batch: int
     )
     parser.add_argument(
         "--game",
-        choices=("preserve", "delete"),
+        choices=("preserve", "delete", "dual"),
         default=None,
-        help="FGVis: the preservation or deletion game (sets the method's 'game' option)",
+        help=(
+            "the method's 'game' option: FGVis and extremal perturbation keep (preserve) or "
+            "remove (delete) the evidence; 'dual' (extremal perturbation only) plays both"
+        ),
     )
     parser.add_argument(
         "--frame",

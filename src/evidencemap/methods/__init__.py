@@ -14,6 +14,8 @@ is imported here, so a new method module registers itself by being in the folder
 
 import importlib
 import pkgutil
+import sys
+import types
 
 from evidencemap.methods.base import Context, FlatMapWarning, InputMethod, LayerMethod, Method
 from evidencemap.methods.options import Option, OptionError, options_of
@@ -55,3 +57,19 @@ __all__ = [
 _FIRST = ("attention", "cam", "cfcam", "fgvis", "gradients", "scorecam")
 for _name in [*_FIRST, *sorted(m.name for m in pkgutil.iter_modules(__path__))]:
     importlib.import_module(f"{__name__}.{_name}")
+
+
+class _CallablePackage(types.ModuleType):
+    """This package, callable as ``evidencemap.methods()`` (the names of every method).
+
+    ``evidencemap.methods`` names both this package and the listing function
+    (:func:`evidencemap.api.methods`); a plain function bound there would hide the package
+    from ``import evidencemap.methods.fgvis.diagnostics as d``, which looks each dotted name
+    up as an attribute. The package itself answers the call instead.
+    """
+
+    def __call__(self) -> list[str]:
+        return method_names()
+
+
+sys.modules[__name__].__class__ = _CallablePackage
