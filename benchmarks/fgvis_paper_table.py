@@ -32,6 +32,13 @@ Run from the repository root::
     python benchmarks/fgvis_paper_table.py --quick                # fast settings, own cache
     python benchmarks/fgvis_paper_table.py --methods gradcam,random --force
     python benchmarks/fgvis_paper_table.py --report               # tables from the cache only
+    nice -n 10 python benchmarks/fgvis_paper_table.py --protocol paper --models lite0
+
+``--protocol paper`` scores the paper's rows alone (its five methods, FGVis' deletion game and
+the random map) on Lite0 with the protocol the paper reports: RISE's curves of 224 steps (224
+pixels each), RISE with 4000 masks, LIME with 1000 samples, FGVis with 300 iterations. It has its
+own cache and writes ``fgvis_paper_table_protocol.md``; the paper's insertion AUCs (RISE
+paper) are printed beside ours.
 """
 
 from __future__ import annotations
@@ -70,6 +77,28 @@ PAPER: dict[str, dict[str, float]] = {
 }  # fmt: skip
 """Deletion AUC of the FGVis paper's Table 1 (ImageNet validation), by our method names
 (sliding window = ``occlusion``)."""
+
+PAPER_INSERTION: dict[str, dict[str, float]] = {
+    "ResNet-50": {"gradcam": 0.6766, "occlusion": 0.5618, "lime": 0.6940, "rise": 0.7267},
+    "VGG16": {"gradcam": 0.6149, "occlusion": 0.5619, "lime": 0.6167, "rise": 0.7226},
+}
+"""Insertion AUC of the RISE paper (the FGVis paper reports deletion only)."""
+
+PROTOCOLS = ("table", "quick", "paper")
+"""``table``: every method, reduced curves and caps; ``quick``: development settings;
+``paper``: the paper's rows on Lite0 at the paper's protocol (:data:`PAPER_OPTIONS`)."""
+
+PAPER_ROWS = ("random", "fgvis", "fgvis_delete", "gradcam", "occlusion", "lime", "rise")
+"""The rows of ``--protocol paper``."""
+
+PAPER_OPTIONS: dict[str, dict[str, Any]] = {
+    "rise": {"masks": 4000},
+    "lime": {"samples": 1000},
+    "fgvis": {"max_iterations": 300},
+}
+"""The paper's settings (RISE paper: N = 4000 masks for ResNet-50; LIME's default 1000
+samples; FGVis 300 iterations); occlusion at its defaults (window 32, stride 16: the papers do
+not give theirs) and Grad-CAM at its default layer."""
 
 CORE = ("random", "fgvis", "gradcam", "occlusion", "lime", "rise")
 """Computed first for every model: the paper's five rows and the baseline."""
@@ -145,12 +174,18 @@ class Settings:
     batch_size: int = 32
 
     @classmethod
-    def make(cls, *, quick: bool = False, model: str = "lite0") -> Settings:
-        """The settings of ``model`` (``"lite0"`` or ``"vgg16"``), or the quick ones."""
+    def make(cls, *, quick: bool = False, model: str = "lite0", protocol: str = "") -> Settings:
+        """The settings of ``model`` (``"lite0"`` or ``"vgg16"``) under ``protocol`` (one of
+        :data:`PROTOCOLS`; ``quick=True`` is ``"quick"``)."""
+        protocol = protocol or ("quick" if quick else "table")
+        if protocol == "paper":
+            if model != "lite0":
+                raise ValueError(f"--protocol paper runs on lite0 only, got model {model!r}")
+            return cls(224, 224, (50,), 16, 7, {k: dict(v) for k, v in PAPER_OPTIONS.items()})
         options = {k: dict(v) for k, v in TABLE_OPTIONS.items()}
         if model == "vgg16":
             options.update({k: dict(v) for k, v in MRI_OPTIONS.items()})
-        if quick:
+        if protocol == "quick":
             options.update({k: dict(v) for k, v in QUICK_OPTIONS.items()})
             return cls(8, 8, (50,), 8, 8, options)
         if model == "vgg16":
@@ -352,9 +387,13 @@ def _cell(stat: dict[str, float], rank: int | None) -> str:
 
 
 def markdown_table(
-    title: str, summary: dict[str, dict[str, dict[str, float]]], paper: dict[str, dict] | None
+    title: str,
+    summary: dict[str, dict[str, dict[str, float]]],
+    paper: dict[str, dict] | None,
+    paper_insertion: dict[str, dict] | None = None,
 ) -> str:
-    """The table of one model: rows by deletion AUC, each metric's mean ± std (rank)."""
+    """The table of one model: rows by deletion AUC, each metric's mean ± std (rank); the
+    paper's deletion (and, given ``paper_insertion``, insertion) AUCs beside ours."""
     order = ranks(summary, "deletion")
     rank_of = {m: ranks(summary, m) for m in METRICS}
     rows = sorted(summary, key=lambda r: order.get(r, len(order) + 1))
@@ -362,13 +401,20 @@ def markdown_table(
     rows = [r for r in rows if summary[r]["deletion"]["n"] or any(r in p for p in PAPER.values())]
     papers = list(paper or {})
     head = ["method", TITLES["deletion"], *[f"paper {p}" for p in papers]]
-    head += [TITLES[m] for m in METRICS[1:]] + ["s / map", "images"]
+    head += [TITLES["insertion"]]
+    head += [f"paper insertion {p}" for p in paper_insertion or {}]
+    head += [TITLES[m] for m in METRICS[2:]] + ["s / map", "images"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         s = summary[row]
         cells = [f"**{row}**" if row == "random" else row, _cell(s["deletion"], order.get(row))]
         cells += [f"{paper[p][row]:.4f}" if paper and row in paper[p] else "" for p in papers]
-        cells += [_cell(s[m], rank_of[m].get(row)) for m in METRICS[1:]]
+        cells += [_cell(s["insertion"], rank_of["insertion"].get(row))]
+        cells += [
+            f"{paper_insertion[p][row]:.4f}" if row in paper_insertion[p] else ""
+            for p in paper_insertion or {}
+        ]
+        cells += [_cell(s[m], rank_of[m].get(row)) for m in METRICS[2:]]
         seconds = s["seconds"]
         cells += [f"{seconds['mean']:.2f}" if seconds["n"] else "—", str(s["deletion"]["n"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -489,11 +535,15 @@ def predictions(model: Any, images: Sequence[tuple[str, Tensor]]) -> str:
     )
 
 
-def table_rows(model: nn.Module, only: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
+def table_rows(
+    model: nn.Module, only: Sequence[str] | None, protocol: str = "table"
+) -> tuple[list[str], dict[str, str]]:
     """``(rows in computing order, left out → why)``: the core rows first, every registered
-    method that applies, then the variants (all restricted to ``only`` when given)."""
+    method that applies, then the variants (all restricted to ``only`` when given; under the
+    ``paper`` protocol, :data:`PAPER_ROWS` only)."""
     rows, skipped = [], {}
-    for name in [*CORE, *em.methods(), *VARIANTS]:
+    names = PAPER_ROWS if protocol == "paper" else [*CORE, *em.methods(), *VARIANTS]
+    for name in names:
         if name in rows or (only and name not in only):
             continue
         method = VARIANTS.get(name, (name, {}))[0]
@@ -508,6 +558,12 @@ def table_rows(model: nn.Module, only: Sequence[str] | None) -> tuple[list[str],
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="development settings, own files")
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=None,
+        help="table (default), quick (= --quick) or paper (the paper's rows and protocol, lite0)",
+    )
     parser.add_argument("--methods", help="comma-separated rows to compute (default: all)")
     parser.add_argument("--models", default="lite0,vgg16", help="lite0, vgg16 or both")
     parser.add_argument("--force", action="store_true", help="recompute cached entries")
@@ -515,7 +571,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    stem = "fgvis_paper_table_quick" if args.quick else "fgvis_paper_table"
+    protocol = args.protocol or ("quick" if args.quick else "table")
+    if protocol == "paper" and args.models != "lite0":
+        parser.error("--protocol paper runs on lite0 only: add --models lite0")
+    stem = {"table": "fgvis_paper_table", "quick": "fgvis_paper_table_quick"}.get(
+        protocol, "fgvis_paper_table_protocol"
+    )
     only = args.methods.split(",") if args.methods else None
     start, load = time.perf_counter(), os.getloadavg()
     loaded = _load_models(args.models.split(","))
@@ -524,8 +585,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the paper's rows and the baseline first on every model, then the other rows
     for phase in ("core", "rest"):
         for key, (_, model, images) in loaded.items():
-            settings = Settings.make(quick=args.quick, model=key)
-            rows, _ = table_rows(model, only)
+            settings = Settings.make(model=key, protocol=protocol)
+            rows, _ = table_rows(model, only, protocol)
             rows = [r for r in rows if (r in CORE) == (phase == "core")]
             if not args.report:
                 score_model(
@@ -533,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     log=lambda line: print(line, file=sys.stderr, flush=True),
                 )  # fmt: skip
     elapsed = time.perf_counter() - start
-    text = _report(caches, loaded, args.quick, elapsed, load)
+    text = _report(caches, loaded, protocol, elapsed, load)
     (RESULTS / f"{stem}.md").write_text(text)
     print(text)
     return 0
@@ -553,12 +614,15 @@ def _load_models(keys: Sequence[str]) -> dict[str, tuple[str, nn.Module, list]]:
 
 
 def _report(
-    caches: dict[str, Cache], loaded: dict[str, tuple[str, nn.Module, list]], quick: bool, elapsed: float,
-    load: tuple[float, float, float],
+    caches: dict[str, Cache], loaded: dict[str, tuple[str, nn.Module, list]], protocol: str,
+    elapsed: float, load: tuple[float, float, float],
 ) -> str:  # fmt: skip
+    flag = {"table": "", "quick": " --quick", "paper": " --protocol paper --models lite0"}
     parts = [
-        "# The FGVis paper's table, rebuilt on the built-in networks\n",
-        f"`python benchmarks/fgvis_paper_table.py{' --quick' if quick else ''}` — torch "
+        "# The FGVis paper's table, rebuilt on the built-in networks"
+        + (" (the paper's rows and protocol)" if protocol == "paper" else "")
+        + "\n",
+        f"`python benchmarks/fgvis_paper_table.py{flag[protocol]}` — torch "
         f"{torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads; this "
         f"invocation {elapsed / 60:.1f} min (cached entries not recomputed), load average at "
         f"start {tuple(round(v, 2) for v in load)}. Paper: Wagner et al. (CVPR 2019), Table 1, "
@@ -569,8 +633,8 @@ def _report(
     ]
     summaries = {}
     for key, (title, model, images) in loaded.items():
-        settings = Settings.make(quick=quick, model=key)
-        rows, skipped = table_rows(model, None)
+        settings = Settings.make(model=key, protocol=protocol)
+        rows, skipped = table_rows(model, None, protocol)
         cache = caches[key]
         per_image = cache.data.get(key, {})
         current = {
@@ -582,7 +646,9 @@ def _report(
         caps = ", ".join(
             f"{r} {settings.options_for(r)[1]}" for r in rows if settings.options_for(r)[1]
         )
-        parts.append(markdown_table(title, summary, PAPER))
+        parts.append(
+            markdown_table(title, summary, PAPER, PAPER_INSERTION if protocol == "paper" else None)
+        )
         parts.append(
             f"\nImages (top-1 class, probability): {predictions(model, images)}. "
             f"Metrics: {settings.describe()}. "
@@ -596,9 +662,16 @@ def _report(
         parts.append(
             f"\nMissing cells: {', '.join(missing)}\n" if missing else "\nNo cell missing.\n"
         )
-    png = RESULTS / ("fgvis_paper_table_quick.png" if quick else "fgvis_paper_table.png")
+    png = (
+        RESULTS
+        / {
+            "table": "fgvis_paper_table.png",
+            "quick": "fgvis_paper_table_quick.png",
+            "paper": "fgvis_paper_table_protocol.png",
+        }[protocol]
+    )
     figure(summaries, png)
-    if not quick:  # the docs show it too
+    if protocol == "table":  # the docs show it too
         shutil.copyfile(png, DOCS_FIGURE)
     parts.append(f"\n![deletion vs insertion and region deletion per method]({png.name})\n")
     return "\n".join(parts)

@@ -278,3 +278,26 @@ def test_table_script_scores_caches_and_tabulates_on_a_tiny_model(tmp_path):
     text = table.markdown_table("tiny", summary, paper=None)
     assert "| gradcam |" in text
     assert "| **random** |" in text
+
+
+def test_table_script_paper_protocol_settings_rows_and_insertion_columns():
+    table = load_table_script()
+    settings = table.Settings.make(model="lite0", protocol="paper")
+    # RISE's curves: 224 steps of 224 pixels on a 224 × 224 image
+    assert (settings.deletion_steps, settings.insertion_steps) == (224, 224)
+    assert settings.options_for("rise") == ("rise", {"masks": 4000})
+    assert settings.options_for("lime") == ("lime", {"samples": 1000})
+    assert settings.options_for("fgvis_delete") == (
+        "fgvis", {"max_iterations": 300, "game": "delete"}
+    )  # fmt: skip
+    # the key differs from the reduced table's, so the two caches never mix
+    assert settings.key("gradcam") != table.Settings.make(model="lite0").key("gradcam")
+    rows, _ = table.table_rows(seeded(ConvGapFc()), None, "paper")
+    assert rows == list(table.PAPER_ROWS)
+    with pytest.raises(ValueError, match="lite0 only"):
+        table.Settings.make(model="vgg16", protocol="paper")
+    entry = {"mean": 0.1, "std": 0.0, "n": 1}
+    summary = {"rise": dict.fromkeys((*table.METRICS, "seconds"), entry)}
+    text = table.markdown_table("t", summary, table.PAPER, table.PAPER_INSERTION)
+    assert "paper insertion ResNet-50" in text.splitlines()[2]
+    assert "| 0.7267 | 0.7226 |" in text
