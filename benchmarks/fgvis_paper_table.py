@@ -437,6 +437,26 @@ def spearman_between_metrics(summary: dict[str, dict[str, dict[str, float]]]) ->
     return "\n".join(lines) + "\n"
 
 
+def refused_everywhere(
+    cache: Cache, name: str, images: Sequence[str], rows: Sequence[str], settings: Settings
+) -> dict[str, str]:
+    """Rows that failed on every image with one and the same ``ValueError`` (the method refuses
+    the model, e.g. CAM without a global-average-pooling head): row → the method's message.
+    They do not apply, like the rows :func:`table_rows` leaves out."""
+    out = {}
+    for row in rows:
+        entries = [cache.get(name, i, row, settings.key(row)) for i in images]
+        errors = {e.get("error") for e in entries if e is not None}
+        if (
+            images
+            and all(e is not None and "error" in e for e in entries)
+            and len(errors) == 1
+            and str(next(iter(errors))).startswith("ValueError: ")
+        ):
+            out[row] = str(next(iter(errors)))[len("ValueError: ") :]
+    return out
+
+
 def missing_cells(
     cache: Cache, name: str, images: Sequence[str], rows: Sequence[str], settings: Settings
 ) -> list[str]:
@@ -636,6 +656,9 @@ def _report(
         settings = Settings.make(model=key, protocol=protocol)
         rows, skipped = table_rows(model, None, protocol)
         cache = caches[key]
+        refused = refused_everywhere(cache, key, [n for n, _ in images], rows, settings)
+        skipped.update(refused)
+        rows = [r for r in rows if r not in refused]
         per_image = cache.data.get(key, {})
         current = {
             img: {r: e for r, e in rows_.items() if cache.get(key, img, r, settings.key(r))}
