@@ -29,6 +29,7 @@ from evidencemap.methods.fgvis.diagnostics import (
     CHECK_NOISE,
     DEGENERATE_SPREAD,
     JUDGE_DRAWS,
+    JUDGE_GROUP,
     REASON_FLOWS,
     REASON_GENERATION,
     REASON_REQUESTED,
@@ -40,7 +41,6 @@ from evidencemap.methods.fgvis.diagnostics import (
     describe,
     map_spread,
     noise_check,
-    noise_floor,
     transfer_check,
 )
 from evidencemap.methods.fgvis.games import (
@@ -633,15 +633,11 @@ class FGVis(Method):
         judge = sigma.clone()
         start = x.new_ones(n, mask_channels, *x.shape[2:])
         lam = torch.full((n,), math.nan, device=x.device)
-        # The floor NOISE_FLOOR·p(x) on the fixed draws; where the image itself keeps less under
-        # noise, an iterate that keeps only NOISE_FLOOR·q(x) is returned if none keeps it.
+        # The floor NOISE_FLOOR·p(x) on the fixed draws (where the image itself keeps less on
+        # one of them, _optimise relaxes it to what the image keeps).
         floor = torch.zeros(n, device=x.device)
-        relaxed = torch.zeros(n, device=x.device)
         if two and self.game == "preserve":
             floor[rows_c] = NOISE_FLOOR * image_score[rows_c]
-            relaxed[rows_c] = noise_floor(
-                self.forward, x[rows_c], classes[rows_c], image_score[rows_c]
-            )
         # Trained against the noise it is judged on: the deletion and generation games, which
         # the floor does not guard.
         trained = plan.generation | (self.game == "delete")
@@ -650,7 +646,7 @@ class FGVis(Method):
             if two:
                 c_state, up = self._coarse_stage(
                     x[rows_c], ref[rows_c], classes[rows_c], image_score[rows_c],
-                    weight_full[rows_c], (floor[rows_c], relaxed[rows_c], trained[rows_c]), k1,
+                    weight_full[rows_c], (floor[rows_c], trained[rows_c]), k1,
                     total, bar,
                 )  # fmt: skip
                 result = up(c_state.result_mask()).clamp(0, 1)
@@ -663,7 +659,6 @@ class FGVis(Method):
             limit = torch.where(plan.coarse, k2, self.max_iterations)
             state = MaskState(
                 start, self, start=start, lam=lam, weight=weight, floor=floor, limit=limit,
-                relaxed=relaxed,
             )  # fmt: skip
             if self.game == "preserve":
                 state.settle(plan.trivial.nonzero().squeeze(1), 0.0)
@@ -761,17 +756,17 @@ class FGVis(Method):
         classes: Tensor,
         image_score: Tensor,
         weight_full: Tensor,
-        floors: tuple[Tensor, Tensor, Tensor],
+        floors: tuple[Tensor, Tensor],
         steps: int,
         total: int,
         bar: Progress | None,
     ) -> tuple[MaskState, Callable[[Tensor], Tensor]]:
         """The coarse schedule's first stage: a ``(n, 1, *grid)`` mask ``θ``, ``m = up(θ)``
         (bilinear / trilinear, expanded over the channels), no gate. ``floors`` =
-        ``(floor, relaxed, trained)`` ``(n,)``: in the preservation game a kept iterate must
-        keep ``floor`` (``NOISE_FLOOR · p(x)``) on each of the ``JUDGE_DRAWS`` fixed draws of
-        noise on ``e`` (σ = ``noise``, or ``CHECK_NOISE``); where none does, the sparsest that
-        keeps ``relaxed`` (``NOISE_FLOOR · q(x)``, see :func:`noise_floor`) is returned. The
+        ``(floor, trained)`` ``(n,)``: in the preservation game a kept iterate must keep
+        ``floor`` (``NOISE_FLOOR · p(x)``) on each of the ``JUDGE_DRAWS`` fixed draws of noise on
+        ``e`` (σ = ``noise``, or ``CHECK_NOISE``; relaxed where the image itself keeps less, see
+        :meth:`_optimise`). The
         gradient passes add that noise to ``e`` for the ``trained`` samples (the deletion and
         generation games), ``noise`` (0 by default) for the others.
 
@@ -789,8 +784,8 @@ class FGVis(Method):
 
         theta = x.new_ones(x.shape[0], 1, *grid)
         weight = _adjoint(expand, theta, weight_full)
-        floor, relaxed, trained = floors
-        state = MaskState(theta, self, weight=weight, floor=floor, relaxed=relaxed)
+        floor, trained = floors
+        state = MaskState(theta, self, weight=weight, floor=floor)
         # Judged against noise (σ = `noise`, or CHECK_NOISE when 0): a mask that keeps the
         # class only at a few per cent of contrast is brittle. In the preservation game the
         # gradient passes see noise only when `noise` is set: training against it keeps
@@ -844,6 +839,7 @@ class FGVis(Method):
             generator = torch.Generator(device=x.device).manual_seed(self.seed + 1)
             shape = (x.shape[0], JUDGE_DRAWS, *x.shape[1:])
             draws = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+            self._relax_floor(x, classes, image_score, state, draws, judge)
         for it in range(steps):
             rows = state.active_rows()
             if rows is not None and rows.numel() == 0:
@@ -881,7 +877,7 @@ class FGVis(Method):
                 judge_sigma = None if judge is None else take(judge, rows)
                 p, noisy = self._judge(
                     clean, ca, judged, judge_sigma, take(image_score, rows), take(state.floor, rows),
-                    None if noise is not None else p.detach(),
+                    None if noise is not None else p.detach(), take(state.relaxed, rows),
                 )  # fmt: skip
                 if noisy is None:
                     noisy = p_noisy
@@ -892,6 +888,32 @@ class FGVis(Method):
                 bar(offset + it, state.info())
             runtime.checkpoint(offset + it + 1, total, "fgvis")
 
+    def _relax_floor(
+        self,
+        x: Tensor,
+        classes: Tensor,
+        image_score: Tensor,
+        state: MaskState,
+        draws: Tensor,
+        sigma: Tensor,
+    ) -> None:
+        """Where the image itself keeps less than the floor on one of the fixed ``draws``
+        ``(N, J, C, *S)``, hold the iterates to what the image keeps there:
+        ``relaxed = min(floor, min_j p(x + σ ε_j))``, judged like every iterate (so the first
+        iterate, ``e = x``, always keeps it and a kept iterate exists). The state returns the
+        sparsest iterate that keeps ``relaxed`` where none keeps the floor itself."""
+        rows = (state.floor > 0).nonzero().squeeze(1)
+        relaxed = state.floor.clone()
+        if rows.numel() > 0:
+            floor = state.floor[rows]
+            _, own = self._judge(
+                x[rows], classes[rows], draws[rows], sigma[rows], image_score[rows], floor,
+                known=image_score[rows], stop=torch.full_like(floor, -math.inf),
+            )  # fmt: skip
+            if own is not None:
+                relaxed[rows] = torch.minimum(floor, own.to(floor.dtype))
+        state.relaxed = relaxed
+
     def _judge(
         self,
         clean: Tensor,
@@ -901,32 +923,41 @@ class FGVis(Method):
         image_score: Tensor,
         floor: Tensor,
         known: Tensor | None = None,
+        stop: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """``(p(e), min_j p(e + σ ε_j))`` ``(n,)`` of the noise-free explanations ``clean``
         ``(n, C, *S)`` and their fixed draws ``ε_j`` ``(n, J, C, *S)``, without gradients;
         ``known``: ``p(e)`` when a noise-free pass already computed it (not recomputed).
 
-        The draws are scored (one batched pass) only for the samples whose ``p(e)`` meets the
-        criterion and whose ``floor > 0``: for the others the floor cannot change the outcome
-        (their noisy score is reported as ``+inf``). ``(p(e), None)`` when ``draws`` is ``None``.
+        The draws are scored only for the samples whose ``p(e)`` meets the criterion and whose
+        ``floor > 0``: for the others the floor cannot change the outcome (their noisy score is
+        reported as ``+inf``). They are scored ``JUDGE_GROUP`` draws per sample at a time (one
+        batched pass per group), and a sample whose minimum so far is below ``stop`` ``(n,)``
+        (the lowest score the caller compares it with; default ``floor``) is not scored
+        further: its minimum over all draws is below ``stop`` too, so every comparison with a
+        threshold of at least ``stop`` comes out the same (the reported value is then the
+        minimum over the draws scored). ``(p(e), None)`` when ``draws`` is ``None``.
         """
         with torch.no_grad():
             p = self._phi(self.forward(clean), classes)[1] if known is None else known
             if draws is None or sigma is None:
                 return p, None
-            k = draws.shape[1]
+            stop = floor if stop is None else stop
             noisy = torch.full_like(p, math.inf)
             judged = criterion(self.game, p, image_score, self.tolerance, self.delete_to)
-            judged = (judged & (floor > 0)).nonzero().squeeze(1)
-            if judged.numel() > 0:
-                view = (-1, 1, *([1] * (clean.ndim - 1)))
-                batch = (
-                    clean[judged, None] + sigma[judged].view(view).to(clean.dtype) * draws[judged]
-                )
+            alive = (judged & (floor > 0)).nonzero().squeeze(1)
+            view = (-1, 1, *([1] * (clean.ndim - 1)))
+            for first in range(0, draws.shape[1], JUDGE_GROUP):
+                if alive.numel() == 0:
+                    break
+                group = draws[alive, first : first + JUDGE_GROUP]
+                k = group.shape[1]
+                batch = clean[alive, None] + sigma[alive].view(view).to(clean.dtype) * group
                 q = self._phi(
-                    self.forward(batch.flatten(0, 1)), classes[judged].repeat_interleave(k)
-                )
-                noisy[judged] = q[1].view(-1, k).amin(dim=1)
+                    self.forward(batch.flatten(0, 1)), classes[alive].repeat_interleave(k)
+                )[1]
+                noisy[alive] = torch.minimum(noisy[alive], q.view(-1, k).amin(dim=1))
+                alive = alive[noisy[alive] >= stop[alive]]
             return p, noisy
 
 
