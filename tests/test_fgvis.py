@@ -713,8 +713,10 @@ def test_coarse_schedule_mechanics():
         p = lambda f, t: f(t).softmax(1).gather(1, c[:, None])[:, 0]  # noqa: E731
         expected = p(other, e["explanation"]) / p(other, x)
         gen = torch.Generator().manual_seed(0)
+        # one draw of an input's shape per check, shared by the batch
         draws = [
-            p(model, e["explanation"] + 0.1 * torch.randn(x.shape, generator=gen)) for _ in range(8)
+            p(model, e["explanation"] + 0.1 * torch.randn(x.shape[1:], generator=gen))
+            for _ in range(8)
         ]
         noise_expected = torch.stack(draws).mean(0) / p(model, x)
     assert torch.allclose(e["transfer_ratio"][:, 0], expected, rtol=1e-5)
@@ -1082,15 +1084,36 @@ def test_the_localising_schedule_keeps_only_iterates_that_hold_on_every_fixed_dr
     exp = em.explain(model, x, "fgvis", schedule="coarse", coarse_size=2, transfer="none", **FAST)
     e = exp.extras
     c = exp.targets
-    draws = torch.randn((2, JUDGE_DRAWS, 3, 8, 8), generator=torch.Generator().manual_seed(1))
+    # one set of draws (seed + 1), shared by the batch
+    draws = torch.randn((JUDGE_DRAWS, 3, 8, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for i in range(2):
             if not bool(e["satisfied"][i]):
                 continue
-            own = model(x[i] + 0.1 * draws[i]).softmax(1)[:, int(c[i])].min()
+            own = model(x[i] + 0.1 * draws).softmax(1)[:, int(c[i])].min()
             floor = min(0.5 * float(e["image_score"][i]), float(own))
-            noisy = model(e["explanation"][i] + 0.1 * draws[i]).softmax(1)[:, int(c[i])]
+            noisy = model(e["explanation"][i] + 0.1 * draws).softmax(1)[:, int(c[i])]
             assert float(noisy.min()) >= floor - 1e-6
+
+
+@pytest.mark.parametrize("game", ["preserve", "delete"])
+def test_the_localising_schedule_gives_an_input_the_same_map_alone_or_in_a_batch(game):
+    """Every noise draw (training noise, the judged draws, the noise check) is shared by the
+    batch, so each input's result is the one it gets alone, and a memory budget may split the
+    batch (``batch_independent``)."""
+    from tiny import OffsetNet
+
+    x = 0.5 + 0.5 * torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    model = OffsetNet()
+    options = dict(schedule="coarse", coarse_size=2, transfer="none", game=game, **FAST)
+    method = em.build("fgvis", model, **options)
+    assert method.batch_independent
+    whole = method(x, 0)
+    for i in range(3):
+        alone = method(x[i : i + 1], 0)
+        torch.testing.assert_close(alone.raw, whole.raw[i : i + 1], atol=1e-5, rtol=0)
+        for key in ("score", "noise_ratio", "iterations"):
+            torch.testing.assert_close(alone.extras[key], whole.extras[key][i : i + 1])
 
 
 def test_a_missed_deletion_says_plainly_why_per_cause():

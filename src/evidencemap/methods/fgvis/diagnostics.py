@@ -226,12 +226,13 @@ def noise_check(
     forward: Callable[[Tensor], Tensor], e: Tensor, classes: Tensor, image_score: Tensor
 ) -> Tensor:
     """``mean_j p(e + ε_j) / p(x)`` ``(N,)`` over ``CHECK_DRAWS`` draws ``ε_j ~ N(0, CHECK_NOISE²)``
-    (one generator seeded 0; one batched forward pass per draw)."""
+    of the shape of one input, shared by the batch (one generator seeded 0; one batched forward
+    pass per draw), so a sample's check does not depend on the rest of its batch."""
     generator = torch.Generator(device=e.device).manual_seed(0)
     total = torch.zeros(e.shape[0], device=e.device, dtype=e.dtype)
     with torch.no_grad():
         for _ in range(CHECK_DRAWS):
-            noise = torch.randn(e.shape, generator=generator, device=e.device, dtype=e.dtype)
+            noise = torch.randn(e.shape[1:], generator=generator, device=e.device, dtype=e.dtype)
             total += phi(forward(e + CHECK_NOISE * noise), classes, "prob")[1]
     return total / CHECK_DRAWS / image_score.clamp(min=1e-30)
 

@@ -474,9 +474,10 @@ class FGVis(Method):
 
     @property
     def batch_independent(self) -> bool:
-        """Noise on ``e`` (``noise > 0``, and the coarse schedule's) is drawn for the whole batch
-        at once: such a batch is not split by a memory budget."""
-        return self.noise == 0 and self.schedule == "fine"
+        """Every noise draw on ``e`` (``noise > 0``, the localising schedule's judged draws and
+        the noise check's) is one draw shared by the whole batch, so an input's result does not
+        depend on the rest of its batch, and a memory budget may split it."""
+        return True
 
     # -- pieces ---------------------------------------------------------------------------------
     def reference_for(self, x: Tensor) -> Tensor:
@@ -836,9 +837,12 @@ class FGVis(Method):
         if judge is not None and bool((state.floor > 0).any()):
             # The floor is judged on JUDGE_DRAWS fixed draws (the same at every step), not on
             # the one draw of the gradient pass: a lucky draw would let a brittle mask through.
+            # One set of draws shared by every sample (expanded, not copied): an input's result
+            # does not depend on the rest of its batch.
             generator = torch.Generator(device=x.device).manual_seed(self.seed + 1)
-            shape = (x.shape[0], JUDGE_DRAWS, *x.shape[1:])
+            shape = (1, JUDGE_DRAWS, *x.shape[1:])
             draws = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+            draws = draws.expand(x.shape[0], *shape[1:])
             self._relax_floor(x, classes, image_score, state, draws, judge)
         for it in range(steps):
             rows = state.active_rows()
@@ -855,7 +859,10 @@ class FGVis(Method):
                 e = m * xa + (1 - m) * ra
                 if noise is not None:
                     generator, sigma = noise
-                    draw = torch.randn(e.shape, generator=generator, device=e.device, dtype=e.dtype)
+                    # one draw per step, shared by the batch (see the judged draws above)
+                    draw = torch.randn(
+                        e.shape[1:], generator=generator, device=e.device, dtype=e.dtype
+                    )
                     e = e + take(sigma, rows).view(-1, *([1] * (e.ndim - 1))) * draw
                 if defended:
                     with NonlinearityInterceptor(DefenceRule(gated[key])):
