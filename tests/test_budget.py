@@ -275,7 +275,6 @@ def test_batches_that_cannot_be_split_are_kept_whole():
     budget = 3 * 20_000  # splits saliency's batch (the test above)
     cases = [
         # noise drawn for the whole batch: a chunk would draw other noise
-        ("fgvis", {"max_iterations": 3, "noise": 0.1}, None),
         ("gradcam", {"layer": "net.conv", "gradient_noise": 0.5, "noise_seed": 1}, None),
         # a score function of the whole output: its rows cannot be told apart
         ("saliency", {}, lambda out: out[:, 0] - out[:, 1]),
@@ -293,8 +292,27 @@ def test_batches_that_cannot_be_split_are_kept_whole():
         runtime.limits(memory_budget=2 * SAVED_PER_INPUT),
         pytest.raises(runtime.BudgetExceededError, match="batches of 4 inputs"),
     ):
-        em.explain(model, x, "fgvis", max_iterations=3, noise=0.1)
+        em.explain(model, x, "gradcam", layer="net.conv", gradient_noise=0.5, noise_seed=1)
     assert model.backwards == 0
+
+
+def test_fgvis_with_noise_is_split_and_equals_the_whole_batch():
+    """FGVis draws every noise sample once, of an input's shape, for the whole batch: a budget
+    splits its batch, and the chunks give the whole batch's maps."""
+    from evidencemap.memory import PeakMemory
+
+    model = Counting().eval()
+    x = torch.rand(4, 1, *S, generator=torch.Generator().manual_seed(5))
+    options = {"max_iterations": 3, "noise": 0.1}
+    whole = em.explain(model, x, "fgvis", **options)
+    with PeakMemory() as one:
+        em.explain(model, x[:1], "fgvis", **options)
+    starts, report = _input_steps()
+    with runtime.limits(memory_budget=int(2.5 * one.peak), progress=report):
+        split = em.explain(model, x, "fgvis", **options)
+    assert len(starts) >= 2, starts
+    torch.testing.assert_close(split.maps, whole.maps)
+    torch.testing.assert_close(split.extras["noise_ratio"], whole.extras["noise_ratio"])
 
 
 def test_a_wrapped_method_is_not_split_again():
