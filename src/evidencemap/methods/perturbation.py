@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from evidencemap import runtime
 from evidencemap.explanation import Explanation
 from evidencemap.methods.base import Context, Method
-from evidencemap.methods.options import BLUR_SIGMA, MEMORY_BUDGET, Option, batch_option
+from evidencemap.methods.options import BLUR_SIGMA, MEMORY_BUDGET, Option
 from evidencemap.methods.registry import register
 from evidencemap.references import REFERENCES, check_reference, reference_image
 from evidencemap.targets import ResolvedTarget, Target, resolve
@@ -85,15 +85,29 @@ BASELINE = Option(
     other="a number or a tensor (N | 1, C, *S) / (C, *S)",
 )
 SEED = Option("seed", "int", 0, "seed of the random masks (None: torch's global generator)")
-INTERNAL_BATCH = batch_option(32, "perturbed inputs per forward pass")
-
 CPU_CHUNK = 4
-"""RISE's perturbed inputs per forward pass on the CPU by default: the fastest of 1, 2, 4, 8,
-16 and 32 measured on Lite0 at 224² (1 thread, CPU seconds, 64 masks, interleaved: 2.0, 1.48,
-1.45 / 1.44, 1.90, 2.42, 3.18 s): small chunks keep the activations in the caches."""
+"""Perturbed inputs per forward pass on the CPU by default (every perturbation method): the
+fastest measured on Lite0 at 224² (1 thread, CPU seconds, best of 3). RISE, 64 masks, chunks of
+1 / 2 / 4 / 8 / 16 / 32: 2.0, 1.48, 1.45 / 1.44, 1.90, 2.42, 3.18 s; occlusion (window 56,
+stride 28, 49 boxes): 1.61, 1.41, 1.34, 1.71, 1.77, 2.01 s; LIME (64 samples) 2.52 / 2.50 / 3.34 s
+and KernelSHAP 1.47 / 1.93 / 3.29 s at 4 / 8 / 32. Small chunks keep the activations in the
+caches."""
 
 DEVICE_CHUNK = 32
-"""RISE's perturbed inputs per forward pass on other devices by default (not measured here)."""
+"""Perturbed inputs per forward pass on other devices by default (not measured here)."""
+
+INTERNAL_BATCH = Option(
+    "internal_batch_size",
+    "int",
+    None,
+    f"perturbed inputs per forward pass (None: {CPU_CHUNK} on the CPU, measured fastest; "
+    f"{DEVICE_CHUNK} on other devices)",
+    low=1,
+    nullable=True,
+    cost="chunk",
+    cap=256,
+    reported=False,
+)
 
 MAX_WINDOWS = 4096
 """Occlusion's default and service cap on the boxes of one call (``max_windows``): window 8,
@@ -120,7 +134,8 @@ class PerturbationMethod(Method):
         blur_sigma: σ in pixels of the ``"blur"`` baseline.
         score: ``"logit"`` or ``"probability"`` (:data:`SCORES`), for class targets.
         internal_batch_size: perturbed inputs per forward pass (a chunk holds whole masks,
-            each ``N`` inputs, so at least one mask).
+            each ``N`` inputs, so at least one mask); ``None`` (default): :data:`CPU_CHUNK` on
+            the CPU, :data:`DEVICE_CHUNK` on other devices.
         memory_budget: bytes one chunk of perturbed inputs may take (``None``: no limit of
             its own; the run's budget applies too).
         output_key / eval_mode / batch_size: see :class:`~evidencemap.methods.Method`.
@@ -142,7 +157,7 @@ class PerturbationMethod(Method):
         *,
         baseline: str | float | Tensor = "zero",
         blur_sigma: float = 10.0,
-        internal_batch_size: int | None = 32,
+        internal_batch_size: int | None = None,
         memory_budget: int | None = None,
         **kw: Any,
     ) -> None:
@@ -530,18 +545,6 @@ class RISE(PerturbationMethod):
         Option("p", "float", 0.5, "probability a cell is kept", low=0.0, high=1.0, low_open=True),
         Option("seed", "int", 0, "seed of the masks (None: a fresh draw per call)", nullable=True),
         _score_option("probability"),
-        Option(
-            "internal_batch_size",
-            "int",
-            None,
-            f"perturbed inputs per forward pass (None: {CPU_CHUNK} on the CPU, measured "
-            f"fastest; {DEVICE_CHUNK} on other devices)",
-            low=1,
-            nullable=True,
-            cost="chunk",
-            cap=256,
-            reported=False,
-        ),
     )
 
     def __init__(
