@@ -253,15 +253,17 @@ BLUR_SIGMA = Option(
 (``baseline="blur"``: Integrated Gradients, DeepLIFT, the path attributions, the perturbations)."""
 
 
-def batch_option(default: int, text: str, cap: int = 256) -> Option:
-    """The ``internal_batch_size`` option: ``default`` inputs per pass (``text`` says which),
-    at least 1 and at most ``cap``; a chunk size, so it is not reported with the map."""
+def batch_option(default: int | None, text: str, cap: int = 256) -> Option:
+    """The ``internal_batch_size`` option: ``default`` inputs per pass (``text`` says which;
+    ``None``: the method picks one per device, and ``None`` is then accepted), at least 1 and at
+    most ``cap``; a chunk size, so it is not reported with the map."""
     return Option(
         "internal_batch_size",
         "int",
         default,
         text,
         low=1,
+        nullable=default is None,
         cost="chunk",
         cap=cap,
         reported=False,

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from evidencemap import runtime
 from evidencemap.explanation import Explanation
 from evidencemap.methods.base import Context, Method
-from evidencemap.methods.options import BLUR_SIGMA, MEMORY_BUDGET, Option
+from evidencemap.methods.options import BLUR_SIGMA, MEMORY_BUDGET, Option, batch_option
 from evidencemap.methods.registry import register
 from evidencemap.references import REFERENCES, check_reference, reference_image
 from evidencemap.targets import ResolvedTarget, Target, resolve
@@ -96,17 +96,10 @@ caches."""
 DEVICE_CHUNK = 32
 """Perturbed inputs per forward pass on other devices by default (not measured here)."""
 
-INTERNAL_BATCH = Option(
-    "internal_batch_size",
-    "int",
+INTERNAL_BATCH = batch_option(
     None,
     f"perturbed inputs per forward pass (None: {CPU_CHUNK} on the CPU, measured fastest; "
     f"{DEVICE_CHUNK} on other devices)",
-    low=1,
-    nullable=True,
-    cost="chunk",
-    cap=256,
-    reported=False,
 )
 
 MAX_WINDOWS = 4096

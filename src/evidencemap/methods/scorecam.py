@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from evidencemap import runtime
 from evidencemap.maps import FLAT_EPS, normalize, upsample
 from evidencemap.methods.base import Context, LayerMethod, weighted_sum
-from evidencemap.methods.options import MEMORY_BUDGET, Option, top_k_option
+from evidencemap.methods.options import MEMORY_BUDGET, Option, batch_option, top_k_option
 from evidencemap.methods.registry import register
 
 __all__ = ["CPU_CHUNK", "DEVICE_CHUNK", "MEMORY_BUDGET", "SCORECAM_WEIGHTINGS", "ScoreCAM"]
@@ -64,17 +64,10 @@ class ScoreCAM(LayerMethod):
     sizes_own_chunks: ClassVar[bool] = True
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("weighting", "str", "softmax_prob", "channel weights", choices=SCORECAM_WEIGHTINGS),
-        Option(
-            "internal_batch_size",
-            "int",
+        batch_option(
             None,
             f"masked inputs per forward pass (None: {CPU_CHUNK} on the CPU, measured fastest; "
             f"{DEVICE_CHUNK} on other devices)",
-            low=1,
-            nullable=True,
-            cost="chunk",
-            cap=256,
-            reported=False,
         ),
         MEMORY_BUDGET,
         top_k_option("use only the k channels of highest activation variance (one forward each)"),
