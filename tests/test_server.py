@@ -1206,3 +1206,29 @@ def test_the_documented_example_route_works(lite0):
     app.include_router(namespace["router"])
     answer = TestClient(app).get("/api/device").json()
     assert answer == {"device": "cpu", "model": "efficientnet-lite0"}
+
+
+def test_an_abandoned_worker_s_error_is_not_logged_as_never_retrieved(caplog):
+    """At shutdown the explain route answers 503 without waiting for the worker; the worker's
+    own 503, raised later at its checkpoint, is retrieved, so asyncio logs no traceback (the
+    service process's log stays free of "Future exception was never retrieved")."""
+    import asyncio
+    import gc
+    import logging
+
+    from evidencemap.server.errors import ApiError
+    from evidencemap.server.routes.explain import abandon
+
+    async def left(with_abandon: bool) -> None:
+        future = asyncio.get_running_loop().create_future()
+        if with_abandon:
+            abandon(future)
+        future.set_exception(ApiError(503, "the service is shutting down; retry later"))
+        await asyncio.sleep(0)  # the done callbacks run
+
+    for with_abandon, logged in ((False, True), (True, False)):
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            asyncio.run(left(with_abandon))
+            gc.collect()
+        assert ("never retrieved" in caplog.text) is logged, (with_abandon, caplog.text)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 
@@ -31,6 +31,18 @@ async def _read_upload(file: UploadFile, limit: int) -> bytes:
     if len(data) > limit:
         raise ApiError(413, f"the uploaded file exceeds the limit of {limit} bytes")
     return data
+
+
+def abandon(future: asyncio.Future[Any]) -> None:
+    """Let a worker's result go unanswered: its outcome (the 503 the worker raises at its next
+    checkpoint once the service stops) is retrieved when it comes, so asyncio does not log it
+    as "Future exception was never retrieved" with a traceback."""
+
+    def retrieve(done: asyncio.Future[Any]) -> None:
+        if not done.cancelled():
+            done.exception()
+
+    future.add_done_callback(retrieve)
 
 
 def _register(
@@ -99,6 +111,7 @@ async def explain(
                 if done or service.shutdown.is_set():
                     # The worker stops at its next checkpoint; the client is answered now, so
                     # the server's graceful shutdown never has to cut a running request off.
+                    abandon(future)
                     raise ApiError(503, "the service is shutting down; retry later")
                 if await request.is_disconnected():
                     cancel.set()
