@@ -184,29 +184,38 @@ SUBSTRATE = Option(
 """The ``substrate`` option of the deletion-style metrics."""
 
 
+def step_options(unit: str, count: str, default: str) -> tuple[Option, Option]:
+    """The ``step`` and ``steps`` options of a curve over ``count`` ``unit`` (``"positions"``,
+    ``"P"``; ``"patches"``, ``"G"``); ``default``: what ``steps=None`` means."""
+    return (
+        Option("step", "int", None, f"{unit} changed per step (None: from steps)", low=1,
+               nullable=True),
+        Option(
+            "steps", "int", None,
+            f"steps of the curve when step is None: step = ceil({count} / steps) (None: "
+            f"{default})",
+            low=1, nullable=True, cost="work",
+        ),
+    )  # fmt: skip
+
+
+def inverse_permutation(order: Tensor) -> Tensor:
+    """``ranks`` ``(N, K)`` with ``ranks[n, order[n, i]] = i``: each item's place in ``order``."""
+    n, k = order.shape
+    positions = torch.arange(k, device=order.device).expand(n, k)
+    return torch.empty_like(order).scatter_(1, order, positions)
+
+
 class _CausalCurve(Metric):
     """Shared machinery of :class:`Deletion` and :class:`Insertion`."""
 
     default_substrate: ClassVar[str] = "zero"
+    default_steps: ClassVar[int | None] = _DEFAULT_STEPS
+    """Steps of the curve when neither ``step`` nor ``steps`` is given (``None``: one unit
+    per step)."""
     supports_volumes = True
     OPTIONS: ClassVar[tuple[Option, ...]] = (
-        Option(
-            "step",
-            "int",
-            None,
-            "positions changed per step (None: from steps)",
-            low=1,
-            nullable=True,
-        ),
-        Option(
-            "steps",
-            "int",
-            None,
-            f"steps of the curve when step is None: step = ceil(P / steps) (None: {_DEFAULT_STEPS})",
-            low=1,
-            nullable=True,
-            cost="work",
-        ),
+        *step_options("positions", "P", str(_DEFAULT_STEPS)),
         SUBSTRATE,
         BATCH_SIZE,
         SEED,
@@ -242,12 +251,23 @@ class _CausalCurve(Metric):
         """(image where the positions are *not yet* changed, image they change into)."""
         raise NotImplementedError
 
-    def steps_of(self, positions: int) -> int:
-        """Positions changed per step for ``positions`` spatial positions: ``step``, else
-        ``ceil(positions / steps)`` (``steps`` default 224)."""
+    def steps_of(self, units: int) -> int:
+        """Units (positions, patches) changed per step for ``units`` of them: ``step``, else
+        ``ceil(units / steps)`` (``steps`` default :attr:`default_steps`; ``None``: 1)."""
         if self.step is not None:
             return int(self.step)
-        return max(1, math.ceil(positions / (self.steps or _DEFAULT_STEPS)))
+        steps = self.steps or self.default_steps
+        return 1 if steps is None else max(1, math.ceil(units / steps))
+
+    def changes(
+        self, units: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """``(changed, fractions)`` ``(T+1,)`` of a curve over ``units`` ranked units:
+        ``changed[k] = min(k · step, units)``, ``fractions = changed / units``."""
+        step = self.steps_of(units)
+        count = math.ceil(units / step)
+        changed = (torch.arange(count + 1, device=device) * step).clamp(max=units)
+        return changed, changed.to(dtype) / units
 
     def schedule(self, maps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """What changes when, for maps ``(N, 1, *S)``: ``(ranks, changed, fractions)``.
@@ -258,16 +278,9 @@ class _CausalCurve(Metric):
         ranked one by one (:func:`rank_positions`), ``changed = min(k · step, P)`` and
         ``fractions = changed / P``.
         """
-        n = maps.shape[0]
-        positions = maps[0].numel()
-        step = self.steps_of(positions)
-        count = math.ceil(positions / step)
-        changed = (torch.arange(count + 1, device=maps.device) * step).clamp(max=positions)
+        changed, fractions = self.changes(maps[0].numel(), maps.device, maps.dtype)
         order = rank_positions(maps, descending=True, seed=self.seed)
-        ranks = torch.empty_like(order).scatter_(
-            1, order, torch.arange(positions, device=maps.device).expand(n, positions)
-        )
-        return ranks, changed, changed.to(maps.dtype) / positions
+        return inverse_permutation(order), changed, fractions
 
     def __call__(self, inputs: Tensor, maps: Any, target: Target = None) -> CurveResult:
         """Run the curve on ``inputs`` ``(N, C, *S)`` ranked by ``maps``.

@@ -33,7 +33,12 @@ from torch import Tensor, nn
 
 from evidencemap.methods.options import Option
 from evidencemap.metrics.base import register_metric
-from evidencemap.metrics.causal import SUBSTRATE, _CausalCurve
+from evidencemap.metrics.causal import (
+    SUBSTRATE,
+    _CausalCurve,
+    inverse_permutation,
+    step_options,
+)
 from evidencemap.metrics.common import BATCH_SIZE, SEED, rank_positions
 from evidencemap.targets import OutputKey
 
@@ -78,26 +83,10 @@ class RegionDeletion(_CausalCurve):
     directions: ClassVar[dict[str, bool]] = {"region_deletion_auc": False}
     titles: ClassVar[dict[str, str]] = {"region_deletion_auc": "Region deletion AUC"}
     default_substrate = "zero"
+    default_steps = None
     OPTIONS: ClassVar[tuple[Option, ...]] = (
         Option("patch", "int", 16, "side of a patch in positions (cubes in 3-D)", low=1),
-        Option(
-            "step",
-            "int",
-            None,
-            "patches removed per step (None: from steps)",
-            low=1,
-            nullable=True,
-        ),
-        Option(
-            "steps",
-            "int",
-            None,
-            "steps of the curve when step is None: step = ceil(G / steps) (None: one patch "
-            "per step)",
-            low=1,
-            nullable=True,
-            cost="work",
-        ),
+        *step_options("patches", "G", "one patch per step"),
         SUBSTRATE,
         BATCH_SIZE,
         SEED,
@@ -131,15 +120,6 @@ class RegionDeletion(_CausalCurve):
     def _ends(self, x: Tensor, substrate: Tensor) -> tuple[Tensor, Tensor]:
         return x, substrate
 
-    def steps_of(self, positions: int) -> int:
-        """Patches removed per step for ``positions`` patches: ``step``, else
-        ``ceil(positions / steps)``, else 1."""
-        if self.step is not None:
-            return int(self.step)
-        if self.steps is None:
-            return 1
-        return max(1, math.ceil(positions / self.steps))
-
     def schedule(self, maps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(ranks, changed, fractions)`` of :meth:`_CausalCurve.schedule`, by patches: a
         position's rank is its patch's rank (patches ranked by the map's mean), ``changed[k] =
@@ -151,10 +131,5 @@ class RegionDeletion(_CausalCurve):
         sums.index_add_(1, ids, flat)
         sizes = torch.bincount(ids, minlength=count).to(flat.dtype)
         order = rank_positions((sums / sizes).unsqueeze(1), descending=True, seed=self.seed)
-        patch_ranks = torch.empty_like(order).scatter_(
-            1, order, torch.arange(count, device=maps.device).expand(n, count)
-        )
-        step = self.steps_of(count)
-        total = math.ceil(count / step)
-        changed = (torch.arange(total + 1, device=maps.device) * step).clamp(max=count)
-        return patch_ranks[:, ids], changed, changed.to(maps.dtype) / count
+        changed, fractions = self.changes(count, maps.device, maps.dtype)
+        return inverse_permutation(order)[:, ids], changed, fractions
