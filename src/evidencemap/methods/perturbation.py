@@ -275,18 +275,11 @@ def distinct_rows(x: Tensor, base: Tensor) -> tuple[Tensor, Tensor]:
     perturbed passes then run once and every class is scored from the same outputs.
     """
     n = x.shape[0]
-    first: list[int] = []
-    owner: list[int] = []
-    for i in range(n):  # N ≤ a batch; whole-row comparisons, once per call
-        for k, j in enumerate(first):
-            if torch.equal(x[i], x[j]) and torch.equal(base[i], base[j]):
-                owner.append(k)
-                break
-        else:
-            owner.append(len(first))
-            first.append(i)
-    device = x.device
-    return torch.tensor(owner, device=device), torch.tensor(first, device=device)
+    pairs = torch.cat([x.reshape(n, -1), base.expand_as(x).reshape(n, -1)], dim=1)
+    _, owner = torch.unique(pairs, dim=0, return_inverse=True)
+    rows = torch.arange(n, device=x.device)
+    first = torch.full((int(owner.max()) + 1,), n, device=x.device, dtype=rows.dtype)
+    return owner, first.scatter_reduce_(0, owner, rows, "amin")
 
 
 # --------------------------------------------------------------------------------- occlusion
